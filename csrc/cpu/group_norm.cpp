@@ -1,0 +1,452 @@
+// GroupNorm + AdaGN scale/shift + SiLU on the CPU.
+//
+// Algorithm (both layouts): (1) per-channel statistics over the spatial extent, each chunk of the data
+// read once and its (mean, M2) computed from the L1-resident chunk, chunks merged with Chan's formula;
+// (2) channels merged into per-(n, group) mean/rstd and folded with the affine and AdaGN parameters into
+// one (A, B) per (n, c); (3) y = act(A x + B) in one vectorised pass.
+// Cost: reads x twice (once for statistics, once to apply), writes y once. Parallel over rows (NCHW) or
+// row chunks (channels-last), with a fixed reduction order, so results are bit-identical run to run.
+// Backward: one pass reducing S1, S2 per (n, c), a tiny per-(n, c) fold, one pass writing grad_x.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/check.h"
+#include "common/group_norm.h"
+
+namespace fastdiff {
+namespace {
+
+// exp for the SiLU, branch-free so the loops vectorise (Cody-Waite range reduction, degree-6 polynomial,
+// about 2 ulp on [-87, 88]).
+inline float exp_f(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float t = x * 1.44269504088896341f + 12582912.f;  // round(x * log2 e) via the 1.5 * 2^23 trick
+  const float n = t - 12582912.f;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  const int32_t ni = ti - 0x4B400000;
+  float r = x - n * 0.693145751953125f;
+  r -= n * 1.428606765330187045e-06f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+template <bool kSilu>
+inline float act(float z) {
+  return kSilu ? z / (1.f + exp_f(-z)) : z;
+}
+
+template <bool kSilu>
+inline float act_grad(float z) {
+  if (!kSilu) return 1.f;
+  const float s = 1.f / (1.f + exp_f(-z));
+  return s * (1.f + z * (1.f - s));
+}
+
+constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
+constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
+
+struct Shape {
+  int64_t N, C, S, G, cpg;
+  Layout layout;
+};
+
+Shape shape_of(const at::Tensor& x, int64_t G) {
+  Shape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.S = 1;
+  for (int64_t i = 2; i < x.dim(); ++i) s.S *= x.size(i);
+  s.G = G;
+  s.cpg = s.C / G;
+  s.layout = nc_layout(x, "x");
+  return s;
+}
+
+at::Tensor param_f32(const c10::optional<at::Tensor>& p) {
+  return p.has_value() ? p->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// Per-channel (mean, M2) of x over the spatial extent; count is S for every channel.
+template <typename T>
+void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  if (sh.layout == Layout::kChannelsFirst) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const T* p = x + row * S;
+        float n = 0.f, mu = 0.f, m2 = 0.f;
+        for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
+          const int64_t len = std::min(S - s0, kChunk);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < len; ++i) sum += static_cast<float>(p[s0 + i]);
+          const float cm = sum / static_cast<float>(len);
+          float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+          for (int64_t i = 0; i < len; ++i) {
+            const float d = static_cast<float>(p[s0 + i]) - cm;
+            sq += d * d;
+          }
+          chan_merge(n, mu, m2, static_cast<float>(len), cm, sq);
+        }
+        cmean[row] = mu;
+        cm2[row] = m2;
+      }
+    });
+    return;
+  }
+  // Channels-last: rows of C contiguous values. Chunks of R rows give per-channel partials, vectorised
+  // along C; the partials of one (n, c) are then merged in chunk order.
+  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
+  const int64_t nchunk = (S + R - 1) / R;
+  std::vector<float> pmean(N * nchunk * C), pm2(N * nchunk * C);
+  at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> sum(C);
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t n = job / nchunk, k = job % nchunk;
+      const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
+      const T* p = x + (n * S + r0) * C;
+      float* mean_out = pmean.data() + job * C;
+      float* m2_out = pm2.data() + job * C;
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(p[r * C + c]);
+      }
+      const float inv = 1.f / static_cast<float>(r1 - r0);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        mean_out[c] = sum[c] * inv;
+        m2_out[c] = 0.f;
+      }
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = static_cast<float>(p[r * C + c]) - mean_out[c];
+          m2_out[c] += d * d;
+        }
+      }
+    }
+  });
+  at::parallel_for(0, N * C, 256, [&](int64_t b, int64_t e) {
+    for (int64_t nc = b; nc < e; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      float cnt = 0.f, mu = 0.f, m2 = 0.f;
+      for (int64_t k = 0; k < nchunk; ++k) {
+        const int64_t idx = (n * nchunk + k) * C + c;
+        const float len = static_cast<float>(std::min(S, (k + 1) * R) - k * R);
+        chan_merge(cnt, mu, m2, len, pmean[idx], pm2[idx]);
+      }
+      cmean[nc] = mu;
+      cm2[nc] = m2;
+    }
+  });
+}
+
+// y = act(A[n,c] x + B[n,c])
+template <typename T, bool kSilu>
+void apply(const T* x, T* y, const float* A, const float* B, const Shape& sh) {
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  if (sh.layout == Layout::kChannelsFirst) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const float a = A[row], bb = B[row];
+        const T* p = x + row * S;
+        T* q = y + row * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) q[i] = static_cast<T>(act<kSilu>(a * static_cast<float>(p[i]) + bb));
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t n = row / S;
+      const float* a = A + n * C;
+      const float* bb = B + n * C;
+      const T* p = x + row * C;
+      T* q = y + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) q[c] = static_cast<T>(act<kSilu>(a[c] * static_cast<float>(p[c]) + bb[c]));
+    }
+  });
+}
+
+// Per-(n, c) S1 = sum gz and S2 = sum gz (x - mean_g).
+template <typename T, bool kSilu>
+void backward_sums(const T* gy, const T* x, const float* A, const float* B, const float* mean_c, const Shape& sh,
+                   float* S1, float* S2) {
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  if (sh.layout == Layout::kChannelsFirst) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const float a = A[row], bb = B[row], mu = mean_c[row];
+        const T* px = x + row * S;
+        const T* pg = gy + row * S;
+        float t1 = 0.f, t2 = 0.f;
+        for (int64_t s0 = 0; s0 < S; s0 += kChunk) {  // chunked partial sums: error grows with S / kChunk
+          const int64_t len = std::min(S - s0, kChunk);
+          float c1 = 0.f, c2 = 0.f;
+#pragma omp simd reduction(+ : c1, c2)
+          for (int64_t i = 0; i < len; ++i) {
+            const float xv = static_cast<float>(px[s0 + i]);
+            const float gz = static_cast<float>(pg[s0 + i]) * act_grad<kSilu>(a * xv + bb);
+            c1 += gz;
+            c2 += gz * (xv - mu);
+          }
+          t1 += c1;
+          t2 += c2;
+        }
+        S1[row] = t1;
+        S2[row] = t2;
+      }
+    });
+    return;
+  }
+  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
+  const int64_t nchunk = (S + R - 1) / R;
+  std::vector<float> p1(N * nchunk * C), p2(N * nchunk * C);
+  at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t n = job / nchunk, k = job % nchunk;
+      const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
+      const float* a = A + n * C;
+      const float* bb = B + n * C;
+      const float* mu = mean_c + n * C;
+      float* o1 = p1.data() + job * C;
+      float* o2 = p2.data() + job * C;
+      std::fill(o1, o1 + C, 0.f);
+      std::fill(o2, o2 + C, 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* px = x + (n * S + r) * C;
+        const T* pg = gy + (n * S + r) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xv = static_cast<float>(px[c]);
+          const float gz = static_cast<float>(pg[c]) * act_grad<kSilu>(a[c] * xv + bb[c]);
+          o1[c] += gz;
+          o2[c] += gz * (xv - mu[c]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, N * C, 256, [&](int64_t b, int64_t e) {
+    for (int64_t nc = b; nc < e; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      float t1 = 0.f, t2 = 0.f;
+      for (int64_t k = 0; k < nchunk; ++k) {
+        t1 += p1[(n * nchunk + k) * C + c];
+        t2 += p2[(n * nchunk + k) * C + c];
+      }
+      S1[nc] = t1;
+      S2[nc] = t2;
+    }
+  });
+}
+
+// grad_x = P gz + Q (x - mean) + R
+template <typename T, bool kSilu>
+void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float* B, const float* P, const float* Q,
+                    const float* Rr, const float* mean_c, const Shape& sh) {
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  if (sh.layout == Layout::kChannelsFirst) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const float a = A[row], bb = B[row], p = P[row], q = Q[row], r = Rr[row], mu = mean_c[row];
+        const T* px = x + row * S;
+        const T* pg = gy + row * S;
+        T* o = gx + row * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          const float xv = static_cast<float>(px[i]);
+          const float gz = static_cast<float>(pg[i]) * act_grad<kSilu>(a * xv + bb);
+          o[i] = static_cast<T>(p * gz + q * (xv - mu) + r);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t off = (row / S) * C;
+      const T* px = x + row * C;
+      const T* pg = gy + row * C;
+      T* o = gx + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float xv = static_cast<float>(px[c]);
+        const float gz = static_cast<float>(pg[c]) * act_grad<kSilu>(A[off + c] * xv + B[off + c]);
+        o[c] = static_cast<T>(P[off + c] * gz + Q[off + c] * (xv - mean_c[off + c]) + Rr[off + c]);
+      }
+    }
+  });
+}
+
+inline float at_or(const at::Tensor& t, int64_t i, float dflt) {
+  return t.defined() ? t.data_ptr<float>()[i] : dflt;
+}
+
+// (A, B) per (n, c) and the per-channel copy of the group mean.
+void fold(const Shape& sh, const float* mean, const float* rstd, const at::Tensor& w, const at::Tensor& b,
+          const at::Tensor& s, const at::Tensor& t, float* A, float* B, float* mean_c) {
+  for (int64_t n = 0; n < sh.N; ++n)
+    for (int64_t c = 0; c < sh.C; ++c) {
+      const int64_t ng = n * sh.G + c / sh.cpg, nc = n * sh.C + c;
+      gn_fold(mean[ng], rstd[ng], at_or(w, c, 1.f), at_or(b, c, 0.f), at_or(s, nc, 0.f), at_or(t, nc, 0.f), A[nc],
+              B[nc]);
+      mean_c[nc] = mean[ng];
+    }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& x, int64_t G,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              const c10::optional<at::Tensor>& scale,
+                                                              const c10::optional<at::Tensor>& shift, double eps,
+                                                              c10::string_view activation) {
+  TORCH_CHECK(x.dim() >= 2, "x: expected (N, C, *spatial), got ", x.dim(), " dims");
+  TORCH_CHECK(G > 0 && x.size(1) % G == 0, "num_groups: ", G, " must divide the ", x.size(1), " channels");
+  const int act_code = activation_code(activation);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_param(weight, "weight", {C}, x);
+  check_param(bias, "bias", {C}, x);
+  check_param(scale, "scale", {N, C}, x);
+  check_param(shift, "shift", {N, C}, x);
+  const Shape sh = shape_of(x, G);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({N, G}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({N, G}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) {
+    mean.fill_(0.f);  // empty groups: zero mean, rstd of a zero variance
+    rstd.fill_(static_cast<float>(1.0 / std::sqrt(eps)));
+    return {y, mean, rstd};
+  }
+  std::vector<float> cmean(N * C), cm2(N * C), A(N * C), B(N * C), mean_c(N * C);
+  FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
+    channel_stats<scalar_t>(x.const_data_ptr<scalar_t>(), sh, cmean.data(), cm2.data());
+  });
+  float* pm = mean.data_ptr<float>();
+  float* pr = rstd.data_ptr<float>();
+  const float S = static_cast<float>(sh.S);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      float cnt = 0.f, mu = 0.f, m2 = 0.f;
+      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) chan_merge(cnt, mu, m2, S, cmean[n * C + c], cm2[n * C + c]);
+      pm[n * G + g] = mu;
+      pr[n * G + g] = 1.f / std::sqrt(std::max(m2 / cnt, 0.f) + static_cast<float>(eps));
+    }
+  fold(sh, pm, pr, param_f32(weight), param_f32(bias), param_f32(scale), param_f32(shift), A.data(), B.data(),
+       mean_c.data());
+  FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
+    if (act_code == 1)
+      apply<scalar_t, true>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), A.data(), B.data(), sh);
+    else
+      apply<scalar_t, false>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), A.data(), B.data(), sh);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t G,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, c10::string_view activation) {
+  TORCH_CHECK(x.dim() >= 2, "x: expected (N, C, *spatial), got ", x.dim(), " dims");
+  TORCH_CHECK(G > 0 && x.size(1) % G == 0, "num_groups: ", G, " must divide the ", x.size(1), " channels");
+  TORCH_CHECK(grad_y_in.sizes() == x.sizes(), "grad_y: expected shape ", x.sizes(), ", got ", grad_y_in.sizes());
+  TORCH_CHECK(grad_y_in.scalar_type() == x.scalar_type(), "grad_y: expected dtype ", x.scalar_type());
+  const int act_code = activation_code(activation);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_param(weight, "weight", {C}, x);
+  check_param(bias, "bias", {C}, x);
+  check_param(scale, "scale", {N, C}, x);
+  check_param(shift, "shift", {N, C}, x);
+  TORCH_CHECK(mean_in.numel() == N * G && rstd_in.numel() == N * G, "mean/rstd: expected ", N * G, " values");
+  const Shape sh = shape_of(x, G);
+  // grad_y must share x's layout for the fused passes; copy only when it does not.
+  at::Tensor grad_y = grad_y_in.strides() == x.strides() ? grad_y_in : at::empty_like(x).copy_(grad_y_in);
+  at::Tensor mean = mean_in.to(at::kFloat).contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
+  at::Tensor w = param_f32(weight), b = param_f32(bias), s = param_f32(scale), t = param_f32(shift);
+
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor S1 = at::zeros({N, C}, x.options().dtype(at::kFloat));
+  at::Tensor S2 = at::zeros({N, C}, x.options().dtype(at::kFloat));
+  std::vector<float> A(N * C), B(N * C), mean_c(N * C), P(N * C), Q(N * C), Rr(N * C);
+  const float* pm = mean.data_ptr<float>();
+  const float* pr = rstd.data_ptr<float>();
+  fold(sh, pm, pr, w, b, s, t, A.data(), B.data(), mean_c.data());
+  if (x.numel() > 0) {
+    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
+      auto fn = act_code == 1 ? backward_sums<scalar_t, true> : backward_sums<scalar_t, false>;
+      fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), A.data(), B.data(), mean_c.data(), sh,
+         S1.data_ptr<float>(), S2.data_ptr<float>());
+    });
+  }
+  const float* s1 = S1.data_ptr<float>();
+  const float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
+  const float M = static_cast<float>(sh.cpg * sh.S);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const float r = pr[n * G + g];
+      float m1 = 0.f, m2 = 0.f;
+      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+        const int64_t nc = n * C + c;
+        const float gc = at_or(w, c, 1.f) * (1.f + at_or(s, nc, 0.f));
+        m1 += gc * s1[nc];
+        m2 += gc * s2[nc] * r;
+      }
+      m1 /= M;
+      m2 /= M;
+      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+        const int64_t nc = n * C + c;
+        P[nc] = r * at_or(w, c, 1.f) * (1.f + at_or(s, nc, 0.f));
+        Q[nc] = -r * r * m2;
+        Rr[nc] = -r * m1;
+      }
+    }
+  if (x.numel() > 0) {
+    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
+      auto fn = act_code == 1 ? backward_apply<scalar_t, true> : backward_apply<scalar_t, false>;
+      fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), A.data(), B.data(),
+         P.data(), Q.data(), Rr.data(), mean_c.data(), sh);
+    });
+  }
+  // Parameter gradients from S1, S2 (tiny (N, C) tensor math).
+  at::Tensor xhat_sum = S2 * rstd.repeat_interleave(sh.cpg, 1);  // sum gz xhat per (n, c)
+  at::Tensor one_s = s.defined() ? 1 + s : at::ones({N, C}, S1.options());
+  at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor g_w = weight.has_value() ? (one_s * xhat_sum).sum(0).to(weight->scalar_type()) : empty;
+  at::Tensor g_b = bias.has_value() ? (one_s * S1).sum(0).to(bias->scalar_type()) : empty;
+  at::Tensor g_s = empty, g_t = empty;
+  if (scale.has_value()) {
+    at::Tensor h = w.defined() ? xhat_sum * w : xhat_sum;  // sum gz h, h = xhat w + b
+    if (b.defined()) h = h + S1 * b;
+    g_s = h.to(scale->scalar_type());
+  }
+  if (shift.has_value()) g_t = S1.to(shift->scalar_type());
+  return {gx, g_w, g_b, g_s, g_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("group_norm", &group_norm_cpu);
+  m.impl("group_norm_backward", &group_norm_backward_cpu);
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,34 @@
+// Every fastdiff op schema, in one place. Kernels register implementations per dispatch key in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and autograd are registered from Python
+// in fastdiff/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+namespace fastdiff {
+bool built_with_cuda() {
+#ifdef FASTDIFF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace fastdiff
+
+TORCH_LIBRARY(fastdiff, m) {
+  // y = act((GroupNorm(x) * weight + bias) * (1 + scale) + shift); returns (y, mean, rstd) with mean and
+  // rstd of shape (N, num_groups) in fp32. activation: "none" or "silu".
+  m.def(
+      "group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "float eps, str activation) -> (Tensor, Tensor, Tensor)");
+  // Gradients of group_norm: (grad_x, grad_weight, grad_bias, grad_scale, grad_shift). The gradient of a
+  // parameter that was None is an empty tensor.
+  m.def(
+      "group_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
+      "Tensor? bias, Tensor? scale, Tensor? shift, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // True when this build of the extension holds the CUDA kernels.
+  m.def("_built_with_cuda() -> bool", &fastdiff::built_with_cuda);
+}
+
+// A Python module named _C so `import fastdiff._C` loads the library and runs the registrations above.
+static struct PyModuleDef fastdiff_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastdiff_c_module); }

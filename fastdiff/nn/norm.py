@@ -1,0 +1,59 @@
+"""Normalisation layers on the fused GroupNorm op."""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import ops
+
+_ACTS = (None, "silu")
+
+
+def _check_activation(activation):
+    if activation not in _ACTS:
+        raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+    return activation
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """A drop-in for ``torch.nn.GroupNorm`` (same arguments, same state_dict keys) that runs the fused op, with an
+    optional fused ``activation="silu"``. ``forward(x, scale=None, shift=None)`` also takes AdaGN's per-(N, C)
+    scale and shift: ``act((GroupNorm(x) * weight + bias) * (1 + scale) + shift)``.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, activation=None):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        self.activation = _check_activation(activation)
+
+    def forward(self, x, scale=None, shift=None):
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale=scale, shift=shift,
+                              activation=self.activation)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class AdaGroupNorm(torch.nn.Module):
+    """GroupNorm whose output is modulated by an embedding (ADM's scale-shift norm, "AdaGN"):
+
+        scale, shift = Linear(emb_activation(emb)).chunk(2)
+        y = activation((GroupNorm(x) * weight + bias) * (1 + scale) + shift)
+
+    emb: (N, emb_dim). ``affine=False`` drops GroupNorm's own weight and bias (as diffusers' AdaGroupNorm does).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, emb_dim: int, activation="silu", eps: float = 1e-5,
+                 affine: bool = True, emb_activation="silu", device=None, dtype=None):
+        super().__init__()
+        self.norm = GroupNorm(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype,
+                              activation=activation)
+        self.emb_activation = _check_activation(emb_activation)
+        self.linear = torch.nn.Linear(emb_dim, 2 * num_channels, device=device, dtype=dtype)
+
+    def forward(self, x, emb):
+        if emb.dim() != 2 or emb.shape[0] != x.shape[0] or emb.shape[1] != self.linear.in_features:
+            raise ValueError(f"emb: expected shape ({x.shape[0]}, {self.linear.in_features}), got {tuple(emb.shape)}")
+        if self.emb_activation == "silu":
+            emb = torch.nn.functional.silu(emb)
+        scale, shift = self.linear(emb).chunk(2, dim=1)
+        return self.norm(x, scale=scale, shift=shift)

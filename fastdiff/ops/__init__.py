@@ -1,0 +1,4 @@
+"""The public functional ops. Each validates its arguments, picks a backend and calls the fused kernel."""
+from fastdiff.ops.group_norm import group_norm
+
+__all__ = ["group_norm"]

@@ -1,0 +1,81 @@
+"""Argument checks and backend choice shared by the ops."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from fastdiff import _backend
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(t, name: str, *, dtypes=KERNEL_DTYPES, allow_none=False):
+    if t is None:
+        if allow_none:
+            return
+        raise TypeError(f"{name}: expected a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def check_like(t, name: str, ref: torch.Tensor, shape: tuple):
+    """t is None, or a tensor of `shape` on ref's device with ref's dtype."""
+    if t is None:
+        return
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the input's device), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the input's dtype), got {t.dtype}")
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """(N, C, *spatial) with C innermost, then the spatial dims in order: what the kernels read in place."""
+    if x.dim() < 3 or x.is_contiguous():
+        return False
+    perm = (0,) + tuple(range(2, x.dim())) + (1,)
+    return x.permute(perm).is_contiguous()
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself when the kernels read it in place (contiguous or channels-last), else a contiguous copy."""
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.contiguous()
+
+
+_warned: set = set()
+
+
+def warn_once(key, msg: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def pick(backend: str, device: torch.device, dtype: torch.dtype, *, available: dict, order_cuda, order_cpu,
+         op: str) -> str:
+    """Resolve `backend` to one that can run on (device, dtype).
+
+    available: backend name -> (ok: bool, why_not: str). An explicit backend that cannot run raises; "auto"
+    takes the first in the device's order that can, and falls back to "torch" otherwise.
+    """
+    name = _backend.resolve(backend)
+    if name == "auto":
+        order = order_cuda if device.type == "cuda" else order_cpu
+        for cand in order:
+            ok, _ = available[cand]
+            if ok:
+                return cand
+        return "torch"
+    if name == "torch":
+        return name
+    ok, why = available[name]
+    if not ok:
+        raise ValueError(f"backend: {op} cannot run backend={name!r} here: {why}")
+    return name

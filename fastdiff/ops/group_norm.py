@@ -1,0 +1,127 @@
+"""fastdiff.ops.group_norm: GroupNorm with the AdaGN scale/shift of ADM and an optional SiLU, in one kernel.
+
+    y = act((GroupNorm(x) * weight + bias) * (1 + scale) + shift)
+
+Backends: ``cuda`` (csrc/cuda/group_norm.cu), ``triton`` (fastdiff/triton/group_norm.py), ``cpu``
+(csrc/cpu/group_norm.cpp), ``torch`` (fastdiff.reference.group_norm). Every backend but ``torch`` is a
+custom op with a fake kernel (so torch.compile traces it) and a registered backward (so it trains).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastdiff import _backend, reference
+from fastdiff.ops._common import KERNEL_DTYPES, check_like, check_tensor, kernel_layout, pick
+
+_ACTIVATIONS = {None: "none", "none": "none", "silu": "silu"}
+
+
+def _fake_forward(x, num_groups, weight, bias, scale, shift, eps, activation):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _fake_backward(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation):
+    def g(p):
+        return x.new_empty((0,)) if p is None else torch.empty_like(p)
+
+    return torch.empty_like(x), g(weight), g(bias), g(scale), g(shift)
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, scale, shift, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
+    ctx.num_groups, ctx.activation = num_groups, activation
+
+
+def _autograd_for(backward_op):
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+        gx, gw, gb, gs, gt = backward_op(grad_y, x, mean, rstd, ctx.num_groups, weight, bias, scale, shift,
+                                         ctx.activation)
+        keep = ctx.needs_input_grad
+        return (gx if keep[0] else None, None, gw if keep[2] else None, gb if keep[3] else None,
+                gs if keep[4] else None, gt if keep[5] else None, None, None)
+
+    return backward
+
+
+if _backend.HAS_EXTENSION:
+    torch.library.register_fake("fastdiff::group_norm")(_fake_forward)
+    torch.library.register_fake("fastdiff::group_norm_backward")(_fake_backward)
+    torch.library.register_autograd("fastdiff::group_norm", _autograd_for(torch.ops.fastdiff.group_norm_backward),
+                                    setup_context=_setup_context)
+
+_HAS_TRITON_OPS = False
+if _backend.has_triton():
+    try:
+        from fastdiff.triton import group_norm as _tgn  # noqa: F401  (defines fastdiff::group_norm_triton)
+
+        torch.library.register_autograd("fastdiff::group_norm_triton",
+                                        _autograd_for(torch.ops.fastdiff.group_norm_backward_triton),
+                                        setup_context=_setup_context)
+        _HAS_TRITON_OPS = True
+    except ImportError:  # a Triton too old or broken: the other backends still work
+        pass
+
+
+def _available(x: torch.Tensor) -> dict:
+    dev, dt = x.device, x.dtype
+    dtype_ok = dt in KERNEL_DTYPES
+    why_dtype = f"x has dtype {dt}; the fused kernels take float32, float16 and bfloat16"
+    return {
+        "cuda": (dtype_ok and dev.type == "cuda" and _backend.has_cuda_ext(),
+                 why_dtype if not dtype_ok else "needs a CUDA tensor and the extension built with CUDA"),
+        "triton": (dtype_ok and _HAS_TRITON_OPS and _backend.triton_usable(dev),
+                   why_dtype if not dtype_ok else "needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)"),
+        "cpu": (dtype_ok and dev.type == "cpu" and _backend.has_cpu_ext(),
+                why_dtype if not dtype_ok else "needs a CPU tensor and the compiled extension"),
+    }
+
+
+def choose_backend(x: torch.Tensor, backend: str = "auto") -> str:
+    """The backend group_norm runs for this input: "auto" resolved to the fastest one present."""
+    return pick(backend, x.device, x.dtype, available=_available(x), order_cuda=("cuda", "triton"),
+                order_cpu=("cpu",), op="group_norm")
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None,
+               backend="auto"):
+    """y = act((GroupNorm(x) * weight + bias) * (1 + scale) + shift), fused.
+
+    x: (N, C, *spatial), 0 to 3 spatial dims, NCHW-contiguous or channels-last (read in place; the output keeps
+    the input's memory format; other strides are made contiguous first). num_groups must divide C.
+    weight, bias: (C,) or None. scale, shift: (N, C) or None (AdaGN). activation: None or "silu".
+    backend: "auto", "cuda", "triton", "cpu" or "torch". Statistics are computed in fp32.
+    """
+    check_tensor(x, "x")
+    if x.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"x: expected float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(f"x: expected shape (N, C, *spatial) with 0 to 3 spatial dims, got {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(f"num_groups: expected an int, got {type(num_groups).__name__}")
+    num_groups = int(num_groups)
+    N, C = x.shape[0], x.shape[1]
+    if num_groups <= 0 or C % num_groups != 0:
+        raise ValueError(f"num_groups: {num_groups} must be positive and divide the {C} channels of x")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+    check_like(weight, "weight", x, (C,))
+    check_like(bias, "bias", x, (C,))
+    check_like(scale, "scale", x, (N, C))
+    check_like(shift, "shift", x, (N, C))
+
+    name = choose_backend(x, backend)
+    act = _ACTIVATIONS[activation]
+    if name == "torch":
+        return reference.group_norm(x, num_groups, weight, bias, float(eps), scale=scale, shift=shift,
+                                    activation=None if act == "none" else act)
+    x = kernel_layout(x)
+    op = torch.ops.fastdiff.group_norm_triton if name == "triton" else torch.ops.fastdiff.group_norm
+    return op(x, num_groups, weight, bias, scale, shift, float(eps), act)[0]

@@ -1,0 +1,105 @@
+"""Builds fastdiff._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc is found.
+
+Environment:
+  FASTDIFF_BUILD_CUDA=0/1   force the CUDA half off/on (default: on when torch.version.cuda and nvcc exist)
+  FASTDIFF_CUDA_ARCHS       e.g. "8.0;9.0a+PTX" (default: the visible GPU's arch, else "8.0;9.0a+PTX")
+  FASTDIFF_CPU_FLAGS        extra flags for the C++ kernels (default: AVX2/FMA/F16C when this CPU has them)
+  FASTDIFF_DEBUG=1          -O0 -g, and nvcc -lineinfo
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_flags():
+    env = os.environ.get("FASTDIFF_CPU_FLAGS")
+    if env is not None:
+        return env.split()
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        for feat, flag in (("avx2", "-mavx2"), ("fma", "-mfma"), ("f16c", "-mf16c")):
+            if f" {feat}" in info:
+                flags.append(flag)
+    except OSError:
+        pass
+    return flags
+
+
+def _cuda_archs(torch):
+    env = os.environ.get("FASTDIFF_CUDA_ARCHS")
+    if env:
+        return env
+    try:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            suffix = "a" if major == 9 else ""
+            return f"{major}.{minor}{suffix}+PTX"
+    except Exception:
+        pass
+    return "8.0;9.0a+PTX"
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    debug = bool(_flag("FASTDIFF_DEBUG"))
+    force = _flag("FASTDIFF_BUILD_CUDA")
+    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    build_cuda = (torch.version.cuda is not None and has_nvcc) if force is None else force
+    if build_cuda and (torch.version.cuda is None or not has_nvcc):
+        sys.exit("FASTDIFF_BUILD_CUDA=1 but torch is not a CUDA build or nvcc was not found (set CUDA_HOME)")
+
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp-simd"] + _cpu_flags()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(HERE, "csrc")]
+    define_macros = []
+
+    if not build_cuda:
+        print("fastdiff: building the CPU extension only", file=sys.stderr)
+        return [CppExtension("fastdiff._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx}, define_macros=define_macros)]
+
+    # torch's CUDA headers include cuBLAS/cuSPARSE headers that pip wheels ship under nvidia/cu*/include.
+    for d in glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu*", "include")):
+        include_dirs.append(d)
+    archs = _cuda_archs(torch)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    print(f"fastdiff: building CPU + CUDA kernels for archs {archs}", file=sys.stderr)
+    nvcc = opt + ["--expt-relaxed-constexpr", "-Xptxas=-warn-spills",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+    if debug:
+        nvcc.append("-lineinfo")
+    if _flag("FASTDIFF_PTXAS_VERBOSE"):
+        nvcc.append("-Xptxas=-v")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return [CUDAExtension("fastdiff._C", sources, include_dirs=include_dirs,
+                          define_macros=define_macros + [("FASTDIFF_WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)})
+
+
+if __name__ == "__main__":
+    main()
