@@ -1,0 +1,196 @@
+"""Benchmark harness shared by benchmarks/*.py and `fastdiff bench`: timing, device peaks, result rows.
+
+GPU timing uses CUDA events around each run, after warm-up, with L2 flushed between runs for memory-bound ops
+(a write of a buffer larger than L2); CPU timing uses time.perf_counter. Both report the median and the
+p20/p80 of many runs. Peaks are measured, not taken from data sheets: a large device-to-device copy for
+bandwidth (bytes read + written), a large bf16 (GPU) or fp32 (CPU) matmul for FLOP/s.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+@functools.lru_cache(None)
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+_l2_buffer = None
+
+
+def _flush_l2(device):
+    global _l2_buffer
+    if _l2_buffer is None or _l2_buffer.device != device:
+        # 256 MB: larger than the L2 of any current GPU (H100: 50 MB, B200: 126 MB)
+        _l2_buffer = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)
+    _l2_buffer.zero_()
+
+
+def time_fn(fn, device: torch.device, *, warmup: int = 5, reps: int | None = None, flush_l2: bool = False,
+            min_time_s: float = 0.2) -> dict:
+    """Median / p20 / p80 of fn() in milliseconds."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        one = time.perf_counter() - t0
+        reps = reps or int(min(200, max(10, min_time_s / max(one, 1e-6))))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            if flush_l2:
+                _flush_l2(device)
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        t0 = time.perf_counter()
+        fn()
+        one = time.perf_counter() - t0
+        reps = reps or int(min(100, max(5, min_time_s / max(one, 1e-6))))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "reps": len(times)}
+
+
+@functools.lru_cache(None)
+def peak_bandwidth_gbps(device_str: str) -> float:
+    """Measured: bytes read + written per second by a large copy."""
+    device = torch.device(device_str)
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=20 if device.type == "cuda" else 10)
+    return 2 * src.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
+
+
+@functools.lru_cache(None)
+def peak_tflops(device_str: str) -> float:
+    """Measured: a large bf16 matmul on a GPU, fp32 on the CPU."""
+    device = torch.device(device_str)
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=3, reps=20 if device.type == "cuda" else 5)
+    return 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12
+
+
+def make_row(*, op, case, shape, dtype, layout, provider, timing, device, nbytes=None, flops=None, extra=None):
+    """One result row in the format of shared/ARCHITECTURE.md."""
+    dev = torch.device(device)
+    row = {"op": op, "case": case, "shape": list(shape) if shape is not None else None,
+           "dtype": str(dtype).replace("torch.", "") if dtype is not None else None, "layout": layout,
+           "provider": provider, "median_ms": timing["median_ms"], "p20_ms": timing["p20_ms"],
+           "p80_ms": timing["p80_ms"]}
+    sec = timing["median_ms"] * 1e-3
+    if nbytes is not None:
+        row["gbps"] = nbytes / sec / 1e9
+        row["pct_peak"] = 100 * row["gbps"] / peak_bandwidth_gbps(str(dev))
+    elif flops is not None:
+        row["tflops"] = flops / sec / 1e12
+        row["pct_peak"] = 100 * row["tflops"] / peak_tflops(str(dev))
+    if extra:
+        row.update(extra)
+    row.update(environment(dev))
+    return row
+
+
+def results_dir(device: torch.device) -> str:
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    return os.path.join(root, device_slug(torch.device(device)))
+
+
+def write_rows(rows: list, path: str):
+    """Write rows as a JSON list, atomically (write to a temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+
+
+def format_table(rows: list, baseline: str = "eager") -> str:
+    """A markdown table: one line per (case, dtype, layout, provider), with the speed-up over `baseline`."""
+    base = {}
+    for r in rows:
+        if r["provider"] == baseline:
+            base[(r["op"], r["case"], r["dtype"], r["layout"])] = r["median_ms"]
+    lines = ["| op | case | dtype | layout | provider | median ms | p20-p80 ms | GB/s or TFLOP/s | % peak | vs "
+             + baseline + " |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = base.get((r["op"], r["case"], r["dtype"], r["layout"]))
+        speed = f"{b / r['median_ms']:.2f}x" if b else "-"
+        rate = f"{r['gbps']:.1f} GB/s" if "gbps" in r else (f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else "-")
+        pct = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else "-"
+        lines.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['layout'] or '-'} | {r['provider']} | "
+                     f"{r['median_ms']:.4f} | {r['p20_ms']:.4f}-{r['p80_ms']:.4f} | {rate} | {pct} | {speed} |")
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""Test set-up: markers, and Triton's interpreter on machines without a GPU.
+
+Triton decides at kernel-definition time whether to interpret, so TRITON_INTERPRET must be set before any
+fastdiff module that defines Triton kernels is imported: it is set here, first, when no GPU is present.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastdiff  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs an NVIDIA GPU: none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
