@@ -65,14 +65,14 @@ def _extensions():
         sys.exit("FASTDIFF_BUILD_CUDA=1 but torch is not a CUDA build or nvcc was not found (set CUDA_HOME)")
 
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp-simd"] + _cpu_flags()
+    cxx = opt + ["-fopenmp", "-fno-trapping-math"] + _cpu_flags()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc")]
     define_macros = []
 
     if not build_cuda:
         print("fastdiff: building the CPU extension only", file=sys.stderr)
-        return [CppExtension("fastdiff._C", sources, include_dirs=include_dirs,
+        return [CppExtension("fastdiff._C", sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"],
                              extra_compile_args={"cxx": cxx}, define_macros=define_macros)]
 
     # torch's CUDA headers include cuBLAS/cuSPARSE headers that pip wheels ship under nvidia/cu*/include.
@@ -91,7 +91,7 @@ def _extensions():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return [CUDAExtension("fastdiff._C", sources, include_dirs=include_dirs,
                           define_macros=define_macros + [("FASTDIFF_WITH_CUDA", None)],
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+                          extra_link_args=["-fopenmp"], extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
 
 
 def main():

@@ -45,5 +45,7 @@ inline int activation_code(c10::string_view act) {
 }  // namespace fastdiff
 
 // float, half and bfloat16: the dtypes every fastdiff kernel takes.
-#define FASTDIFF_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+#define FASTDIFF_DISPATCH_FLOATING(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
@@ -25,7 +26,8 @@ namespace {
 // exp for the SiLU, branch-free so the loops vectorise (Cody-Waite range reduction, degree-6 polynomial,
 // about 2 ulp on [-87, 88]).
 inline float exp_f(float x) {
-  x = std::min(88.f, std::max(-87.f, x));
+  x = x > 88.f ? 88.f : x;  // ternaries, not std::min/max: they if-convert (with -fno-trapping-math)
+  x = x < -87.f ? -87.f : x;
   const float t = x * 1.44269504088896341f + 12582912.f;  // round(x * log2 e) via the 1.5 * 2^23 trick
   const float n = t - 12582912.f;
   int32_t ti;
@@ -44,18 +46,6 @@ inline float exp_f(float x) {
   float scale;
   std::memcpy(&scale, &bits, 4);
   return p * scale;
-}
-
-template <bool kSilu>
-inline float act(float z) {
-  return kSilu ? z / (1.f + exp_f(-z)) : z;
-}
-
-template <bool kSilu>
-inline float act_grad(float z) {
-  if (!kSilu) return 1.f;
-  const float s = 1.f / (1.f + exp_f(-z));
-  return s * (1.f + z * (1.f - s));
 }
 
 constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
@@ -82,6 +72,64 @@ at::Tensor param_f32(const c10::optional<at::Tensor>& p) {
   return p.has_value() ? p->to(at::kFloat).contiguous() : at::Tensor();
 }
 
+// The passes below work on blocks of kBlock values: convert to fp32, do the math on the fp32 block, convert
+// back. Keeping dtype conversion (which has branches for half/bfloat16) out of the math loops lets every
+// math loop vectorise, the SiLU's exp included.
+constexpr int64_t kBlock = 512;
+
+template <typename T>
+inline void to_f32(const T* p, float* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
+}
+
+template <typename T>
+inline void from_f32(const float* v, T* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+}
+
+// z <- a z + b (scalar a, b), then the activation, in place.
+template <bool kSilu>
+inline void affine_act(float* z, int64_t n, float a, float b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) z[i] = a * z[i] + b;
+  if (kSilu) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = z[i] / (1.f + exp_f(-z[i]));
+  }
+}
+
+// z <- a[i] z + b[i] (per-channel a, b), then the activation, in place.
+template <bool kSilu>
+inline void affine_act(float* z, int64_t n, const float* a, const float* b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) z[i] = a[i] * z[i] + b[i];
+  if (kSilu) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = z[i] / (1.f + exp_f(-z[i]));
+  }
+}
+
+// g <- g * act'(a x + b): dL/dz from dL/dy.
+template <bool kSilu, typename AB>
+inline void act_backward(const float* x, float* g, int64_t n, AB a, AB b) {
+  if (!kSilu) return;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float ai, bi;
+    if constexpr (std::is_pointer_v<AB>) {
+      ai = a[i];
+      bi = b[i];
+    } else {
+      ai = a;
+      bi = b;
+    }
+    const float z = ai * x[i] + bi;
+    const float s = 1.f / (1.f + exp_f(-z));
+    g[i] *= s * (1.f + z * (1.f - s));
+  }
+}
+
 // Per-channel (mean, M2) of x over the spatial extent; count is S for every channel.
 template <typename T>
 void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
@@ -93,10 +141,13 @@ void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
         float n = 0.f, mu = 0.f, m2 = 0.f;
         for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
           const int64_t len = std::min(S - s0, kChunk);
+          // sum of (x - pivot): with |mean| >> std the shifted values are small, so the chunk mean keeps its
+          // digits (a plain sum of values near the mean would round them away)
+          const float pivot = static_cast<float>(p[s0]);
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < len; ++i) sum += static_cast<float>(p[s0 + i]);
-          const float cm = sum / static_cast<float>(len);
+          for (int64_t i = 0; i < len; ++i) sum += static_cast<float>(p[s0 + i]) - pivot;
+          const float cm = pivot + sum / static_cast<float>(len);
           float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
           for (int64_t i = 0; i < len; ++i) {
@@ -117,22 +168,24 @@ void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
   const int64_t nchunk = (S + R - 1) / R;
   std::vector<float> pmean(N * nchunk * C), pm2(N * nchunk * C);
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> sum(C);
+    std::vector<float> sum(C), pivot(C);
     for (int64_t job = b; job < e; ++job) {
       const int64_t n = job / nchunk, k = job % nchunk;
       const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
       const T* p = x + (n * S + r0) * C;
       float* mean_out = pmean.data() + job * C;
       float* m2_out = pm2.data() + job * C;
+      // per-channel sums of (x - pivot), pivot = the chunk's first row (see the channels-first case)
+      to_f32(p, pivot.data(), C);
       std::fill(sum.begin(), sum.end(), 0.f);
       for (int64_t r = 0; r < r1 - r0; ++r) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(p[r * C + c]);
+        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(p[r * C + c]) - pivot[c];
       }
       const float inv = 1.f / static_cast<float>(r1 - r0);
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        mean_out[c] = sum[c] * inv;
+        mean_out[c] = pivot[c] + sum[c] * inv;
         m2_out[c] = 0.f;
       }
       for (int64_t r = 0; r < r1 - r0; ++r) {
@@ -165,50 +218,53 @@ void apply(const T* x, T* y, const float* A, const float* B, const Shape& sh) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      float buf[kBlock];
       for (int64_t row = b; row < e; ++row) {
-        const float a = A[row], bb = B[row];
-        const T* p = x + row * S;
-        T* q = y + row * S;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = static_cast<T>(act<kSilu>(a * static_cast<float>(p[i]) + bb));
+        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+          const int64_t n = std::min(kBlock, S - s0);
+          to_f32(x + row * S + s0, buf, n);
+          affine_act<kSilu>(buf, n, A[row], B[row]);
+          from_f32(buf, y + row * S + s0, n);
+        }
       }
     });
     return;
   }
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+    float buf[kBlock];
     for (int64_t row = b; row < e; ++row) {
-      const int64_t n = row / S;
-      const float* a = A + n * C;
-      const float* bb = B + n * C;
-      const T* p = x + row * C;
-      T* q = y + row * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) q[c] = static_cast<T>(act<kSilu>(a[c] * static_cast<float>(p[c]) + bb[c]));
+      const int64_t nC = (row / S) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - c0);
+        to_f32(x + row * C + c0, buf, n);
+        affine_act<kSilu>(buf, n, A + nC + c0, B + nC + c0);
+        from_f32(buf, y + row * C + c0, n);
+      }
     }
   });
 }
 
-// Per-(n, c) S1 = sum gz and S2 = sum gz (x - mean_g).
+// Per-(n, c) S1 = sum gz and S2 = sum gz (x - mean_g). Each block's sums are formed in fp32 and added in order.
 template <typename T, bool kSilu>
 void backward_sums(const T* gy, const T* x, const float* A, const float* B, const float* mean_c, const Shape& sh,
                    float* S1, float* S2) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      float xb[kBlock], gb[kBlock];
       for (int64_t row = b; row < e; ++row) {
-        const float a = A[row], bb = B[row], mu = mean_c[row];
-        const T* px = x + row * S;
-        const T* pg = gy + row * S;
+        const float mu = mean_c[row];
         float t1 = 0.f, t2 = 0.f;
-        for (int64_t s0 = 0; s0 < S; s0 += kChunk) {  // chunked partial sums: error grows with S / kChunk
-          const int64_t len = std::min(S - s0, kChunk);
+        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+          const int64_t n = std::min(kBlock, S - s0);
+          to_f32(x + row * S + s0, xb, n);
+          to_f32(gy + row * S + s0, gb, n);
+          act_backward<kSilu>(xb, gb, n, A[row], B[row]);
           float c1 = 0.f, c2 = 0.f;
 #pragma omp simd reduction(+ : c1, c2)
-          for (int64_t i = 0; i < len; ++i) {
-            const float xv = static_cast<float>(px[s0 + i]);
-            const float gz = static_cast<float>(pg[s0 + i]) * act_grad<kSilu>(a * xv + bb);
-            c1 += gz;
-            c2 += gz * (xv - mu);
+          for (int64_t i = 0; i < n; ++i) {
+            c1 += gb[i];
+            c2 += gb[i] * (xb[i] - mu);
           }
           t1 += c1;
           t2 += c2;
@@ -219,29 +275,32 @@ void backward_sums(const T* gy, const T* x, const float* A, const float* B, cons
     });
     return;
   }
+  // Channels-last: per (n, chunk of rows) partials, vectorised along C, then added in chunk order.
   const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
   const int64_t nchunk = (S + R - 1) / R;
   std::vector<float> p1(N * nchunk * C), p2(N * nchunk * C);
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
+    float xb[kBlock], gb[kBlock];
     for (int64_t job = b; job < e; ++job) {
       const int64_t n = job / nchunk, k = job % nchunk;
       const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
-      const float* a = A + n * C;
-      const float* bb = B + n * C;
-      const float* mu = mean_c + n * C;
       float* o1 = p1.data() + job * C;
       float* o2 = p2.data() + job * C;
       std::fill(o1, o1 + C, 0.f);
       std::fill(o2, o2 + C, 0.f);
       for (int64_t r = r0; r < r1; ++r) {
-        const T* px = x + (n * S + r) * C;
-        const T* pg = gy + (n * S + r) * C;
+        for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+          const int64_t m = std::min(kBlock, C - c0);
+          const int64_t off = (n * S + r) * C + c0;
+          to_f32(x + off, xb, m);
+          to_f32(gy + off, gb, m);
+          act_backward<kSilu>(xb, gb, m, A + n * C + c0, B + n * C + c0);
+          const float* mu = mean_c + n * C + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float xv = static_cast<float>(px[c]);
-          const float gz = static_cast<float>(pg[c]) * act_grad<kSilu>(a[c] * xv + bb[c]);
-          o1[c] += gz;
-          o2[c] += gz * (xv - mu[c]);
+          for (int64_t i = 0; i < m; ++i) {
+            o1[c0 + i] += gb[i];
+            o2[c0 + i] += gb[i] * (xb[i] - mu[i]);
+          }
         }
       }
     }
@@ -267,32 +326,35 @@ void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float*
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+      float xb[kBlock], gb[kBlock];
       for (int64_t row = b; row < e; ++row) {
-        const float a = A[row], bb = B[row], p = P[row], q = Q[row], r = Rr[row], mu = mean_c[row];
-        const T* px = x + row * S;
-        const T* pg = gy + row * S;
-        T* o = gx + row * S;
+        const float p = P[row], q = Q[row], r = Rr[row], mu = mean_c[row];
+        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+          const int64_t n = std::min(kBlock, S - s0);
+          to_f32(x + row * S + s0, xb, n);
+          to_f32(gy + row * S + s0, gb, n);
+          act_backward<kSilu>(xb, gb, n, A[row], B[row]);
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) {
-          const float xv = static_cast<float>(px[i]);
-          const float gz = static_cast<float>(pg[i]) * act_grad<kSilu>(a * xv + bb);
-          o[i] = static_cast<T>(p * gz + q * (xv - mu) + r);
+          for (int64_t i = 0; i < n; ++i) gb[i] = p * gb[i] + q * (xb[i] - mu) + r;
+          from_f32(gb, gx + row * S + s0, n);
         }
       }
     });
     return;
   }
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+    float xb[kBlock], gb[kBlock];
     for (int64_t row = b; row < e; ++row) {
-      const int64_t off = (row / S) * C;
-      const T* px = x + row * C;
-      const T* pg = gy + row * C;
-      T* o = gx + row * C;
+      const int64_t nC = (row / S) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t m = std::min(kBlock, C - c0);
+        const int64_t o = nC + c0;
+        to_f32(x + row * C + c0, xb, m);
+        to_f32(gy + row * C + c0, gb, m);
+        act_backward<kSilu>(xb, gb, m, A + o, B + o);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float xv = static_cast<float>(px[c]);
-        const float gz = static_cast<float>(pg[c]) * act_grad<kSilu>(A[off + c] * xv + B[off + c]);
-        o[c] = static_cast<T>(P[off + c] * gz + Q[off + c] * (xv - mean_c[off + c]) + Rr[off + c]);
+        for (int64_t i = 0; i < m; ++i) gb[i] = P[o + i] * gb[i] + Q[o + i] * (xb[i] - mean_c[o + i]) + Rr[o + i];
+        from_f32(gb, gx + row * C + c0, m);
       }
     }
   });
@@ -429,10 +491,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   // Parameter gradients from S1, S2 (tiny (N, C) tensor math).
   at::Tensor xhat_sum = S2 * rstd.repeat_interleave(sh.cpg, 1);  // sum gz xhat per (n, c)
   at::Tensor one_s = s.defined() ? 1 + s : at::ones({N, C}, S1.options());
-  at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor g_w = weight.has_value() ? (one_s * xhat_sum).sum(0).to(weight->scalar_type()) : empty;
-  at::Tensor g_b = bias.has_value() ? (one_s * S1).sum(0).to(bias->scalar_type()) : empty;
-  at::Tensor g_s = empty, g_t = empty;
+  auto empty = [&] { return at::empty({0}, x.options()); };  // distinct tensors: outputs must not alias
+  at::Tensor g_w = weight.has_value() ? (one_s * xhat_sum).sum(0).to(weight->scalar_type()) : empty();
+  at::Tensor g_b = bias.has_value() ? (one_s * S1).sum(0).to(bias->scalar_type()) : empty();
+  at::Tensor g_s = empty(), g_t = empty();
   if (scale.has_value()) {
     at::Tensor h = w.defined() ? xhat_sum * w : xhat_sum;  // sum gz h, h = xhat w + b
     if (b.defined()) h = h + S1 * b;

@@ -1,0 +1,314 @@
+"""fastdiff.ops.group_norm and the GroupNorm modules against fastdiff.reference (fp64), on every backend here.
+
+The Triton backend's numerics are tested in test_group_norm_triton.py (interpreter-sized shapes); here the
+`cuda` backend runs on a GPU only (marked, skipped with the reason elsewhere).
+"""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import ops, reference
+from fastdiff.ops._common import is_channels_last
+
+HAS_EXT = fastdiff.info()["cpu_extension"]
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+GRAD_TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}  # relative to max |grad|
+
+
+def _backends():
+    out = [pytest.param("torch", "cpu", id="torch-cpu")]
+    out.append(pytest.param("cpu", "cpu", id="cpu", marks=pytest.mark.skipif(not HAS_EXT, reason="extension not built")))
+    out.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
+    out.append(pytest.param("triton", "cuda", id="triton-gpu", marks=[pytest.mark.cuda, pytest.mark.triton]))
+    return out
+
+
+def to_layout(x, channels_last):
+    if not channels_last or x.dim() < 3:
+        return x.contiguous()
+    perm = (0,) + tuple(range(2, x.dim())) + (1,)
+    inv = [0] * x.dim()
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return x.permute(perm).contiguous().permute(inv)
+
+
+def make_inputs(shape, G, dtype, device, *, affine=True, ada=True, channels_last=False, mean=0.0, spread=1.0):
+    N, C = shape[:2]
+    x = to_layout((torch.randn(shape, dtype=torch.float64) * spread + mean).to(dtype), channels_last).to(device)
+    p = {}
+    if affine:
+        p["weight"] = (1 + 0.5 * torch.randn(C)).to(dtype).to(device)
+        p["bias"] = (0.5 * torch.randn(C)).to(dtype).to(device)
+    if ada:
+        p["scale"] = (0.5 * torch.randn(N, C)).to(dtype).to(device)
+        p["shift"] = (0.5 * torch.randn(N, C)).to(dtype).to(device)
+    return x, p
+
+
+def ref_fp64(x, G, p, activation, eps=1e-5):
+    return reference.group_norm(x.double(), G, p.get("weight"), p.get("bias"), eps, scale=p.get("scale"),
+                                shift=p.get("shift"), activation=activation, compute_dtype=torch.float64)
+
+
+SHAPES = [
+    ((2, 320, 64, 64), 32),  # SD 1.5 first level: 10 channels per group
+    ((3, 20, 7, 9), 2),      # odd spatial
+    ((2, 12, 17), 3),        # 1-D
+    ((2, 8, 3, 4, 5), 4),    # 3-D
+    ((4, 6), 3),             # no spatial dims
+    ((1, 64, 1, 1), 32),     # one value per channel
+]
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", SHAPES, ids=[str(s[0]) for s in SHAPES])
+@pytest.mark.parametrize("affine,ada,act", [(True, True, "silu"), (False, False, None), (True, False, "silu"),
+                                            (False, True, None)], ids=["ada-silu", "plain", "affine-silu", "ada"])
+def test_forward(backend, device, dtype, channels_last, shape, G, affine, ada, act):
+    if backend == "torch" and dtype == torch.float16 and shape[0] * shape[1] > 1000:
+        pytest.skip("eager fp16 group_norm on the CPU is slow; covered by the smaller shapes")
+    x, p = make_inputs(shape, G, dtype, device, affine=affine, ada=ada, channels_last=channels_last)
+    y = ops.group_norm(x, G, p.get("weight"), p.get("bias"), scale=p.get("scale"), shift=p.get("shift"),
+                       activation=act, backend=backend)
+    ref = ref_fp64(x, G, p, act)
+    atol, rtol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    if backend != "torch":
+        assert y.stride() == x.stride(), "output must keep the input's memory format"
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
+# Not run on backend="torch": that is PyTorch's own group_norm, which (on the CPU, fp32) loses most digits here.
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_large_mean_small_spread(backend, device, dtype, channels_last):
+    # fp32 E[x^2] - E[x]^2 would lose every digit of the variance here (1e6 - 1e6); Chan merging keeps them.
+    # (The output itself cannot be better than about eps_fp32 * |mean| / std: the fp32 mean is rounded.)
+    x, p = make_inputs((2, 40, 9, 11), 4, dtype, device, channels_last=channels_last, mean=1000.0, spread=1.0)
+    if dtype == torch.bfloat16:  # bf16 cannot hold 1000 + z: use a mean it can, with a spread it resolves
+        x, p = make_inputs((2, 40, 9, 11), 4, dtype, device, channels_last=channels_last, mean=64.0, spread=1.0)
+    y = ops.group_norm(x, 4, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                       backend=backend)
+    ref = ref_fp64(x, 4, p, "silu")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), ref, atol=atol * 10, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G,affine,ada,act", [
+    ((2, 40, 6, 7), 4, True, True, "silu"),
+    ((3, 20, 7, 9), 2, True, False, None),
+    ((2, 8, 3, 4, 5), 4, False, True, "silu"),
+    ((2, 12, 17), 3, True, True, None),
+], ids=["ada-silu", "affine", "3d-ada-silu", "1d-ada"])
+def test_backward(backend, device, dtype, channels_last, shape, G, affine, ada, act):
+    x, p = make_inputs(shape, G, dtype, device, affine=affine, ada=ada, channels_last=channels_last)
+    leaves = {"x": x, **p}
+    for t in leaves.values():
+        t.requires_grad_(True)
+    y = ops.group_norm(x, G, p.get("weight"), p.get("bias"), scale=p.get("scale"), shift=p.get("shift"),
+                       activation=act, backend=backend)
+    gy = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    y.backward(gy)
+    ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    ref = reference.group_norm(ref_leaves["x"], G, ref_leaves.get("weight"), ref_leaves.get("bias"),
+                               scale=ref_leaves.get("scale"), shift=ref_leaves.get("shift"), activation=act)
+    ref.backward(gy.double())
+    for k in leaves:
+        got, want = leaves[k].grad, ref_leaves[k].grad
+        assert got is not None, f"no gradient for {k}"
+        assert got.shape == want.shape and got.dtype == dtype
+        err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+        assert err < GRAD_TOL[dtype], f"grad {k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_grad_y_of_other_layout(backend, device):
+    # a channels-last x with a contiguous upstream gradient: the backward must not misread it
+    x, p = make_inputs((2, 16, 5, 6), 4, torch.float32, device, channels_last=True)
+    x.requires_grad_(True)
+    y = ops.group_norm(x, 4, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                       backend=backend)
+    gy = torch.randn(2, 16, 5, 6, device=device)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    xr = x.detach().double().requires_grad_(True)
+    yr = reference.group_norm(xr, 4, p["weight"].double(), p["bias"].double(), scale=p["scale"].double(),
+                              shift=p["shift"].double(), activation="silu")
+    (gr,) = torch.autograd.grad(yr, xr, gy.double())
+    torch.testing.assert_close(gx.double(), gr, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_empty_batch(backend, device):
+    x = torch.randn(0, 32, 4, 4, device=device)
+    w = torch.ones(32, device=device)
+    y = ops.group_norm(x, 8, w, torch.zeros(32, device=device), scale=torch.zeros(0, 32, device=device),
+                       activation="silu", backend=backend)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+def test_deterministic(backend, device):
+    x, p = make_inputs((2, 64, 33, 31), 32, torch.float32, device)
+    runs = [ops.group_norm(x, 32, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                           backend=backend) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+def test_noncontiguous_params_and_odd_strides(backend, device):
+    # scale/shift as chunks of one Linear output (row stride 2C) and an x that is neither layout
+    x = torch.randn(2, 20, 6, 8, device=device)[:, :, :, ::2]
+    emb = torch.randn(2, 40, device=device)
+    scale, shift = emb.chunk(2, dim=1)
+    y = ops.group_norm(x, 5, scale=scale, shift=shift, activation="silu", backend=backend)
+    ref = reference.group_norm(x.double(), 5, scale=scale.double(), shift=shift.double(), activation="silu")
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_opcheck_cpu():
+    x, p = make_inputs((2, 8, 3, 5), 4, torch.float32, "cpu")
+    for t in (x, *p.values()):
+        t.requires_grad_(True)
+    args = (x, 4, p["weight"], p["bias"], p["scale"], p["shift"], 1e-5, "silu")
+    torch.library.opcheck(torch.ops.fastdiff.group_norm, args)
+    xl = to_layout(x.detach(), True).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastdiff.group_norm, (xl, 4, None, None, None, None, 1e-5, "none"))
+    y, mean, rstd = torch.ops.fastdiff.group_norm(*args)
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_backward,
+                          (gy, x.detach(), mean.detach(), rstd.detach(), 4, p["weight"].detach(), None, p["scale"].detach(), None,
+                           "silu"))
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda():
+    x, p = make_inputs((2, 8, 3, 5), 4, torch.float16, "cuda")
+    for t in (x, *p.values()):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastdiff.group_norm, (x, 4, p["weight"], p["bias"], p["scale"], p["shift"],
+                                                          1e-5, "silu"))
+
+
+def test_module_is_drop_in():
+    ref = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    m = fastdiff.nn.GroupNorm(4, 16)
+    m.load_state_dict(ref.state_dict())
+    assert set(m.state_dict()) == set(ref.state_dict())
+    assert isinstance(m, torch.nn.GroupNorm)
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
+    silu = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    silu.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(silu(x), torch.nn.functional.silu(ref(x)), atol=1e-5, rtol=1e-5)
+    assert "activation='silu'" in repr(silu)
+
+
+def test_ada_group_norm_module():
+    m = fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=12)
+    x, emb = torch.randn(3, 16, 4, 4), torch.randn(3, 12)
+    scale, shift = m.linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+    want = reference.group_norm(x, 4, m.norm.weight, m.norm.bias, scale=scale, shift=shift, activation="silu")
+    torch.testing.assert_close(m(x, emb), want, atol=1e-5, rtol=1e-5)
+    m(x, emb).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    with pytest.raises(ValueError, match="emb"):
+        m(x, torch.randn(3, 11))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_EXT else []))
+def test_compile_fullgraph(backend):
+    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    ada = fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=8)
+    x, emb = torch.randn(2, 16, 6, 6, requires_grad=True), torch.randn(2, 8)
+    with fastdiff.set_backend(backend):
+        want = ada(m(x), emb)
+        cm = torch.compile(lambda a, e: ada(m(a), e), fullgraph=True, backend="aot_eager")
+        got = cm(x, emb)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+    assert x.grad is not None
+
+
+def test_set_backend_switches_and_restores():
+    x = torch.randn(2, 8, 4, 4)
+    assert fastdiff.get_backend() == "auto"
+    with fastdiff.set_backend("torch"):
+        assert fastdiff.get_backend() == "torch"
+        assert ops.group_norm.__module__  # the op reads the global choice at call time
+        from fastdiff.ops.group_norm import choose_backend
+        assert choose_backend(x) == "torch"
+    assert fastdiff.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        fastdiff.set_backend("tpu")
+
+
+def test_channels_last_helper():
+    x = torch.randn(2, 8, 4, 5).to(memory_format=torch.channels_last)
+    assert is_channels_last(x) and not is_channels_last(x.contiguous())
+    assert is_channels_last(to_layout(torch.randn(2, 8, 3, 4, 5), True))
+
+
+# ---- bad input: a clear error that names the argument ----
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_groups=3), ValueError, "num_groups"),
+    (dict(num_groups=0), ValueError, "num_groups"),
+    (dict(num_groups=2.0), TypeError, "num_groups"),
+    (dict(scale=torch.randn(2, 7)), ValueError, "scale"),
+    (dict(shift=torch.randn(8)), ValueError, "shift"),
+    (dict(weight=torch.randn(9)), ValueError, "weight"),
+    (dict(bias=torch.randn(8, dtype=torch.float64)), TypeError, "bias"),
+    (dict(scale=torch.randn(2, 8, dtype=torch.float16)), TypeError, "scale"),
+    (dict(activation="gelu"), ValueError, "activation"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(backend="tpu"), ValueError, "backend"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    args = dict(x=torch.randn(2, 8, 4, 4), num_groups=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.group_norm(**args)
+
+
+def test_bad_x():
+    with pytest.raises(TypeError, match="x"):
+        ops.group_norm(torch.randint(0, 5, (2, 8, 4, 4)), 4)
+    with pytest.raises(ValueError, match="x"):
+        ops.group_norm(torch.randn(8), 4)
+    with pytest.raises(ValueError, match="x"):
+        ops.group_norm(torch.randn(1, 8, 2, 2, 2, 2), 4)
+    with pytest.raises(TypeError, match="x"):
+        ops.group_norm([1.0, 2.0], 1)
+    if HAS_EXT:
+        with pytest.raises(ValueError, match="backend"):  # fp64 runs on the reference only
+            ops.group_norm(torch.randn(2, 8, 3, dtype=torch.float64), 4, backend="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to put tensors on two devices")
+def test_mixed_devices():
+    with pytest.raises(ValueError, match="weight"):
+        ops.group_norm(torch.randn(2, 8, 4, 4, device="cuda"), 4, torch.ones(8))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_direct_op_call_is_checked():
+    # callers of torch.ops.fastdiff.* directly get a RuntimeError, never a crash
+    with pytest.raises(RuntimeError, match="num_groups"):
+        torch.ops.fastdiff.group_norm(torch.randn(2, 8, 3), 3, None, None, None, None, 1e-5, "none")
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.fastdiff.group_norm(torch.randn(2, 8, 3), 4, None, None, torch.randn(3, 8), None, 1e-5, "none")
+    with pytest.raises(RuntimeError, match="activation"):
+        torch.ops.fastdiff.group_norm(torch.randn(2, 8, 3), 4, None, None, None, None, 1e-5, "relu")
