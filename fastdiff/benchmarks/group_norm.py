@@ -1,0 +1,106 @@
+"""GroupNorm + AdaGN scale/shift + SiLU: eager, torch.compile and every fastdiff backend, on U-Net shapes.
+
+Bytes counted per call: x read once and y written once (the floor for any implementation; the fused kernels
+read x a second time for the statistics, from L2 where it fits). GB/s and % of the measured peak bandwidth
+follow from that floor, so they compare providers fairly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import fastdiff
+from fastdiff import _bench, reference
+from fastdiff.ops.group_norm import _available
+
+SD15 = [(2, c, hw) for c in (320, 640, 1280) for hw in (64, 32, 16, 8)]  # N, C, H=W; 32 groups
+ADM64 = [(4, c, hw) for c, hw in ((192, 64), (384, 32), (576, 16), (768, 8))]  # ADM 64x64: 192 * (1, 2, 3, 4)
+QUICK_CPU = [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (2, 1280, 8)]
+
+
+def _eager(x, w, b, s, t):
+    # what a user writes: F.group_norm, then the AdaGN multiply-add and the SiLU as separate ops
+    return reference.group_norm(x, 32, w, b, scale=s, shift=t, activation="silu")
+
+
+def providers(device: torch.device, dtype: torch.dtype, *, compile_: bool):
+    probe = torch.empty(1, 32, 1, device=device, dtype=dtype)
+    avail = _available(probe)
+    out = [("eager", _eager)]
+    if compile_:
+        out.append(("compile", torch.compile(_eager, dynamic=False)))
+    for name in ("cuda", "triton", "cpu"):
+        if avail[name][0]:
+            out.append((f"fastdiff-{name}", lambda x, w, b, s, t, _n=name: fastdiff.ops.group_norm(
+                x, 32, w, b, scale=s, shift=t, activation="silu", backend=_n)))
+    return out
+
+
+def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw", "nhwc"), out=None, verbose=True):
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    gpu = device.type == "cuda"
+    if dtypes is None:
+        dtypes = [torch.float16, torch.bfloat16] if gpu else [torch.float32]
+    shapes = [("sd15", s) for s in SD15] + [("adm64", s) for s in ADM64]
+    if quick and not gpu:
+        shapes = [("sd15", s) for s in QUICK_CPU]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    rows = []
+    for dtype in dtypes:
+        provs = providers(device, dtype, compile_=compile_)
+        for model, (N, C, HW) in shapes:
+            for layout in layouts:
+                x = torch.randn(N, C, HW, HW, device=device, dtype=dtype)
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                w = torch.randn(C, device=device, dtype=dtype)
+                b = torch.randn(C, device=device, dtype=dtype)
+                s = 0.1 * torch.randn(N, C, device=device, dtype=dtype)
+                t = 0.1 * torch.randn(N, C, device=device, dtype=dtype)
+                nbytes = 2 * x.numel() * x.element_size()
+                case = f"{model} N{N} C{C} {HW}x{HW} G32 ada+silu"
+                want = _eager(x.float(), w.float(), b.float(), s.float(), t.float())
+                for name, fn in provs:
+                    got = fn(x, w, b, s, t)  # also the warm-up / compile
+                    err = (got.float() - want).abs().max().item()
+                    if err > (1e-3 if dtype == torch.float32 else 0.1):
+                        raise RuntimeError(f"{name} on {case} {layout}: max error {err:.3g} — not timing a wrong answer")
+                    timing = _bench.time_fn(lambda: fn(x, w, b, s, t), device, flush_l2=gpu,
+                                            min_time_s=0.1 if quick else 0.3)
+                    row = _bench.make_row(op="group_norm", case=case, shape=[N, C, HW, HW], dtype=dtype,
+                                          layout=layout, provider=name, timing=timing, device=device, nbytes=nbytes)
+                    rows.append(row)
+                    if verbose:
+                        print(f"  {case:38s} {layout} {row['dtype']:8s} {name:16s} {row['median_ms']:8.4f} ms "
+                              f"{row['gbps']:7.1f} GB/s", file=sys.stderr)
+    if out is None:
+        out = os.path.join(_bench.results_dir(device), "group_norm.json")
+    if out:
+        _bench.write_rows(rows, out)
+    return rows, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
+                   help="repeatable; default fp16+bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--quick", action="store_true", help="a short run (four SD shapes on the CPU)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--layout", action="append", choices=["nchw", "nhwc"], help="repeatable; default both")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/group_norm.json); "
+                   "'' to write nothing")
+    a = p.parse_args(argv)
+    dtypes = [getattr(torch, d) for d in a.dtype] if a.dtype else None
+    rows, out = run(a.device, dtypes, a.quick, not a.no_compile, tuple(a.layout or ("nchw", "nhwc")), a.out)
+    print(_bench.format_table(rows))
+    if out:
+        print(f"\nwrote {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
