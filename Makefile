@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 .PHONY: demo test bench install clean
 
 install:
-	PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=test,train bash scripts/bootstrap.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=test,train,bench bash scripts/bootstrap.sh
 
 demo: install
 	$(PY) -m fastdiff.cli demo

@@ -1,0 +1,157 @@
+"""Benchmark results -> a markdown table and PNG plots; and `--compare OLD NEW` to flag regressions.
+
+Input: result files in the format of shared/ARCHITECTURE.md (a JSON list of rows, or {"rows": [...]}),
+given as files or folders (every *.json under them). One table per op: a row per (case, dtype, layout), a
+column per provider with its median time, and the speed-up of each provider over eager (and over
+torch.compile where it was measured). One PNG per (op, device): speed-up over eager per case and provider.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from collections import OrderedDict, defaultdict
+
+KEY = ("op", "case", "dtype", "layout", "provider", "device")
+
+
+def load_rows(paths) -> list:
+    rows = []
+    for p in paths:
+        files = sorted(glob.glob(os.path.join(p, "**", "*.json"), recursive=True)) if os.path.isdir(p) else [p]
+        for f in files:
+            with open(f) as fh:
+                data = json.load(fh)
+            data = data["rows"] if isinstance(data, dict) else data
+            if not isinstance(data, list):
+                raise ValueError(f"{f}: expected a JSON list of rows or {{'rows': [...]}}")
+            for r in data:
+                if isinstance(r, dict) and "op" in r and "median_ms" in r:
+                    rows.append(r)
+    return rows
+
+
+def _group(rows):
+    """(op, device) -> (case, dtype, layout) -> provider -> row, in first-seen order."""
+    out = OrderedDict()
+    for r in rows:
+        tab = out.setdefault((r["op"], r.get("device", "?")), OrderedDict())
+        tab.setdefault((r["case"], r.get("dtype"), r.get("layout")), OrderedDict())[r["provider"]] = r
+    return out
+
+
+def markdown(rows) -> str:
+    parts = []
+    for (op, device), tab in _group(rows).items():
+        providers = list(OrderedDict.fromkeys(p for cell in tab.values() for p in cell))
+        meta = next(iter(next(iter(tab.values())).values()))
+        parts.append(f"### {op} on {device}\n\ntorch {meta.get('torch')}, triton {meta.get('triton')}, "
+                     f"CUDA {meta.get('cuda')}, commit {meta.get('commit')}, {meta.get('date')}\n")
+        head = ["case", "dtype", "layout"] + [f"{p} ms" for p in providers]
+        fast = [p for p in providers if p.startswith("fastdiff")]
+        head += [f"{p} vs eager" for p in fast] + [f"{p} vs compile" for p in fast if "compile" in providers]
+        head += [f"{p} % peak" for p in fast]
+        parts.append("| " + " | ".join(head) + " |")
+        parts.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+        for (case, dtype, layout), cell in tab.items():
+            line = [case, str(dtype), layout or "-"]
+            line += [f"{cell[p]['median_ms']:.4f}" if p in cell else "-" for p in providers]
+            for base in ("eager", "compile"):
+                if base == "compile" and "compile" not in providers:
+                    continue
+                for p in fast:
+                    ok = p in cell and base in cell
+                    line.append(f"{cell[base]['median_ms'] / cell[p]['median_ms']:.2f}x" if ok else "-")
+            line += [f"{cell[p]['pct_peak']:.0f}%" if p in cell and "pct_peak" in cell[p] else "-" for p in fast]
+            parts.append("| " + " | ".join(line) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plots(rows, outdir) -> list:
+    """One PNG per (op, device): speed-up over eager per case (bars per provider). Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    for (op, device), tab in _group(rows).items():
+        cases = [k for k, cell in tab.items() if "eager" in cell]
+        provs = [p for p in OrderedDict.fromkeys(p for c in cases for p in tab[c]) if p != "eager"]
+        if not cases or not provs:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cases) * max(1, len(provs)) / 2 + 2), 4.5))
+        width = 0.8 / len(provs)
+        for i, p in enumerate(provs):
+            ys = [tab[c]["eager"]["median_ms"] / tab[c][p]["median_ms"] if p in tab[c] else 0 for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=p)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"{c[0]}\n{c[1]} {c[2] or ''}" for c in cases], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up over eager (x)")
+        ax.set_title(f"{op} on {device}", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{op}-{device}".lower()).strip("-")
+        path = os.path.join(outdir, f"{slug}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def compare(old_rows, new_rows, threshold=0.05):
+    """Lines describing the change per matching row, and the list of regressions (slower by > threshold)."""
+    old = {tuple(r.get(k) for k in KEY): r for r in old_rows}
+    lines, regressions = [], []
+    for r in new_rows:
+        k = tuple(r.get(k) for k in KEY)
+        if k not in old:
+            continue
+        before, after = old[k]["median_ms"], r["median_ms"]
+        change = after / before - 1
+        flag = "REGRESSION" if change > threshold else ("faster" if change < -threshold else "")
+        line = (f"{r['op']:12s} {r['case']:40s} {str(r.get('dtype')):9s} {str(r.get('layout')):5s} "
+                f"{r['provider']:18s} {before:9.4f} -> {after:9.4f} ms  {100 * change:+6.1f}%  {flag}")
+        lines.append(line)
+        if change > threshold:
+            regressions.append(line)
+    return lines, regressions
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark results to a markdown table and plots, or compare two runs.")
+    p.add_argument("paths", nargs="*", default=["benchmarks/results"], help="result files or folders")
+    p.add_argument("--plots", default=None, help="folder for PNG plots (default: none)")
+    p.add_argument("--out", default=None, help="write the markdown here (default: stdout)")
+    p.add_argument("--compare", metavar="OLD", default=None, help="compare `paths` against this stored run")
+    p.add_argument("--threshold", type=float, default=0.05, help="regression threshold (default 0.05 = 5%%)")
+    a = p.parse_args(argv)
+    rows = load_rows(a.paths)
+    if not rows:
+        print(f"no result rows under {a.paths}", file=sys.stderr)
+        return 2
+    if a.compare:
+        lines, regs = compare(load_rows([a.compare]), rows, a.threshold)
+        print("\n".join(lines) if lines else "no rows in common")
+        print(f"\n{len(regs)} regression(s) over {100 * a.threshold:.0f}%")
+        return 1 if regs else 0
+    md = markdown(rows)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(md)
+    else:
+        print(md)
+    if a.plots:
+        for path in plots(rows, a.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The benchmark harness and report: row format, timing on the CPU, markdown, plots and --compare."""
+import json
+
+import pytest
+import torch
+
+from fastdiff import _bench
+from fastdiff.benchmarks import report
+
+ROW_KEYS = {"op", "case", "shape", "dtype", "layout", "provider", "median_ms", "p20_ms", "p80_ms", "device",
+            "torch", "triton", "cuda", "commit", "date"}
+
+
+def _row(provider, ms, case="N2 C320 64x64", op="group_norm"):
+    return {"op": op, "case": case, "shape": [2, 320, 64, 64], "dtype": "float16", "layout": "nchw",
+            "provider": provider, "median_ms": ms, "p20_ms": ms * 0.9, "p80_ms": ms * 1.1, "gbps": 1.0,
+            "pct_peak": 50.0, "device": "TestGPU", "torch": "x", "triton": "y", "cuda": "z", "commit": "c",
+            "date": "d"}
+
+
+def test_time_fn_and_make_row_cpu():
+    x = torch.randn(1000)
+    t = _bench.time_fn(lambda: x * 2, "cpu", warmup=1, reps=7)
+    assert 0 < t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+    row = _bench.make_row(op="demo", case="c", shape=[1000], dtype=torch.float32, layout=None, provider="eager",
+                          timing=t, device="cpu", nbytes=8000)
+    assert ROW_KEYS <= set(row) and row["dtype"] == "float32"
+    assert row["gbps"] > 0 and row["pct_peak"] > 0
+
+
+def test_write_rows_atomic(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    _bench.write_rows([_row("eager", 1.0)], str(path))
+    assert json.loads(path.read_text())[0]["provider"] == "eager"
+    assert not (tmp_path / "sub" / "r.json.tmp").exists()
+
+
+def test_markdown_speedups(tmp_path):
+    rows = [_row("eager", 3.0), _row("compile", 1.5), _row("fastdiff-cuda", 1.0)]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
+    md = report.markdown(report.load_rows([str(tmp_path)]))
+    assert "3.00x" in md and "1.50x" in md and "group_norm on TestGPU" in md
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row("eager", 3.0), _row("fastdiff-cuda", 1.0), _row("eager", 2.0, case="b"),
+            _row("fastdiff-cuda", 1.0, case="b")]
+    paths = report.plots(rows, str(tmp_path))
+    assert len(paths) == 1 and (tmp_path / "group-norm-testgpu.png").stat().st_size > 1000
+
+
+def test_compare_flags_regressions(tmp_path):
+    old = [_row("fastdiff-cuda", 1.0), _row("eager", 3.0)]
+    new = [_row("fastdiff-cuda", 1.2), _row("eager", 3.05)]
+    lines, regs = report.compare(old, new)
+    assert len(lines) == 2 and len(regs) == 1 and "fastdiff-cuda" in regs[0]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert report.main([str(tmp_path / "new.json"), "--compare", str(tmp_path / "old.json")]) == 1
