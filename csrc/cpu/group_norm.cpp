@@ -1,9 +1,10 @@
 // GroupNorm + AdaGN scale/shift + SiLU on the CPU.
 //
-// Algorithm (both layouts): (1) per-channel statistics over the spatial extent, each chunk of the data
-// read once and its (mean, M2) computed from the L1-resident chunk, chunks merged with Chan's formula;
-// (2) channels merged into per-(n, group) mean/rstd and folded with the affine and AdaGN parameters into
-// one (A, B) per (n, c); (3) y = act(A x + B) in one vectorised pass.
+// Algorithm (both layouts): (1) per-channel statistics of x - K (K: the group's pivot, see
+// common/group_norm.h) over the spatial extent, each chunk read once and its (mean, M2) computed from the
+// L1-resident chunk, chunks merged with Chan's formula; (2) channels merged into per-(n, group) mean/rstd and
+// folded with the affine and AdaGN parameters into one (A, B) per (n, c); (3) y = act(A (x - K) + B) in one
+// vectorised pass.
 // Cost: reads x twice (once for statistics, once to apply), writes y once. Parallel over rows (NCHW) or
 // row chunks (channels-last), with a fixed reduction order, so results are bit-identical run to run.
 // Backward: one pass reducing S1, S2 per (n, c), a tiny per-(n, c) fold, one pass writing grad_x.
@@ -83,6 +84,19 @@ inline void to_f32(const T* p, float* o, int64_t n) {
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
 }
 
+// o = p - K: the input in its group pivot's frame (exact for values near K).
+template <typename T>
+inline void to_f32(const T* p, float* o, int64_t n, float K) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]) - K;
+}
+
+template <typename T>
+inline void to_f32(const T* p, float* o, int64_t n, const float* K) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]) - K[i];
+}
+
 template <typename T>
 inline void from_f32(const float* v, T* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
@@ -130,9 +144,12 @@ inline void act_backward(const float* x, float* g, int64_t n, AB a, AB b) {
   }
 }
 
-// Per-channel (mean, M2) of x over the spatial extent; count is S for every channel.
+// Per-channel (mean, M2) of x - K over the spatial extent (count S for every channel), where K = Kc[n, c] is
+// the pivot of the channel's group. Within each chunk, values are taken relative to the chunk's first value
+// and the chunk mean is moved to K's frame exactly ((pivot - K) is exact for nearby values): with
+// |mean| >> std no digit of the spread is rounded away, so neither the variance nor the mean loses precision.
 template <typename T>
-void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
+void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, float* cm2) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
@@ -141,20 +158,18 @@ void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
         float n = 0.f, mu = 0.f, m2 = 0.f;
         for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
           const int64_t len = std::min(S - s0, kChunk);
-          // sum of (x - pivot): with |mean| >> std the shifted values are small, so the chunk mean keeps its
-          // digits (a plain sum of values near the mean would round them away)
           const float pivot = static_cast<float>(p[s0]);
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t i = 0; i < len; ++i) sum += static_cast<float>(p[s0 + i]) - pivot;
-          const float cm = pivot + sum / static_cast<float>(len);
+          const float rel = sum / static_cast<float>(len);  // chunk mean relative to the pivot
           float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
           for (int64_t i = 0; i < len; ++i) {
-            const float d = static_cast<float>(p[s0 + i]) - cm;
+            const float d = (static_cast<float>(p[s0 + i]) - pivot) - rel;
             sq += d * d;
           }
-          chan_merge(n, mu, m2, static_cast<float>(len), cm, sq);
+          chan_merge(n, mu, m2, static_cast<float>(len), (pivot - Kc[row]) + rel, sq);
         }
         cmean[row] = mu;
         cm2[row] = m2;
@@ -168,15 +183,16 @@ void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
   const int64_t nchunk = (S + R - 1) / R;
   std::vector<float> pmean(N * nchunk * C), pm2(N * nchunk * C);
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> sum(C), pivot(C);
+    std::vector<float> sum(C), pivot(C), rel(C);
     for (int64_t job = b; job < e; ++job) {
       const int64_t n = job / nchunk, k = job % nchunk;
       const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
       const T* p = x + (n * S + r0) * C;
       float* mean_out = pmean.data() + job * C;
       float* m2_out = pm2.data() + job * C;
-      // per-channel sums of (x - pivot), pivot = the chunk's first row (see the channels-first case)
+      // per-channel sums of (x - pivot), pivot = the chunk's first row
       to_f32(p, pivot.data(), C);
+      const float* K = Kc + n * C;
       std::fill(sum.begin(), sum.end(), 0.f);
       for (int64_t r = 0; r < r1 - r0; ++r) {
 #pragma omp simd
@@ -185,13 +201,14 @@ void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
       const float inv = 1.f / static_cast<float>(r1 - r0);
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        mean_out[c] = pivot[c] + sum[c] * inv;
+        rel[c] = sum[c] * inv;
+        mean_out[c] = (pivot[c] - K[c]) + rel[c];
         m2_out[c] = 0.f;
       }
       for (int64_t r = 0; r < r1 - r0; ++r) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const float d = static_cast<float>(p[r * C + c]) - mean_out[c];
+          const float d = (static_cast<float>(p[r * C + c]) - pivot[c]) - rel[c];
           m2_out[c] += d * d;
         }
       }
@@ -212,9 +229,9 @@ void channel_stats(const T* x, const Shape& sh, float* cmean, float* cm2) {
   });
 }
 
-// y = act(A[n,c] x + B[n,c])
+// y = act(A[n,c] (x - K[n,c]) + B[n,c])
 template <typename T, bool kSilu>
-void apply(const T* x, T* y, const float* A, const float* B, const Shape& sh) {
+void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, const Shape& sh) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
@@ -222,7 +239,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const Shape& sh) {
       for (int64_t row = b; row < e; ++row) {
         for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
           const int64_t n = std::min(kBlock, S - s0);
-          to_f32(x + row * S + s0, buf, n);
+          to_f32(x + row * S + s0, buf, n, Kc[row]);
           affine_act<kSilu>(buf, n, A[row], B[row]);
           from_f32(buf, y + row * S + s0, n);
         }
@@ -236,7 +253,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const Shape& sh) {
       const int64_t nC = (row / S) * C;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t n = std::min(kBlock, C - c0);
-        to_f32(x + row * C + c0, buf, n);
+        to_f32(x + row * C + c0, buf, n, Kc + nC + c0);
         affine_act<kSilu>(buf, n, A + nC + c0, B + nC + c0);
         from_f32(buf, y + row * C + c0, n);
       }
@@ -245,9 +262,10 @@ void apply(const T* x, T* y, const float* A, const float* B, const Shape& sh) {
 }
 
 // Per-(n, c) S1 = sum gz and S2 = sum gz (x - mean_g). Each block's sums are formed in fp32 and added in order.
+// x is taken in its group pivot's frame (x - Kc) and mean_c is the group mean in that frame.
 template <typename T, bool kSilu>
-void backward_sums(const T* gy, const T* x, const float* A, const float* B, const float* mean_c, const Shape& sh,
-                   float* S1, float* S2) {
+void backward_sums(const T* gy, const T* x, const float* A, const float* B, const float* Kc, const float* mean_c,
+                   const Shape& sh, float* S1, float* S2) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
@@ -257,7 +275,7 @@ void backward_sums(const T* gy, const T* x, const float* A, const float* B, cons
         float t1 = 0.f, t2 = 0.f;
         for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
           const int64_t n = std::min(kBlock, S - s0);
-          to_f32(x + row * S + s0, xb, n);
+          to_f32(x + row * S + s0, xb, n, Kc[row]);
           to_f32(gy + row * S + s0, gb, n);
           act_backward<kSilu>(xb, gb, n, A[row], B[row]);
           float c1 = 0.f, c2 = 0.f;
@@ -292,7 +310,7 @@ void backward_sums(const T* gy, const T* x, const float* A, const float* B, cons
         for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
           const int64_t m = std::min(kBlock, C - c0);
           const int64_t off = (n * S + r) * C + c0;
-          to_f32(x + off, xb, m);
+          to_f32(x + off, xb, m, Kc + n * C + c0);
           to_f32(gy + off, gb, m);
           act_backward<kSilu>(xb, gb, m, A + n * C + c0, B + n * C + c0);
           const float* mu = mean_c + n * C + c0;
@@ -319,10 +337,10 @@ void backward_sums(const T* gy, const T* x, const float* A, const float* B, cons
   });
 }
 
-// grad_x = P gz + Q (x - mean) + R
+// grad_x = P gz + Q (x - mean) + R, with x - mean = (x - Kc) - mean_c as in backward_sums
 template <typename T, bool kSilu>
 void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float* B, const float* P, const float* Q,
-                    const float* Rr, const float* mean_c, const Shape& sh) {
+                    const float* Rr, const float* Kc, const float* mean_c, const Shape& sh) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
@@ -331,7 +349,7 @@ void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float*
         const float p = P[row], q = Q[row], r = Rr[row], mu = mean_c[row];
         for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
           const int64_t n = std::min(kBlock, S - s0);
-          to_f32(x + row * S + s0, xb, n);
+          to_f32(x + row * S + s0, xb, n, Kc[row]);
           to_f32(gy + row * S + s0, gb, n);
           act_backward<kSilu>(xb, gb, n, A[row], B[row]);
 #pragma omp simd
@@ -349,7 +367,7 @@ void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float*
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t m = std::min(kBlock, C - c0);
         const int64_t o = nC + c0;
-        to_f32(x + row * C + c0, xb, m);
+        to_f32(x + row * C + c0, xb, m, Kc + o);
         to_f32(gy + row * C + c0, gb, m);
         act_backward<kSilu>(xb, gb, m, A + o, B + o);
 #pragma omp simd
@@ -364,15 +382,30 @@ inline float at_or(const at::Tensor& t, int64_t i, float dflt) {
   return t.defined() ? t.data_ptr<float>()[i] : dflt;
 }
 
-// (A, B) per (n, c) and the per-channel copy of the group mean.
-void fold(const Shape& sh, const float* mean, const float* rstd, const at::Tensor& w, const at::Tensor& b,
+// Each group's pivot K: its first value. Statistics and the apply pass work on x - K, so an input whose mean
+// is far from zero keeps its digits (see channel_stats). Kc holds the pivot per (n, c).
+template <typename T>
+void group_pivots(const T* x, const Shape& sh, float* Kc) {
+  for (int64_t n = 0; n < sh.N; ++n)
+    for (int64_t g = 0; g < sh.G; ++g) {
+      const int64_t c0 = g * sh.cpg;
+      const int64_t idx = sh.layout == Layout::kChannelsFirst ? (n * sh.C + c0) * sh.S : n * sh.S * sh.C + c0;
+      const float K = sh.S > 0 ? static_cast<float>(x[idx]) : 0.f;
+      for (int64_t c = c0; c < c0 + sh.cpg; ++c) Kc[n * sh.C + c] = K;
+    }
+}
+
+// (A, B) per (n, c) for z = A (x - K) + B, from the group mean in K's frame (mrel) and rstd:
+//   A = rstd w (1 + s),  B = (b (1 + s) + t) - A mrel;  mean_c receives mrel per channel.
+void fold(const Shape& sh, const float* mrel, const float* rstd, const at::Tensor& w, const at::Tensor& b,
           const at::Tensor& s, const at::Tensor& t, float* A, float* B, float* mean_c) {
   for (int64_t n = 0; n < sh.N; ++n)
     for (int64_t c = 0; c < sh.C; ++c) {
       const int64_t ng = n * sh.G + c / sh.cpg, nc = n * sh.C + c;
-      gn_fold(mean[ng], rstd[ng], at_or(w, c, 1.f), at_or(b, c, 0.f), at_or(s, nc, 0.f), at_or(t, nc, 0.f), A[nc],
+      gn_fold(0.f, rstd[ng], at_or(w, c, 1.f), at_or(b, c, 0.f), at_or(s, nc, 0.f), at_or(t, nc, 0.f), A[nc],
               B[nc]);
-      mean_c[nc] = mean[ng];
+      B[nc] -= A[nc] * mrel[ng];
+      mean_c[nc] = mrel[ng];
     }
 }
 
@@ -399,9 +432,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     rstd.fill_(static_cast<float>(1.0 / std::sqrt(eps)));
     return {y, mean, rstd};
   }
-  std::vector<float> cmean(N * C), cm2(N * C), A(N * C), B(N * C), mean_c(N * C);
+  std::vector<float> cmean(N * C), cm2(N * C), A(N * C), B(N * C), mean_c(N * C), Kc(N * C), mrel(N * G);
   FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
-    channel_stats<scalar_t>(x.const_data_ptr<scalar_t>(), sh, cmean.data(), cm2.data());
+    group_pivots<scalar_t>(x.const_data_ptr<scalar_t>(), sh, Kc.data());
+    channel_stats<scalar_t>(x.const_data_ptr<scalar_t>(), sh, Kc.data(), cmean.data(), cm2.data());
   });
   float* pm = mean.data_ptr<float>();
   float* pr = rstd.data_ptr<float>();
@@ -410,16 +444,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     for (int64_t g = 0; g < G; ++g) {
       float cnt = 0.f, mu = 0.f, m2 = 0.f;
       for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) chan_merge(cnt, mu, m2, S, cmean[n * C + c], cm2[n * C + c]);
-      pm[n * G + g] = mu;
+      mrel[n * G + g] = mu;
+      pm[n * G + g] = Kc[n * C + g * sh.cpg] + mu;
       pr[n * G + g] = 1.f / std::sqrt(std::max(m2 / cnt, 0.f) + static_cast<float>(eps));
     }
-  fold(sh, pm, pr, param_f32(weight), param_f32(bias), param_f32(scale), param_f32(shift), A.data(), B.data(),
-       mean_c.data());
+  fold(sh, mrel.data(), pr, param_f32(weight), param_f32(bias), param_f32(scale), param_f32(shift), A.data(),
+       B.data(), mean_c.data());
   FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
-    if (act_code == 1)
-      apply<scalar_t, true>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), A.data(), B.data(), sh);
-    else
-      apply<scalar_t, false>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), A.data(), B.data(), sh);
+    auto fn = act_code == 1 ? apply<scalar_t, true> : apply<scalar_t, false>;
+    fn(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), A.data(), B.data(), Kc.data(), sh);
   });
   return {y, mean, rstd};
 }
@@ -448,15 +481,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor gx = at::empty_like(x);
   at::Tensor S1 = at::zeros({N, C}, x.options().dtype(at::kFloat));
   at::Tensor S2 = at::zeros({N, C}, x.options().dtype(at::kFloat));
-  std::vector<float> A(N * C), B(N * C), mean_c(N * C), P(N * C), Q(N * C), Rr(N * C);
+  std::vector<float> A(N * C), B(N * C), mean_c(N * C), P(N * C), Q(N * C), Rr(N * C), Kc(N * C), mrel(N * G);
   const float* pm = mean.data_ptr<float>();
   const float* pr = rstd.data_ptr<float>();
-  fold(sh, pm, pr, w, b, s, t, A.data(), B.data(), mean_c.data());
+  if (x.numel() > 0) {
+    // the forward's pivots again, so x - K is formed exactly as it was there
+    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu",
+                               [&] { group_pivots<scalar_t>(x.const_data_ptr<scalar_t>(), sh, Kc.data()); });
+  }
+  for (int64_t ng = 0; ng < N * G; ++ng) mrel[ng] = pm[ng] - Kc[(ng / G) * C + (ng % G) * sh.cpg];
+  fold(sh, mrel.data(), pr, w, b, s, t, A.data(), B.data(), mean_c.data());
   if (x.numel() > 0) {
     FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
       auto fn = act_code == 1 ? backward_sums<scalar_t, true> : backward_sums<scalar_t, false>;
-      fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), A.data(), B.data(), mean_c.data(), sh,
-         S1.data_ptr<float>(), S2.data_ptr<float>());
+      fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), A.data(), B.data(), Kc.data(),
+         mean_c.data(), sh, S1.data_ptr<float>(), S2.data_ptr<float>());
     });
   }
   const float* s1 = S1.data_ptr<float>();
@@ -485,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
     FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
       auto fn = act_code == 1 ? backward_apply<scalar_t, true> : backward_apply<scalar_t, false>;
       fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), A.data(), B.data(),
-         P.data(), Q.data(), Rr.data(), mean_c.data(), sh);
+         P.data(), Q.data(), Rr.data(), Kc.data(), mean_c.data(), sh);
     });
   }
   // Parameter gradients from S1, S2 (tiny (N, C) tensor math).
