@@ -312,6 +312,8 @@ def check_context(context, N: int, context_dim: int | None):
 
 def jsonable(v):
     """Tuples to lists (recursively), so a config survives a JSON round trip unchanged."""
+    if isinstance(v, dict):
+        return {k: jsonable(u) for k, u in v.items()}
     if isinstance(v, (tuple, list)):
         return [jsonable(u) for u in v]
     return v

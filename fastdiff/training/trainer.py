@@ -339,14 +339,15 @@ class Trainer:
 
     def train(self, steps: int | None = None) -> list[dict]:
         """Train until ``self.step == steps`` (default ``config.steps``): a resumed run finishes the same schedule.
-        Saves every ``save_every`` steps and at the end when out_dir is set. Returns the log history."""
+        Saves every ``save_every`` steps and at the end when out_dir is set. Returns the log history: one row
+        (metrics averaged over the window) every ``log_every`` steps; a partial window stays pending, and is saved
+        with a checkpoint, so an interrupted and resumed run logs the same rows as an uninterrupted one."""
         steps = self.config.steps if steps is None else steps
         t0 = time.perf_counter()
         while self.step < steps:
             self.train_step()
             if self.out_dir and self.config.save_every and self.step % self.config.save_every == 0:
                 self.save()
-        self._flush_log()
         if self.out_dir:
             self.save()
         if self.verbose and self.rank == 0:
@@ -387,6 +388,7 @@ class Trainer:
             "optimizer": {"param_groups": opt["param_groups"]},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "history": self.history,
+            "pending_log": [{k: float(v) for k, v in m.items()} for m in self._pending],
         }
         if self.autoencoder is not None:
             meta["autoencoder"] = {"class": type(self.autoencoder).__name__, "config": self.autoencoder.config}
@@ -397,7 +399,6 @@ class Trainer:
         directory = directory or self.out_dir
         if directory is None:
             raise ValueError("directory: no out_dir was given to the trainer; pass one")
-        self._flush_log()
         tensors, meta = self.state_tensors()
         path = ckpt.save(directory, tensors, meta) if self.rank == 0 else None
         if self.world > 1:
@@ -444,7 +445,8 @@ class Trainer:
             self.sampler.load_state_dict(sampler_state)
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
-        self._pending = []
+        self._pending = [{k: torch.tensor(v, dtype=torch.float64) for k, v in m.items()}
+                         for m in meta.get("pending_log", [])]
         return self
 
     @classmethod
