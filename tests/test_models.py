@@ -132,7 +132,7 @@ def test_set_backend_torch_matches_fused(flags, monkeypatch):
 
 def test_set_backend_global_setter():
     m = randomise(tiny_unet()).eval()
-    x, t, kw = inputs(m)
+    x, t, _ = inputs(m)
     prev = fastdiff.get_backend()
     try:
         fastdiff.set_backend("torch")
@@ -352,7 +352,7 @@ def test_autoencoder_shapes_and_posterior():
     torch.testing.assert_close(post.sample(noise=noise), post.mean + post.std * noise)
     assert post.kl().shape == (2,) and (post.kl() >= 0).all()
     assert ae.decode(z1).shape == (2, 3, 16, 16)
-    recon, post2 = ae(x)
+    recon, _ = ae(x)
     assert recon.shape == x.shape
     torch.testing.assert_close(ae.to_latent(x, sample=False), post.mode() * 0.5)
     torch.testing.assert_close(ae.from_latent(post.mode() * 0.5), ae.decode(post.mode()))

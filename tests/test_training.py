@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fastdiff.models import AutoencoderKL, NoisyClassifier, UNet
 from fastdiff.training import (AutoencoderTrainer, ClassifierTrainer, ImageFolder, ImportanceSampler,
-                               TensorImageDataset, TrainConfig, Trainer, UniformSampler, bits_per_dim, digits,
+                               TensorImageDataset, Trainer, UniformSampler, bits_per_dim, digits,
                                load_model, min_snr_weight, q_sample, training_losses)
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.losses import _make_betas, _make_schedule, coefs
