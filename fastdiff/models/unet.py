@@ -35,6 +35,11 @@ class UNet(ConfigMixin, nn.Module):
     ``forward(x, timesteps, y=None, context=None)``: x (N, in_channels, H, W) in either memory format,
     timesteps (N,) or a scalar, y (N,) class ids, context (N, S, context_dim). Returns (N, out_channels, H, W)
     in x's dtype. The model computes in its parameters' dtype (``model.to(torch.bfloat16)``) or under autocast.
+
+    Bad input raises a ValueError/TypeError naming the argument: x's channel count or size, timesteps' shape, y's
+    shape and dtype (always) and y's range (only for CPU tensors outside torch.compile, where checking costs no
+    device-to-host sync; on a GPU an out-of-range id trips the embedding's device-side assert instead), and the
+    context's shape and width.
     """
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
@@ -133,7 +138,7 @@ class UNet(ConfigMixin, nn.Module):
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y.to(x.device))
+            emb = emb + self.label_emb(y.to(device=x.device, dtype=torch.long))
         emb = F.silu(emb)  # the SiLU that opens every ResBlock's embedding projection in ADM, applied once
         if context is not None:
             context = context.to(device=x.device, dtype=dtype)
