@@ -13,7 +13,7 @@ import torch.distributed as dist
 from fastdiff.models import AutoencoderKL, NoisyClassifier, UNet
 from fastdiff.training import (AutoencoderTrainer, ClassifierTrainer, ImageFolder, ImportanceSampler,
                                TensorImageDataset, Trainer, UniformSampler, bits_per_dim, digits,
-                               load_model, min_snr_weight, q_sample, training_losses)
+                               load_autoencoder, load_model, min_snr_weight, q_sample, training_losses)
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.losses import _make_betas, _make_schedule, coefs
 
@@ -401,6 +401,8 @@ def test_classifier_autoencoder_and_latent_training(tmp_path):
     lt = Trainer(unet, data, autoencoder=ae2, batch_size=4, log_every=2, out_dir=str(tmp_path / "ldm"))
     lt.train(2)
     assert math.isfinite(lt.history[-1]["loss"])
+    assert load_autoencoder(str(tmp_path / "ldm")).scale_factor == scale
+    assert load_autoencoder(str(tmp_path / "ae")) is None
     back = Trainer.from_checkpoint(str(tmp_path / "ldm"), data)
     assert back.step == 2 and back.autoencoder is not None and back.autoencoder.scale_factor == scale
     with pytest.raises(ValueError, match="in_channels=1 but the latents have 2 channels"):

@@ -69,7 +69,10 @@ def save(directory: str, tensors: dict, meta: dict) -> str:
     step = int(meta.get("step", 0))
     name = f"ckpt-{step:09d}.safetensors"
     atomic_write(os.path.join(directory, name), lambda p: _safetensors().save_file(_plain(tensors), p, metadata={"step": str(step)}))
-    meta = dict(meta, format=FORMAT, version=VERSION, tensors=name)
+    import fastdiff
+
+    meta = dict(meta, format=FORMAT, version=VERSION, tensors=name, fastdiff=fastdiff.__version__,
+                torch=torch.__version__)
 
     def write_json(p):
         with open(p, "w") as f:
@@ -116,6 +119,16 @@ def build_model(meta_model: dict):
     if cls is None:
         raise ValueError(f"checkpoint: unknown model class {meta_model['class']!r}; known: {sorted(MODELS)}")
     return cls.from_config(meta_model["config"])
+
+
+def load_autoencoder(directory: str, device="cpu"):
+    """The (frozen) autoencoder a latent-diffusion checkpoint was trained with, or None for a pixel-space one."""
+    tensors, meta = load(directory, device)
+    if "autoencoder" not in meta:
+        return None
+    ae = build_model(meta["autoencoder"]).to(device)
+    ae.load_state_dict(prefixed(tensors, "autoencoder."))
+    return ae.eval()
 
 
 def load_model(directory: str, ema: bool = True, device="cpu") -> torch.nn.Module:
