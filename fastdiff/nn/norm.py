@@ -26,7 +26,13 @@ class GroupNorm(torch.nn.GroupNorm):
         self.activation = _check_activation(activation)
 
     def forward(self, x, scale=None, shift=None):
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale=scale, shift=shift,
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast x arrives in the low-precision dtype while weight/bias stay fp32 (and scale/shift may
+            # come from an fp32 path): the fused op takes one dtype, accumulates in fp32 whatever it is, and
+            # returns x's dtype -- what autocast wants of a norm, without the round trip through fp32 memory.
+            weight, bias, scale, shift = (None if t is None else t.to(x.dtype) for t in (weight, bias, scale, shift))
+        return ops.group_norm(x, self.num_groups, weight, bias, self.eps, scale=scale, shift=shift,
                               activation=self.activation)
 
     def extra_repr(self):

@@ -1,0 +1,143 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON, written crash-safely.
+
+A checkpoint directory holds ``checkpoint.json`` (model class and config, training config, step, optimizer
+hyper-parameters, scaler and history...) and the safetensors file it names, ``ckpt-<step>.safetensors``
+(``model.*``, ``ema.*``, ``optim.*``, ``rng.*``, ``sampler.*`` tensors). Each file is written to a temporary name
+in the same directory and renamed into place (``os.replace`` is atomic on POSIX): the tensors first, then the
+JSON, which is the commit point. An interruption at any moment leaves the previous checkpoint readable; stale
+tensor files are removed only after the new JSON is in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:
+        raise ImportError("checkpoints need safetensors: pip install safetensors (or pip install 'fastdiff[train]')") from e
+    return st
+
+JSON_NAME = "checkpoint.json"
+FORMAT = "fastdiff-checkpoint"
+VERSION = 1
+
+
+def _fsync_dir(path: str):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write):
+    """Call write(tmp_path), then rename tmp_path over path (same directory, so the rename is atomic)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(d)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _plain(tensors: dict) -> dict:
+    # safetensors wants contiguous tensors that share no memory
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save(directory: str, tensors: dict, meta: dict) -> str:
+    """Write a checkpoint (tensors + JSON meta) to `directory`; returns the JSON path."""
+    step = int(meta.get("step", 0))
+    name = f"ckpt-{step:09d}.safetensors"
+    atomic_write(os.path.join(directory, name), lambda p: _safetensors().save_file(_plain(tensors), p, metadata={"step": str(step)}))
+    import fastdiff
+
+    meta = dict(meta, format=FORMAT, version=VERSION, tensors=name, fastdiff=fastdiff.__version__,
+                torch=torch.__version__)
+
+    def write_json(p):
+        with open(p, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+
+    path = os.path.join(directory, JSON_NAME)
+    atomic_write(path, write_json)
+    for f in os.listdir(directory):  # older tensor files, now unreferenced
+        if f.startswith("ckpt-") and f.endswith(".safetensors") and f != name:
+            try:
+                os.remove(os.path.join(directory, f))
+            except OSError:
+                pass
+    return path
+
+
+def exists(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, JSON_NAME))
+
+
+def load(directory: str, device="cpu") -> tuple[dict, dict]:
+    """(tensors, meta) of the checkpoint in `directory`."""
+    path = os.path.join(directory, JSON_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint in {directory!r} (expected {JSON_NAME})")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fastdiff checkpoint (format={meta.get('format')!r})")
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta['version']} is newer than this fastdiff reads ({VERSION})")
+    tensors = _safetensors().load_file(os.path.join(directory, meta["tensors"]), device=str(device))
+    return tensors, meta
+
+
+def prefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def build_model(meta_model: dict):
+    from fastdiff.models import MODELS
+
+    cls = MODELS.get(meta_model["class"])
+    if cls is None:
+        raise ValueError(f"checkpoint: unknown model class {meta_model['class']!r}; known: {sorted(MODELS)}")
+    return cls.from_config(meta_model["config"])
+
+
+def load_autoencoder(directory: str, device="cpu"):
+    """The (frozen) autoencoder a latent-diffusion checkpoint was trained with, or None for a pixel-space one."""
+    tensors, meta = load(directory, device)
+    if "autoencoder" not in meta:
+        return None
+    ae = build_model(meta["autoencoder"]).to(device)
+    ae.load_state_dict(prefixed(tensors, "autoencoder."))
+    return ae.eval()
+
+
+def load_model(directory: str, ema: bool = True, device="cpu") -> torch.nn.Module:
+    """The model saved in a checkpoint directory, with its EMA weights (ema=True, when there are any) or its
+    raw weights, in eval mode."""
+    tensors, meta = load(directory, device)
+    model = build_model(meta["model"]).to(device)
+    weights = prefixed(tensors, "ema.") if ema else {}
+    if not weights:
+        weights = prefixed(tensors, "model.")
+    model.load_state_dict(weights)
+    return model.eval()

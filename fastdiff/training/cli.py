@@ -1,0 +1,154 @@
+"""The training command line: ``python -m fastdiff.training --dataset digits --out runs/digits``.
+
+Several processes or GPUs: ``torchrun --nproc_per_node=N -m fastdiff.training ...`` (DDP; --batch-size is per
+process). When --out already holds a checkpoint the run resumes from it (its model and training configuration win;
+--steps can extend it).
+
+``add_train_arguments(parser)`` and ``run_train(args)`` are the reusable halves (the ``fastdiff`` console
+command hooks them in); ``train_main(argv)`` is the whole command.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _ints(s: str) -> tuple:
+    s = s.strip()
+    return tuple(int(v) for v in s.split(",") if v.strip()) if s else ()
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    a = parser.add_argument
+    a("--task", choices=("diffusion", "classifier", "autoencoder"), default="diffusion",
+      help="what to train: the diffusion U-Net, the noisy classifier, or the KL autoencoder (default: diffusion)")
+    a("--dataset", default="digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of images")
+    a("--image-size", type=int, default=None, help="training resolution (default: 16 for digits, else 64)")
+    a("--channels", type=int, choices=(1, 3), default=None, help="image folders: 1 (greyscale) or 3 (RGB)")
+    a("--out", required=True, help="checkpoint directory; resumes when it holds a checkpoint")
+    a("--steps", type=int, default=2000, help="train until this step (default: 2000)")
+    a("--batch-size", type=int, default=32, help="per process (default: 32)")
+    a("--lr", type=float, default=2e-4)
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-steps", type=int, default=0)
+    a("--ema", type=float, default=0.9999, help="EMA decay; 0 disables the EMA (default: 0.9999)")
+    a("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping (default: 1.0)")
+    a("--cfg-dropout", type=float, default=0.0,
+      help="label-dropout probability for classifier-free guidance (adds a learned null class)")
+    a("--target", choices=("eps", "x0", "v"), default="eps")
+    a("--learn-sigma", action="store_true", help="learned variances with the Improved-DDPM hybrid loss")
+    a("--lambda-vlb", type=float, default=1e-3)
+    a("--timestep-sampler", choices=("uniform", "importance"), default="uniform")
+    a("--min-snr-gamma", type=float, default=None)
+    a("--beta-schedule", choices=("linear", "cosine"), default="linear")
+    a("--num-timesteps", type=int, default=1000)
+    a("--model-channels", type=int, default=64)
+    a("--channel-mult", type=_ints, default=(1, 2), help="comma-separated, e.g. 1,2,2 (default: 1,2)")
+    a("--num-res-blocks", type=int, default=2)
+    a("--attention-resolutions", type=_ints, default=None,
+      help="feature-map sizes with attention, comma-separated (default: the smallest one)")
+    a("--num-heads", type=int, default=1)
+    a("--num-head-channels", type=int, default=-1)
+    a("--num-groups", type=int, default=32)
+    a("--dropout", type=float, default=0.0)
+    a("--no-scale-shift-norm", action="store_true", help="add the embedding instead of AdaGN")
+    a("--resblock-updown", action="store_true")
+    a("--class-cond", action=argparse.BooleanOptionalAction, default=None,
+      help="class-conditional U-Net (default: when the dataset has labels)")
+    a("--pool", choices=("attention", "adaptive"), default="attention", help="classifier head")
+    a("--latent-channels", type=int, default=4, help="autoencoder latent channels")
+    a("--kl-weight", type=float, default=1e-6)
+    a("--autoencoder", default=None, help="checkpoint directory of a trained autoencoder: train in its latent space")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=100)
+    a("--save-every", type=int, default=500)
+    a("--device", default=None, help="default: cuda when available, else cpu")
+    a("--quiet", action="store_true")
+    return parser
+
+
+def _build_model(args, task, data_shape, num_classes):
+    from fastdiff.models import AutoencoderKL, NoisyClassifier, UNet
+
+    ch, size = data_shape[0], data_shape[-1]
+    if task == "autoencoder":
+        return AutoencoderKL(in_channels=ch, latent_channels=args.latent_channels, model_channels=args.model_channels,
+                             channel_mult=args.channel_mult, num_res_blocks=args.num_res_blocks,
+                             num_groups=args.num_groups, dropout=args.dropout)
+    levels = len(args.channel_mult)
+    attn = args.attention_resolutions
+    if attn is None:
+        attn = (size // 2 ** (levels - 1),)
+    common = dict(image_size=size, in_channels=ch, model_channels=args.model_channels,
+                  num_res_blocks=args.num_res_blocks, attention_resolutions=attn, dropout=args.dropout,
+                  channel_mult=args.channel_mult, num_heads=args.num_heads, num_head_channels=args.num_head_channels,
+                  use_scale_shift_norm=not args.no_scale_shift_norm, resblock_updown=args.resblock_updown,
+                  num_groups=args.num_groups)
+    if task == "classifier":
+        if not num_classes:
+            raise SystemExit("error: --task classifier needs a labelled dataset")
+        return NoisyClassifier(out_channels=num_classes, pool=args.pool, **common)
+    class_cond = bool(num_classes) if args.class_cond is None else args.class_cond
+    if class_cond and not num_classes:
+        raise SystemExit("error: --class-cond needs a labelled dataset (digits, or a folder with one subfolder a class)")
+    return UNet(out_channels=2 * ch if args.learn_sigma else ch, num_classes=num_classes if class_cond else None,
+                learn_null_class=class_cond and args.cfg_dropout > 0, **common)
+
+
+def run_train(args: argparse.Namespace):
+    """Run the training that parsed `args` describe; returns the trainer."""
+    from fastdiff.training import checkpoint as ckpt
+    from fastdiff.training.data import fetch, load_dataset
+    from fastdiff.training.trainer import TRAINERS, TrainConfig, init_distributed
+
+    rank, world, local_rank = init_distributed()
+    device = torch.device(args.device) if args.device else (
+        torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    verbose = not args.quiet and rank == 0
+    image_size = args.image_size or (16 if args.dataset == "digits" else 64)
+    dataset = load_dataset(args.dataset, image_size, args.channels)
+    trainer_cls = TRAINERS[args.task]
+    if ckpt.exists(args.out):
+        trainer = trainer_cls.from_checkpoint(args.out, dataset, device=device, verbose=verbose)
+        trainer.config.steps = args.steps
+        if verbose:
+            print(f"resuming {args.out} at step {trainer.step} (its model and training configuration are used)",
+                  file=sys.stderr)
+    else:
+        autoencoder = ckpt.load_model(args.autoencoder, device=device) if args.autoencoder else None
+        shape = tuple(fetch(dataset, torch.tensor([0]))[0].shape[1:])
+        if autoencoder is not None:
+            shape = autoencoder.latent_shape(shape)
+        model = _build_model(args, args.task, shape, getattr(dataset, "num_classes", 0))
+        config = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, ema_decay=args.ema or None, precision=args.precision,
+            grad_clip=args.grad_clip or None, cfg_dropout=args.cfg_dropout, target=args.target,
+            lambda_vlb=args.lambda_vlb, timestep_sampler=args.timestep_sampler, min_snr_gamma=args.min_snr_gamma,
+            beta_schedule=args.beta_schedule, num_train_timesteps=args.num_timesteps, kl_weight=args.kl_weight,
+            seed=args.seed, log_every=args.log_every, save_every=args.save_every)
+        kwargs = {"autoencoder": autoencoder} if autoencoder is not None else {}
+        trainer = trainer_cls(model.to(device), dataset, config, out_dir=args.out, device=device, verbose=verbose,
+                              **kwargs)
+        if verbose:
+            n = sum(p.numel() for p in model.parameters())
+            print(f"{type(model).__name__}: {n / 1e6:.2f} M parameters, {len(dataset)} images {shape}, "
+                  f"{world} process(es) on {device}", file=sys.stderr)
+    trainer.train()
+    if args.task == "autoencoder":
+        scale = trainer.fit_scale_factor()
+        trainer.save()
+        if verbose:
+            print(f"latent scale factor: {scale:.5g}", file=sys.stderr)
+    return trainer
+
+
+def train_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.training",
+                                     description="Train a fastdiff U-Net, noisy classifier or autoencoder.")
+    add_train_arguments(parser)
+    run_train(parser.parse_args(argv))
+    return 0

@@ -1,0 +1,131 @@
+"""Datasets for training: scikit-learn's 8x8 handwritten digits (the built-in small real dataset) and any folder
+of images. Items are (image, label): image a float32 (C, H, W) tensor in [-1, 1], label an int (-1: unlabelled).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """Images held in memory: (N, C, H, W) in [-1, 1] and (N,) long labels (-1 where unlabelled)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, class_names=None):
+        if images.dim() != 4:
+            raise ValueError(f"images: expected (N, C, H, W), got {tuple(images.shape)}")
+        self.images = images.float().contiguous()
+        self.labels = (torch.full((len(images),), -1, dtype=torch.long) if labels is None
+                       else torch.as_tensor(labels, dtype=torch.long))
+        if self.labels.shape != (len(images),):
+            raise ValueError(f"labels: expected shape ({len(images)},), got {tuple(self.labels.shape)}")
+        self.class_names = list(class_names) if class_names is not None else None
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) and self.labels.min() >= 0 else 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+    def batch(self, indices: torch.Tensor):
+        """A whole batch by index, without the per-item Python loop."""
+        return self.images[indices], self.labels[indices]
+
+
+def digits(image_size: int = 16) -> TensorImageDataset:
+    """scikit-learn's handwritten digits (1,797 8x8 greyscale images, classes 0-9), bilinearly resized to
+    image_size, as (1, image_size, image_size) images in [-1, 1]. Needs scikit-learn (the data ships inside it,
+    no download)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn "
+                          "(or pip install 'fastdiff[train]')") from e
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # pixel values are 0..16
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return TensorImageDataset(x * 2 - 1, torch.as_tensor(d.target, dtype=torch.long),
+                              class_names=[str(i) for i in range(10)])
+
+
+def _load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        # ADM's centre crop: shrink (box filter) while the short side is >= 2x the target, then resize and crop
+        while min(im.size) >= 2 * image_size:
+            im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
+        scale = image_size / min(im.size)
+        im = im.resize(tuple(max(image_size, round(s * scale)) for s in im.size), resample=Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - image_size) // 2, (h - image_size) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    x = data.reshape(image_size, image_size, channels).permute(2, 0, 1).float()
+    return x / 127.5 - 1
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Any folder of images (searched recursively), centre-cropped and resized to image_size x image_size.
+
+    Labels come from the first-level subfolder names (sorted, numbered from 0) when every image lies in one;
+    otherwise the images are unlabelled (label -1). channels: 3 (RGB) or 1 (greyscale).
+    """
+
+    def __init__(self, root: str, image_size: int, channels: int = 3):
+        try:
+            import PIL  # noqa: F401
+        except ImportError as e:
+            raise ImportError("image folders need Pillow: pip install pillow (or pip install 'fastdiff[train]')") from e
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset: {root!r} is not a directory")
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
+        self.root, self.image_size, self.channels = root, image_size, channels
+        files = []
+        for d, subdirs, names in os.walk(root):
+            subdirs.sort()
+            files += [os.path.join(d, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise ValueError(f"dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        rel = [os.path.relpath(f, root) for f in files]
+        if all(os.sep in r for r in rel):
+            top = [r.split(os.sep, 1)[0] for r in rel]
+            self.class_names = sorted(set(top))
+            index = {c: i for i, c in enumerate(self.class_names)}
+            self.labels = torch.tensor([index[c] for c in top], dtype=torch.long)
+            self.num_classes = len(self.class_names)
+        else:
+            self.class_names = None
+            self.labels = torch.full((len(files),), -1, dtype=torch.long)
+            self.num_classes = 0
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return _load_image(self.files[i], self.image_size, self.channels), int(self.labels[i])
+
+
+def load_dataset(spec: str, image_size: int, channels: int | None = None):
+    """"digits" or the path of a folder of images."""
+    if spec == "digits":
+        if channels not in (None, 1):
+            raise ValueError(f"channels: the digits are greyscale (1 channel), got {channels}")
+        return digits(image_size)
+    return ImageFolder(spec, image_size, channels or 3)
+
+
+def fetch(dataset, indices: torch.Tensor):
+    """(images, labels) of the given indices: vectorised for in-memory datasets, item by item otherwise."""
+    if hasattr(dataset, "batch"):
+        return dataset.batch(indices)
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([torch.as_tensor(im) for im, _ in items]), torch.tensor([int(lb) for _, lb in items])

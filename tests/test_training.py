@@ -1,0 +1,486 @@
+"""fastdiff.training: losses, the variational bound, timestep samplers, data, trainers, checkpoints, CLI, DDP.
+
+Small models and few steps: the file runs in about a minute or two on a shared 2-core CPU.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastdiff.models import AutoencoderKL, NoisyClassifier, UNet
+from fastdiff.training import (AutoencoderTrainer, ClassifierTrainer, ImageFolder, ImportanceSampler,
+                               TensorImageDataset, Trainer, UniformSampler, bits_per_dim, digits,
+                               load_autoencoder, load_model, min_snr_weight, q_sample, training_losses)
+from fastdiff.training import checkpoint as ckpt
+from fastdiff.training.losses import _make_betas, _make_schedule, coefs
+
+try:
+    import sklearn  # noqa: F401
+    HAS_SKLEARN = True
+except ImportError:
+    HAS_SKLEARN = False
+needs_sklearn = pytest.mark.skipif(not HAS_SKLEARN, reason="the digits dataset needs scikit-learn (pip install "
+                                                           "scikit-learn)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet(**kw):
+    args = dict(image_size=16, in_channels=1, model_channels=8, out_channels=1, num_res_blocks=1,
+                attention_resolutions=(8,), channel_mult=(1, 2), num_groups=4)
+    args.update(kw)
+    return UNet(**args)
+
+
+def synthetic(n=24, channels=1, size=16, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, size, size, generator=g) * 2 - 1
+    return TensorImageDataset(x, torch.arange(n) % classes)
+
+
+# -- schedules and losses --------------------------------------------------------------------------------------
+
+def test_schedules():
+    for kind in ("linear", "cosine"):
+        b = _make_betas(kind, 1000)
+        assert b.dtype == torch.float64 and b.shape == (1000,)
+        assert (b > 0).all() and (b < 1).all()
+        s = _make_schedule(kind, 1000)
+        assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
+    torch.testing.assert_close(_make_betas("linear", 1000)[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    with pytest.raises(ValueError, match="beta_schedule"):
+        _make_betas("quadratic", 10)
+
+
+def _oracle(schedule, x0, target):
+    """A 'model' that returns the exact target, computed from x_t, t and the x0 it was built with."""
+    c = coefs(schedule, x0.device)
+
+    def model(x_t, t, **_):
+        eps = (x_t - c("sqrt_ab", t, 4) * x0) / c("sqrt_1mab", t, 4)
+        if target == "eps":
+            return eps
+        if target == "x0":
+            return x0.expand_as(x_t)
+        return c("sqrt_ab", t, 4) * eps - c("sqrt_1mab", t, 4) * x0
+
+    return model
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_l_simple_targets(target):
+    s = _make_schedule("linear", 1000)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    t = torch.tensor([0, 10, 500, 999])
+    terms = training_losses(_oracle(s, x0, target), x0, t, s, target=target)
+    assert terms["loss"].shape == (4,) and terms["mse"].max() < 1e-6
+    zero = training_losses(lambda x_t, t: torch.zeros_like(x_t), x0, t, s, target=target)
+    assert (zero["mse"] > 1e-3).all() and "vb" not in zero
+
+
+def test_hybrid_loss_stop_gradient_and_weighting():
+    s = _make_schedule("cosine", 100)
+    x0 = torch.rand(3, 2, 4, 4) * 2 - 1
+    t = torch.tensor([0, 50, 99])
+    mean_p = torch.randn(1, 2, 4, 4, requires_grad=True)
+    var_p = torch.randn(1, 2, 4, 4, requires_grad=True)
+
+    def model(x_t, t):
+        return torch.cat([mean_p.expand(len(t), -1, -1, -1), torch.tanh(var_p).expand(len(t), -1, -1, -1)], 1)
+
+    terms = training_losses(model, x0, t, s, lambda_vlb=1e-3)
+    assert set(terms) == {"loss", "mse", "vb"}
+    torch.testing.assert_close(terms["loss"], terms["mse"] + 1e-3 * 100 * terms["vb"])
+    terms["vb"].sum().backward()
+    assert mean_p.grad is None or mean_p.grad.abs().sum() == 0  # L_vlb trains the variances only
+    assert var_p.grad.abs().sum() > 0
+    var_p.grad = None
+    training_losses(model, x0, t, s)["mse"].sum().backward()
+    assert var_p.grad is None or var_p.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="output channels"):
+        training_losses(lambda x_t, t: torch.zeros(3, 3, 4, 4), x0, t, s)
+
+
+def test_min_snr_weighting():
+    snr = torch.tensor([0.1, 1.0, 5.0, 100.0])
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "eps"), torch.tensor([1.0, 1.0, 1.0, 0.05]))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "x0"), torch.tensor([0.1, 1.0, 5.0, 5.0]))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v"), torch.tensor([0.1 / 1.1, 0.5, 5 / 6, 5 / 101]))
+    s = _make_schedule("linear", 1000)
+    x0, t, noise = torch.rand(4, 1, 4, 4), torch.tensor([0, 100, 500, 999]), torch.randn(4, 1, 4, 4)
+
+    def zero(x_t, t):
+        return torch.zeros_like(x_t)
+
+    plain = training_losses(zero, x0, t, s, noise=noise)["loss"]
+    weighted = training_losses(zero, x0, t, s, noise=noise, min_snr_gamma=5.0)["loss"]
+    ab = s.alphas_cumprod[t].float()
+    torch.testing.assert_close(weighted, plain * min_snr_weight(ab / (1 - ab), 5.0, "eps"))
+
+
+def test_bits_per_dim():
+    s = _make_schedule("cosine", 12)
+    x0 = (torch.randint(0, 256, (2, 1, 4, 4)).float() / 127.5 - 1)
+    g = torch.Generator().manual_seed(0)
+    good = bits_per_dim(_oracle(s, x0, "eps"), x0, s, generator=g)
+    bad = bits_per_dim(lambda x_t, t: torch.zeros_like(x_t), x0, s, generator=torch.Generator().manual_seed(0))
+    assert good["vb"].shape == (2, 12) and good["total_bpd"].shape == (2,)
+    torch.testing.assert_close(good["total_bpd"], good["vb"].sum(1) + good["prior_bpd"])
+    assert torch.isfinite(good["total_bpd"]).all() and (good["total_bpd"] > 0).all()
+    assert (good["total_bpd"] < bad["total_bpd"]).all()
+    assert good["mse"].max() < 1e-4
+    # learned variances: the half of the channels after the mean
+    learned = bits_per_dim(lambda x_t, t: torch.cat([_oracle(s, x0, "eps")(x_t, t), torch.zeros_like(x_t)], 1), x0,
+                           s, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(learned["total_bpd"]).all()
+
+
+def test_timestep_samplers():
+    g = torch.Generator().manual_seed(0)
+    t, w = UniformSampler(10).sample(1000, generator=g)
+    assert t.min() >= 0 and t.max() <= 9 and torch.allclose(w, torch.ones(1000))
+    s = ImportanceSampler(4, history=2)
+    torch.testing.assert_close(s.probs(), torch.full((4,), 0.25, dtype=torch.float64))  # uniform until warm
+    for _ in range(3):
+        s.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert s.warmed_up()
+    p = s.probs()
+    assert (p[1:] > p[:-1]).all() and math.isclose(float(p.sum()), 1.0)
+    t, w = s.sample(8, generator=g)
+    torch.testing.assert_close(w, (1 / (4 * p[t])).float())
+    s2 = ImportanceSampler(4, history=2)
+    s2.load_state_dict(s.state_dict())
+    torch.testing.assert_close(s2.probs(), p)
+
+
+def test_q_sample():
+    s = _make_schedule("linear", 1000)
+    x0, noise = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    t = torch.tensor([0, 999])
+    ab = s.alphas_cumprod[t].float().reshape(2, 1, 1, 1)
+    torch.testing.assert_close(q_sample(s, x0, t, noise), ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+@needs_sklearn
+def test_digits():
+    d = digits(16)
+    assert len(d) == 1797 and d.images.shape == (1797, 1, 16, 16) and d.num_classes == 10
+    assert d.images.min() >= -1 and d.images.max() <= 1 and d.images.std() > 0.3
+    assert sorted(d.labels.unique().tolist()) == list(range(10))
+    assert digits(8).images.shape == (1797, 1, 8, 8)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "labelled" / cls).mkdir(parents=True)
+        for i in range(2):
+            arr = (torch.rand(20, 30, 3, generator=rng) * 255).byte().numpy()
+            Image.fromarray(arr).save(tmp_path / "labelled" / cls / f"{i}.png")
+    (tmp_path / "flat").mkdir()
+    Image.fromarray((torch.rand(40, 40, generator=rng) * 255).byte().numpy()).save(tmp_path / "flat" / "a.jpg")
+    d = ImageFolder(str(tmp_path / "labelled"), 8)
+    assert len(d) == 4 and d.num_classes == 2 and d.class_names == ["cat", "dog"]
+    x, y = d[3]
+    assert x.shape == (3, 8, 8) and y == 1 and x.min() >= -1 and x.max() <= 1
+    flat = ImageFolder(str(tmp_path / "flat"), 8, channels=1)
+    assert flat.num_classes == 0 and flat[0][0].shape == (1, 8, 8) and flat[0][1] == -1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(str(tmp_path / "empty"), 8)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ImageFolder(str(tmp_path / "missing"), 8)
+
+
+# -- the trainer ----------------------------------------------------------------------------------------------------
+
+@needs_sklearn
+def test_training_on_digits_lowers_the_loss():
+    torch.manual_seed(0)
+    data = digits(16)
+    model = UNet(16, 1, 16, 1, 1, (8,), channel_mult=(1, 2), num_classes=10, num_groups=8, learn_null_class=True)
+    trainer = Trainer(model, data, steps=60, batch_size=16, lr=2e-3, cfg_dropout=0.1, log_every=10, seed=0)
+    # a fixed evaluation batch: same images, timesteps and noise before and after
+    g = torch.Generator().manual_seed(123)
+    idx = torch.randperm(len(data), generator=g)[:64]
+    x0, y = data.images[idx], data.labels[idx]
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            model.eval()
+            return float(training_losses(model, x0, t, trainer.schedule, noise=noise,
+                                         model_kwargs={"y": y})["loss"].mean())
+
+    before = eval_loss()
+    history = trainer.train()
+    after = eval_loss()
+    losses = [row["loss"] for row in history]
+    print(f"\ndigits: eval loss {before:.4f} -> {after:.4f}; training loss per 10 steps "
+          f"{[round(v, 4) for v in losses]}")
+    assert len(history) == 6 and history[-1]["step"] == 60
+    assert after < 0.5 * before
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(math.isfinite(r["grad_norm"]) for r in history)
+
+
+def _state(trainer):
+    opt = trainer.opt.state_dict()["state"]
+    return {
+        "step": trainer.step,
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "ema": {k: v.clone() for k, v in trainer.ema.state_dict().items()},
+        "opt": {(i, n): v.clone() for i, st in opt.items() for n, v in st.items()},
+        "sampler": {k: v.clone() for k, v in trainer.sampler.state_dict().items()},
+        "rng": torch.get_rng_state(),
+        "history": list(trainer.history),
+    }
+
+
+def _assert_same(a, b):
+    assert a["step"] == b["step"] and a["history"] == b["history"]
+    for key in ("model", "ema", "opt", "sampler"):
+        assert a[key].keys() == b[key].keys(), key
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert torch.equal(a["rng"], b["rng"])
+
+
+RESUME_CFG = dict(steps=6, batch_size=4, lr=1e-3, cfg_dropout=0.25, timestep_sampler="importance", ema_decay=0.9,
+                  grad_clip=0.5, warmup_steps=3, log_every=2, seed=7)
+
+
+def _resume_model():
+    return tiny_unet(num_classes=3, learn_null_class=True, out_channels=2, dropout=0.2)
+
+
+def test_checkpoint_resume_reproduces_the_state(tmp_path):
+    data = synthetic()
+    torch.manual_seed(0)
+    straight = Trainer(_resume_model(), data, **RESUME_CFG)
+    straight.train()
+    expected = _state(straight)
+
+    torch.manual_seed(0)
+    first = Trainer(_resume_model(), data, out_dir=str(tmp_path), **RESUME_CFG)
+    first.train(3)  # saves at the end
+    torch.manual_seed(999)  # the resumed run must not depend on the state of this process
+    resumed = Trainer.from_checkpoint(str(tmp_path), data)
+    assert resumed.step == 3
+    resumed.train()
+    _assert_same(_state(resumed), expected)
+
+    # the files: one tensors file, the JSON naming it, no temporary files left behind
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["checkpoint.json", "ckpt-000000006.safetensors"], files
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["step"] == 6 and meta["model"]["class"] == "UNet" and meta["train_config"]["lr"] == 1e-3
+    ema_model = load_model(str(tmp_path))
+    for k, v in ema_model.state_dict().items():
+        assert torch.equal(v, expected["ema"][k])
+    raw = load_model(str(tmp_path), ema=False)
+    for k, v in raw.state_dict().items():
+        assert torch.equal(v, expected["model"][k])
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    data = synthetic()
+    trainer = Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path), log_every=1)
+    trainer.train(1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step()
+
+    st = ckpt._safetensors()
+    real = st.save_file
+
+    def crash(tensors, path, metadata=None):
+        real(dict(list(tensors.items())[:3]), path, metadata=metadata)  # a partial write...
+        raise KeyboardInterrupt  # ...then the process is interrupted
+
+    monkeypatch.setattr(st, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "ckpt-000000001.safetensors"]
+    back = Trainer.from_checkpoint(str(tmp_path), data)
+    assert back.step == 1
+    for k, v in back.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_resume_checks_the_model(tmp_path):
+    data = synthetic()
+    Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path)).train(1)
+    with pytest.raises(ValueError, match="model config"):
+        Trainer(tiny_unet(model_channels=16), data, batch_size=4).resume(str(tmp_path))
+    with pytest.raises(ValueError, match="'diffusion' run"):
+        ClassifierTrainer(NoisyClassifier(16, 1, 8, 3, 1, (8,), channel_mult=(1, 2), num_groups=4), data,
+                          batch_size=4).resume(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(tiny_unet(), data).resume(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision(precision):
+    torch.manual_seed(0)
+    model = tiny_unet(num_classes=3, context_dim=4, out_channels=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, synthetic(), batch_size=4, precision=precision, log_every=2, lr=1e-3,
+                      context_fn=lambda y: torch.nn.functional.one_hot(y, 4).float()[:, None].expand(-1, 2, -1))
+    trainer.train(2)
+    assert math.isfinite(trainer.history[-1]["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if precision == "fp16":
+        assert trainer.scaler.is_enabled()
+
+
+def test_targets_and_min_snr_train():
+    for target in ("x0", "v"):
+        trainer = Trainer(tiny_unet(), synthetic(), batch_size=4, target=target, min_snr_gamma=5.0, log_every=2,
+                          beta_schedule="cosine")
+        trainer.train(2)
+        assert math.isfinite(trainer.history[-1]["loss"])
+
+
+def test_trainer_rejects_bad_setups():
+    data = synthetic()
+    with pytest.raises(ValueError, match="cfg_dropout: label dropout needs a null class"):
+        Trainer(tiny_unet(num_classes=3), data, cfg_dropout=0.1)
+    with pytest.raises(ValueError, match="dataset has no labels"):
+        Trainer(tiny_unet(num_classes=3), TensorImageDataset(data.images))
+    with pytest.raises(ValueError, match="in_channels=1 but the data have 3 channels"):
+        Trainer(tiny_unet(), synthetic(channels=3))
+    with pytest.raises(ValueError, match="num_classes=2 but the dataset has 3 classes"):
+        Trainer(tiny_unet(num_classes=2), data)
+    with pytest.raises(ValueError, match="context_fn"):
+        Trainer(tiny_unet(context_dim=4), data)
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(tiny_unet(), data, precision="fp8")
+    with pytest.raises(ValueError, match="target"):
+        Trainer(tiny_unet(), data, target="score")
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        Trainer(tiny_unet(), data, cfg_dropout=1.5)
+
+
+def test_classifier_autoencoder_and_latent_training(tmp_path):
+    data = synthetic(channels=3)
+    torch.manual_seed(0)
+    clf = NoisyClassifier(16, 3, 8, 3, 1, (8,), channel_mult=(1, 2), num_groups=4)
+    ct = ClassifierTrainer(clf, data, batch_size=6, lr=1e-3, log_every=3)
+    ct.train(3)
+    assert set(ct.history[-1]) >= {"loss", "acc"} and math.isfinite(ct.history[-1]["loss"])
+
+    ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4)
+    at = AutoencoderTrainer(ae, data, batch_size=6, lr=2e-3, log_every=1, out_dir=str(tmp_path / "ae"))
+    at.train(8)
+    rec = [r["rec"] for r in at.history]
+    assert rec[-1] < rec[0] and all(math.isfinite(r["kl"]) for r in at.history)
+    scale = at.fit_scale_factor()
+    assert scale > 0 and ae.scale_factor == scale and at.ema.scale_factor == scale
+    at.save()
+    ae2 = load_model(str(tmp_path / "ae"))
+    assert ae2.scale_factor == scale
+
+    # a U-Net trained in the autoencoder's latent space (8x8x2 latents), resumable with the autoencoder inside
+    unet = UNet(8, 2, 8, 2, 1, (4,), channel_mult=(1, 2), num_groups=4, num_classes=3)
+    lt = Trainer(unet, data, autoencoder=ae2, batch_size=4, log_every=2, out_dir=str(tmp_path / "ldm"))
+    lt.train(2)
+    assert math.isfinite(lt.history[-1]["loss"])
+    assert load_autoencoder(str(tmp_path / "ldm")).scale_factor == scale
+    assert load_autoencoder(str(tmp_path / "ae")) is None
+    back = Trainer.from_checkpoint(str(tmp_path / "ldm"), data)
+    assert back.step == 2 and back.autoencoder is not None and back.autoencoder.scale_factor == scale
+    with pytest.raises(ValueError, match="in_channels=1 but the latents have 2 channels"):
+        Trainer(tiny_unet(), data, autoencoder=ae2)
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+
+@needs_sklearn
+def test_cli_trains_and_resumes(tmp_path):
+    from fastdiff.training.cli import train_main
+
+    out = str(tmp_path / "run")
+    argv = ["--dataset", "digits", "--out", out, "--batch-size", "4", "--model-channels", "8", "--num-groups", "4",
+            "--num-res-blocks", "1", "--channel-mult", "1,2", "--cfg-dropout", "0.1", "--learn-sigma",
+            "--log-every", "1", "--save-every", "1", "--quiet", "--device", "cpu"]
+    assert train_main(argv + ["--steps", "2"]) == 0
+    meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
+    assert meta["step"] == 2 and meta["model"]["config"]["num_classes"] == 10
+    assert meta["model"]["config"]["learn_null_class"] and meta["model"]["config"]["out_channels"] == 2
+    assert train_main(argv + ["--steps", "3"]) == 0  # resumes from step 2
+    meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
+    assert meta["step"] == 3 and [r["step"] for r in meta["history"]] == [1, 2, 3]
+
+
+def test_cli_parser_is_reusable():
+    import argparse
+
+    from fastdiff.training.cli import add_train_arguments
+
+    p = add_train_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--out", "x", "--channel-mult", "1,2,4", "--attention-resolutions", "16,8",
+                         "--precision", "bf16", "--no-class-cond"])
+    assert args.channel_mult == (1, 2, 4) and args.attention_resolutions == (16, 8)
+    assert args.precision == "bf16" and args.class_cond is False
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------
+
+DDP_CFG = dict(batch_size=3, lr=1e-3, timestep_sampler="importance", cfg_dropout=0.3, log_every=2, seed=3,
+               ema_decay=0.99)
+
+
+def _ddp_model():
+    torch.manual_seed(0)
+    return tiny_unet(num_classes=3, learn_null_class=True, out_channels=2, resblock_updown=True)
+
+
+def _two_steps(trainer):
+    trainer.train_step()
+    trainer.train_step()
+    return {"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+            "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            "history": trainer.history}
+
+
+def _ddp_worker(rank, world, init_file, out_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(_ddp_model(), synthetic(), **DDP_CFG)
+        assert trainer.ddp is not None and trainer.global_batch == 6
+        result = _two_steps(trainer)
+        if rank == 0:
+            torch.save(result, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    out_file = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
+    ddp = torch.load(out_file)
+    single = _two_steps(Trainer(_ddp_model(), synthetic(), **dict(DDP_CFG, batch_size=6)))
+    for n, g in single["grads"].items():
+        torch.testing.assert_close(ddp["grads"][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    for k, w in single["weights"].items():
+        torch.testing.assert_close(ddp["weights"][k], w, atol=1e-6, rtol=1e-5, msg=k)
+    assert ddp["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=1e-5)
