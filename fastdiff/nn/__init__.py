@@ -1,4 +1,5 @@
 """Drop-in nn.Modules over the fused ops."""
+from fastdiff.nn.attention import Attention, SpatialSelfAttention
 from fastdiff.nn.norm import AdaGroupNorm, GroupNorm
 
-__all__ = ["GroupNorm", "AdaGroupNorm"]
+__all__ = ["GroupNorm", "AdaGroupNorm", "Attention", "SpatialSelfAttention"]

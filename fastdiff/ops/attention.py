@@ -41,6 +41,11 @@ def _fake_forward(q, k, v, scale):
     return _empty_bhsd(q, SQ, D), q.new_empty((B, H, SQ), dtype=torch.float32)
 
 
+def _fake_backward(grad_out, q, k, v, out, lse, scale):
+    return _empty_bhsd(q, q.shape[2], q.shape[3]), _empty_bhsd(k, k.shape[2], k.shape[3]), \
+        _empty_bhsd(v, v.shape[2], v.shape[3])
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     out, lse = output
@@ -82,8 +87,13 @@ if _HAS_CUDA_OP:
 _HAS_TRITON_OPS = False
 if _backend.has_triton():
     try:
-        from fastdiff.triton import attention as _tattn  # noqa: F401  (defines fastdiff::attention_triton)
+        from fastdiff.triton import attention as _tattn  # defines fastdiff::attention_triton and its backward
 
+        # Explicit fake kernels: triton_op's own runs the Python body on fake tensors, which under
+        # TRITON_INTERPRET=1 touches data pointers. Inductor still sees through the ops (their functional
+        # decomposition is separate from the fake kernel).
+        _tattn.attention_triton.register_fake(_fake_forward)
+        _tattn.attention_backward_triton.register_fake(_fake_backward)
         torch.library.register_autograd("fastdiff::attention_triton", _backward, setup_context=_setup_context)
         _HAS_TRITON_OPS = True
     except ImportError:  # a Triton too old or broken: the other backends still work
@@ -134,20 +144,27 @@ def _present(name: str, device: torch.device):
     return True, ""
 
 
+def _auto_order(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        return ("cuda", "triton")
+    if device.type == "cpu":
+        return ("cpu",)
+    return ()
+
+
 def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
     """The backend attention runs for this query: "auto" resolved to the fastest one that can take it."""
     name = _backend.resolve(backend)
     problem = _fused_problem(q)
     if name == "auto":
-        if q.device.type != "cuda":
-            return "cpu" if q.device.type == "cpu" else "torch"
-        for cand in ("cuda", "triton"):
-            if _present(cand, q.device)[0]:
-                if problem is None:
-                    return cand
+        for cand in _auto_order(q.device):
+            if not _present(cand, q.device)[0]:
+                continue
+            if cand in ("cuda", "triton") and problem is not None:
                 warn_once(("attention", problem[1]),
                           f"fastdiff.ops.attention: {problem[1]}; running the eager reference (backend='torch')")
                 return "torch"
+            return cand
         return "torch"
     if name == "torch":
         return name
