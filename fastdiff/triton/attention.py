@@ -371,8 +371,8 @@ def _major(index: int) -> int:
 
 def _fwd_config(d: int, sq: int, skv: int, bh: int, device: torch.device) -> dict:
     """Tiles of the forward (BM queries × BN keys). Hopper (wgmma) takes bigger tiles in registers than Ampere's
-    mma.sync. Checked with ptxas (offline compiles for sm80 and sm90): no spills, except 12 bytes at
-    64 < D ≤ 128 on sm80, the smallest found (the CUDA kernel is the forward auto picks there)."""
+    mma.sync. Checked with ptxas (offline compiles for sm80 and sm90): no spills up to D = 160, except 12 bytes
+    at 64 < D ≤ 128 on sm80, the fewest found; above 160 sm80 spills (the CUDA kernel is auto's forward there)."""
     if _backend.triton_interpret() or device.type != "cuda":
         return {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -381,19 +381,21 @@ def _fwd_config(d: int, sq: int, skv: int, bh: int, device: torch.device) -> dic
         bm, bn, warps, stages = 128, 64, 4 if hopper else 8, 3
     elif d <= 128:
         bm, bn, warps, stages = (128, 64, 8, 3) if hopper else (128, 32, 8, 2)
-    else:
+    elif d <= 160:
         bm, bn, warps, stages = 128, 32, 8, 2
+    else:  # the q tile and accumulator of 256 columns fill the registers: narrow key tiles
+        bm, bn, warps, stages = 64, 16, 8, 1
     if skv <= 128:  # cross-attention to a few keys: small key tiles waste the fewest padded keys
-        bn = 32 if skv > 16 else 16
-    bm = _fill_grid(bm, sq, bh, index)
-    if bm < 128:
-        warps = 4
+        bn = min(bn, 32 if skv > 16 else 16)
+    small = _fill_grid(bm, sq, bh, index)
+    if small < bm:  # a short sequence: more, smaller programs
+        bm, warps = small, 4
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
 def _bwd_config(d: int, sq: int, skv: int, bh: int, device: torch.device) -> dict:
     """Tiles of the dK/dV kernel (BM1 queries × BN1 keys, w1 warps) and the dQ kernel (BM2 × BN2, w2 warps): checked
-    free of register spills with ptxas for sm80 and sm90."""
+    free of register spills with ptxas for sm80 and sm90 up to D = 160 (above, the dQ kernel spills a little)."""
     if _backend.triton_interpret() or device.type != "cuda":
         return {"BM1": 32, "BN1": 32, "w1": 4, "BM2": 32, "BN2": 32, "w2": 4, "num_stages": 1, "BMD": 32}
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -402,10 +404,12 @@ def _bwd_config(d: int, sq: int, skv: int, bh: int, device: torch.device) -> dic
         cfg = {"BM1": 32, "BN1": 128, "w1": 8, "BM2": 128, "BN2": 32, "w2": 8, "num_stages": 2}
     elif d <= 128:
         cfg = {"BM1": 32, "BN1": 64, "w1": 8, "BM2": 64 if hopper else 32, "BN2": 32, "w2": 4, "num_stages": 2}
-    elif hopper:
-        cfg = {"BM1": 16, "BN1": 64, "w1": 8, "BM2": 64, "BN2": 16, "w2": 8, "num_stages": 1}
+    elif d <= 160:
+        cfg = {"BM1": 16, "BN1": 64, "w1": 8, "BM2": 64, "BN2": 16, "w2": 8, "num_stages": 1} if hopper else \
+            {"BM1": 32, "BN1": 16, "w1": 4, "BM2": 64, "BN2": 16, "w2": 8, "num_stages": 1}
     else:
-        cfg = {"BM1": 32, "BN1": 16, "w1": 4, "BM2": 64, "BN2": 16, "w2": 8, "num_stages": 1}
+        cfg = {"BM1": 16, "BN1": 32 if hopper else 16, "w1": 8 if hopper else 4, "BM2": 64, "BN2": 16, "w2": 8,
+               "num_stages": 1}
     if skv <= 64:
         cfg["BN1"] = max(16, min(cfg["BN1"], triton.next_power_of_2(skv)))
     cfg["BMD"] = 64
