@@ -443,8 +443,9 @@ def _define_op(name: str):
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor,
                                                                                                 torch.Tensor]:
     """Flash-attention forward: (out (B, H, Sq, D), lse (B, H, Sq) fp32, natural log). Last dims contiguous."""
-    B, H, SQ, D = q.shape
-    SKV = k.shape[2]
+    # Plain ints: tile choices and constexprs need them (under dynamic-shape tracing this specialises the sizes).
+    B, H, SQ, D = (int(x) for x in q.shape)
+    SKV = int(k.shape[2])
     out = empty_bhsd(q, SQ, D)
     lse = torch.empty((B, H, SQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -468,8 +469,8 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                                                                                            torch.Tensor,
                                                                                            torch.Tensor]:
     """Gradients (dq, dk, dv) of attention_triton, from its output and log-sum-exp."""
-    B, H, SQ, D = q.shape
-    SKV = k.shape[2]
+    B, H, SQ, D = (int(x) for x in q.shape)
+    SKV = int(k.shape[2])
     dq = empty_bhsd(q, SQ, D)
     dk = empty_bhsd(k, SKV, D)
     dv = empty_bhsd(v, SKV, D)
