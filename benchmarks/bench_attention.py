@@ -17,6 +17,7 @@ Writes benchmarks/results/<device-slug>/attention.json and prints markdown table
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -53,8 +54,7 @@ def _sdpa_backends():
     out = {}
     for prov, attr in names.items():
         if hasattr(SDPBackend, attr):
-            backend = getattr(SDPBackend, attr)
-            out[prov] = (lambda b: (lambda q, k, v, s: _with_kernel(sdpa_kernel, b, q, k, v, s)))(backend)
+            out[prov] = functools.partial(_with_kernel, sdpa_kernel, getattr(SDPBackend, attr))
     return out
 
 
@@ -105,7 +105,7 @@ def run(cases, dtypes, device, use_compile=False, reps=None):
             for name, fn in provs.items():
                 if name in ("eager", "compile") and B * H * Sq * Skv * 8 > EAGER_MAX_BYTES:
                     continue
-                call = (lambda f=fn: f(q, k, v, scale))
+                call = functools.partial(fn, q, k, v, scale)
                 try:
                     call()
                 except (RuntimeError, ValueError, TypeError) as e:  # an SDPA backend that cannot take the case

@@ -6,6 +6,7 @@ softmax). Without a GPU: the cpu/torch backends and the op's CPU kernel at reduc
 TRITON_INTERPRET=1 on tiny shapes (fp16/fp32: a bf16 tl.dot is wrong in the interpreter), and a lane-level model
 of the CUDA kernel's fragment indexing. The SD/ADM shapes ((4096, 4096), (1024, 77)) and bf16 run on the GPU.
 """
+import importlib
 import warnings
 
 import pytest
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 
 import fastdiff
 from fastdiff import _backend, reference
-import importlib
 
 attn_mod = importlib.import_module("fastdiff.ops.attention")  # the module (fastdiff.ops.attention is the function)
 
@@ -185,7 +185,9 @@ def test_triton_fp32_kernel(D, Sq, Skv):
     """fp32 through the raw op: the tightest check of the kernel's arithmetic (the public op sends fp32 to the
     reference); also head dims 8, 24 (masked power-of-two block / tail) and 160 (128 + 32)."""
     q, k, v = make_qkv(2, 1, Sq, Skv, D, torch.float32, layout="bshd")
-    fn = lambda a, b, c: torch.ops.fastdiff.attention_triton(a, b, c, 0.7 * D ** -0.5)[0]  # noqa: E731
+    def fn(a, b, c):
+        return torch.ops.fastdiff.attention_triton(a, b, c, 0.7 * D ** -0.5)[0]
+
     out, lse = torch.ops.fastdiff.attention_triton(q, k, v, 0.7 * D ** -0.5)
     assert_within_eager(out, q, k, v, scale=0.7 * D ** -0.5)
     s = torch.matmul(q.double(), k.double().transpose(-2, -1)) * (0.7 * D ** -0.5)
@@ -231,7 +233,7 @@ def test_auto_fallback_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastdiff.ops.attention(q, k, v)  # the second time: no warning
-    q32, k32, v32 = make_qkv(1, 2, 8, 9, 40, torch.float32)
+    q32 = make_qkv(1, 2, 8, 9, 40, torch.float32)[0]
     with pytest.warns(UserWarning, match="float16 and bfloat16"):
         assert attn_mod.choose_backend(q32) == "torch"
 
@@ -368,7 +370,9 @@ def _ref_spatial(m, x):
     hn = F.group_norm(x, m.norm.num_groups, m.norm.weight, m.norm.bias, m.norm.eps)
     t = hn.flatten(2).transpose(1, 2)
     q, k, v = (t @ m.qkv.weight.T + m.qkv.bias).chunk(3, dim=-1)
-    split = lambda z: z.reshape(n, h * w, m.num_heads, -1).transpose(1, 2)  # noqa: E731
+    def split(z):
+        return z.reshape(n, h * w, m.num_heads, -1).transpose(1, 2)
+
     o = reference.attention(split(q), split(k), split(v)).transpose(1, 2).reshape(n, h * w, c)
     y = o @ m.proj_out.weight.T + m.proj_out.bias
     return x + y.transpose(1, 2).reshape(n, c, h, w)
@@ -471,7 +475,7 @@ def test_gpu_forward(D, Sq, Skv, dtype, layout):
 def test_gpu_grads(D, Sq, Skv, dtype):
     q, k, v = make_qkv(1, 2, Sq, Skv, D, dtype, layout="bshd", device="cuda")
     for backend in _gpu_backends():
-        assert_grads_within_eager(lambda a, b, c: fastdiff.ops.attention(a, b, c, backend=backend), q, k, v)
+        assert_grads_within_eager(lambda a, b, c, be=backend: fastdiff.ops.attention(a, b, c, backend=be), q, k, v)
 
 
 @pytest.mark.cuda

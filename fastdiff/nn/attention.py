@@ -8,7 +8,6 @@ write their output in that same (B, S, H, Dh) layout, so merging the heads again
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.nn.norm import GroupNorm

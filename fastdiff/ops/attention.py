@@ -126,8 +126,8 @@ def _fused_problem(q):
     if q.dtype not in FUSED_DTYPES:
         return TypeError, f"q: the fused attention kernels take float16 and bfloat16, got {q.dtype}"
     if D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM:
-        return ValueError, f"q: the fused attention kernels take head dims that are multiples of 8 up to " \
-                           f"{MAX_HEAD_DIM}, got {D}"
+        return ValueError, (f"q: the fused attention kernels take head dims that are multiples of 8 up to "
+                            f"{MAX_HEAD_DIM}, got {D}")
     return None
 
 

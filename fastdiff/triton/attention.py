@@ -482,7 +482,7 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         grad_out = grad_out.contiguous()
     da, db = split_head_dim(D)
     cfg = _bwd_config(D, SQ, SKV, B * H, q.device)
-    common = dict(D=D, DA=da, DB=db)
+    common = {"D": D, "DA": da, "DB": db}
     delta = torch.empty((B, H, SQ), dtype=torch.float32, device=q.device)
     wrap_triton(_attn_bwd_delta)[(triton.cdiv(SQ, cfg["BMD"]), B * H)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), H, SQ, BM=cfg["BMD"], num_warps=4, **common)
