@@ -25,6 +25,12 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "group_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
       "Tensor? bias, Tensor? scale, Tensor? shift, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Flash attention forward: out = softmax(q kᵀ · scale) v for q (B, H, Sq, D), k and v (B, H, Skv, D), any strides
+  // with the last dim contiguous. Returns (out, lse): out (B, H, Sq, D) laid out like q ((B, Sq, H, D) memory when
+  // q's heads are inside its sequence), lse = logsumexp(q kᵀ · scale) in fp32, (B, H, Sq) contiguous, for the
+  // backward. CUDA: fp16/bf16, D a multiple of 8 up to 256 (csrc/cuda/attention.cu). CPU: any float dtype, a
+  // chunked reference (csrc/cpu/attention.cpp) so the op and its autograd can be checked without a GPU.
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   // True when this build of the extension holds the CUDA kernels.
   m.def("_built_with_cuda() -> bool", &fastdiff::built_with_cuda);
 }

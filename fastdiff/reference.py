@@ -30,3 +30,19 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     if activation == "silu":
         h = F.silu(h)
     return h.to(out_dtype)
+
+
+def attention(q, k, v, scale=None, *, compute_dtype=None):
+    """softmax(q @ kᵀ · scale) @ v, with the Sq × Skv matrix materialised: what eager attention code writes.
+
+    q: (B, H, Sq, D); k, v: (B, H, Skv, D); scale defaults to D ** -0.5. In the input dtype by default (so it
+    measures "eager"); ``compute_dtype=torch.float32`` (or float64) gives the reference the tests compare to.
+    """
+    out_dtype = q.dtype
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if compute_dtype is not None:
+        q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v).to(out_dtype)

@@ -1,61 +1,142 @@
-# PLACEHOLDER until the attention branch lands: replaced at merge
-"""Minimal attention layers (torch's scaled_dot_product_attention) with the attention branch's exact API."""
+"""Attention layers of diffusion U-Nets on the fused attention op.
+
+``Attention`` is the LDM / Stable Diffusion (cross-)attention layer on token sequences; ``SpatialSelfAttention`` is
+the ADM / DDPM attention block on feature maps. Both hand ``fastdiff.ops.attention`` per-head views of their
+projections: (B, S, H·Dh) memory seen as (B, H, S, Dh) with strides, no transposing copy, and the fused kernels
+write their output in that same (B, S, H, Dh) layout, so merging the heads again is a view.
+"""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from fastdiff import ops
 from fastdiff.nn.norm import GroupNorm
 
 
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H·Dh) → (B, H, S, Dh), a view."""
+    b, s, c = t.shape
+    return t.view(b, s, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, Dh) → (B, S, H·Dh): a view when o has (B, S, H, Dh) memory, as the fused kernels write it."""
+    b, h, s, d = o.shape
+    return o.transpose(1, 2).reshape(b, s, h * d)
+
+
 class Attention(torch.nn.Module):
-    """Multi-head attention on (B, S, query_dim) tokens; cross-attention to `context` (B, S_kv, context_dim)."""
+    """Multi-head attention on tokens: self-attention, or cross-attention to a context (LDM's CrossAttention).
 
-    def __init__(self, query_dim: int, context_dim=None, heads: int = 8, dim_head: int = 64):
+    forward(x, context=None): x (B, S, query_dim); context (B, S_ctx, context_dim) or None (self-attention).
+    Returns (B, S, query_dim). Parameters: ``to_q``, ``to_k``, ``to_v`` (bias-free Linear layers; to_k and to_v take
+    context_dim, or query_dim without a context) and ``to_out`` (Linear(heads · dim_head, query_dim) with bias).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 device=None, dtype=None):
         super().__init__()
+        for name, val in (("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        if context_dim is not None and (isinstance(context_dim, bool) or not isinstance(context_dim, int)
+                                        or context_dim <= 0):
+            raise ValueError(f"context_dim: expected None or a positive int, got {context_dim!r}")
         inner = heads * dim_head
-        context_dim = query_dim if context_dim is None else context_dim
-        self.heads, self.dim_head = heads, dim_head
-        self.to_q = torch.nn.Linear(query_dim, inner, bias=False)
-        self.to_k = torch.nn.Linear(context_dim, inner, bias=False)
-        self.to_v = torch.nn.Linear(context_dim, inner, bias=False)
-        self.to_out = torch.nn.Linear(inner, query_dim)
+        kv_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head ** -0.5
+        kw = {"device": device, "dtype": dtype}
+        self.to_q = torch.nn.Linear(query_dim, inner, bias=False, **kw)
+        self.to_k = torch.nn.Linear(kv_dim, inner, bias=False, **kw)
+        self.to_v = torch.nn.Linear(kv_dim, inner, bias=False, **kw)
+        self.to_out = torch.nn.Linear(inner, query_dim, **kw)
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.to_q.in_features:
+            raise ValueError(f"x: expected shape (B, S, {self.to_q.in_features}), got {tuple(x.shape)}")
         ctx = x if context is None else context
-        B, S, _ = x.shape
+        if ctx.dim() != 3 or ctx.shape[0] != x.shape[0] or ctx.shape[-1] != self.to_k.in_features:
+            raise ValueError(f"context: expected shape ({x.shape[0]}, S_ctx, {self.to_k.in_features}), "
+                             f"got {tuple(ctx.shape)}")
+        q = _heads(self.to_q(x), self.heads)
+        k = _heads(self.to_k(ctx), self.heads)
+        v = _heads(self.to_v(ctx), self.heads)
+        o = ops.attention(q, k, v, scale=self.scale)
+        return self.to_out(_merge_heads(o))
 
-        def split(t):
-            return t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head).transpose(1, 2)
-
-        q, k, v = split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(B, S, self.heads * self.dim_head))
+    def extra_repr(self):
+        return f"heads={self.heads}, dim_head={self.dim_head}"
 
 
 class SpatialSelfAttention(torch.nn.Module):
-    """ADM's AttentionBlock: x + proj_out(attention(qkv(GroupNorm(x)))) on (N, C, H, W), either memory format."""
+    """ADM's AttentionBlock on (N, C, H, W) maps: x + proj_out(attention(qkv(GroupNorm(x)))) over the H·W positions.
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, num_groups: int = 32):
+    ``norm`` is the fused fastdiff.nn.GroupNorm; ``qkv`` a Linear(C, 3C) applied to (N, H·W, C) tokens, its output
+    split as [q | k | v], each then into heads (the order of ADM's QKVAttention, not the head-interleaved legacy
+    one); ``proj_out`` a zero-initialised Linear(C, C) (ADM's zero_module, so the block starts as the identity).
+    Heads: ``num_heads``, or C // num_head_channels when num_head_channels != -1.
+
+    Memory formats: a channels_last input is (N, H·W, C) token memory already, so the projections read and write it
+    in place and the output is channels_last; an NCHW input is read as strided tokens by the qkv matmul and the
+    output projection is computed channel-first, so the result is NCHW with no separate transposing copy.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, num_groups: int = 32,
+                 device=None, dtype=None):
         super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels: expected a positive int, got {channels!r}")
         if num_head_channels == -1:
-            self.num_heads = num_heads
+            if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+                raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+            if channels % num_heads != 0:
+                raise ValueError(f"num_heads: {num_heads} heads must divide the {channels} channels")
+            heads = num_heads
         else:
-            if channels % num_head_channels:
-                raise ValueError(f"num_head_channels: {num_head_channels} does not divide channels={channels}")
-            self.num_heads = channels // num_head_channels
-        if channels % self.num_heads:
-            raise ValueError(f"num_heads: {self.num_heads} does not divide channels={channels}")
-        self.norm = GroupNorm(num_groups, channels)
-        self.qkv = torch.nn.Linear(channels, 3 * channels)
-        self.proj_out = torch.nn.Linear(channels, channels)
+            if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, int) or num_head_channels <= 0:
+                raise ValueError(f"num_head_channels: expected -1 or a positive int, got {num_head_channels!r}")
+            if channels % num_head_channels != 0:
+                raise ValueError(f"num_head_channels: {num_head_channels} must divide the {channels} channels")
+            heads = channels // num_head_channels
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+            raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+        groups = min(num_groups, channels)  # small test models have fewer than 32 channels
+        if channels % groups != 0:
+            raise ValueError(f"channels: {channels} is not divisible by the {groups} GroupNorm groups")
+        self.channels = channels
+        self.num_heads = heads
+        self.dim_head = channels // heads
+        self.scale = self.dim_head ** -0.5
+        kw = {"device": device, "dtype": dtype}
+        self.norm = GroupNorm(groups, channels, **kw)
+        self.qkv = torch.nn.Linear(channels, 3 * channels, **kw)
+        self.proj_out = torch.nn.Linear(channels, channels, **kw)
         torch.nn.init.zeros_(self.proj_out.weight)
         torch.nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x):
-        N, C, H, W = x.shape
-        t = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C): a view in both memory formats
-        q, k, v = (u.reshape(N, H * W, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for u in self.qkv(t).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, H * W, C)
-        return x + self.proj_out(out).transpose(1, 2).reshape(N, C, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x: expected shape (N, {self.channels}, H, W), got {tuple(x.shape)}")
+        n, c, hh, ww = x.shape
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        h = self.norm(x)  # keeps x's memory format
+        if channels_last:
+            tokens = h.permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # a view: channels_last is (N, H, W, C) memory
+        else:
+            tokens = h.flatten(2).transpose(1, 2)  # (N, HW, C) with strides (C·HW, 1, HW): the matmul reads it so
+        qkv = self.qkv(tokens)  # (N, HW, 3C), token-major
+        q, k, v = qkv.split(c, dim=-1)
+        o = ops.attention(_heads(q, self.num_heads), _heads(k, self.num_heads), _heads(v, self.num_heads),
+                          scale=self.scale)
+        o = _merge_heads(o)  # (N, HW, C)
+        if channels_last:
+            y = self.proj_out(o)  # (N, HW, C) = channels_last (N, C, H, W) memory
+            return x + y.view(n, hh, ww, c).permute(0, 3, 1, 2)
+        # NCHW: the projection as W · oᵀ gives (N, C, HW) channel-first directly, the transpose folded into the GEMM.
+        y = torch.matmul(self.proj_out.weight, o.transpose(1, 2)) + self.proj_out.bias[:, None]
+        return x + y.view(n, c, hh, ww)
+
+    def extra_repr(self):
+        return f"channels={self.channels}, num_heads={self.num_heads}, dim_head={self.dim_head}"
