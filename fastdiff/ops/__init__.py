@@ -1,4 +1,5 @@
 """The public functional ops. Each validates its arguments, picks a backend and calls the fused kernel."""
 from fastdiff.ops.group_norm import group_norm
+from fastdiff.ops.sampler_step import sampler_step
 
-__all__ = ["group_norm"]
+__all__ = ["group_norm", "sampler_step"]
