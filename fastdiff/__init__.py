@@ -12,10 +12,12 @@ import torch
 from fastdiff._backend import EXTENSION_ERROR, get_backend, has_cpu_ext, has_cuda_ext, has_triton, set_backend
 from fastdiff import ops, reference  # noqa: E402
 from fastdiff import nn  # noqa: E402
+from fastdiff import diffusion  # noqa: E402
+from fastdiff.diffusion import sample  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["info", "ops", "nn", "reference", "set_backend", "get_backend", "__version__"]
+__all__ = ["info", "ops", "nn", "reference", "diffusion", "sample", "set_backend", "get_backend", "__version__"]
 
 
 def _cpu_name() -> str:
