@@ -561,7 +561,7 @@ class EulerSampler(Sampler):
         acp = self.schedule.alphas_cumprod.clone()
         if self.config["rescale_betas_zero_snr"]:
             acp[-1] = 2**-24  # as diffusers: near zero, so the first sigma is finite
-        return np.array(((1 - acp) / acp) ** 0.5), acp
+        return (((1 - acp) / acp) ** 0.5).numpy().astype(np.float64), acp.numpy()
 
     def _plan(self, n):
         cfg = self.config
@@ -666,7 +666,7 @@ class DPMSolverPPSampler(Sampler):
             ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg["steps_offset"]
         else:
             ts = np.arange(last_t, 0, -T / n).round().copy().astype(np.int64) - 1
-        train_sigmas = np.array(((1 - acp_t) / acp_t) ** 0.5)
+        train_sigmas = (((1 - acp_t) / acp_t) ** 0.5).numpy().astype(np.float64)
         log_sigmas = np.log(train_sigmas)
         if cfg["use_karras_sigmas"]:
             flipped = np.flip(train_sigmas).copy()
