@@ -26,25 +26,17 @@ using namespace sampler;
 
 constexpr int64_t kChunk = 1024;  // multiple of 4
 
-inline float as_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
-}
-inline int32_t as_int(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, 4);
-  return i;
-}
+inline float as_float(int32_t i) { return __builtin_bit_cast(float, i); }
+inline int32_t as_int(float f) { return __builtin_bit_cast(int32_t, f); }
 
-// Natural log for x in (0, 1], branch-free (Cephes logf polynomial, ~1 ulp).
+// Natural log for x in (0, 1], branch-free (Cephes logf polynomial, ~1 ulp). The mantissa is folded into
+// [sqrt(1/2), sqrt(2)) with integer ops only: a float compare-and-select here stops GCC from vectorising.
 inline float log_f(float x) {
   const int32_t bits = as_int(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float m = as_float((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.f : e;
-  m = small ? m + m - 1.f : m - 1.f;
+  const int32_t mant = bits & 0x007fffff;
+  const int32_t small = static_cast<int32_t>(mant < 0x3504f3);  // mantissa value in [0.5, sqrt(1/2))
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 126 - small);
+  const float m = as_float(mant | 0x3f000000 | (small << 23)) - 1.f;  // m - 1, or 2m - 1 when small
   const float z = m * m;
   float y = 7.0376836292E-2f;
   y = y * m - 1.1514610310E-1f;
@@ -61,46 +53,80 @@ inline float log_f(float x) {
   return m + y + 0.693359375f * e;
 }
 
+// sqrt(y) for y > 0 as y / sqrt(y) with a bit-trick rsqrt and three Newton steps (~1 ulp): std::sqrt keeps its
+// errno branch without -fno-math-errno, and that branch stops the noise loop from vectorising.
+inline float sqrt_pos(float y) {
+  float r = as_float(0x5f375a86 - (as_int(y) >> 1));
+  r = r * (1.5f - 0.5f * y * r * r);
+  r = r * (1.5f - 0.5f * y * r * r);
+  r = r * (1.5f - 0.5f * y * r * r);
+  return y * r;
+}
+
 // (cos 2 pi t, sin 2 pi t) for t in [0, 1), branch-free: quarter-turn reduction, minimax polynomials on
-// [-pi/4, pi/4].
+// [-pi/4, pi/4]. Rounding by the 1.5 * 2^23 trick (not nearbyint, a library call) so the loop vectorises.
 inline void sincos_2pi(float t, float& c, float& s) {
-  const float q = std::nearbyint(4.f * t);  // 0..4
+  const float q = (4.f * t + 12582912.f) - 12582912.f;  // round(4 t), 0..4
   const float th = 6.283185307179586f * (t - 0.25f * q);
   const float z = th * th;
   const float sp = th + th * z * (-1.6666654611E-1f + z * (8.3321608736E-3f + z * -1.9515295891E-4f));
   const float cp = 1.f - 0.5f * z + z * z * (4.166664568298827E-2f + z * (-1.388731625493765E-3f + z * 2.443315711809948E-5f));
-  const int qi = static_cast<int>(q) & 3;
-  // rotate by qi quarter turns
-  const float c1 = qi == 0 ? cp : (qi == 1 ? -sp : (qi == 2 ? -cp : sp));
-  const float s1 = qi == 0 ? sp : (qi == 1 ? cp : (qi == 2 ? -sp : -cp));
-  c = c1;
-  s = s1;
+  const int qi = static_cast<int>(q);
+  // rotate by qi quarter turns: odd turns swap (c, s) -> (-s, c); turns 2 and 3 negate both (arithmetic selects)
+  const float odd = static_cast<float>(qi & 1), sign = 1.f - static_cast<float>(qi & 2);
+  c = sign * (cp + odd * (-sp - cp));
+  s = sign * (sp + odd * (cp - sp));
 }
 
-// z[j] for the global element indices e0 .. e0 + len - 1.
+// z[j] for the global element indices e0 .. e0 + len - 1. Philox and Box-Muller run as two SIMD loops over the
+// four-element groups (32x32->64-bit multiplies vectorise as vpmuludq).
 void philox_normals(uint64_t seed, uint32_t step, int64_t e0, int64_t len, float* z) {
   const int64_t q0 = e0 >> 2, q1 = (e0 + len - 1) >> 2;
-  const int64_t ng = q1 - q0 + 1;
-  uint32_t r0[kChunk / 4 + 2], r1[kChunk / 4 + 2], r2[kChunk / 4 + 2], r3[kChunk / 4 + 2];
-  for (int64_t g = 0; g < ng; ++g) {
-    const philox::U4 w = philox::words(seed, static_cast<uint64_t>(q0 + g), step);
-    r0[g] = w.x;
-    r1[g] = w.y;
-    r2[g] = w.z;
-    r3[g] = w.w;
-  }
-  float zz[kChunk + 8];
+  const int ng = static_cast<int>(q1 - q0 + 1);
+  alignas(64) uint32_t r0[kChunk / 4 + 2], r1[kChunk / 4 + 2], r2[kChunk / 4 + 2], r3[kChunk / 4 + 2];
+  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+  const uint64_t qb = static_cast<uint64_t>(q0);
 #pragma omp simd
-  for (int64_t g = 0; g < ng; ++g) {
-    const float rad0 = std::sqrt(-2.f * log_f(philox::uniform(r0[g])));
-    const float rad1 = std::sqrt(-2.f * log_f(philox::uniform(r2[g])));
+  for (int g = 0; g < ng; ++g) {
+    const uint64_t q = qb + static_cast<uint64_t>(g);
+    uint32_t c0 = static_cast<uint32_t>(q), c1 = static_cast<uint32_t>(q >> 32), c2 = step, c3 = 0u;
+    uint32_t k0 = key0, k1 = key1;
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = static_cast<uint64_t>(philox::kM0) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(philox::kM1) * c2;
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      c0 = n0;
+      c2 = n2;
+      k0 += philox::kW0;
+      k1 += philox::kW1;
+    }
+    r0[g] = c0;
+    r1[g] = c1;
+    r2[g] = c2;
+    r3[g] = c3;
+  }
+  alignas(64) float zz[kChunk + 8];
+  alignas(64) float za[kChunk / 4 + 2], zb[kChunk / 4 + 2], zc[kChunk / 4 + 2], zd[kChunk / 4 + 2];
+#pragma omp simd
+  for (int g = 0; g < ng; ++g) {
+    const float rad0 = sqrt_pos(-2.f * log_f(philox::uniform(r0[g])));
+    const float rad1 = sqrt_pos(-2.f * log_f(philox::uniform(r2[g])));
     float c0, s0, c1, s1;
     sincos_2pi(philox::uniform(r1[g]), c0, s0);
     sincos_2pi(philox::uniform(r3[g]), c1, s1);
-    zz[4 * g + 0] = rad0 * c0;
-    zz[4 * g + 1] = rad0 * s0;
-    zz[4 * g + 2] = rad1 * c1;
-    zz[4 * g + 3] = rad1 * s1;
+    za[g] = rad0 * c0;
+    zb[g] = rad0 * s0;
+    zc[g] = rad1 * c1;
+    zd[g] = rad1 * s1;
+  }
+  for (int g = 0; g < ng; ++g) {
+    zz[4 * g + 0] = za[g];
+    zz[4 * g + 1] = zb[g];
+    zz[4 * g + 2] = zc[g];
+    zz[4 * g + 3] = zd[g];
   }
   const int64_t off = e0 - 4 * q0;
   std::memcpy(z, zz + off, sizeof(float) * len);
