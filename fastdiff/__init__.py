@@ -13,10 +13,13 @@ from fastdiff._backend import EXTENSION_ERROR, get_backend, has_cpu_ext, has_cud
 from fastdiff import ops, reference  # noqa: E402
 from fastdiff import nn  # noqa: E402
 from fastdiff import models  # noqa: E402
+from fastdiff import diffusion  # noqa: E402
+from fastdiff.diffusion import sample  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["info", "ops", "nn", "models", "reference", "set_backend", "get_backend", "__version__"]
+__all__ = ["info", "ops", "nn", "models", "reference", "diffusion", "sample", "set_backend", "get_backend",
+           "__version__"]
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,711 @@
+"""Samplers: DDPM, DDIM, Euler and DPM-Solver++ (2M), each one fused kernel per step and no host sync.
+
+Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + std z (m the model output after
+classifier-free guidance, x0 = clip(PX x + PM m)). ``set_timesteps`` computes the coefficients of every step once,
+in float64 on the host from the float32 schedule (as diffusers computes it), and moves them to the device as a
+(num_steps, 12) table; ``step`` hands the table and the step index to fastdiff.ops.sampler_step, which reads the row
+on the device. Nothing in ``step`` reads a tensor value on the host, so the loop runs ahead of the GPU and can be
+captured in a CUDA graph.
+
+Options are named as in diffusers' scheduler configs, with the defaults of the matching diffusers scheduler, and
+``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
+DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from fastdiff import ops
+from fastdiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+from fastdiff.ops.sampler_step import TABLE_WIDTH, step_tensor
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+_PX, _PM, _A, _B, _C, _D, _S, _MINLOG, _MAXLOG = range(9)
+
+_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+_THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+_CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho) from sigma_max down to sigma_min."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each sigma: linear interpolation in log sigma (as diffusers)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def _discrete_timesteps(spacing: str, T: int, n: int, offset: int) -> np.ndarray:
+    """DDPM/DDIM timesteps (Table 2 of Lin et al. 2023 for the three spacings), as diffusers computes them."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + offset
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+
+
+class Sampler:
+    """Base class. Subclasses define ``_options`` (name -> default), ``_fixed`` (diffusers options accepted only at
+    their default) and ``_plan(n)``."""
+
+    _options: dict = {}
+    _fixed: dict = {}
+    #: "score": classifier guidance shifts the score (eps <- eps - sigma_t s grad, Dhariwal & Nichol Alg. 2);
+    #: "mean": it shifts the mean of x_{t-1} by s Sigma grad (Alg. 1, for ancestral sampling).
+    classifier_guidance = "score"
+    _multistep = False
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self._options))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an option of {type(self).__name__} (options: "
+                            f"{', '.join(self._options)})")
+        cfg = dict(self._options)
+        cfg.update(options)
+        self.config = cfg
+        self._validate(cfg)
+        self.schedule = NoiseSchedule(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"],
+                                      cfg["beta_schedule"], cfg["trained_betas"], cfg["rescale_betas_zero_snr"])
+        self.num_inference_steps = None
+        self.timesteps = None
+        self._device = torch.device("cpu")
+        self._seed = None
+        self._x0_buf = None
+
+    # -- configuration ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """A sampler from a diffusers scheduler config (a dict or FrozenDict, e.g. ``pipe.scheduler.config``) plus
+        overrides. Keys of other schedulers are ignored (as diffusers does); options this sampler does not
+        implement raise ValueError unless they hold their default."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a dict or FrozenDict, got {type(config).__name__}")
+        opts = {}
+        for k, v in config.items():
+            if k.startswith("_"):
+                continue
+            if k in cls._options:
+                opts[k] = v
+            elif k in cls._fixed and v != cls._fixed[k] and not (v is None and cls._fixed[k] in (False, None)):
+                raise ValueError(f"config: {k}={v!r} is not supported by {cls.__name__} (only {cls._fixed[k]!r})")
+        opts.update(overrides)
+        return cls(**opts)
+
+    def _validate(self, cfg):
+        if cfg["beta_schedule"] not in BETA_SCHEDULES and cfg["trained_betas"] is None:
+            raise ValueError(f"beta_schedule: expected one of {', '.join(BETA_SCHEDULES)}, got {cfg['beta_schedule']!r}")
+        if cfg["prediction_type"] not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got "
+                             f"{cfg['prediction_type']!r}")
+        if "timestep_spacing" in cfg and cfg["timestep_spacing"] not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing: expected one of {', '.join(TIMESTEP_SPACINGS)}, got "
+                             f"{cfg['timestep_spacing']!r}")
+        if not _is_int(cfg["steps_offset"]) or cfg["steps_offset"] < 0:
+            raise ValueError(f"steps_offset: expected a non-negative int, got {cfg['steps_offset']!r}")
+        for k in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one", "use_karras_sigmas",
+                  "lower_order_final", "euler_at_final", "use_clipped_model_output"):
+            if k in cfg and not isinstance(cfg[k], (bool, np.bool_)):
+                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+        for k in ("clip_sample_range", "sample_max_value"):
+            if k in cfg and (not _is_real(cfg[k]) or not cfg[k] > 0):
+                raise ValueError(f"{k}: expected a positive float, got {cfg[k]!r}")
+        if "dynamic_thresholding_ratio" in cfg:
+            r = cfg["dynamic_thresholding_ratio"]
+            if not _is_real(r) or not 0 <= r <= 1:
+                raise ValueError(f"dynamic_thresholding_ratio: expected a float in [0, 1], got {r!r}")
+        if "final_sigmas_type" in cfg and cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type: expected 'zero' or 'sigma_min', got {cfg['final_sigmas_type']!r}")
+
+    def __repr__(self):
+        diff = {k: v for k, v in self.config.items() if v != self._options[k] and k != "trained_betas"}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in diff.items())})"
+
+    # -- the schedule of a run -------------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None):
+        """Choose `num_inference_steps` steps and move their coefficient table to `device` (default: the sampler's
+        device, initially the CPU). `seed` keys the in-kernel noise of stochastic samplers; None draws one from
+        torch's global (CPU) generator, so torch.manual_seed makes runs reproducible."""
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+        n = int(num_inference_steps)
+        if device is not None:
+            self._device = torch.device(device)
+        plan = self._plan(n)
+        rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
+        rows[:, : plan["rows"].shape[1]] = plan["rows"]
+        if not np.isfinite(rows).all():
+            raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} steps "
+                             f"(prediction_type={self.config['prediction_type']!r} with a zero-SNR step?)")
+        self.num_inference_steps = n
+        self._plan_host = plan
+        self._timesteps_np = plan["timesteps"]
+        self._table_np = rows
+        self._x0_buf = None
+        self._to_device(self._device)
+        self.manual_seed(seed)
+        return self
+
+    def _to_device(self, device):
+        plan = self._plan_host
+        self.timesteps = torch.as_tensor(plan["timesteps"]).to(device)
+        self._table = torch.tensor(self._table_np, dtype=torch.float32, device=device)
+        self._steps = torch.arange(self.num_inference_steps, dtype=torch.int64, device=device)
+        alpha, sigma = plan["alpha"], plan["sigma"]
+        # classifier guidance, score form: m += k * s * grad, with k such that eps shifts by -sigma s grad
+        with np.errstate(divide="ignore"):  # a zero-SNR step (alpha = 0) has no finite shift for these two
+            k = {"epsilon": -sigma, "sample": sigma**2 / alpha,
+                 "v_prediction": -sigma / alpha}[self.config["prediction_type"]]
+        self._cg_k = torch.tensor(k, dtype=torch.float32, device=device)
+        self._in_div = (torch.tensor(plan["in_div"], dtype=torch.float32, device=device)
+                        if plan.get("in_div") is not None else None)
+        self._post_var = (torch.tensor(plan["post_var"], dtype=torch.float32, device=device)
+                          if plan.get("post_var") is not None else None)
+
+    def to(self, device):
+        """Move the step tables (and the sampler's state) to `device`."""
+        self._device = torch.device(device)
+        if self.num_inference_steps is not None:
+            self._to_device(self._device)
+            self._x0_buf = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def manual_seed(self, seed=None):
+        """Key the in-kernel noise: the same seed gives the same noise at every step index, run to run."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU generator: no device sync
+        if not _is_int(seed):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        self._seed = int(seed) & ((1 << 64) - 1)
+        return self
+
+    @property
+    def seed(self):
+        return self._seed
+
+    def _require(self):
+        if self.num_inference_steps is None:
+            raise RuntimeError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) first")
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The standard deviation of the initial noise x_T (diffusers' meaning)."""
+        return 1.0
+
+    @property
+    def order(self) -> int:
+        return 1
+
+    @property
+    def sigmas(self):
+        """Euler and DPM-Solver++: the n + 1 noise levels sqrt((1 - a) / a) of the run (numpy, the last one 0 or
+        sigma_min); None for the others."""
+        self._require()
+        return getattr(self, "_sigmas_np", None)
+
+    def step_index(self, i) -> torch.Tensor:
+        """Step `i` (an int or a one-element integer tensor) as the 0-d int64 tensor on the sampler's device that the
+        kernel reads; a Python int indexes a precomputed arange (no host-to-device copy)."""
+        self._require()
+        if isinstance(i, torch.Tensor):
+            return step_tensor(i, self._device)
+        if not _is_int(i):
+            raise TypeError(f"i: expected an int or a one-element integer tensor, got {type(i).__name__}")
+        if not -self.num_inference_steps <= i < self.num_inference_steps:
+            raise ValueError(f"i: step index {i} out of range for {self.num_inference_steps} steps")
+        return self._steps[int(i)]
+
+    def timestep(self, i) -> torch.Tensor:
+        """The model's timestep at step i, a 0-d tensor on the device (gathered on the device for a tensor i)."""
+        st = self.step_index(i)
+        return self.timesteps.index_select(0, st.reshape(1)).reshape(())
+
+    def scale_model_input(self, x: torch.Tensor, i) -> torch.Tensor:
+        """The model's input at step i (diffusers' meaning): x itself except for Euler, x / sqrt(sigma^2 + 1)."""
+        if self._in_div_needed():
+            st = self.step_index(i)
+            return x / self._in_div.index_select(0, st.reshape(1)).reshape(()).to(x.device)
+        return x
+
+    def _in_div_needed(self):
+        self._require()
+        return self._in_div is not None
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    @property
+    def _stochastic(self) -> bool:
+        return False
+
+    @property
+    def _var_mode(self) -> str:
+        return "fixed"
+
+    @property
+    def _split_channels(self) -> bool:
+        return False
+
+    def _clip(self):
+        if self.config.get("thresholding"):
+            return "threshold"
+        if self.config.get("clip_sample"):
+            return "clip"
+        return "none"
+
+    def _threshold(self, x, m, uncond, guidance_scale, st):
+        """Per-sample dynamic-thresholding s (Imagen): the `dynamic_thresholding_ratio` quantile of |x0| per sample,
+        clamped to [1, sample_max_value], computed on the device (topk, no sync). x0 is formed here in float32 from
+        the same table row the kernel will use."""
+        row = self._table.index_select(0, st.reshape(1))[0]
+        mf = m.float()
+        if uncond is not None:
+            uf = uncond.float()
+            mf = uf + guidance_scale * (mf - uf)
+        a = (row[_PX] * x.float() + row[_PM] * mf).reshape(x.shape[0], -1).abs()
+        L = a.shape[1]
+        pos = self.config["dynamic_thresholding_ratio"] * (L - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, L - 1)
+        vals = torch.topk(a, L - lo, dim=1, sorted=True).values  # descending: vals[:, L-1-j] is the j-th smallest
+        v_lo, v_hi = vals[:, L - 1 - lo], vals[:, L - 1 - hi]
+        s = torch.lerp(v_lo, v_hi, pos - lo)
+        return s.clamp(1.0, float(self.config["sample_max_value"]))
+
+    def _x0_buffer(self, x):
+        b = self._x0_buf
+        if b is None or b.shape != x.shape or b.dtype != x.dtype or b.device != x.device or b.stride() != x.stride():
+            b = torch.zeros_like(x)
+            self._x0_buf = b
+        return b
+
+    def step(self, model_output, i, x, *, uncond=None, guidance_scale=1.0, noise=None, generator=None,
+             backend="auto", classifier_grad=None, classifier_scale=1.0):
+        """x_{t-1} from x_t and the model output at step index i (an int or a 0-d device tensor).
+
+        uncond: the unconditional model output; the step then uses uncond + guidance_scale (model_output - uncond)
+        (classifier-free guidance, inside the kernel). noise: explicit standard-normal noise replacing the in-kernel
+        Philox noise (e.g. to reproduce another library's trajectory); generator: draw that noise with torch.randn
+        from this generator instead. classifier_grad: grad_x log p(y | x_t) at the model's input, applied with
+        `classifier_scale` as this sampler's ``classifier_guidance`` ("score" or "mean") says.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (fastdiff.ops.sampler_step).
+        """
+        self._require()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(model_output, torch.Tensor):
+            raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"x: expected shape (N, C, ...), got {tuple(x.shape)}")
+        if not _is_real(guidance_scale):
+            raise TypeError(f"guidance_scale: expected a float, got {type(guidance_scale).__name__}")
+        if x.device != self._device:
+            raise ValueError(f"x: on {x.device} but the sampler's tables are on {self._device}: call "
+                             f"set_timesteps(n, device=...) or sampler.to(device)")
+        st = self.step_index(i)
+        C = x.shape[1]
+        var_values = None
+        if self._split_channels and model_output.dim() == x.dim() and model_output.shape[1] == 2 * C:
+            model_output, var_values = model_output[:, :C], model_output[:, C:]
+            if uncond is not None and uncond.dim() == x.dim() and uncond.shape[1] == 2 * C:
+                uncond = uncond[:, :C]
+        if self._var_mode != "fixed" and var_values is None:
+            raise ValueError(f"model_output: variance_type={self.config['variance_type']!r} needs the model's "
+                             f"variance channels: expected {2 * C} channels, got shape {tuple(model_output.shape)}")
+        if tuple(model_output.shape) != tuple(x.shape):
+            raise ValueError(f"model_output: expected shape {tuple(x.shape)} (x's shape), got "
+                             f"{tuple(model_output.shape)}")
+        if uncond is not None:
+            if not isinstance(uncond, torch.Tensor):
+                raise TypeError(f"uncond: expected a torch.Tensor, got {type(uncond).__name__}")
+            if guidance_scale == 1.0:
+                uncond = None  # m = cond: skip reading uncond
+        elif guidance_scale != 1.0:
+            raise ValueError("uncond: classifier-free guidance (guidance_scale != 1) needs the unconditional output")
+        post_shift = None
+        if classifier_grad is not None:
+            if not isinstance(classifier_grad, torch.Tensor) or tuple(classifier_grad.shape) != tuple(x.shape):
+                raise ValueError(f"classifier_grad: expected a tensor of shape {tuple(x.shape)}")
+            if not _is_real(classifier_scale):
+                raise TypeError(f"classifier_scale: expected a float, got {type(classifier_scale).__name__}")
+            if self.classifier_guidance == "mean":
+                post_shift = (classifier_grad, float(classifier_scale), var_values)
+            elif self.classifier_guidance == "score":
+                k = self._cg_k.index_select(0, st.reshape(1)).reshape(()) * float(classifier_scale)
+                model_output = model_output + (k * classifier_grad.float()).to(model_output.dtype)
+                if uncond is not None:
+                    uncond = uncond + (k * classifier_grad.float()).to(uncond.dtype)
+            else:
+                raise ValueError(f"classifier_guidance: expected 'score' or 'mean', got {self.classifier_guidance!r}")
+        stochastic = self._stochastic
+        if noise is None and generator is not None and stochastic:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        clip = self._clip()
+        thresh = self._threshold(x, model_output, uncond, guidance_scale, st) if clip == "threshold" else None
+        out = ops.sampler_step(
+            x, model_output, self._table, st, uncond=uncond, guidance_scale=float(guidance_scale), noise=noise,
+            x0_buf=self._x0_buffer(x) if self._multistep else None, var_values=var_values, thresh=thresh,
+            seed=self._seed, var_mode=self._var_mode, clip=clip,
+            clip_range=float(self.config.get("clip_sample_range", 1.0)), stochastic=stochastic, backend=backend)
+        if post_shift is not None:
+            grad, scale, v = post_shift
+            out = out + (scale * self._mean_shift_variance(st, v) * grad.float()).to(out.dtype)
+        return out
+
+    def _mean_shift_variance(self, st, v):
+        raise NotImplementedError
+
+    def _plan(self, n):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _acp(self) -> np.ndarray:
+        return self.schedule.alphas_cumprod.double().numpy()
+
+
+def _x0_from_vp(pred: str, alpha, sigma):
+    """(PX, PM) for x0 = PX x + PM m with x = alpha x0 + sigma eps (variance preserving)."""
+    if pred == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if pred == "sample":
+        return np.zeros_like(alpha), np.ones_like(alpha)
+    return alpha, -sigma  # v_prediction, v = alpha eps - sigma x0
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) via the posterior q(x_{t-1} | x_t, x0):
+
+        x_{t-1} = sqrt(a_prev) beta_t / (1 - a_t) x0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t + sigma_t z
+
+    with a = alphas_cumprod and beta_t = 1 - a_t / a_prev between consecutive chosen timesteps. variance_type:
+    "fixed_small" (the posterior variance), "fixed_large" (beta_t), "learned" (the model's extra channels are the
+    variance, as diffusers reads them) or "learned_range" (Improved DDPM: they interpolate log variance between
+    the two, v in [-1, 1]). No noise is added at t = 0. Classifier guidance shifts the mean by s Sigma grad.
+    """
+
+    _options = {**_COMMON, "variance_type": "fixed_small", **_CLIPPING, **_THRESHOLDING, "timestep_spacing": "leading"}
+    _fixed = {}
+    classifier_guidance = "mean"
+    VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["variance_type"] not in self.VARIANCE_TYPES:
+            raise ValueError(f"variance_type: expected one of {', '.join(self.VARIANCE_TYPES)}, got "
+                             f"{cfg['variance_type']!r}")
+
+    @property
+    def _stochastic(self):
+        return True
+
+    @property
+    def _var_mode(self):
+        vt = self.config["variance_type"]
+        return vt if vt in ("learned", "learned_range") else "fixed"
+
+    @property
+    def _split_channels(self):
+        return self.config["variance_type"] in ("learned", "learned_range")
+
+    def _plan(self, n):
+        T = self.schedule.num_train_timesteps
+        if n > T:
+            raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
+        acp = self._acp()
+        ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
+        a_t = acp[ts]
+        prev = np.append(ts[1:], -1)
+        a_p = np.where(prev >= 0, acp[np.maximum(prev, 0)], 1.0)
+        cur_alpha = a_t / a_p
+        cur_beta = 1 - cur_alpha
+        alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(self.config["prediction_type"], alpha, sigma)
+        rows[:, _C] = np.sqrt(a_p) * cur_beta / (1 - a_t)
+        rows[:, _A] = np.sqrt(cur_alpha) * (1 - a_p) / (1 - a_t)
+        variance = np.maximum((1 - a_p) / (1 - a_t) * cur_beta, 1e-20)
+        vt = self.config["variance_type"]
+        if vt in ("fixed_small", "fixed_small_log"):
+            std, post_var = np.sqrt(variance), variance
+        elif vt == "fixed_large":
+            std, post_var = np.sqrt(cur_beta), cur_beta
+        else:
+            std, post_var = np.ones(n), None
+            rows[:, _MINLOG] = np.log(variance)
+            rows[:, _MAXLOG] = np.log(cur_beta)
+        rows[:, _S] = np.where(ts > 0, std, 0.0)  # diffusers adds noise while t > 0
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma, "post_var": post_var}
+
+    def _mean_shift_variance(self, st, v):
+        if self._post_var is not None:
+            return self._post_var.index_select(0, st.reshape(1)).reshape(())
+        if self.config["variance_type"] == "learned":
+            return v.float()
+        row = self._table.index_select(0, st.reshape(1))[0]
+        f = 0.5 * (v.float() + 1)
+        return torch.exp(f * row[_MAXLOG] + (1 - f) * row[_MINLOG])
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021, eq. 12):
+
+        x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z,
+        sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))
+
+    eta = 0 is deterministic. As in diffusers, the previous timestep is t - num_train_timesteps // n whatever the
+    spacing, a_prev at t < 0 is 1 (set_alpha_to_one) or alphas_cumprod[0], and eps is the model's (not re-derived
+    from the clipped x0) unless use_clipped_model_output=True.
+    """
+
+    _options = {**_COMMON, **_CLIPPING, "set_alpha_to_one": True, **_THRESHOLDING, "timestep_spacing": "leading",
+                "eta": 0.0, "use_clipped_model_output": False}
+    _fixed = {}
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if not _is_real(cfg["eta"]) or not cfg["eta"] >= 0:
+            raise ValueError(f"eta: expected a non-negative float, got {cfg['eta']!r}")
+
+    @property
+    def _stochastic(self):
+        return self.config["eta"] > 0
+
+    def _plan(self, n):
+        T = self.schedule.num_train_timesteps
+        if n > T:
+            raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
+        acp = self._acp()
+        final = 1.0 if self.config["set_alpha_to_one"] else acp[0]
+        ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
+        prev = ts - T // n
+        a_t = acp[ts]
+        a_p = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
+        alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
+        variance = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        std = self.config["eta"] * np.sqrt(variance)
+        direction = np.sqrt(np.maximum(1 - a_p - std**2, 0.0))
+        pred = self.config["prediction_type"]
+        if self.config["use_clipped_model_output"]:  # eps re-derived from the clipped x0 (GLIDE)
+            ex, em, e0 = 1 / sigma, np.zeros(n), -alpha / sigma
+        elif pred == "epsilon":
+            ex, em, e0 = np.zeros(n), np.ones(n), np.zeros(n)
+        elif pred == "sample":
+            ex, em, e0 = 1 / sigma, -alpha / sigma, np.zeros(n)
+        else:
+            ex, em, e0 = sigma, alpha, np.zeros(n)
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(pred, alpha, sigma)
+        rows[:, _A] = direction * ex
+        rows[:, _B] = direction * em
+        rows[:, _C] = np.sqrt(a_p) + direction * e0
+        rows[:, _S] = std
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
+
+
+class EulerSampler(Sampler):
+    """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, Algorithm 1 without churn),
+    as diffusers' EulerDiscreteScheduler: x lives at scale sqrt(sigma^2 + 1) (init_noise_sigma), the model sees
+    x / sqrt(sigma^2 + 1) (scale_model_input), and
+
+        x_next = x + (x - x0) / sigma (sigma_next - sigma)
+
+    use_karras_sigmas=True spaces the sigmas as Karras et al. eq. 5 (rho = 7), between sigma_min and sigma_max.
+    """
+
+    _options = {**_COMMON, "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None,
+                "timestep_spacing": "linspace", "timestep_type": "discrete", "final_sigmas_type": "zero"}
+    _fixed = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["timestep_type"] not in ("discrete", "continuous"):
+            raise ValueError(f"timestep_type: expected 'discrete' or 'continuous', got {cfg['timestep_type']!r}")
+        for k in ("sigma_min", "sigma_max"):
+            if cfg[k] is not None and (not _is_real(cfg[k]) or not cfg[k] > 0):
+                raise ValueError(f"{k}: expected None or a positive float, got {cfg[k]!r}")
+
+    def _train_sigmas(self):
+        acp = self.schedule.alphas_cumprod.clone()
+        if self.config["rescale_betas_zero_snr"]:
+            acp[-1] = 2**-24  # as diffusers: near zero, so the first sigma is finite
+        return (((1 - acp) / acp) ** 0.5).numpy().astype(np.float64), acp.numpy()
+
+    def _plan(self, n):
+        cfg = self.config
+        T = self.schedule.num_train_timesteps
+        if cfg["timestep_spacing"] == "linspace":
+            ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        elif cfg["timestep_spacing"] == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + cfg["steps_offset"]
+        else:
+            ts = np.arange(T, 0, -T / n).round().copy().astype(np.float32) - 1
+        train_sigmas, acp = self._train_sigmas()
+        log_sigmas = np.log(train_sigmas)
+        sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+        if cfg["use_karras_sigmas"]:
+            smin = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
+            smax = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
+            sigmas = _karras(smin, smax, n)
+            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        last = ((1 - acp[0]) / acp[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        sig = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+        if cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
+            ts = 0.25 * np.log(sig[:-1].astype(np.float32)).astype(np.float32)
+        s, s_next = sig[:-1], sig[1:]
+        rows = np.zeros((n, 9))
+        pred = cfg["prediction_type"]
+        if pred == "epsilon":
+            rows[:, _PX], rows[:, _PM] = 1.0, -s
+        elif pred == "sample":
+            rows[:, _PX], rows[:, _PM] = 0.0, 1.0
+        else:
+            rows[:, _PX], rows[:, _PM] = 1 / (s**2 + 1), -s / np.sqrt(s**2 + 1)
+        ratio = (s_next - s) / s
+        rows[:, _A] = 1 + ratio
+        rows[:, _C] = -ratio
+        alpha = 1 / np.sqrt(s**2 + 1)
+        self._sigmas_np = sig
+        return {"timesteps": ts.astype(np.float32), "rows": rows, "alpha": alpha, "sigma": s * alpha,
+                "in_div": np.sqrt(s**2 + 1)}
+
+    @property
+    def init_noise_sigma(self) -> float:
+        if self.num_inference_steps is None:
+            sig = self._train_sigmas()[0]
+        else:
+            sig = self._sigmas_np.astype(np.float32)
+        m = float(np.max(sig))
+        return m if self.config["timestep_spacing"] in ("linspace", "trailing") else (m**2 + 1) ** 0.5
+
+
+class DPMSolverPPSampler(Sampler):
+    """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, order 1 or 2 ("2M", Algorithm 2), as diffusers'
+    DPMSolverMultistepScheduler with algorithm_type="dpmsolver++". With lambda = log(alpha / sigma), h = lambda_t -
+    lambda_s, r = h_prev / h, D0 = x0_s, D1 = (x0_s - x0_prev) / r:
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 - alpha_t (e^-h - 1) D1 / 2     (midpoint)
+
+    First order at the first step and at the last one when lower_order_final applies (as diffusers). The previous
+    x0 lives in a buffer owned by the sampler, which the kernel reads and overwrites in place.
+    """
+
+    _options = {**_COMMON, "solver_order": 2, **_THRESHOLDING, "solver_type": "midpoint",
+                "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
+                "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"), "variance_type": None,
+                "timestep_spacing": "linspace"}
+    _fixed = {"algorithm_type": "dpmsolver++", "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False}
+    _multistep = True
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["solver_order"] not in (1, 2) or isinstance(cfg["solver_order"], bool):
+            raise ValueError(f"solver_order: expected 1 or 2 (DPM-Solver++ 2M), got {cfg['solver_order']!r}")
+        if cfg["solver_type"] not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {cfg['solver_type']!r}")
+        if cfg["variance_type"] not in (None, "learned", "learned_range"):
+            raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
+        if not _is_real(cfg["lambda_min_clipped"]):
+            raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
+
+    @property
+    def order(self) -> int:
+        return self.config["solver_order"]
+
+    @property
+    def _split_channels(self):
+        return self.config["variance_type"] in ("learned", "learned_range")
+
+    def _plan(self, n):
+        cfg = self.config
+        T = self.schedule.num_train_timesteps
+        acp_t = self.schedule.alphas_cumprod.clone()
+        if cfg["rescale_betas_zero_snr"]:
+            acp_t[-1] = 2**-24
+        lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
+        clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(cfg["lambda_min_clipped"]))))
+        last_t = T - clipped
+        sp = cfg["timestep_spacing"]
+        if sp == "linspace":
+            ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif sp == "leading":
+            ratio = last_t // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg["steps_offset"]
+        else:
+            ts = np.arange(last_t, 0, -T / n).round().copy().astype(np.int64) - 1
+        train_sigmas = (((1 - acp_t) / acp_t) ** 0.5).numpy().astype(np.float64)
+        log_sigmas = np.log(train_sigmas)
+        if cfg["use_karras_sigmas"]:
+            flipped = np.flip(train_sigmas).copy()
+            sigmas = _karras(flipped[-1].item(), flipped[0].item(), n)
+            tf = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+            if cfg["beta_schedule"] != "squaredcos_cap_v2":
+                tf = tf.round()
+            ts = tf.astype(np.int64)
+        else:
+            sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+        last = ((1 - acp_t[0]) / acp_t[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        sig = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+        n = len(ts)
+        alpha = 1 / np.sqrt(sig**2 + 1)
+        sigma_vp = sig * alpha
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
+        lower_final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
+        rows = np.zeros((n, 9))
+        pred = cfg["prediction_type"]
+        for i in range(n):
+            a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
+            rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
+            h = lam[i + 1] - lam[i]
+            phi = np.expm1(-h) if np.isfinite(h) else -1.0  # e^-h - 1
+            rows[i, _A] = s_t / s_s
+            first = cfg["solver_order"] == 1 or i == 0 or (i == n - 1 and lower_final)
+            if first:
+                rows[i, _C] = -a_t * phi
+            else:
+                r0 = (lam[i] - lam[i - 1]) / h
+                if cfg["solver_type"] == "midpoint":
+                    k = -0.5 * a_t * phi / r0
+                else:
+                    k = a_t * (phi / h + 1.0) / r0
+                rows[i, _C] = -a_t * phi + k
+                rows[i, _D] = -k
+        self._sigmas_np = sig
+        return {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "dpmsolver++": DPMSolverPPSampler}

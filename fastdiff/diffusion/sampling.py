@@ -1,0 +1,175 @@
+"""The sampling loop: model + fused sampler step, optionally captured in a CUDA graph.
+
+Per step: the model's input (``scale_model_input``), one model call (conditional and unconditional batched
+together for classifier-free guidance), the classifier gradient when classifier guidance is on, and one fused
+``sampler.step``. Nothing reads a device value on the host, so on a GPU the step (model included) is captured once
+in a CUDA graph and replayed with the step index in a device tensor: one graph launch and one 8-byte
+device-to-device copy per step.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+
+from fastdiff.diffusion.guidance import classifier_grad
+from fastdiff.diffusion.samplers import Sampler
+
+
+def _progress(it, enabled: bool, total: int):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety
+        return it
+    return tqdm(it, total=total, desc="sampling")
+
+
+def _model_device_dtype(model):
+    try:
+        p = next(iter(model.parameters()))
+        return p.device, p.dtype
+    except (AttributeError, StopIteration, TypeError):
+        return None, None
+
+
+def _cat(a, b):
+    return None if a is None else torch.cat([a, b])
+
+
+def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_context=None, uncond_y=None,
+           guidance_scale=1.0, classifier=None, classifier_scale=0.0, seed=None, dtype=None, num_inference_steps=None,
+           device=None, cuda_graph="auto", progress=True, backend="auto"):
+    """Draw samples of `shape` by running `sampler` over `model`; returns x_0 (a tensor of `shape`).
+
+    model(x, t, y=..., context=...) -> prediction (only the keyword arguments given here are passed); t is a (N,)
+    tensor of the sampler's timesteps. y: class labels; context: cross-attention states. Classifier-free guidance
+    (guidance_scale != 1) needs uncond_context and/or uncond_y (the "null" conditioning); the two branches run as
+    one batched model call when their shapes allow. classifier(x, t) -> logits with classifier_scale > 0 adds
+    classifier guidance toward y (eager only: autograd is not captured in a CUDA graph).
+    seed: makes the initial noise and the per-step noise reproducible. dtype: of x (default: the model's).
+    num_inference_steps: calls sampler.set_timesteps first (else the sampler's current steps are used).
+    cuda_graph: "auto" (on for CUDA devices), True or False. progress: a tqdm bar.
+    """
+    if not callable(model):
+        raise TypeError(f"model: expected a callable, got {type(model).__name__}")
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler: expected a fastdiff.diffusion Sampler, got {type(sampler).__name__}")
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"shape: expected a tuple of positive ints (N, C, ...), got {shape!r}")
+    shape = tuple(int(s) for s in shape)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise TypeError(f"guidance_scale: expected a float, got {type(guidance_scale).__name__}")
+    if isinstance(classifier_scale, bool) or not isinstance(classifier_scale, numbers.Real):
+        raise TypeError(f"classifier_scale: expected a float, got {type(classifier_scale).__name__}")
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph: expected 'auto', True or False, got {cuda_graph!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    N = shape[0]
+    use_cfg = guidance_scale != 1.0
+    if use_cfg and uncond_context is None and uncond_y is None:
+        raise ValueError("guidance_scale: classifier-free guidance needs uncond_context and/or uncond_y")
+    if uncond_context is not None and context is None:
+        raise ValueError("uncond_context: given without context")
+    if uncond_y is not None and y is None:
+        raise ValueError("uncond_y: given without y")
+    use_classifier = classifier is not None and classifier_scale != 0.0
+    if use_classifier and y is None:
+        raise ValueError("classifier: classifier guidance needs the class labels y")
+    for name, t in (("y", y), ("uncond_y", uncond_y), ("context", context), ("uncond_context", uncond_context)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape[0] != N):
+            raise ValueError(f"{name}: expected a tensor with {N} (the batch size) rows")
+
+    mdev, mdtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else (mdev or sampler.device)
+    dtype = dtype or mdtype or torch.float32
+    if num_inference_steps is not None:
+        sampler.set_timesteps(num_inference_steps, device=device)
+    elif sampler.num_inference_steps is None:
+        raise ValueError("num_inference_steps: the sampler has no steps yet: pass num_inference_steps or call "
+                         "sampler.set_timesteps first")
+    if sampler.device != device:
+        sampler.to(device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU generator: no device sync
+    sampler.manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(int(seed) & ((1 << 63) - 1))
+    x = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * sampler.init_noise_sigma).to(dtype)
+
+    def mv(t):
+        return None if t is None else t.to(device)
+
+    y, uncond_y, context, uncond_context = mv(y), mv(uncond_y), mv(context), mv(uncond_context)
+    cond_kw = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
+    batched = False
+    if use_cfg:
+        uy = uncond_y if uncond_y is not None else y
+        uc = uncond_context if uncond_context is not None else context
+        uncond_kw = {k: v for k, v in (("y", uy), ("context", uc)) if v is not None}
+        batched = all(cond_kw[k].shape == uncond_kw[k].shape for k in cond_kw)
+        if batched:
+            both_kw = {k: torch.cat([cond_kw[k], uncond_kw[k]]) for k in cond_kw}
+
+    def one_step(x, i):
+        t = sampler.timestep(i).expand(N)
+        x_in = sampler.scale_model_input(x, i)
+        if use_cfg and batched:
+            out = model(torch.cat([x_in, x_in]), torch.cat([t, t]), **both_kw)
+            cond, unc = out[:N], out[N:]
+        elif use_cfg:
+            cond, unc = model(x_in, t, **cond_kw), model(x_in, t, **uncond_kw)
+        else:
+            cond, unc = model(x_in, t, **cond_kw), None
+        grad = classifier_grad(classifier, x_in, t, y) if use_classifier else None
+        return sampler.step(cond, i, x, uncond=unc, guidance_scale=float(guidance_scale), backend=backend,
+                            classifier_grad=grad, classifier_scale=float(classifier_scale))
+
+    n = sampler.num_inference_steps
+    want_graph = (device.type == "cuda") if cuda_graph == "auto" else bool(cuda_graph)
+    if want_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: True needs a CUDA device, the model runs on {device}")
+    if want_graph and use_classifier:
+        warnings.warn("fastdiff.sample: classifier guidance runs autograd each step, which a CUDA graph cannot "
+                      "capture: running the loop eagerly", stacklevel=2)
+        want_graph = False
+    with torch.no_grad():
+        if want_graph:
+            try:
+                return _graph_loop(one_step, x, sampler, n, progress)
+            except Exception as e:  # noqa: BLE001 - a model that cannot be captured still samples, eagerly
+                if cuda_graph is True:
+                    raise
+                warnings.warn(f"fastdiff.sample: CUDA-graph capture failed ({type(e).__name__}: {e}); running the "
+                              f"loop eagerly", stacklevel=2)
+                sampler.manual_seed(seed)
+        for i in _progress(range(n), progress, n):
+            x = one_step(x, i)
+        return x
+
+
+def _graph_loop(one_step, x, sampler, n, progress):
+    """Capture one step with the step index in a device tensor, then replay it n times."""
+    static_x = x.clone()
+    static_i = torch.zeros((), dtype=torch.int64, device=x.device)
+    side = torch.cuda.Stream(device=x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):  # warm up (allocator, lazy init, autotuning) off the capture
+        for _ in range(2):
+            one_step(static_x, static_i)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_x.copy_(one_step(static_x, static_i))
+    steps = sampler._steps
+    for i in _progress(range(n), progress, n):
+        static_i.copy_(steps[i])
+        graph.replay()
+    return static_x

@@ -1,0 +1,294 @@
+"""fastdiff.ops.sampler_step: every backend against fastdiff.reference.sampler_step, the Philox noise, errors."""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import reference
+from fastdiff.ops import sampler_step
+from fastdiff.ops.sampler_step import choose_backend
+
+HAS_GPU = torch.cuda.is_available()
+
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("triton", id="triton", marks=pytest.mark.triton),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+]
+DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 1.6e-2, 1.6e-2)]
+
+
+def _skip_unavailable(backend):
+    if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
+        pytest.skip("the compiled extension is not built (python setup.py build_ext --inplace)")
+    if backend == "cuda" and not fastdiff.info()["cuda_extension"]:
+        pytest.skip("the extension was built without its CUDA kernels")
+    if backend == "triton" and fastdiff.info()["triton"] is None:
+        pytest.skip("Triton is not installed")
+
+
+def _device(backend):
+    return torch.device("cuda" if backend in ("cuda",) or (backend == "triton" and HAS_GPU) else "cpu")
+
+
+def _table(n, device, *, d=True, s=True):
+    """A random but well-scaled coefficient table: rows like a real sampler's."""
+    t = torch.zeros(n, 12)
+    t[:, 0] = 1 + torch.rand(n)            # PX
+    t[:, 1] = -torch.rand(n)               # PM
+    t[:, 2] = torch.rand(n)                # A
+    t[:, 3] = 0.5 * torch.rand(n)          # B
+    t[:, 4] = torch.rand(n)                # C
+    t[:, 5] = 0.3 * torch.rand(n) if d else 0.0  # D
+    t[:, 6] = 0.2 + 0.5 * torch.rand(n) if s else 0.0  # S
+    t[:, 7] = -6 + torch.rand(n)           # MINLOG
+    t[:, 8] = -2 + torch.rand(n)           # MAXLOG
+    return t.to(device)
+
+
+def _inputs(shape, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    mk = lambda: torch.randn(shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(), mk(), mk(), mk(), (torch.rand(shape, generator=g) * 2 - 1).to(device=device, dtype=dtype)
+
+
+def _run(backend, x, m, table, step, **kw):
+    buf = kw.pop("x0_buf", None)
+    buf_k = None if buf is None else buf.clone()
+    buf_r = None if buf is None else buf.clone()
+    out = sampler_step(x, m, table, step, x0_buf=buf_k, backend=backend, **kw)
+    ref = reference.sampler_step(x, m, table, torch.as_tensor(step, device=x.device), x0_buf=buf_r,
+                                 seed=kw.pop("seed", 0) & ((1 << 64) - 1),
+                                 var_mode={"fixed": 0, "learned": 1, "learned_range": 2}[kw.pop("var_mode", "fixed")],
+                                 clip_mode={"none": 0, "clip": 1, "threshold": 2}[kw.pop("clip", "none")], **kw)
+    return out, ref, buf_k, buf_r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+def test_matches_reference(backend, dtype, atol, rtol, clip, cfg):
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    shape = (3, 4, 5, 7)  # 420 elements: rows of 140 (not a multiple of the 4-element noise groups' alignment)
+    x, m, u, _, _ = _inputs(shape, dtype, dev)
+    table = _table(6, dev)
+    thresh = torch.tensor([1.0, 1.7, 2.5], device=dev) if clip == "threshold" else None
+    buf = torch.randn(shape, device=dev).to(dtype)
+    kw = dict(uncond=u if cfg else None, guidance_scale=4.5 if cfg else 1.0, clip=clip, clip_range=0.8,
+              thresh=thresh, seed=2**40 + 17, x0_buf=buf)
+    out, ref, bk, br = _run(backend, x, m, table, 4, **kw)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol * 4, rtol=rtol)
+    torch.testing.assert_close(bk.float(), br.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("var_mode", ["fixed", "learned", "learned_range"])
+@pytest.mark.parametrize("noise", ["philox", "given", "off"])
+def test_noise_and_variance(backend, var_mode, noise):
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    shape = (2, 3, 6, 5)
+    x, m, _, z, v = _inputs(shape, torch.float32, dev)
+    if var_mode == "learned":
+        v = v.abs() + 0.01
+    table = _table(3, dev)
+    out, ref, _, _ = _run(backend, x, m, table, 1, noise=z if noise == "given" else None, var_values=v,
+                          var_mode=var_mode, stochastic=noise != "off", seed=99)
+    torch.testing.assert_close(out, ref, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_and_channels_last(backend):
+    """Model outputs that are halves of a bigger tensor (learned variance, batched CFG) are read in place, and a
+    channels-last x keeps its layout."""
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    both = torch.randn(2, 6, 4, 4, device=dev)
+    eps, var = both[:, :3], both[:, 3:]
+    table = _table(2, dev)
+    out, ref, _, _ = _run(backend, x, eps, table, 0, var_values=var, var_mode="learned_range", seed=5)
+    torch.testing.assert_close(out, ref, atol=3e-5, rtol=3e-5)
+    xc = x.to(memory_format=torch.channels_last)
+    mc = torch.randn_like(xc)
+    out, ref, _, _ = _run(backend, xc, mc, table, 1, seed=5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=3e-5, rtol=3e-5)
+    # a model output in a different layout than x is matched to x's (a copy) and gives the same result
+    out2 = sampler_step(xc, mc.contiguous(), table, 1, seed=5, backend=backend)
+    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_is_read_on_the_device_and_clamped(backend):
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    x, m, _, _, _ = _inputs((2, 8), torch.float32, dev)
+    table = _table(5, dev)
+    a = sampler_step(x, m, table, torch.tensor(4, device=dev), seed=3, backend=backend)
+    b = sampler_step(x, m, table, 4, seed=3, backend=backend)
+    c = sampler_step(x, m, table, torch.tensor([9], device=dev), seed=3, backend=backend)  # clamped to 4
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, sampler_step(x, m, table, 3, seed=3, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_and_seeded(backend):
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    x, m, _, _, _ = _inputs((4, 3, 8, 8), torch.float32, dev)
+    table = _table(3, dev)
+    a = sampler_step(x, m, table, 1, seed=11, backend=backend)
+    b = sampler_step(x, m, table, 1, seed=11, backend=backend)
+    c = sampler_step(x, m, table, 1, seed=12, backend=backend)
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.1
+
+
+def test_philox_noise_is_standard_normal_and_independent():
+    z = reference.philox_normal(1234, 0, 1 << 18)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    # the four normals of a Philox call are uncorrelated, as are neighbouring steps and seeds
+    g = z.reshape(-1, 4)
+    c = torch.corrcoef(g.T)
+    assert (c - torch.eye(4)).abs().max() < 0.02
+    z1 = reference.philox_normal(1234, 1, 1 << 18)
+    z2 = reference.philox_normal(1235, 0, 1 << 18)
+    assert abs(torch.corrcoef(torch.stack([z, z1]))[0, 1]) < 0.01
+    assert abs(torch.corrcoef(torch.stack([z, z2]))[0, 1]) < 0.01
+    # tails: the fraction beyond 3 sigma is about 0.27%
+    assert 0.0020 < (z.abs() > 3).float().mean().item() < 0.0034
+    # the same (seed, step, index) gives the same number whatever the length asked for
+    assert torch.equal(reference.philox_normal(1234, 0, 37), z[:37])
+
+
+def test_philox_known_answer():
+    """Philox4x32-10 known-answer vectors from the Random123 distribution (kat_vectors)."""
+    def run(c, k):
+        cs = [torch.tensor([v], dtype=torch.int64) for v in c]
+        out = reference.philox4x32_10(*cs, k[0] | (k[1] << 32))
+        return [int(o.item()) for o in out]
+
+    assert run([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert run([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert run([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_noise_matches_reference(backend):
+    """CPU, CUDA and Triton draw the same noise for the same (seed, step, element index)."""
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    n = 4099  # not a multiple of 4: the tail group is partial
+    x = torch.zeros(1, n, device=dev)
+    table = torch.zeros(3, 12, device=dev)
+    table[:, 6] = 1.0  # out = z
+    for seed, step in ((0, 0), (2**63 + 5, 2), (123456789, 1)):
+        out = sampler_step(x, x, table, step, seed=seed, backend=backend)
+        ref = reference.philox_normal(seed, step, n).reshape(1, n)
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_opcheck():
+    if not fastdiff.info()["cpu_extension"]:
+        pytest.skip("the compiled extension is not built")
+    x = torch.randn(2, 3, 4, 4)
+    m, u = torch.randn_like(x), torch.randn_like(x)
+    table = _table(4, "cpu")
+    step = torch.tensor(2)
+    buf = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step,
+                          (x, m, u, 3.0, table, step, None, buf, None, None, 7, 0, 1, 1.0, True))
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step,
+                          (x, m, None, 1.0, table, step, None, None, None, torch.ones(2), 7, 0, 2, 1.0, False))
+
+
+@pytest.mark.triton
+def test_opcheck_triton():
+    _skip_unavailable("triton")
+    dev = _device("triton")
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    table = _table(4, dev)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step_triton,
+                          (x, torch.randn_like(x), None, 1.0, table, torch.tensor(1, device=dev), None,
+                           torch.randn_like(x), None, None, 7, 0, 1, 1.0, True),
+                          # the interpreter reads data pointers, which fake tensors lack: schema only there
+                          test_utils=("test_schema",) if not HAS_GPU else
+                          ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compile_fullgraph():
+    if not fastdiff.info()["cpu_extension"]:
+        pytest.skip("the compiled extension is not built")
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    table = _table(4, "cpu")
+    buf = torch.randn_like(x)
+    step = torch.tensor(1)
+
+    def f(x, m, buf, step):
+        return sampler_step(x, m, table, step, x0_buf=buf, seed=3, clip="clip", backend="cpu")
+
+    b1, b2 = buf.clone(), buf.clone()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, m, b1, step)
+    want = f(x, m, b2, step)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(b1, b2)
+
+
+def test_auto_backend():
+    x = torch.randn(2, 3)
+    want = "cpu" if fastdiff.info()["cpu_extension"] else "torch"
+    assert choose_backend(x) == want
+    assert choose_backend(x.double()) == "torch"
+    with fastdiff.set_backend("torch"):
+        assert choose_backend(x) == "torch"
+
+
+def test_float64_on_the_torch_backend():
+    x = torch.randn(2, 5, dtype=torch.float64)
+    out = sampler_step(x, torch.randn_like(x), _table(2, "cpu"), 0, seed=1)
+    assert out.dtype == torch.float64
+    with pytest.raises(ValueError, match="backend"):
+        sampler_step(x, torch.randn_like(x), _table(2, "cpu"), 0, backend="cpu")
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 3, 4)
+    m = torch.randn_like(x)
+    t = _table(3, "cpu")
+    with pytest.raises(TypeError, match="^x:"):
+        sampler_step(x.long(), m, t, 0)
+    with pytest.raises(ValueError, match="^model_output:"):
+        sampler_step(x, m[:1], t, 0)
+    with pytest.raises(ValueError, match="^uncond:"):
+        sampler_step(x, m, t, 0, uncond=m[:, :1])
+    with pytest.raises(ValueError, match="^table:"):
+        sampler_step(x, m, t[:, :5], 0)
+    with pytest.raises(TypeError, match="^table:"):
+        sampler_step(x, m, t.double(), 0)
+    with pytest.raises(TypeError, match="^step:"):
+        sampler_step(x, m, t, 0.5)
+    with pytest.raises(TypeError, match="^step:"):
+        sampler_step(x, m, t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="^clip:"):
+        sampler_step(x, m, t, 0, clip="yes")
+    with pytest.raises(ValueError, match="^thresh:"):
+        sampler_step(x, m, t, 0, clip="threshold")
+    with pytest.raises(ValueError, match="^var_mode:"):
+        sampler_step(x, m, t, 0, var_mode="big")
+    with pytest.raises(ValueError, match="^var_values:"):
+        sampler_step(x, m, t, 0, var_mode="learned")
+    with pytest.raises(TypeError, match="^x0_buf:"):
+        sampler_step(x, m, t, 0, x0_buf=x.double())
+    with pytest.raises(ValueError, match="^clip_range:"):
+        sampler_step(x, m, t, 0, clip="clip", clip_range=0)
+    with pytest.raises(TypeError, match="^seed:"):
+        sampler_step(x, m, t, 0, seed=1.5)
+    with pytest.raises(TypeError, match="^guidance_scale:"):
+        sampler_step(x, m, t, 0, guidance_scale="7")
+    with pytest.raises(ValueError, match="^backend:"):
+        sampler_step(x, m, t, 0, backend="fast")

@@ -1,0 +1,731 @@
+"""fastdiff.diffusion: schedules, samplers against plain implementations of their papers' equations (and against
+diffusers' schedulers when diffusers is installed), guidance, and the sampling loop."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerSampler, NoiseSchedule, cfg_combine,
+                                classifier_grad, sample)
+
+HAS_GPU = torch.cuda.is_available()
+try:
+    import diffusers  # noqa: F401
+    from diffusers import schedulers as dsched
+
+    HAS_DIFFUSERS = True
+except ImportError:
+    HAS_DIFFUSERS = False
+needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (optional test dependency: "
+                                                               "pip install diffusers)")
+
+T_TRAIN = 100  # a short training schedule keeps the plain loops quick
+
+
+def eps_model(x, t):
+    """A smooth, deterministic stand-in for a network: any function of (x, t) exercises the update equations."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, *([1] * (x.dim() - 1))) if torch.is_tensor(t) and t.dim() \
+        else float(t)
+    return (0.8 * torch.tanh(0.7 * x.double() + 0.002 * t)).to(x.dtype)
+
+
+def _x(shape=(2, 3, 6, 6), seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _noises(n, shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def _acp64(T=T_TRAIN, b0=0.0001, b1=0.02):
+    """alphas_cumprod of the linear schedule, computed independently in float64."""
+    return np.cumprod(1 - np.linspace(b0, b1, T))
+
+
+def _run(sampler, x, n, *, noises=None, backend="auto", model=eps_model, scale_input=True, seed=0):
+    sampler.set_timesteps(n, seed=seed)
+    traj = []
+    for i in range(n):
+        t = sampler.timesteps[i]
+        x_in = sampler.scale_model_input(x, i) if scale_input else x
+        x = sampler.step(model(x_in, t), i, x, noise=None if noises is None else noises[i], backend=backend)
+        traj.append(x)
+    return traj
+
+
+def _close(a, b, rel=2e-5):
+    scale = max(1.0, b.abs().max().item())
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel:.1g} x {scale:.3g}"
+
+
+def _x0(pred, x, m, a):
+    if pred == "epsilon":
+        return (x - math.sqrt(1 - a) * m) / math.sqrt(a)
+    if pred == "sample":
+        return m
+    return math.sqrt(a) * x - math.sqrt(1 - a) * m
+
+
+def _eps(pred, x, m, a):
+    if pred == "epsilon":
+        return m
+    if pred == "sample":
+        return (x - math.sqrt(a) * m) / math.sqrt(1 - a)
+    return math.sqrt(a) * m + math.sqrt(1 - a) * x
+
+
+# --- schedules ------------------------------------------------------------------------------------------------------
+
+def test_schedules():
+    s = NoiseSchedule(1000, 0.0001, 0.02, "linear")
+    np.testing.assert_allclose(s.betas.numpy(), np.linspace(0.0001, 0.02, 1000), rtol=1e-6)
+    s = NoiseSchedule(1000, 0.00085, 0.012, "scaled_linear")
+    np.testing.assert_allclose(s.betas.numpy(), np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, rtol=1e-5)
+    s = NoiseSchedule(1000, beta_schedule="squaredcos_cap_v2")
+
+    def f(t):
+        return math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    want = np.array([f(t + 1) / f(0) for t in range(1000)])
+    np.testing.assert_allclose(s.alphas_cumprod.numpy()[:990], want[:990], rtol=1e-4, atol=1e-7)
+    assert s.betas.max().item() <= 0.999 + 1e-6
+    s = NoiseSchedule(100, 0.0001, 0.02, "sigmoid")
+    assert (s.betas[1:] >= s.betas[:-1]).all() and 0.0001 < s.betas[0] < s.betas[-1] < 0.02
+    s = NoiseSchedule(10, trained_betas=[0.1] * 10)
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), 0.9 ** np.arange(1, 11), rtol=1e-6)
+    z = NoiseSchedule(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=True)
+    assert z.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-9)
+    assert z.alphas_cumprod[0].item() == pytest.approx(NoiseSchedule(1000, 0.00085, 0.012, "scaled_linear")
+                                                       .alphas_cumprod[0].item(), rel=1e-5)
+    acp = s.alphas_cumprod.double()
+    torch.testing.assert_close(s.sigmas.double(), ((1 - acp) / acp).sqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(s.log_snr.double(), (acp / (1 - acp)).log(), rtol=1e-5, atol=1e-6)
+    d = s.to("cpu")
+    assert d is s.to("cpu") and set(d) == {"betas", "alphas_cumprod", "sigmas", "log_snr"}
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="^beta_schedule:"):
+        NoiseSchedule(beta_schedule="cubic")
+    with pytest.raises(ValueError, match="^trained_betas:"):
+        NoiseSchedule(10, trained_betas=[0.1] * 9)
+    with pytest.raises(ValueError, match="^num_train_timesteps:"):
+        NoiseSchedule(1)
+    with pytest.raises(ValueError, match="^beta_end:"):
+        NoiseSchedule(beta_end=2.0)
+
+
+def test_timestep_spacings():
+    def ts(cls, n, **kw):
+        return cls(**kw).set_timesteps(n).timesteps.tolist()
+
+    assert ts(DDIMSampler, 10, steps_offset=1) == list(range(901, 0, -100))
+    assert ts(DDIMSampler, 10, timestep_spacing="trailing") == list(range(999, 0, -100))
+    assert ts(DDIMSampler, 10, timestep_spacing="linspace") == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert ts(DDPMSampler, 4) == [750, 500, 250, 0]
+    assert ts(DPMSolverPPSampler, 4) == [999, 749, 500, 250]
+    assert ts(EulerSampler, 3) == [999.0, 499.5, 0.0]
+    e = EulerSampler().set_timesteps(10)
+    assert e.sigmas[-1] == 0 and len(e.sigmas) == 11 and e.init_noise_sigma == pytest.approx(e.sigmas[0], rel=1e-6)
+    e = EulerSampler(timestep_spacing="leading").set_timesteps(10)
+    assert e.init_noise_sigma == pytest.approx(math.sqrt(e.sigmas[0] ** 2 + 1), rel=1e-6)
+    assert DDIMSampler().set_timesteps(5).init_noise_sigma == 1.0
+
+
+# --- each sampler against a plain implementation of its paper's equations -----------------------------------------
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_is_algorithm_2(variance_type):
+    """Every training step, epsilon prediction, no clipping: Ho et al. 2020, Algorithm 2 verbatim,
+    x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, sigma_t^2 = beta_t or the
+    posterior variance."""
+    T = 50
+    betas = np.linspace(0.0001, 0.02 * 1000 / T / 10, T)
+    s = DDPMSampler(num_train_timesteps=T, trained_betas=betas, clip_sample=False, variance_type=variance_type)
+    x = _x()
+    noises = _noises(T, x.shape)
+    traj = _run(s, x, T, noises=noises)
+    acp = np.cumprod(1 - betas)
+    xp = x.double()
+    for i, t in enumerate(range(T - 1, -1, -1)):
+        eps = eps_model(xp, t)
+        var = betas[t] if variance_type == "fixed_large" else betas[t] * (1 - (acp[t - 1] if t else 1)) / (1 - acp[t])
+        xp = (xp - betas[t] / math.sqrt(1 - acp[t]) * eps) / math.sqrt(1 - betas[t])
+        if t > 0:
+            xp = xp + math.sqrt(var) * noises[i].double()
+        _close(traj[i], xp, 5e-5)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+def test_ddpm_strided_posterior(pred):
+    """Fewer steps than training steps: the posterior q(x_prev | x_t, x0) between consecutive chosen timesteps
+    (Ho et al. eq. 6-7), x0 clipped to [-1, 1]."""
+    n = 10
+    s = DDPMSampler(num_train_timesteps=T_TRAIN, prediction_type=pred, clip_sample=True)
+    x = _x()
+    noises = _noises(n, x.shape)
+    traj = _run(s, x, n, noises=noises)
+    acp = _acp64()
+    ts = list(range(90, -1, -10))  # "leading": 0, 10, ..., 90 reversed
+    assert s.timesteps.tolist() == ts
+    xp = x.double()
+    for i, t in enumerate(ts):
+        a_t, a_p = acp[t], (acp[ts[i + 1]] if i + 1 < n else 1.0)
+        beta = 1 - a_t / a_p
+        x0 = _x0(pred, xp, eps_model(xp, t), a_t).clamp(-1, 1)
+        mean = math.sqrt(a_p) * beta / (1 - a_t) * x0 + math.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * xp
+        xp = mean + (math.sqrt(beta * (1 - a_p) / (1 - a_t)) * noises[i].double() if t > 0 else 0)
+        _close(traj[i], xp, 5e-5)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_is_equation_12(pred, eta):
+    """Song et al. 2021, eq. 12 with sigma_t(eta) of eq. 16."""
+    n = 10
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, prediction_type=pred, clip_sample=False, eta=eta)
+    x = _x()
+    noises = _noises(n, x.shape)
+    traj = _run(s, x, n, noises=noises)
+    acp = _acp64()
+    ts = list(range(90, -1, -10))
+    xp = x.double()
+    for i, t in enumerate(ts):
+        a_t, a_p = acp[t], (acp[t - 10] if t >= 10 else 1.0)
+        m = eps_model(xp, t)
+        x0, eps = _x0(pred, xp, m, a_t), _eps(pred, xp, m, a_t)
+        sig = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+        xp = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sig**2) * eps + sig * noises[i].double()
+        _close(traj[i], xp, 5e-5)
+
+
+def _euler_plain(x, sig, ts, pred="epsilon"):
+    """Karras et al. 2022, Algorithm 1 (no churn) with a VP-trained epsilon / v / x0 model: the denoiser D(x; sigma)
+    from the model at input x / sqrt(sigma^2 + 1); x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D) / sigma_i."""
+    out = []
+    for i in range(len(ts)):
+        s = sig[i]
+        c_in = 1 / math.sqrt(s * s + 1)
+        m = eps_model(x * c_in, ts[i])
+        if pred == "epsilon":
+            den = x - s * m
+        elif pred == "v_prediction":
+            den = x * c_in**2 - s * c_in * m
+        else:
+            den = m
+        x = x + (sig[i + 1] - s) * (x - den) / s
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_euler_is_karras_algorithm_1(pred):
+    n = 8
+    s = EulerSampler(num_train_timesteps=T_TRAIN, prediction_type=pred)
+    x = _x() * s.set_timesteps(n).init_noise_sigma
+    traj = _run(s, x, n)
+    acp = _acp64()
+    train_sig = np.sqrt((1 - acp) / acp)
+    ts = np.linspace(T_TRAIN - 1, 0, n)
+    sig = np.append(np.interp(ts, np.arange(T_TRAIN), train_sig), 0.0)
+    for a, b in zip(traj, _euler_plain(x.double(), sig, ts, pred)):
+        _close(a, b, 3e-5)
+
+
+def test_euler_karras_sigmas():
+    n = 8
+    s = EulerSampler(num_train_timesteps=T_TRAIN, use_karras_sigmas=True)
+    x = _x() * s.set_timesteps(n).init_noise_sigma
+    traj = _run(s, x, n)
+    acp = _acp64()
+    train_sig = np.sqrt((1 - acp) / acp)
+    smax, smin = train_sig[-1], np.interp(0, np.arange(T_TRAIN), train_sig)
+    rho = 7.0
+    sig = (smax ** (1 / rho) + np.linspace(0, 1, n) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    # sigma_min = sigma(t = 0) = sqrt((1 - a) / a) with a ~ 0.9999: float32 (the schedule) vs float64 (here)
+    # cancellation costs ~1e-4 relative there
+    np.testing.assert_allclose(s.sigmas[:-1], sig, rtol=5e-4)
+    # the model's timestep for each sigma: log-sigma interpolation in the training table
+    t_of = np.interp(np.log(sig), np.log(train_sig), np.arange(T_TRAIN))
+    np.testing.assert_allclose(s.timesteps.numpy(), t_of, rtol=1e-4, atol=1e-3)
+    for a, b in zip(traj, _euler_plain(x.double(), np.append(sig, 0.0), t_of)):
+        _close(a, b, 3e-4)
+
+
+def _dpmpp_2m_plain(x, sig, ts, pred="epsilon", solver_type="midpoint"):
+    """Lu et al. 2022 (DPM-Solver++), Algorithm 2 (multistep, second order), in the variance-preserving form with
+    alpha = 1 / sqrt(sigma^2 + 1), sigma_vp = sigma alpha, lambda = log(alpha / sigma_vp); first order on the
+    first step and on the last one (to sigma = 0)."""
+    out, x0_prev, h_prev = [], None, None
+    for i in range(len(ts)):
+        a_s, a_t = 1 / math.sqrt(sig[i] ** 2 + 1), 1 / math.sqrt(sig[i + 1] ** 2 + 1)
+        s_s, s_t = sig[i] * a_s, sig[i + 1] * a_t
+        m = eps_model(x, ts[i])
+        x0 = (x - s_s * m) / a_s if pred == "epsilon" else (a_s * x - s_s * m if pred == "v_prediction" else m)
+        if s_t == 0:
+            x = x0
+        else:
+            h = math.log(a_t / s_t) - math.log(a_s / s_s)
+            if x0_prev is None:
+                d = x0
+                x = (s_t / s_s) * x - a_t * math.expm1(-h) * d
+            elif solver_type == "midpoint":
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+                x = (s_t / s_s) * x - a_t * math.expm1(-h) * d
+            else:
+                r = h_prev / h
+                d1 = (x0 - x0_prev) / r
+                x = (s_t / s_s) * x - a_t * math.expm1(-h) * x0 + a_t * (math.expm1(-h) / h + 1) * d1
+            h_prev = h
+        x0_prev = x0
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("pred,solver_type", [("epsilon", "midpoint"), ("v_prediction", "midpoint"),
+                                              ("epsilon", "heun")])
+def test_dpmsolverpp_2m_is_algorithm_2(pred, solver_type):
+    n = 10
+    s = DPMSolverPPSampler(num_train_timesteps=T_TRAIN, prediction_type=pred, solver_type=solver_type)
+    x = _x()
+    traj = _run(s, x, n)
+    acp = _acp64()
+    train_sig = np.sqrt((1 - acp) / acp)
+    ts = np.linspace(0, T_TRAIN - 1, n + 1).round()[::-1][:-1]
+    assert s.timesteps.tolist() == ts.astype(int).tolist()
+    sig = np.append(np.interp(ts, np.arange(T_TRAIN), train_sig), 0.0)
+    for a, b in zip(traj, _dpmpp_2m_plain(x.double(), sig, ts, pred, solver_type)):
+        _close(a, b, 5e-5)
+
+
+def test_dpmsolverpp_multistep_buffer_is_reset_by_set_timesteps():
+    s = DPMSolverPPSampler(num_train_timesteps=T_TRAIN)
+    x = _x()
+    a = _run(s, x, 6)[-1]
+    b = _run(s, x, 6)[-1]  # a second run: step 0 is first order, the stale buffer is unread
+    assert torch.equal(a, b)
+    b2 = _run(s, x[:1], 6)[-1]  # another batch size reallocates the buffer
+    torch.testing.assert_close(b2, a[:1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("cls,kw", [(DDPMSampler, {}), (DDIMSampler, {"eta": 1.0, "thresholding": True}),
+                                    (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True})])
+def test_backends_agree_over_a_run(backend, cls, kw):
+    if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
+        pytest.skip("the compiled extension is not built")
+    if backend == "triton" and fastdiff.info()["triton"] is None:
+        pytest.skip("Triton is not installed")
+    n = 5
+    s = cls(num_train_timesteps=T_TRAIN, **kw)
+    x = _x((2, 3, 4, 4)) * s.set_timesteps(n).init_noise_sigma
+    want = _run(s, x, n, backend="torch", seed=7)
+    got = _run(s, x, n, backend=backend, seed=7)
+    for a, b in zip(got, want):
+        _close(a, b, 2e-5)
+
+
+def test_same_seed_same_samples():
+    s = DDPMSampler(num_train_timesteps=T_TRAIN)
+    x = _x()
+    a = _run(s, x, 10, seed=3)
+    b = _run(s, x, 10, seed=3)
+    c = _run(s, x, 10, seed=4)
+    assert torch.equal(a[-1], b[-1]) and not torch.equal(a[-1], c[-1])
+    torch.manual_seed(5)
+    d = _run(s, x, 10, seed=None)[-1]  # set_timesteps without a seed draws one from torch's generator
+    torch.manual_seed(5)
+    e = _run(s, x, 10, seed=None)[-1]
+    assert torch.equal(d, e)
+
+
+def test_half_precision_trajectory():
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, clip_sample=False)
+    x = _x()
+    want = _run(s, x, 10)[-1]
+    for dt, tol in ((torch.float16, 5e-3), (torch.bfloat16, 4e-2)):
+        got = _run(s, x.to(dt), 10)[-1]
+        assert got.dtype == dt
+        _close(got.float(), want, tol)
+
+
+def test_learned_variance():
+    """learned_range: log variance interpolated between the posterior's and beta_t by (v + 1) / 2; the model's
+    2C output channels are split in place."""
+    n = 5
+    s = DDPMSampler(num_train_timesteps=T_TRAIN, variance_type="learned_range", clip_sample=False)
+    x = _x()
+    noises = _noises(n, x.shape)
+
+    def model(x, t):
+        e = eps_model(x, t)
+        return torch.cat([e, torch.tanh(e)], 1)
+
+    traj = _run(s, x, n, noises=noises, model=model)
+    acp = _acp64()
+    ts = s.timesteps.tolist()
+    xp = x.double()
+    for i, t in enumerate(ts):
+        a_t, a_p = acp[t], (acp[ts[i + 1]] if i + 1 < n else 1.0)
+        beta = 1 - a_t / a_p
+        out = model(xp, t)
+        eps, v = out[:, :3], out[:, 3:]
+        x0 = _x0("epsilon", xp, eps, a_t)
+        mean = math.sqrt(a_p) * beta / (1 - a_t) * x0 + math.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * xp
+        small = max(beta * (1 - a_p) / (1 - a_t), 1e-20)
+        f = (v + 1) / 2
+        logvar = f * math.log(beta) + (1 - f) * math.log(small)
+        xp = mean + (torch.exp(0.5 * logvar) * noises[i].double() if t > 0 else 0)
+        _close(traj[i], xp, 5e-5)
+    with pytest.raises(ValueError, match="^model_output:"):
+        s.step(eps_model(x, 0), 0, x)
+
+
+# --- guidance ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, DPMSolverPPSampler])
+def test_cfg_inside_the_step(cls):
+    s = cls(num_train_timesteps=T_TRAIN).set_timesteps(6, seed=1)
+    x = _x()
+    c, u = eps_model(x, 50), eps_model(-x, 50)
+    for i in (0, 3):
+        s._x0_buf = None
+        a = s.step(c, i, x, uncond=u, guidance_scale=6.0)
+        s._x0_buf = None
+        b = s.step(cfg_combine(c, u, 6.0), i, x)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="^uncond:"):
+        s.step(c, 0, x, guidance_scale=3.0)
+
+
+def test_classifier_guidance():
+    x = _x()
+    y = torch.tensor([1, 2])
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+
+    def classifier(x, t):
+        return x.mean((2, 3)) @ w
+
+    g = classifier_grad(classifier, x, torch.zeros(2), y)
+    x_req = x.clone().requires_grad_(True)
+    torch.log_softmax(classifier(x_req, None), -1)[torch.arange(2), y].sum().backward()
+    torch.testing.assert_close(g, x_req.grad)
+    # score form (DDIM): eps <- eps - sqrt(1 - abar_t) s grad
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, clip_sample=False).set_timesteps(5)
+    t0 = int(s.timesteps[0])
+    eps = eps_model(x, t0)
+    a = s.step(eps, 0, x, classifier_grad=g, classifier_scale=3.0)
+    sig = math.sqrt(1 - _acp64()[t0])
+    b = s.step(eps - sig * 3.0 * g, 0, x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # mean form (DDPM): mu <- mu + s Sigma grad, same noise
+    d = DDPMSampler(num_train_timesteps=T_TRAIN, clip_sample=False).set_timesteps(5, seed=0)
+    t0, t1 = d.timesteps[0].item(), d.timesteps[1].item()
+    acp = _acp64()
+    var = (1 - acp[t1]) / (1 - acp[t0]) * (1 - acp[t0] / acp[t1])
+    a = d.step(eps, 0, x, classifier_grad=g, classifier_scale=3.0)
+    b = d.step(eps, 0, x) + 3.0 * var * g
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_thresholding_matches_torch_quantile():
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, thresholding=True, sample_max_value=3.0,
+                    dynamic_thresholding_ratio=0.9).set_timesteps(5)
+    x = _x((3, 3, 8, 8)) * 4
+    m = eps_model(x, 90) * 3
+    st = s.step_index(1)
+    thr = s._threshold(x, m, None, 1.0, st)
+    a_t = _acp64()[s.timesteps[1].item()]
+    x0 = _x0("epsilon", x.double(), m.double(), a_t).float()
+    want = torch.quantile(x0.reshape(3, -1).abs(), 0.9, dim=1).clamp(1, 3.0)
+    torch.testing.assert_close(thr, want, atol=1e-4, rtol=1e-4)
+    # and the step thresholds x0 with it
+    out = s.step(m, 1, x)
+    x0t = torch.maximum(torch.minimum(x0, want.view(-1, 1, 1, 1)), -want.view(-1, 1, 1, 1)) / want.view(-1, 1, 1, 1)
+    a_p = _acp64()[s.timesteps[1].item() - 20]
+    ref = math.sqrt(a_p) * x0t + math.sqrt(1 - a_p) * m
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+# --- configs --------------------------------------------------------------------------------------------------------
+
+def test_from_config():
+    cfg = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_start": 0.00085, "beta_end": 0.012,
+           "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+           "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
+    s = DDIMSampler.from_config(cfg, eta=0.5)
+    assert s.config["steps_offset"] == 1 and s.config["set_alpha_to_one"] is False and s.config["eta"] == 0.5
+    e = EulerSampler.from_config(cfg)  # keys of other schedulers are ignored
+    assert e.config["beta_schedule"] == "scaled_linear"
+
+    class Frozen(dict):  # a FrozenDict stand-in: any Mapping works
+        pass
+
+    assert DPMSolverPPSampler.from_config(Frozen(cfg)).config["beta_end"] == 0.012
+    with pytest.raises(TypeError, match="^eta:"):
+        DDPMSampler.from_config(cfg, eta=1.0)
+    with pytest.raises(ValueError, match="^config:"):
+        DPMSolverPPSampler.from_config({"algorithm_type": "sde-dpmsolver++"})
+    with pytest.raises(TypeError, match="^config:"):
+        DDIMSampler.from_config([("beta_start", 0.1)])
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="^prediction_type:"):
+        DDIMSampler(prediction_type="noise")
+    with pytest.raises(ValueError, match="^timestep_spacing:"):
+        DDIMSampler(timestep_spacing="cosine")
+    with pytest.raises(ValueError, match="^variance_type:"):
+        DDPMSampler(variance_type="huge")
+    with pytest.raises(ValueError, match="^solver_order:"):
+        DPMSolverPPSampler(solver_order=3)
+    with pytest.raises(ValueError, match="^eta:"):
+        DDIMSampler(eta=-1)
+    with pytest.raises(TypeError, match="^clip_sample:"):
+        DDIMSampler(clip_sample="yes")
+    s = DDIMSampler()
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        s.step(torch.zeros(1, 1), 0, torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        s.set_timesteps(0)
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        s.set_timesteps(2000)
+    s.set_timesteps(4)
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="^i:"):
+        s.step(x, 4, x)
+    with pytest.raises(TypeError, match="^i:"):
+        s.step(x, 1.0, x)
+    with pytest.raises(ValueError, match="^model_output:"):
+        s.step(x[:, :1], 0, x)
+    with pytest.raises(TypeError, match="^guidance_scale:"):
+        s.step(x, 0, x, uncond=x, guidance_scale="high")
+
+
+# --- diffusers ------------------------------------------------------------------------------------------------------
+
+def _diffusers_run(sched, n, x, gen, learned=False):
+    sched.set_timesteps(n)
+    out = []
+    for t in sched.timesteps:
+        m = eps_model(sched.scale_model_input(x, t), t)
+        if learned:
+            m = torch.cat([m, torch.tanh(m)], 1)
+        kw = {"generator": gen} if isinstance(sched, dsched.DDPMScheduler) else {}
+        x = sched.step(m, t, x, **kw).prev_sample
+        out.append(x)
+    return out
+
+
+def _ours_run(s, n, x, gen, learned=False):
+    s.set_timesteps(n)
+    out = []
+    for i in range(n):
+        m = eps_model(s.scale_model_input(x, i), s.timesteps[i])
+        if learned:
+            m = torch.cat([m, torch.tanh(m)], 1)
+        x = s.step(m, i, x, generator=gen)
+        out.append(x)
+    return out
+
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+DIFFUSERS_CASES = [
+    ("DDIMScheduler", DDIMSampler, {}),
+    ("DDIMScheduler", DDIMSampler, {**SD, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                                    "rescale_betas_zero_snr": True, "clip_sample": False}),
+    ("DDIMScheduler", DDIMSampler, {"prediction_type": "sample", "thresholding": True, "timestep_spacing": "linspace",
+                                    "set_alpha_to_one": False, "steps_offset": 1}),
+    ("DDPMScheduler", DDPMSampler, {}),
+    ("DDPMScheduler", DDPMSampler, {"variance_type": "fixed_large", "beta_schedule": "squaredcos_cap_v2",
+                                    "steps_offset": 1}),
+    ("DDPMScheduler", DDPMSampler, {"variance_type": "learned_range", "beta_schedule": "sigmoid",
+                                    "prediction_type": "v_prediction", "thresholding": True}),
+    ("EulerDiscreteScheduler", EulerSampler, {}),
+    ("EulerDiscreteScheduler", EulerSampler, {**SD, "use_karras_sigmas": True, "timestep_spacing": "leading",
+                                              "steps_offset": 1}),
+    ("EulerDiscreteScheduler", EulerSampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                                              "rescale_betas_zero_snr": True, "final_sigmas_type": "sigma_min"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_karras_sigmas": True, "thresholding": True,
+                                                         "prediction_type": "sample", "solver_type": "heun"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"final_sigmas_type": "sigma_min", "timestep_spacing": "leading",
+                                                         "prediction_type": "v_prediction", "lower_order_final": False}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"beta_schedule": "squaredcos_cap_v2",
+                                                         "lambda_min_clipped": -5.1, "timestep_spacing": "trailing"}),
+]
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name,cls,cfg", DIFFUSERS_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DIFFUSERS_CASES)])
+@pytest.mark.parametrize("n", [10, 25])
+def test_matches_diffusers(name, cls, cfg, n):
+    ds = getattr(dsched, name)(**cfg)
+    ours = cls.from_config(ds.config)
+    learned = cfg.get("variance_type", "").startswith("learned")
+    x = _x((2, 3, 8, 8))
+    ds.set_timesteps(n)
+    ours.set_timesteps(n)
+    np.testing.assert_allclose(ours.timesteps.numpy(), ds.timesteps.numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(ds.init_noise_sigma), rel=1e-5)
+    x = x * ours.init_noise_sigma
+    want = _diffusers_run(ds, n, x.clone(), torch.Generator().manual_seed(5), learned)
+    got = _ours_run(ours, n, x.clone(), torch.Generator().manual_seed(5), learned)
+    for a, b in zip(got, want):  # diffusers computes its coefficients in float32, these in float64
+        _close(a, b, 5e-4)
+
+
+# --- the sampling loop ------------------------------------------------------------------------------------------------
+
+class TinyModel(torch.nn.Module):
+    """A few-parameter stand-in for a conditional U-Net: model(x, t, y=None, context=None)."""
+
+    def __init__(self, channels=3, classes=4, ctx_dim=5):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.temb = torch.nn.Linear(1, channels)
+        self.yemb = torch.nn.Embedding(classes + 1, channels)
+        self.cproj = torch.nn.Linear(ctx_dim, channels)
+        self.calls = []
+
+    def forward(self, x, t, y=None, context=None):
+        self.calls.append({"batch": x.shape[0], "y": y is not None, "context": context is not None})
+        h = self.conv(x) + self.temb(t.float().reshape(-1, 1) / 1000)[:, :, None, None]
+        if y is not None:
+            h = h + self.yemb(y)[:, :, None, None]
+        if context is not None:
+            h = h + self.cproj(context.mean(1))[:, :, None, None]
+        return torch.tanh(h)
+
+
+@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, DPMSolverPPSampler])
+def test_sample_is_reproducible(cls):
+    torch.manual_seed(0)
+    model = TinyModel()
+    s = cls(num_train_timesteps=T_TRAIN)
+    a = sample(model, s, (2, 3, 8, 8), seed=1, num_inference_steps=6, progress=False)
+    b = sample(model, s, (2, 3, 8, 8), seed=1, num_inference_steps=6, progress=False)
+    c = sample(model, s, (2, 3, 8, 8), seed=2, num_inference_steps=6, progress=False)
+    assert a.shape == (2, 3, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_is_the_diffusers_style_loop():
+    torch.manual_seed(0)
+    model = TinyModel()
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, eta=0.5)
+    got = sample(model, s, (2, 3, 8, 8), seed=3, num_inference_steps=5, progress=False)
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(3)) * s.init_noise_sigma
+    s.manual_seed(3)
+    with torch.no_grad():
+        for i, t in enumerate(s.timesteps):
+            x = s.step(model(s.scale_model_input(x, i), t.expand(2)), i, x)
+    torch.testing.assert_close(got, x)
+
+
+def test_sample_conditioning_and_cfg():
+    torch.manual_seed(0)
+    model = TinyModel()
+    s = EulerSampler(num_train_timesteps=T_TRAIN)
+    y, ny = torch.tensor([0, 3]), torch.tensor([4, 4])
+    ctx, nctx = torch.randn(2, 7, 5), torch.zeros(2, 7, 5)
+    model.calls.clear()
+    sample(model, s, (2, 3, 8, 8), y=y, seed=0, num_inference_steps=3, progress=False)
+    assert model.calls[0] == {"batch": 2, "y": True, "context": False}
+    model.calls.clear()
+    batched = sample(model, s, (2, 3, 8, 8), y=y, uncond_y=ny, context=ctx, uncond_context=nctx, guidance_scale=5.0,
+                     seed=0, num_inference_steps=3, progress=False)
+    assert model.calls[0] == {"batch": 4, "y": True, "context": True} and len(model.calls) == 3
+    # different context lengths cannot be batched: two calls per step, same result
+    model.calls.clear()
+    two = sample(model, s, (2, 3, 8, 8), y=y, uncond_y=ny, context=ctx, uncond_context=nctx[:, :3] * 0,
+                 guidance_scale=5.0, seed=0, num_inference_steps=3, progress=False)
+    assert len(model.calls) == 6
+    torch.testing.assert_close(batched, two, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_classifier_guidance_moves_toward_the_class():
+    torch.manual_seed(0)
+    model = TinyModel()
+    w = torch.randn(3, 4)
+
+    def classifier(x, t):
+        return x.mean((2, 3)) @ w
+
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, clip_sample=False)
+    y = torch.tensor([1, 1])
+    base = sample(model, s, (2, 3, 8, 8), y=y, seed=0, num_inference_steps=5, progress=False)
+    guided = sample(model, s, (2, 3, 8, 8), y=y, classifier=classifier, classifier_scale=20.0, seed=0,
+                    num_inference_steps=5, progress=False)
+    lp = lambda x: torch.log_softmax(classifier(x, None), -1)[:, 1].mean()  # noqa: E731
+    assert lp(guided) > lp(base)
+
+
+def test_sample_errors():
+    model = TinyModel()
+    s = DDIMSampler(num_train_timesteps=T_TRAIN)
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        sample(model, DDIMSampler(), (1, 3, 4, 4), progress=False)
+    with pytest.raises(ValueError, match="^guidance_scale:"):
+        sample(model, s, (1, 3, 4, 4), guidance_scale=3.0, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="^shape:"):
+        sample(model, s, (0, 3), num_inference_steps=2, progress=False)
+    with pytest.raises(TypeError, match="^sampler:"):
+        sample(model, "ddim", (1, 3, 4, 4), progress=False)
+    with pytest.raises(ValueError, match="^classifier:"):
+        sample(model, s, (1, 3, 4, 4), classifier=lambda x, t: x, classifier_scale=1.0, num_inference_steps=2,
+               progress=False)
+    with pytest.raises(ValueError, match="^cuda_graph:"):
+        sample(model, s, (1, 3, 4, 4), cuda_graph=True, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="^y:"):
+        sample(model, s, (2, 3, 4, 4), y=torch.tensor([1]), num_inference_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"eta": 1.0}),
+                                    (EulerSampler, {"use_karras_sigmas": True}),
+                                    (DPMSolverPPSampler, {"thresholding": True})])
+def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
+    """No .item(), .tolist(), .nonzero() or Python branch on a tensor value anywhere in the sampling loop (the GPU
+    version of this check, with torch.cuda.set_sync_debug_mode, is test_no_sync_on_gpu)."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    s = cls(num_train_timesteps=T_TRAIN, **kw).set_timesteps(4, seed=0)
+
+    def boom(*a, **k):
+        raise AssertionError("host read of a tensor value inside the sampling loop")
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    y = torch.tensor([0, 1])
+    out = sample(model, s, (2, 3, 8, 8), y=y, uncond_y=torch.tensor([4, 4]), guidance_scale=3.0, seed=0,
+                 progress=False)
+    monkeypatch.undo()
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, DPMSolverPPSampler])
+def test_no_sync_on_gpu_and_graph_equals_eager(cls):
+    torch.manual_seed(0)
+    model = TinyModel().cuda()
+    s = cls(num_train_timesteps=T_TRAIN, thresholding=cls is not EulerSampler) if cls is not EulerSampler else cls(
+        num_train_timesteps=T_TRAIN)
+    y, ny = torch.tensor([0, 1], device="cuda"), torch.tensor([4, 4], device="cuda")
+    eager = sample(model, s, (2, 3, 16, 16), y=y, uncond_y=ny, guidance_scale=3.0, seed=0, num_inference_steps=8,
+                   cuda_graph=False, progress=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager2 = sample(model, s, (2, 3, 16, 16), y=y, uncond_y=ny, guidance_scale=3.0, seed=0, cuda_graph=False,
+                        progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graphed = sample(model, s, (2, 3, 16, 16), y=y, uncond_y=ny, guidance_scale=3.0, seed=0, cuda_graph=True,
+                     progress=False)
+    torch.testing.assert_close(eager2, eager)
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
