@@ -15,7 +15,7 @@ from fastdiff.training import (AutoencoderTrainer, ClassifierTrainer, ImageFolde
                                TensorImageDataset, Trainer, UniformSampler, bits_per_dim, digits,
                                load_autoencoder, load_model, min_snr_weight, q_sample, training_losses)
 from fastdiff.training import checkpoint as ckpt
-from fastdiff.training.losses import _make_betas, _make_schedule, coefs
+from fastdiff.training.losses import _make_schedule, coefs
 
 try:
     import sklearn  # noqa: F401
@@ -51,14 +51,20 @@ def synthetic(n=24, channels=1, size=16, classes=3, seed=0):
 
 def test_schedules():
     for kind in ("linear", "cosine"):
-        b = _make_betas(kind, 1000)
-        assert b.dtype == torch.float64 and b.shape == (1000,)
-        assert (b > 0).all() and (b < 1).all()
         s = _make_schedule(kind, 1000)
+        b = s.betas
+        assert b.shape == (1000,) and (b > 0).all() and (b < 1).all()
         assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
-    torch.testing.assert_close(_make_betas("linear", 1000)[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    torch.testing.assert_close(_make_schedule("linear", 1000).betas[[0, -1]].double(),
+                               torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    # linear is rescaled to T steps (ADM); cosine is the sampler's squaredcos_cap_v2
+    torch.testing.assert_close(_make_schedule("linear", 250).betas[[0, -1]].double(),
+                               torch.tensor([4e-4, 0.08], dtype=torch.float64))
+    from fastdiff.diffusion import NoiseSchedule
+    torch.testing.assert_close(_make_schedule("cosine", 100).betas,
+                               NoiseSchedule(100, beta_schedule="squaredcos_cap_v2").betas)
     with pytest.raises(ValueError, match="beta_schedule"):
-        _make_betas("quadratic", 10)
+        _make_schedule("quadratic", 10)
 
 
 def _oracle(schedule, x0, target):

@@ -19,33 +19,19 @@ TARGETS = ("eps", "x0", "v")
 
 # -- schedules ----------------------------------------------------------------------------------------------------
 
-def _make_betas(kind: str, num_train_timesteps: int) -> torch.Tensor:
-    """ADM's beta schedules in float64: "linear" (DDPM's, rescaled to T) or "cosine" (Improved DDPM)."""
+def _make_schedule(kind: str = "linear", num_train_timesteps: int = 1000):
+    """The training schedule, as the samplers see it (fastdiff.diffusion.NoiseSchedule): "linear" is DDPM's
+    (1e-4 to 0.02, rescaled to T steps as ADM does), "cosine" Improved DDPM's (squaredcos_cap_v2); any other
+    NoiseSchedule beta_schedule name is passed through."""
+    from fastdiff.diffusion.schedules import NoiseSchedule
+
     T = int(num_train_timesteps)
     if T <= 0:
         raise ValueError(f"num_train_timesteps: expected a positive int, got {num_train_timesteps!r}")
     if kind == "linear":
         scale = 1000.0 / T
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
-    if kind == "cosine":
-        def alpha_bar(t):
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        return torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
-                            dtype=torch.float64)
-    raise ValueError(f"beta_schedule: expected 'linear' or 'cosine', got {kind!r}")
-
-
-class _Schedule:
-    """The minimal schedule the training code needs (a stand-in for fastdiff.diffusion.NoiseSchedule)."""
-
-    def __init__(self, betas: torch.Tensor):
-        self.betas = betas.to(torch.float64)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        self.num_train_timesteps = len(self.betas)
-
-
-def _make_schedule(kind: str = "linear", num_train_timesteps: int = 1000) -> _Schedule:
-    return _Schedule(_make_betas(kind, num_train_timesteps))
+        return NoiseSchedule(T, beta_start=scale * 1e-4, beta_end=scale * 0.02, beta_schedule="linear")
+    return NoiseSchedule(T, beta_schedule="squaredcos_cap_v2" if kind == "cosine" else kind)
 
 
 class _Coefs:
