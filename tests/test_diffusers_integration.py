@@ -215,7 +215,7 @@ def test_torch_compile(models, name):
         ref = call(model, a)
         fdd.patch(model)
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="aot_eager")
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(call(compiled, a), ref, atol=2e-5, rtol=1e-4)
 
 
