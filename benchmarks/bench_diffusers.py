@@ -112,6 +112,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        # One thread (as bench_attention.py): on a shared machine a parallel region waits for its slowest,
+        # descheduled thread; one thread measures the layers, not the neighbours.
+        torch.set_num_threads(1)
     dtypes = args.dtype or (["float16", "bfloat16"] if device.type == "cuda" else ["float32"])
     rows = []
     for dname in dtypes:
