@@ -95,7 +95,7 @@ def _time_interleaved(model, fn, device, rounds, compile_too):
                     if name not in compiled:
                         torch._dynamo.reset()
                         compiled[name] = torch.compile(model)
-                    keep(name + "-compile", _bench.time_fn(lambda: fn(compiled[name]), device, warmup=3,
+                    keep(name + "-compile", _bench.time_fn(lambda c=compiled[name]: fn(c), device, warmup=3,
                                                            min_time_s=0.5))
             if patched:
                 fdd.unpatch(model)

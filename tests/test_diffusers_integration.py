@@ -17,7 +17,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'fastdiff[diffusers]')")
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
 import fastdiff  # noqa: E402
@@ -282,5 +282,5 @@ def test_fastdiff_imports_without_diffusers():
             "assert 'fastdiff.integrations.diffusers' not in sys.modules\n"
             "try:\n    import fastdiff.integrations.diffusers\nexcept ImportError as e:\n"
             "    assert 'fastdiff[diffusers]' in str(e), e\nelse:\n    raise SystemExit('imported')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
