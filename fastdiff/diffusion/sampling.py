@@ -39,13 +39,25 @@ def _cat(a, b):
     return None if a is None else torch.cat([a, b])
 
 
+def _as_sampling_model(model):
+    """A diffusers U-Net (its call signature, its output object) adapted to model(x, t, y=, context=) -> tensor;
+    other models as they are. diffusers is imported only when the model comes from it."""
+    target = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if type(target).__module__.startswith("diffusers."):
+        from fastdiff.integrations.diffusers import sampling_model
+
+        return sampling_model(model)
+    return model
+
+
 def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_context=None, uncond_y=None,
            guidance_scale=1.0, classifier=None, classifier_scale=0.0, seed=None, dtype=None, num_inference_steps=None,
            device=None, cuda_graph="auto", progress=True, backend="auto"):
     """Draw samples of `shape` by running `sampler` over `model`; returns x_0 (a tensor of `shape`).
 
     model(x, t, y=..., context=...) -> prediction (only the keyword arguments given here are passed); t is a (N,)
-    tensor of the sampler's timesteps. y: class labels; context: cross-attention states. Classifier-free guidance
+    tensor of the sampler's timesteps. A diffusers U-Net works as it is: context goes to its encoder_hidden_states,
+    y to its class_labels, and its output's ``.sample`` is the prediction. y: class labels; context: cross-attention states. Classifier-free guidance
     (guidance_scale != 1) needs uncond_context and/or uncond_y (the "null" conditioning); the two branches run as
     one batched model call when their shapes allow. classifier(x, t) -> logits with classifier_scale > 0 adds
     classifier guidance toward y (eager only: autograd is not captured in a CUDA graph).
@@ -88,6 +100,7 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape[0] != N):
             raise ValueError(f"{name}: expected a tensor with {N} (the batch size) rows")
 
+    model = _as_sampling_model(model)
     mdev, mdtype = _model_device_dtype(model)
     device = torch.device(device) if device is not None else (mdev or sampler.device)
     dtype = dtype or mdtype or torch.float32

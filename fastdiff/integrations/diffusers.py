@@ -1,0 +1,327 @@
+"""fastdiff.integrations.diffusers: run a diffusers U-Net or VAE on fastdiff's fused layers, in place.
+
+    n = patch(unet)        # how many layers now run fused
+    ...
+    unpatch(unet)          # the original forwards, modules and attention processors again
+
+What :func:`patch` replaces (each counts one in its return value), keeping every parameter object where it is (the
+state_dict keys and tensors are unchanged, so weights load the same before and after):
+
+* ``ResnetBlock2D`` (SiLU nonlinearity, ``nn.GroupNorm`` norms, time_embedding_norm "default" or "scale_shift"):
+  the instance's ``forward`` is replaced by a bound method that runs norm1+SiLU as one fused GroupNorm, and norm2
+  with the time embedding's AdaGN ``(1 + scale) * h + shift`` and the SiLU as another (2 per block). Blocks with
+  another activation or norm, or a subclass with its own forward, keep theirs.
+* ``Attention`` modules whose processor is diffusers' default (``AttnProcessor2_0`` or ``AttnProcessor``): the
+  processor becomes :class:`FastdiffAttnProcessor` (self and cross attention), which runs the module's own
+  to_q/to_k/to_v/to_out, its GroupNorm fused, and fastdiff's attention on per-head strided views of the
+  projections (no transposing copies). Calls it does not handle (an attention mask, extra processor arguments)
+  go to the original processor.
+* ``conv_norm_out`` + ``conv_act`` (SiLU) of ``UNet2DModel``, ``UNet2DConditionModel`` and the VAE's
+  ``Encoder``/``Decoder``: the norm becomes ``fastdiff.nn.GroupNorm(activation="silu")`` sharing the parameters,
+  the activation ``nn.Identity``.
+* Every other plain ``nn.GroupNorm`` (e.g. ``Transformer2DModel.norm``): ``fastdiff.nn.GroupNorm`` sharing the
+  parameters.
+
+:func:`sampling_model` adapts a diffusers U-Net to fastdiff's sampling loop (``model(x, t, y=, context=)`` -> a
+tensor); :func:`fastdiff.sample` applies it by itself to diffusers models.
+
+Needs diffusers (``pip install fastdiff[diffusers]``); ``import fastdiff`` does not import this module.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff import ops
+from fastdiff.nn.norm import GroupNorm as _FusedGroupNorm
+from fastdiff.ops.attention import FUSED_DTYPES, MAX_HEAD_DIM
+
+try:
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.unets.unet_2d import UNet2DModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+except ImportError as e:  # pragma: no cover - exercised only without diffusers
+    raise ImportError("fastdiff.integrations.diffusers needs diffusers: pip install 'fastdiff[diffusers]'") from e
+
+__all__ = ["patch", "unpatch", "is_patched", "FastdiffAttnProcessor", "sampling_model"]
+
+# model -> list of undo callables, in the order they were applied. Weak keys: no attribute is added to the model
+# (so its pickling, deepcopy and state_dict are untouched) and a dropped model is not kept alive.
+_UNDO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+_OUT_NORM_OWNERS = (UNet2DModel, UNet2DConditionModel, Encoder, Decoder)
+
+
+# -- the fused pieces ---------------------------------------------------------------------------------------------
+def _group_norm(norm: torch.nn.GroupNorm, x, scale=None, shift=None, activation=None):
+    """norm(x) (with AdaGN scale/shift and activation) as one fused op, with norm's own parameters."""
+    w, b = norm.weight, norm.bias
+    # The fused op takes one dtype: under autocast (or with an fp32 norm in a half model) cast the C-sized
+    # parameters to x's, as fastdiff.nn.GroupNorm does; statistics are fp32 whatever the dtype.
+    w = w if w is None or w.dtype == x.dtype else w.to(x.dtype)
+    b = b if b is None or b.dtype == x.dtype else b.to(x.dtype)
+    if scale is not None:
+        scale = scale.to(x.dtype).contiguous()
+        shift = shift.to(x.dtype).contiguous()
+    return ops.group_norm(x, norm.num_groups, w, b, norm.eps, scale=scale, shift=shift, activation=activation)
+
+
+def _attention(q, k, v, scale):
+    """fastdiff's attention where its kernels take the problem, else SDPA (rather than ops.attention's fallback to
+    the materialised-softmax reference, which is slower than SDPA on a GPU for float32)."""
+    d = q.shape[-1]
+    if q.device.type == "cpu" or (q.dtype in FUSED_DTYPES and d % 8 == 0 and 8 <= d <= MAX_HEAD_DIM):
+        return ops.attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """ResnetBlock2D.forward with norm1+SiLU and norm2(+scale-shift)+SiLU fused (bound to a patched instance)."""
+    if args or kwargs.get("scale") is not None:  # the deprecated `scale` argument: let diffusers warn about it
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    h = _group_norm(self.norm1, input_tensor, activation="silu")
+    if self.upsample is not None:
+        if h.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails with large batches
+            input_tensor = input_tensor.contiguous()
+            h = h.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        h = self.upsample(h)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        h = self.downsample(h)
+    h = self.conv1(h)
+    if self.time_emb_proj is not None and temb is not None:
+        if not self.skip_time_act:
+            temb = F.silu(temb)
+        temb = self.time_emb_proj(temb)
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(" `temb` should not be None when `time_embedding_norm` is scale_shift")
+        scale, shift = temb.chunk(2, dim=1)
+        h = _group_norm(self.norm2, h, scale=scale, shift=shift, activation="silu")
+    else:
+        if temb is not None:
+            h = h + temb[:, :, None, None]
+        h = _group_norm(self.norm2, h, activation="silu")
+    h = self.dropout(h)
+    h = self.conv2(h)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    out = input_tensor + h
+    if self.output_scale_factor != 1.0:
+        out = out / self.output_scale_factor
+    return out
+
+
+def _is_plain_group_norm(m) -> bool:
+    return type(m) is torch.nn.GroupNorm and m.affine
+
+
+def _resnet_supported(block) -> bool:
+    return (isinstance(block, ResnetBlock2D) and type(block).forward is ResnetBlock2D.forward
+            and "forward" not in block.__dict__ and isinstance(block.nonlinearity, torch.nn.SiLU)
+            and _is_plain_group_norm(block.norm1) and _is_plain_group_norm(block.norm2)
+            and block.time_embedding_norm in ("default", "scale_shift"))
+
+
+class FastdiffAttnProcessor:
+    """A diffusers attention processor on fastdiff's fused attention and GroupNorm, for ``Attention`` modules.
+
+    Computes what ``AttnProcessor2_0`` does (spatial_norm, group_norm, norm_cross, norm_q/norm_k, to_out,
+    residual_connection, rescale_output_factor) with q, k, v passed to ``fastdiff.ops.attention`` as (B, H, S, D)
+    views of the (B, S, H·D) projections. ``fallback`` (the processor it replaced) runs the calls it does not
+    handle: an attention mask, or extra arguments.
+    """
+
+    def __init__(self, fallback=None):
+        self.fallback = fallback if fallback is not None else AttnProcessor2_0()
+        # AttnProcessor2_0 leaves the scale to SDPA (D ** -0.5) whatever attn.scale says; AttnProcessor uses
+        # attn.scale. Match the processor being replaced.
+        self._use_attn_scale = not isinstance(self.fallback, AttnProcessor2_0)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if attention_mask is not None or args or kwargs:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            if attn.group_norm is not None:  # the same statistics over (C, H, W) as over (C, H·W), read in place
+                hidden_states = _group_norm(attn.group_norm, hidden_states)
+            hidden_states = hidden_states.reshape(batch, channel, height * width).transpose(1, 2)
+        elif attn.group_norm is not None:  # (B, S, C) seen as a channels-last (B, C, S): read in place
+            hidden_states = _group_norm(attn.group_norm, hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0] if encoder_hidden_states is None else encoder_hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        # (B, S, H·D) -> (B, H, S, D) views: the fused kernels read these strides in place
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = _attention(query, key, value, float(attn.scale) if self._use_attn_scale else None)
+        # the fused kernels write (B, S, H, D) memory for such views: this reshape is free
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def __repr__(self):
+        return f"FastdiffAttnProcessor(fallback={type(self.fallback).__name__})"
+
+
+# -- patch / unpatch ----------------------------------------------------------------------------------------------
+def _named_parents(model):
+    """(parent, attribute name, child) for every submodule, the root's children included."""
+    for pname, parent in model.named_modules():
+        for name, child in parent.named_children():
+            yield parent, name, child
+
+
+def _swap(parent, name, new, undo):
+    old = getattr(parent, name)
+    setattr(parent, name, new)
+    undo.append(lambda: setattr(parent, name, old))
+
+
+def _fused_group_norm_like(norm: torch.nn.GroupNorm, activation):
+    new = _FusedGroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=True, device="meta",
+                          activation=activation)
+    new.weight, new.bias = norm.weight, norm.bias  # the same Parameter objects: nothing is copied
+    new.train(norm.training)
+    return new
+
+
+def patch(model: torch.nn.Module) -> int:
+    """Make `model` (a diffusers ``UNet2DModel``, ``UNet2DConditionModel``, ``AutoencoderKL`` or any module
+    holding their parts) run fastdiff's fused GroupNorm+SiLU, AdaGN and attention, in place. Returns how many
+    layers were replaced (0 for a model already patched). :func:`unpatch` undoes it."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    undo = []
+    handled = set()  # ids of GroupNorms that the fused resnet forward or attention processor now run
+    count = 0
+
+    for m in model.modules():
+        if _resnet_supported(m):
+            m.forward = types.MethodType(_resnet_forward, m)
+            undo.append(lambda m=m: m.__dict__.pop("forward", None))
+            handled.update((id(m.norm1), id(m.norm2)))
+            count += 2
+        elif isinstance(m, ResnetBlock2D) and isinstance(m.__dict__.get("forward"), types.MethodType) \
+                and m.__dict__["forward"].__func__ is _resnet_forward:
+            handled.update((id(m.norm1), id(m.norm2)))  # patched before
+
+    for m in model.modules():
+        if not isinstance(m, Attention):
+            continue
+        proc = getattr(m, "processor", None)
+        if isinstance(proc, FastdiffAttnProcessor):
+            handled.add(id(m.group_norm))
+        elif type(proc) in (AttnProcessor2_0, AttnProcessor):
+            m.set_processor(FastdiffAttnProcessor(proc))
+            undo.append(lambda m=m, proc=proc: m.set_processor(proc))
+            handled.add(id(m.group_norm))
+            count += 1
+
+    for m in model.modules():
+        if isinstance(m, _OUT_NORM_OWNERS) and _is_plain_group_norm(getattr(m, "conv_norm_out", None)) \
+                and isinstance(getattr(m, "conv_act", None), torch.nn.SiLU):
+            _swap(m, "conv_norm_out", _fused_group_norm_like(m.conv_norm_out, "silu"), undo)
+            _swap(m, "conv_act", torch.nn.Identity(), undo)
+            count += 1
+
+    for parent, name, child in list(_named_parents(model)):
+        if _is_plain_group_norm(child) and id(child) not in handled:
+            _swap(parent, name, _fused_group_norm_like(child, None), undo)
+            count += 1
+
+    if undo:
+        _UNDO.setdefault(model, []).extend(undo)
+    return count
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Restore what :func:`patch` (called on this same `model`) replaced: the original forwards, GroupNorm and
+    SiLU modules and attention processors. Returns how many replacements were undone."""
+    undo = _UNDO.pop(model, [])
+    for fn in reversed(undo):
+        fn()
+    return len(undo)
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return bool(_UNDO.get(model))
+
+
+# -- sampling -----------------------------------------------------------------------------------------------------
+class _SamplingModel(torch.nn.Module):
+    """model(x, t, y=None, context=None) -> tensor, over a diffusers U-Net's
+    unet(sample, timestep, encoder_hidden_states=context, class_labels=y, return_dict=False)[0]."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        target = getattr(unet, "_orig_mod", unet)  # a torch.compile'd U-Net: look at the module it wraps
+        params = inspect.signature(target.forward).parameters
+        self._return_dict = "return_dict" in params
+        self._ctx = "encoder_hidden_states" in params
+        self._cls = "class_labels" in params
+
+    def forward(self, x, t, y=None, context=None):
+        kw = {}
+        if context is not None:
+            if not self._ctx:
+                raise TypeError(f"context: {type(self.unet).__name__} takes no encoder_hidden_states")
+            kw["encoder_hidden_states"] = context
+        if y is not None:
+            if not self._cls:
+                raise TypeError(f"y: {type(self.unet).__name__} takes no class_labels")
+            kw["class_labels"] = y
+        if self._return_dict:
+            kw["return_dict"] = False
+        out = self.unet(x, t, **kw)
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return getattr(out, "sample", out)
+
+
+def is_diffusers_model(model) -> bool:
+    target = getattr(model, "_orig_mod", model)
+    return type(target).__module__.startswith("diffusers.")
+
+
+def sampling_model(unet) -> torch.nn.Module:
+    """`unet` (a diffusers U-Net, patched or not, possibly torch.compile'd) as a fastdiff sampling model:
+    ``m(x, t, y=None, context=None)`` returning the prediction tensor. Other models are returned as they are."""
+    if isinstance(unet, _SamplingModel) or not is_diffusers_model(unet):
+        return unet
+    return _SamplingModel(unet)

@@ -1,0 +1,286 @@
+"""fastdiff.integrations.diffusers on small random-weight diffusers models, on the CPU.
+
+Models: UNet2DModel (default time-embedding norm, AttnDown/AttnUp blocks), UNet2DModel with scale_shift norms,
+resnet down/up-sampling blocks and class labels, UNet2DConditionModel (cross attention), AutoencoderKL (mid-block
+attention with its GroupNorm). For each: patched == unpatched, the replacement count, unpatch restores exactly,
+state_dict unchanged, torch.compile; and fastdiff.sample over a diffusers U-Net equals a diffusers DDIM loop.
+"""
+import copy
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'fastdiff[diffusers]')")
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
+
+import fastdiff  # noqa: E402
+from fastdiff.diffusion import DDIMSampler  # noqa: E402
+from fastdiff.integrations import diffusers as fdd  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _unet2d():
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+
+
+def _unet2d_scale_shift():
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                       down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D"), norm_num_groups=8,
+                       attention_head_dim=8, resnet_time_scale_shift="scale_shift", num_class_embeds=10)
+
+
+def _unet_cond():
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+
+
+def _vae():
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+                         norm_num_groups=8, layers_per_block=1)
+
+
+# name -> (factory, call(model, inputs), make inputs(dtype), replacements expected)
+# counts: 2 per ResnetBlock2D (norm1+SiLU, norm2(+AdaGN)+SiLU) + 1 per attention processor + conv_norm_out+conv_act
+# + 1 per other GroupNorm (UNet2DConditionModel: the Transformer2DModel input norms).
+CASES = {
+    "unet2d": (_unet2d, lambda m, a: m(a["x"], a["t"]).sample, 8 * 2 + 4 + 1),
+    "unet2d_scale_shift": (_unet2d_scale_shift, lambda m, a: m(a["x"], a["t"], class_labels=a["y"]).sample,
+                           9 * 2 + 4 + 1),
+    "unet_cond": (_unet_cond, lambda m, a: m(a["x4"], a["t"], encoder_hidden_states=a["ctx"]).sample,
+                  8 * 2 + 8 + 1 + 4),
+    "vae": (_vae, lambda m, a: m(a["x"]).sample, 10 * 2 + 2 + 2),
+}
+
+
+def _inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(2, 3, 16, 16, generator=g).to(dtype), "x4": torch.randn(2, 4, 16, 16, generator=g).to(dtype),
+            "ctx": torch.randn(2, 7, 16, generator=g).to(dtype), "t": torch.tensor([10, 700]),
+            "y": torch.tensor([1, 7])}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {name: f().eval() for name, (f, _, _) in CASES.items()}
+
+
+def _expected_count(model):
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ResnetBlock2D):
+            n += 2
+        elif isinstance(m, Attention):
+            n += 1
+    gns = [m for m in model.modules() if type(m) is torch.nn.GroupNorm]
+    owned = {id(m.norm1) for m in model.modules() if isinstance(m, ResnetBlock2D)}
+    owned |= {id(m.norm2) for m in model.modules() if isinstance(m, ResnetBlock2D)}
+    owned |= {id(m.group_norm) for m in model.modules() if isinstance(m, Attention)}
+    return n + sum(1 for g in gns if id(g) not in owned)
+
+
+def _snapshot(model):
+    return ({n: m for n, m in model.named_modules()},
+            {n: m.processor for n, m in model.named_modules() if isinstance(m, Attention)},
+            {n: m.__dict__.get("forward") for n, m in model.named_modules()})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_patch_matches_unpatched_and_unpatch_restores(models, name):
+    _, call, expected = CASES[name]
+    model = models[name]
+    a = _inputs()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    before = _snapshot(model)
+    counted = _expected_count(model)
+    with torch.no_grad():
+        ref = call(model, a)
+        n = fdd.patch(model)
+        try:
+            assert n == expected == counted
+            assert fdd.is_patched(model)
+            # state_dict: the same keys, the same tensors (nothing copied)
+            assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+            assert all(isinstance(m.processor, fdd.FastdiffAttnProcessor)
+                       for m in model.modules() if isinstance(m, Attention))
+            # the GroupNorm modules left are those the fused resnet forwards and attention processors run
+            owned = {id(g) for m in model.modules() if isinstance(m, ResnetBlock2D) for g in (m.norm1, m.norm2)}
+            owned |= {id(m.group_norm) for m in model.modules() if isinstance(m, Attention)}
+            assert all(id(m) in owned for m in model.modules() if type(m) is torch.nn.GroupNorm)
+            out = call(model, a)
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+            assert fdd.patch(model) == 0  # idempotent
+        finally:
+            assert fdd.unpatch(model) > 0
+        assert not fdd.is_patched(model)
+        after = _snapshot(model)
+        assert after[0].keys() == before[0].keys() and all(after[0][k] is before[0][k] for k in before[0])
+        assert all(after[1][k] is before[1][k] for k in before[1])
+        assert after[2] == before[2]
+        assert torch.equal(call(model, a), ref)
+        assert fdd.unpatch(model) == 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_patched_bfloat16(models, name):
+    _, call, _ = CASES[name]
+    model = copy.deepcopy(models[name]).to(torch.bfloat16)
+    a = _inputs(torch.bfloat16)
+    with torch.no_grad():
+        ref = call(model, a).float()
+        fdd.patch(model)
+        out = call(model, a).float()
+    torch.testing.assert_close(out, ref, atol=5e-2 * ref.abs().max().item(), rtol=5e-2)
+
+
+def test_load_state_dict_after_patch(models):
+    src = models["unet2d_scale_shift"]
+    model = _unet2d_scale_shift().eval()
+    fdd.patch(model)
+    model.load_state_dict(src.state_dict())  # strict: the keys are unchanged
+    a = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(CASES["unet2d_scale_shift"][1](model, a), CASES["unet2d_scale_shift"][1](src, a),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_attention_mask_falls_back(models):
+    model = copy.deepcopy(models["unet_cond"])
+    attn = model.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    h, ctx = torch.randn(2, 64, 32), torch.randn(2, 7, 16)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[:, -2:] = False
+    with torch.no_grad():
+        ref_mask, ref = attn(h, ctx, attention_mask=mask), attn(h, ctx)
+        fdd.patch(model)
+        assert isinstance(attn.processor, fdd.FastdiffAttnProcessor)
+        torch.testing.assert_close(attn(h, ctx, attention_mask=mask), ref_mask)
+        torch.testing.assert_close(attn(h, ctx), ref, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(ref, ref_mask)
+
+
+def test_unsupported_parts_are_left_alone():
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=4, non_linearity="mish").eval()
+    attn = Attention(16, heads=2, dim_head=8)
+    custom = AttnProcessor()
+    attn.set_processor(lambda *a, **k: custom(*a, **k))  # a user's own processor
+    root = torch.nn.ModuleDict({"block": block, "attn": attn})
+    # the resnet's norms are still fused on their own (not with the mish), the custom processor is kept
+    assert fdd.patch(root) == 2
+    assert "forward" not in block.__dict__
+    assert not isinstance(attn.processor, fdd.FastdiffAttnProcessor)
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        out = block(x, temb)
+        fdd.unpatch(root)
+        torch.testing.assert_close(out, block(x, temb), atol=1e-5, rtol=1e-4)
+
+
+def test_resnet_output_scale_factor_and_up_down():
+    torch.manual_seed(0)
+    for kw in ({"output_scale_factor": 2.0}, {"up": True}, {"down": True}, {"skip_time_act": True},
+               {"time_embedding_norm": "scale_shift", "out_channels": 32}, {"temb_channels": None}):
+        block = ResnetBlock2D(in_channels=16, temb_channels=kw.pop("temb_channels", 8), groups=4, **kw).eval()
+        x = torch.randn(2, 16, 8, 8)
+        temb = torch.randn(2, 8) if block.time_emb_proj is not None else None
+        with torch.no_grad():
+            ref = block(x, temb)
+            assert fdd.patch(block) == 2
+            assert isinstance(block.__dict__["forward"], types.MethodType)
+            torch.testing.assert_close(block(x, temb), ref, atol=2e-5, rtol=1e-4)
+            fdd.unpatch(block)
+
+
+@pytest.mark.parametrize("name", ["unet_cond", "vae"])
+def test_torch_compile(models, name):
+    _, call, _ = CASES[name]
+    model = copy.deepcopy(models[name])
+    a = _inputs()
+    with torch.no_grad():
+        ref = call(model, a)
+        fdd.patch(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(call(compiled, a), ref, atol=2e-5, rtol=1e-4)
+
+
+def _ddim_loop(unet, scheduler, shape, seed, steps, ctx=None, uctx=None, guidance=1.0):
+    """A diffusers DDIM loop with fastdiff.sample's initial noise."""
+    scheduler.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        if guidance != 1.0:
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([ctx, uctx])).sample
+            cond, unc = eps.chunk(2)
+            eps = unc + guidance * (cond - unc)
+        elif ctx is not None:
+            eps = unet(x, t, encoder_hidden_states=ctx).sample
+        else:
+            eps = unet(x, t).sample
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def test_sample_with_diffusers_unet_and_scheduler(models):
+    unet = copy.deepcopy(models["unet2d"])
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    with torch.no_grad():
+        ref = _ddim_loop(unet, scheduler, (2, 3, 16, 16), seed=3, steps=4)
+    fdd.patch(unet)
+    sampler = DDIMSampler.from_config(scheduler.config)
+    out = fastdiff.sample(unet, sampler, (2, 3, 16, 16), num_inference_steps=4, seed=3, progress=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_with_diffusers_cond_unet_cfg(models):
+    unet = copy.deepcopy(models["unet_cond"])
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    g = torch.Generator().manual_seed(5)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    with torch.no_grad():
+        ref = _ddim_loop(unet, scheduler, (2, 4, 16, 16), seed=4, steps=3, ctx=ctx, uctx=uctx, guidance=4.0)
+    fdd.patch(unet)
+    out = fastdiff.sample(unet, DDIMSampler.from_config(scheduler.config), (2, 4, 16, 16), context=ctx,
+                          uncond_context=uctx, guidance_scale=4.0, num_inference_steps=3, seed=4, progress=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_with_class_labels(models):
+    unet = models["unet2d_scale_shift"]
+    m = fdd.sampling_model(unet)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 5]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, y=y), unet(x, t, class_labels=y).sample)
+    assert fdd.sampling_model(m) is m
+    plain = torch.nn.Conv2d(3, 3, 1)
+    assert fdd.sampling_model(plain) is plain
+    with pytest.raises(TypeError, match="context"):
+        m(x, t, context=torch.randn(2, 7, 16))
+
+
+def test_fastdiff_imports_without_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "import fastdiff, fastdiff.integrations\n"
+            "assert 'fastdiff.integrations.diffusers' not in sys.modules\n"
+            "try:\n    import fastdiff.integrations.diffusers\nexcept ImportError as e:\n"
+            "    assert 'fastdiff[diffusers]' in str(e), e\nelse:\n    raise SystemExit('imported')\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
