@@ -15,6 +15,12 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# torch.utils.cpp_extension fixes CUDA_HOME when it is imported: from $CUDA_HOME, else `which nvcc`, else
+# /usr/local/cuda. With nvcc on PATH through a symlink it can settle on /usr/local (no lib64/libcudart there),
+# so point it at the real toolkit first.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 
 def _flag(name):
     v = os.environ.get(name)
@@ -58,10 +64,6 @@ def _cuda_archs(torch):
 
 
 def _extensions():
-    # torch locates nvcc through CUDA_HOME, else `which nvcc`, else /usr/local/cuda; with nvcc on PATH through a
-    # symlink it can settle on /usr/local (no lib64/libcudart there). Prefer the real toolkit folder.
-    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
