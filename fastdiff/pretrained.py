@@ -64,7 +64,7 @@ def load(checkpoint: str | None = None, device="cpu", ema: bool = True) -> torch
     d = checkpoint_dir(checkpoint)
     try:
         model = load_model(d, ema=ema, device=device)
-    except (KeyError, RuntimeError, OSError) as e:
+    except (KeyError, RuntimeError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"checkpoint: cannot read {d!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
