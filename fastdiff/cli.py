@@ -268,7 +268,8 @@ def main(argv=None) -> int:
         print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"fastdiff {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        msg = f"{e.strerror}: {e.filename}" if e.strerror else str(e).splitlines()[0]
+        print(f"fastdiff {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as e:
         print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
