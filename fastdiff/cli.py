@@ -183,7 +183,9 @@ def _cmd_demo(args):
     info = fastdiff.info()
     print(f"fastdiff {info['fastdiff']} on {info['device_name']} (torch {info['torch']}); backends: "
           f"cpu extension={info['cpu_extension']}, cuda extension={info['cuda_extension']}, triton={info['triton']}")
-    _cmd_sample(build_parser().parse_args(["sample"]))
+    sample_args = build_parser().parse_args(["sample"])
+    sample_args.guidance = sample_args.guidance_default
+    _cmd_sample(sample_args)
     ns = argparse.Namespace(op="group_norm", device="auto", quick=True, no_compile=False, out="")
     return _cmd_bench(ns)
 
