@@ -334,8 +334,12 @@ class Trainer:
         self.history.append(row)
         self._pending = []
         if self.verbose and self.rank == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  file=sys.stderr, flush=True)
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            bar = getattr(self, "_bar", None)
+            if bar is not None:  # above the progress bar, not through it
+                bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
 
     def train(self, steps: int | None = None, progress: bool = False) -> list[dict]:
         """Train until ``self.step == steps`` (default ``config.steps``): a resumed run finishes the same schedule.
@@ -352,6 +356,7 @@ class Trainer:
                 bar = tqdm(total=steps, initial=self.step, desc="training", unit="step")
             except ImportError:  # progress bars are a nicety
                 pass
+        self._bar = bar
         while self.step < steps:
             self.train_step()
             if bar is not None:
@@ -360,6 +365,7 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
+        self._bar = None
         if self.out_dir:
             self.save()
         if self.verbose and self.rank == 0:
