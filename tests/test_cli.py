@@ -150,3 +150,15 @@ def test_frechet_distance_matches_closed_form():
     # N(0, I) vs N(1, 4I): |mu|^2 + tr(I) + tr(4I) - 2 tr(2I) = 3 + 3 + 12 - 12 = 6
     assert abs(frechet_distance(a, b) - 6.0) < 0.4
     assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    from fastdiff.training.data import digits, digits_split_indices, load_dataset
+
+    tr, te = digits_split_indices(1797, "train"), digits_split_indices(1797, "test")
+    assert len(tr) == 1438 and len(te) == 359
+    assert set(tr.tolist()).isdisjoint(te.tolist()) and len(set(tr.tolist()) | set(te.tolist())) == 1797
+    assert (digits_split_indices(1797, "test") == te).all()
+    assert len(load_dataset("digits:test", 16)) == 359 and digits(8, split="train").images.shape == (1438, 1, 8, 8)
+    with pytest.raises(ValueError, match="split"):
+        digits(16, split="val")
