@@ -77,8 +77,12 @@ def _load_checkpoint(path, device):
     d = pretrained.checkpoint_dir(path)
     if path is not None and not os.path.isfile(os.path.join(d, "checkpoint.json")):
         raise CLIError(f"no checkpoint in {path!r} (expected a training run's folder holding checkpoint.json)")
+    from fastdiff.models import UNet
+
     model = pretrained.load(path, device=device)
-    if getattr(model, "num_classes", None) is None:
+    if not isinstance(model, UNet):
+        raise CLIError(f"checkpoint {d!r}: holds a {type(model).__name__}, not a diffusion U-Net")
+    if model.num_classes is None:
         raise CLIError(f"checkpoint {d!r}: the model is not class-conditional (sample and eval need one)")
     return model
 
