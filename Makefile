@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=test,train,bench bash scripts/bootstrap.sh
 
+# `fastdiff demo`: `fastdiff sample` with its defaults (samples.png from the bundled digits model, images/s), then
+# the quick GroupNorm benchmark table for the device at hand.
 demo: install
-	$(PY) -m fastdiff.cli demo
+	$(VENV)/bin/fastdiff demo
 
 test: install
 	$(PY) -m pytest -q tests

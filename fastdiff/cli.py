@@ -1,4 +1,4 @@
-"""The `fastdiff` command: `fastdiff info`, `fastdiff bench`, `fastdiff demo`.
+"""The `fastdiff` command: `info`, `train`, `sample`, `eval`, `bench`, `demo`.
 
 Bad arguments or unreadable files print one line and exit with code 2, never a traceback.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -50,19 +51,174 @@ def _cmd_bench(args):
     return 0
 
 
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {s!r}")
+    return v
+
+
+def _classes(s):
+    try:
+        v = [int(c) for c in s.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 0,1,7, got {s!r}") from None
+    if not v:
+        raise argparse.ArgumentTypeError("expected at least one class id")
+    return v
+
+
+def _load_checkpoint(path, device):
+    from fastdiff import pretrained
+
+    d = pretrained.checkpoint_dir(path)
+    if path is not None and not os.path.isfile(os.path.join(d, "checkpoint.json")):
+        raise CLIError(f"no checkpoint in {path!r} (expected a training run's folder holding checkpoint.json)")
+    from fastdiff.models import UNet
+
+    model = pretrained.load(path, device=device)
+    if not isinstance(model, UNet):
+        raise CLIError(f"checkpoint {d!r}: holds a {type(model).__name__}, not a diffusion U-Net")
+    if model.num_classes is None:
+        raise CLIError(f"checkpoint {d!r}: the model is not class-conditional (sample and eval need one)")
+    return model
+
+
+def _sampling_setup(args):
+    from fastdiff import pretrained
+
+    device = pretrained.resolve_device(args.device)
+    dtype = pretrained.resolve_dtype(args.dtype, device)
+    return device, dtype
+
+
+def _cmd_sample(args):
+    import numpy as np
+    import torch
+
+    from fastdiff import pretrained
+
+    out = args.out
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in (".png", ".npz"):
+        raise CLIError(f"--out: expected a .png or .npz file name, got {out!r}")
+    if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
+        raise CLIError(f"--out: no such directory: {os.path.dirname(out)!r}")
+    device, dtype = _sampling_setup(args)
+    model = _load_checkpoint(args.checkpoint, device)
+    classes = args.classes if args.classes is not None else list(range(model.num_classes))
+    n_total = len(classes) * args.n
+    if args.warmup:  # the same shapes once untimed: CUDA-graph capture, cuDNN/Triton autotuning, allocator
+        pretrained.generate(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance, classes=classes,
+                            n=args.n, seed=args.seed, dtype=dtype, device=device, batch_size=args.batch_size,
+                            checkpoint=args.checkpoint)
+    x, y, sec = pretrained.generate(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                    classes=classes, n=args.n, seed=args.seed, dtype=dtype, device=device,
+                                    batch_size=args.batch_size, progress=not args.quiet,
+                                    checkpoint=args.checkpoint)
+    if ext == ".npz":
+        np.savez_compressed(out, samples=x.numpy(), labels=y.numpy(),
+                            images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+    else:
+        pretrained.save_grid(x, rows=len(classes), path=out, scale=args.scale)
+    name = "bundled digits model" if args.checkpoint is None else args.checkpoint
+    print(f"{n_total} samples ({len(classes)} classes x {args.n}) of the {name} with {args.sampler} {args.steps} steps, "
+          f"guidance {args.guidance:g}, {str(dtype).replace('torch.', '')} on {device}: {sec:.2f} s, "
+          f"{n_total / sec:.1f} images/s -> {out}")
+    return 0
+
+
+def _cmd_eval(args):
+    from fastdiff import evaluation
+
+    device, dtype = _sampling_setup(args)
+    model = _load_checkpoint(args.checkpoint, device)
+    if model.num_classes != 10 or model.image_size != 16 or model.in_channels != 1:
+        raise CLIError("eval scores digits models: a class-conditional 16x16 greyscale model of 10 classes")
+    clf = evaluation.load_classifier()
+    n = args.n if args.n is not None else (10 if args.quick else 50)
+    if args.table:
+        settings = evaluation.TABLE
+    else:
+        steps = args.steps if args.steps is not None else (10 if args.quick else 20)
+        settings = [(args.sampler, steps, args.guidance)]
+    fl = evaluation.floor(clf)
+    rows = []
+    print(f"classifier: held-out accuracy {fl['accuracy']:.2%}; floor FD(train {fl['n']} vs held-out "
+          f"{fl['n_ref']}) = {fl['fd']:.2f}")
+    print(f"{'sampler':<12} {'steps':>5} {'guidance':>8} {'samples':>7} {'accuracy':>8} {'FD':>8} {'img/s':>7}")
+    for sampler, steps, guidance in settings:
+        r = evaluation.evaluate(model, sampler=sampler, steps=steps, guidance=guidance, n_per_class=n,
+                                seed=args.seed, dtype=dtype, device=device, batch_size=args.batch_size, clf=clf,
+                                progress=not args.quiet, checkpoint=args.checkpoint)
+        rows.append(r)
+        print(f"{sampler:<12} {steps:>5} {guidance:>8g} {r['n']:>7} {r['accuracy']:>8.1%} {r['fd']:>8.2f} "
+              f"{r['n'] / r['sampling_s']:>7.1f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"floor": fl, "device": str(device), "dtype": str(dtype), "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_train(args):
+    from fastdiff.training.cli import run_train
+
+    if args.dataset not in ("digits", "digits:train", "digits:test") and not os.path.isdir(args.dataset):
+        raise CLIError(f"--dataset: {args.dataset!r} is neither 'digits' nor a folder of images")
+    if args.steps < 0:
+        raise CLIError(f"--steps: expected a non-negative int, got {args.steps}")
+    try:
+        run_train(args, progress=True)
+    except SystemExit as e:  # run_train's own argument errors
+        if isinstance(e.code, str):
+            raise CLIError(e.code.removeprefix("error: ")) from None
+        raise
+    return 0
+
+
 def _cmd_demo(args):
-    """Until sampling lands, the demo is the GroupNorm benchmark on the machine at hand."""
+    """`make demo`: the sample command with its defaults, then the quick GroupNorm benchmark table."""
     import fastdiff
 
     info = fastdiff.info()
     print(f"fastdiff {info['fastdiff']} on {info['device_name']} (torch {info['torch']}); backends: "
           f"cpu extension={info['cpu_extension']}, cuda extension={info['cuda_extension']}, triton={info['triton']}")
+    sample_args = build_parser().parse_args(["sample"])
+    sample_args.guidance = sample_args.guidance_default
+    _cmd_sample(sample_args)
     ns = argparse.Namespace(op="group_norm", device="auto", quick=True, no_compile=False, out="")
     return _cmd_bench(ns)
 
 
+def _add_sampling_arguments(s):
+    from fastdiff.diffusion import SAMPLERS
+
+    s.add_argument("--checkpoint", default=None,
+                   help="a training run's folder (or its checkpoint.json); default: the bundled digits model")
+    s.add_argument("--sampler", default="dpmsolver++", choices=list(SAMPLERS), help="default: dpmsolver++")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 turns it off (default: 2 for sample, 1 for eval)")
+    s.add_argument("--seed", type=int, default=0, help="default: 0")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: bf16 on a GPU, fp32 on the CPU")
+    s.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--batch-size", type=_positive_int, default=None, help="samples per model batch (default: all)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit code 2 (argparse's code), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdiff", description="Fused CUDA and Triton kernels for diffusion models.")
+    p = _Parser(prog="fastdiff", description="Fused CUDA and Triton kernels for diffusion models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -78,16 +234,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>/<op>.json; '' for none)")
     s.set_defaults(func=_cmd_bench)
 
+    s = sub.add_parser("train", help="train a diffusion U-Net, noisy classifier or autoencoder (resumes from --out)")
+    from fastdiff.training.cli import add_train_arguments
+
+    add_train_arguments(s)
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="sample a class-conditional model (default: the bundled digits model) to a PNG grid")
+    _add_sampling_arguments(s)
+    s.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: 20)")
+    s.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids, a row each (default: all)")
+    s.add_argument("--n", type=_positive_int, default=8, help="samples per class (default: 8)")
+    s.add_argument("--out", default="samples.png", help="a .png grid (a row per class) or .npz of the raw samples "
+                   "(default: samples.png)")
+    s.add_argument("--scale", type=_positive_int, default=4, help="PNG upscaling factor (default: 4)")
+    s.add_argument("--warmup", action="store_true",
+                   help="run once untimed first, so images/s is the steady state (GPU: excludes graph capture)")
+    s.set_defaults(func=_cmd_sample, guidance_default=2.0)
+
+    s = sub.add_parser("eval", help="sample quality on digits: class accuracy and Frechet distance to held-out data")
+    _add_sampling_arguments(s)
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: 20; 10 with --quick)")
+    s.add_argument("--n", type=_positive_int, default=None, help="samples per class (default: 50; 10 with --quick)")
+    s.add_argument("--quick", action="store_true", help="a small fast run")
+    s.add_argument("--table", action="store_true",
+                   help="the README's table: DDPM 1000, DDIM 50/20/10, DPM-Solver++ 20/10 steps, guidance 1/2/4")
+    s.add_argument("--json", default=None, help="also write the results to this JSON file")
+    s.set_defaults(func=_cmd_eval, guidance_default=1.0)
+
     s = sub.add_parser("demo", help="what `make demo` runs")
     s.set_defaults(func=_cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
-    import os
-
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "guidance", False) is None:
+        args.guidance = args.guidance_default
     if os.environ.get("FASTDIFF_DEBUG"):  # full tracebacks for developers
         return args.func(args) or 0
     try:
@@ -96,7 +280,8 @@ def main(argv=None) -> int:
         print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"fastdiff {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        msg = f"{e.strerror}: {e.filename}" if e.strerror else str(e).splitlines()[0]
+        print(f"fastdiff {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as e:
         print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)

@@ -24,7 +24,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a = parser.add_argument
     a("--task", choices=("diffusion", "classifier", "autoencoder"), default="diffusion",
       help="what to train: the diffusion U-Net, the noisy classifier, or the KL autoencoder (default: diffusion)")
-    a("--dataset", default="digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of images")
+    a("--dataset", default="digits", help="'digits' (scikit-learn's 8x8 digits), 'digits:train' / 'digits:test' (its "
+      "fixed 80/20 split) or a folder of images")
     a("--image-size", type=int, default=None, help="training resolution (default: 16 for digits, else 64)")
     a("--channels", type=int, choices=(1, 3), default=None, help="image folders: 1 (greyscale) or 3 (RGB)")
     a("--out", required=True, help="checkpoint directory; resumes when it holds a checkpoint")
@@ -98,7 +99,7 @@ def _build_model(args, task, data_shape, num_classes):
                 learn_null_class=class_cond and args.cfg_dropout > 0, **common)
 
 
-def run_train(args: argparse.Namespace):
+def run_train(args: argparse.Namespace, progress: bool = False):
     """Run the training that parsed `args` describe; returns the trainer."""
     from fastdiff.training import checkpoint as ckpt
     from fastdiff.training.data import fetch, load_dataset
@@ -108,7 +109,7 @@ def run_train(args: argparse.Namespace):
     device = torch.device(args.device) if args.device else (
         torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
     verbose = not args.quiet and rank == 0
-    image_size = args.image_size or (16 if args.dataset == "digits" else 64)
+    image_size = args.image_size or (16 if args.dataset.startswith("digits") else 64)
     dataset = load_dataset(args.dataset, image_size, args.channels)
     trainer_cls = TRAINERS[args.task]
     if ckpt.exists(args.out):
@@ -137,7 +138,7 @@ def run_train(args: argparse.Namespace):
             n = sum(p.numel() for p in model.parameters())
             print(f"{type(model).__name__}: {n / 1e6:.2f} M parameters, {len(dataset)} images {shape}, "
                   f"{world} process(es) on {device}", file=sys.stderr)
-    trainer.train()
+    trainer.train(progress=progress and verbose)
     if args.task == "autoencoder":
         scale = trainer.fit_scale_factor()
         trainer.save()

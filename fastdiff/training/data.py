@@ -36,10 +36,26 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.images[indices], self.labels[indices]
 
 
-def digits(image_size: int = 16) -> TensorImageDataset:
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+
+def digits_split_indices(n: int = 1797, split: str = "train") -> torch.Tensor:
+    """The fixed train / test split of the digits: a permutation seeded by DIGITS_SPLIT_SEED, its first 20%
+    (359 images) held out as "test", the rest (1,438) "train"."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    n_test = int(round(n * DIGITS_TEST_FRACTION))
+    if split == "test":
+        return perm[:n_test].sort().values
+    if split == "train":
+        return perm[n_test:].sort().values
+    raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+
+
+def digits(image_size: int = 16, split: str | None = None) -> TensorImageDataset:
     """scikit-learn's handwritten digits (1,797 8x8 greyscale images, classes 0-9), bilinearly resized to
     image_size, as (1, image_size, image_size) images in [-1, 1]. Needs scikit-learn (the data ships inside it,
-    no download)."""
+    no download). split: None (all), "train" or "test" (the fixed split of :func:`digits_split_indices`)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -49,8 +65,11 @@ def digits(image_size: int = 16) -> TensorImageDataset:
     x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # pixel values are 0..16
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return TensorImageDataset(x * 2 - 1, torch.as_tensor(d.target, dtype=torch.long),
-                              class_names=[str(i) for i in range(10)])
+    y = torch.as_tensor(d.target, dtype=torch.long)
+    if split is not None:
+        idx = digits_split_indices(len(x), split)
+        x, y = x[idx], y[idx]
+    return TensorImageDataset(x * 2 - 1, y, class_names=[str(i) for i in range(10)])
 
 
 def _load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
@@ -115,11 +134,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def load_dataset(spec: str, image_size: int, channels: int | None = None):
-    """"digits" or the path of a folder of images."""
-    if spec == "digits":
+    """"digits", "digits:train", "digits:test" (the fixed split) or the path of a folder of images."""
+    if spec in ("digits", "digits:train", "digits:test"):
         if channels not in (None, 1):
             raise ValueError(f"channels: the digits are greyscale (1 channel), got {channels}")
-        return digits(image_size)
+        return digits(image_size, split=spec.split(":")[1] if ":" in spec else None)
     return ImageFolder(spec, image_size, channels or 3)
 
 

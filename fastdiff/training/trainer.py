@@ -334,20 +334,38 @@ class Trainer:
         self.history.append(row)
         self._pending = []
         if self.verbose and self.rank == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  file=sys.stderr, flush=True)
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            bar = getattr(self, "_bar", None)
+            if bar is not None:  # above the progress bar, not through it
+                bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
 
-    def train(self, steps: int | None = None) -> list[dict]:
+    def train(self, steps: int | None = None, progress: bool = False) -> list[dict]:
         """Train until ``self.step == steps`` (default ``config.steps``): a resumed run finishes the same schedule.
         Saves every ``save_every`` steps and at the end when out_dir is set. Returns the log history: one row
         (metrics averaged over the window) every ``log_every`` steps; a partial window stays pending, and is saved
         with a checkpoint, so an interrupted and resumed run logs the same rows as an uninterrupted one."""
         steps = self.config.steps if steps is None else steps
         t0 = time.perf_counter()
+        bar = None
+        if progress and self.rank == 0 and self.step < steps:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=steps, initial=self.step, desc="training", unit="step")
+            except ImportError:  # progress bars are a nicety
+                pass
+        self._bar = bar
         while self.step < steps:
             self.train_step()
+            if bar is not None:
+                bar.update(1)
             if self.out_dir and self.config.save_every and self.step % self.config.save_every == 0:
                 self.save()
+        if bar is not None:
+            bar.close()
+        self._bar = None
         if self.out_dir:
             self.save()
         if self.verbose and self.rank == 0:

@@ -1,0 +1,165 @@
+"""The bundled pretrained model and the class-conditional sampling the `fastdiff sample` / `eval` commands run.
+
+``fastdiff/assets/digits16/`` holds a class-conditional U-Net of scikit-learn's digits at 16x16 (trained with
+fastdiff.training on the fixed "digits:train" split, with a learned null class for classifier-free guidance; EMA
+weights stored in fp16 and cast to fp32 on load). Its ``checkpoint.json`` records the training command.
+
+    from fastdiff.pretrained import load, generate
+    model = load()                                   # the bundled checkpoint, fp32, eval mode
+    x, y = generate(model, classes=range(10), n=8)   # (80, 1, 16, 16) in [-1, 1], labels (80,)
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+BUNDLED_CHECKPOINT = os.path.join(ASSETS, "digits16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def checkpoint_dir(checkpoint: str | None) -> str:
+    """The checkpoint directory for a `--checkpoint` value: None -> the bundled one; a training run's folder; or
+    its checkpoint.json file."""
+    if checkpoint is None:
+        return BUNDLED_CHECKPOINT
+    if os.path.isfile(checkpoint):
+        if os.path.basename(checkpoint) != "checkpoint.json":
+            raise ValueError(f"checkpoint: {checkpoint!r}: expected a checkpoint folder or its checkpoint.json")
+        return os.path.dirname(os.path.abspath(checkpoint))
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(2, "No such file or directory", checkpoint)
+    return checkpoint
+
+
+def load(checkpoint: str | None = None, device="cpu", ema: bool = True) -> torch.nn.Module:
+    """The U-Net of a checkpoint (default: the bundled digits model), in fp32 and eval mode."""
+    from fastdiff.training.checkpoint import load_model
+
+    d = checkpoint_dir(checkpoint)
+    try:
+        model = load_model(d, ema=ema, device=device)
+    except (KeyError, RuntimeError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"checkpoint: cannot read {d!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return model.float().eval()
+
+
+def make_sampler(name: str, model=None, checkpoint: str | None = None):
+    """A sampler by name (ddpm, ddim, euler, dpmsolver++) on the schedule the model was trained with."""
+    import json
+
+    from fastdiff.diffusion import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
+    opts = {}
+    d = checkpoint_dir(checkpoint)
+    try:
+        with open(os.path.join(d, "checkpoint.json")) as f:
+            train = json.load(f).get("train_config", {})
+    except (OSError, ValueError):
+        train = {}
+    if train.get("beta_schedule") in ("linear", "cosine"):
+        opts["beta_schedule"] = "squaredcos_cap_v2" if train["beta_schedule"] == "cosine" else "linear"
+    if train.get("num_train_timesteps"):
+        opts["num_train_timesteps"] = int(train["num_train_timesteps"])
+    target = train.get("target")
+    if target:
+        opts["prediction_type"] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[target]
+    return SAMPLERS[name](**opts)
+
+
+def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float = 1.0, classes=range(10),
+             n: int = 8, seed: int = 0, dtype=torch.float32, device=None, batch_size: int | None = None,
+             progress: bool = False, checkpoint: str | None = None, channels_last: bool | None = None):
+    """n samples of each class in `classes`, class-major: returns (x in [-1, 1] float32 on the CPU, labels,
+    seconds spent sampling). On a GPU the model runs in `dtype` with channels_last activations, the fused sampler
+    step and the CUDA-graph loop of fastdiff.sample; guidance != 1 is classifier-free guidance against the model's
+    null class."""
+    import fastdiff
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if isinstance(sampler, str):
+        sampler = make_sampler(sampler, model, checkpoint)
+    classes = [int(c) for c in classes]
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("checkpoint: the model is not class-conditional")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes: {bad[0]} is out of range for a model of {num_classes} classes")
+    null = getattr(model, "null_class_id", None)
+    if guidance != 1.0 and null is None:
+        raise ValueError("guidance: this model has no null class (trained without --cfg-dropout)")
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def net(x, t, **kw):
+        return model(x.contiguous(memory_format=fmt), t, **kw)
+
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
+    N = len(labels)
+    bs = batch_size or N
+    size, ch = model.image_size, model.in_channels
+    out = []
+    t0 = time.perf_counter()
+    for k, start in enumerate(range(0, N, bs)):
+        y = labels[start:start + bs].to(device)
+        kw = dict(y=y, guidance_scale=float(guidance))
+        if guidance != 1.0:
+            kw["uncond_y"] = torch.full_like(y, null)
+        x = fastdiff.sample(net, sampler, (len(y), ch, size, size), seed=seed + k, dtype=dtype,
+                            num_inference_steps=steps, device=device, progress=progress, **kw)
+        out.append(x.float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return torch.cat(out).clamp(-1, 1), labels, seconds
+
+
+def save_grid(x: torch.Tensor, rows: int, path: str, scale: int = 4, pad: int = 2):
+    """A PNG grid of images in [-1, 1] (N, C, H, W), `rows` rows filled row-major, upscaled `scale`x (nearest)."""
+    from PIL import Image
+
+    N, C, H, W = x.shape
+    cols = -(-N // rows)
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.full((C, rows * (H + pad) + pad, cols * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, cols)
+        top, left = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, top:top + H, left:left + W] = img[i]
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    arr = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).contiguous().numpy()
+    Image.fromarray(arr, mode="L" if C == 1 else "RGB").save(path)

@@ -1,0 +1,164 @@
+"""The `fastdiff` command: --help for every subcommand, one-line errors with exit code 2, sample / train / eval."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastdiff import cli, pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = ["info", "train", "sample", "eval", "bench", "demo"]
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FASTDIFF_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "fastdiff.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: fastdiff {command}" in capsys.readouterr().out
+
+
+def test_bad_argument_subprocess_one_line():
+    r = run_cli("sample", "--steps", "zero")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--steps" in r.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--n", "0"], "--n"),
+    (["sample", "--sampler", "nope"], "--sampler"),
+    (["sample", "--dtype", "fp8"], "--dtype"),
+    (["sample", "--classes", "a,b"], "--classes"),
+    (["nosuchcommand"], "invalid choice"),
+    (["train"], "--out"),
+])
+def test_bad_arguments(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--checkpoint", "/no/such/run"], "/no/such/run"),
+    (["sample", "--out", "grid.jpg"], "--out"),
+    (["sample", "--out", "/no/such/dir/x.png"], "--out"),
+    (["sample", "--classes", "12", "--n", "1", "--steps", "1"], "classes"),
+    (["sample", "--device", "nonsense"], "device"),
+    (["eval", "--checkpoint", "/no/such/run"], "/no/such/run"),
+    (["train", "--dataset", "/no/such/folder", "--out", "/tmp/unused-fastdiff-run"], "--dataset"),
+])
+def test_bad_inputs_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_checkpoint(tmp_path, capsys):
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    assert cli.main(["sample", "--checkpoint", str(tmp_path), "--quiet"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    d = tmp_path / "notdir"
+    d.mkdir()
+    assert cli.main(["sample", "--checkpoint", str(d), "--quiet"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_bundled_checkpoint_loads():
+    model = pretrained.load()
+    assert model.num_classes == 10 and model.null_class_id == 10 and model.image_size == 16
+    assert next(model.parameters()).dtype.is_floating_point and next(model.parameters()).dtype.itemsize == 4
+    assert os.path.getsize(os.path.join(pretrained.BUNDLED_CHECKPOINT, "checkpoint.json")) > 0
+
+
+def test_sample_png(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sample", "--n", "2", "--steps", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out
+    with Image.open(tmp_path / "samples.png") as im:
+        # 10 rows of 2 columns of 16x16 images with 2-pixel padding, upscaled 4x
+        assert im.size == (4 * (2 * 18 + 2), 4 * (10 * 18 + 2))
+
+
+def test_sample_npz(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", "--classes", "1,7", "--n", "3", "--steps", "3", "--sampler", "ddim",
+                     "--guidance", "1", "--out", str(out), "--quiet"]) == 0
+    d = np.load(out)
+    assert d["samples"].shape == (6, 1, 16, 16) and d["samples"].dtype == np.float32
+    assert d["labels"].tolist() == [1, 1, 1, 7, 7, 7]
+    assert d["images"].shape == (6, 1, 16, 16) and d["images"].dtype == np.uint8
+    assert np.abs(d["samples"]).max() <= 1.0
+    # the same seed gives the same samples
+    out2 = tmp_path / "s2.npz"
+    assert cli.main(["sample", "--classes", "1,7", "--n", "3", "--steps", "3", "--sampler", "ddim",
+                     "--guidance", "1", "--out", str(out2), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(out2)["samples"], d["samples"])
+
+
+def test_train_then_resume_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["train", "--dataset", "digits", "--out", str(run), "--batch-size", "4", "--model-channels", "8",
+              "--channel-mult", "1", "--num-res-blocks", "1", "--num-groups", "4", "--attention-resolutions", "",
+              "--cfg-dropout", "0.1", "--log-every", "1", "--quiet"]
+    assert cli.main(common + ["--steps", "2"]) == 0
+    assert (run / "checkpoint.json").is_file()
+    import json
+
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 2
+    assert cli.main(common + ["--steps", "3"]) == 0  # resumes
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 3
+    out = tmp_path / "x.npz"
+    assert cli.main(["sample", "--checkpoint", str(run), "--n", "1", "--steps", "2", "--out", str(out),
+                     "--quiet"]) == 0
+    assert np.load(out)["samples"].shape == (10, 1, 16, 16)
+
+
+def test_eval_quick(capsys, tmp_path):
+    js = tmp_path / "e.json"
+    assert cli.main(["eval", "--quick", "--n", "3", "--steps", "4", "--quiet", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "floor" in out and "accuracy" in out
+    import json
+
+    r = json.loads(js.read_text())
+    assert r["rows"][0]["n"] == 30 and 0 <= r["rows"][0]["accuracy"] <= 1 and r["rows"][0]["fd"] >= 0
+    assert r["floor"]["accuracy"] > 0.95
+
+
+def test_frechet_distance_matches_closed_form():
+    from fastdiff.evaluation import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    b = rng.normal(size=(4000, 3)) * 2 + 1
+    # N(0, I) vs N(1, 4I): |mu|^2 + tr(I) + tr(4I) - 2 tr(2I) = 3 + 3 + 12 - 12 = 6
+    assert abs(frechet_distance(a, b) - 6.0) < 0.4
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    from fastdiff.training.data import digits, digits_split_indices, load_dataset
+
+    tr, te = digits_split_indices(1797, "train"), digits_split_indices(1797, "test")
+    assert len(tr) == 1438 and len(te) == 359
+    assert set(tr.tolist()).isdisjoint(te.tolist()) and len(set(tr.tolist()) | set(te.tolist())) == 1797
+    assert (digits_split_indices(1797, "test") == te).all()
+    assert len(load_dataset("digits:test", 16)) == 359 and digits(8, split="train").images.shape == (1438, 1, 8, 8)
+    with pytest.raises(ValueError, match="split"):
+        digits(16, split="val")
