@@ -141,13 +141,13 @@ def _diffusers_unet(cfg, device, dtype):
     return UNet2DConditionModel(**cfg).to(device=device, dtype=dtype).eval()
 
 
-def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbose=True, models=None, batches=None,
+def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verbose=True, models=None, batches=None,
         steps=None, ops=("unet_step", "sampling"), diffusers=True, reps=None):
     """Returns (rows, out_path). models: names from model_specs() (default both); batches: batch sizes (default
     1, 4, 8 on a GPU, 1 and 2 on the CPU); steps: sampling steps (default 50, 5 in CPU quick mode).
     On the CPU the U-Nets are the tiny ones unless quick=False (the full-size models on a CPU take minutes per step).
-    compile_: the torch.compile providers (Inductor compiles of a U-Net take minutes on a small CPU: pass
-    compile_=False to skip them). out: the JSON path (None: benchmarks/results/<device-slug>/unet.json; '' none).
+    compile_: the torch.compile providers: True, False, or "auto" (the default: on, except in a CPU quick run,
+    where Inductor's compiles of even the tiny U-Nets take minutes on a small shared CPU). out: the JSON path (None: benchmarks/results/<device-slug>/unet.json; '' none).
     """
     from fastdiff import set_backend
     from fastdiff.diffusion import DDIMSampler, sample
@@ -158,6 +158,8 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
     if dtypes is None:
         dtypes = [torch.float16, torch.bfloat16] if gpu else [torch.float32]
     full = gpu or not quick
+    if compile_ == "auto":
+        compile_ = full
     specs = model_specs(full)
     if models is not None:
         specs = {k: v for k, v in specs.items() if any(k.startswith(m) for m in models)}
