@@ -54,16 +54,35 @@ def test_sampler_run():
     assert any(r["op"] == "sampling" for r in rows)
 
 
+# two levels, 8x8 latents: the SD-like model shrunk further than the quick suite's tiny one, same code paths
+MICRO = {"sd15-micro": (dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                             attention_resolutions=(8, 4), channel_mult=(1, 2), num_heads=4, context_dim=16,
+                             use_scale_shift_norm=False), (4, 8, 8), (7, 16), None,
+                        dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                             block_out_channels=(32, 64), cross_attention_dim=16, attention_head_dim=4,
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
+         "adm-micro": (dict(image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                            attention_resolutions=(4,), channel_mult=(1, 2), num_head_channels=32, num_classes=10,
+                            use_scale_shift_norm=True, resblock_updown=True), (3, 8, 8), None, 10, None)}
+
+
+def test_model_specs_sd15_shape():
+    kw, chw, ctx, ncls, dcfg = unet.model_specs(full=True)["sd15-approx"]
+    assert (kw["model_channels"], kw["channel_mult"], kw["num_res_blocks"], kw["num_heads"]) == (320, (1, 2, 4, 4), 2, 8)
+    assert chw == (4, 64, 64) and ctx == (77, 768) and dcfg["block_out_channels"] == (320, 640, 1280, 1280)
+
+
 def test_unet_run_tiny():
     rows, out = unet.run("cpu", quick=True, compile_="auto", out="", verbose=False, batches=(1,), steps=2, reps=1,
-                         models=["sd15"], diffusers=True)
+                         specs=MICRO, diffusers=True)
     assert out == ""
     _check_rows(rows, "unet_step", ["eager", "fastdiff"])
     assert {r["op"] for r in rows} == {"unet_step", "sampling"}
     assert not any(r["provider"].startswith("compile") for r in rows)  # "auto" skips compile in a CPU quick run
     for r in rows:
         assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and 0 < r["pct_peak"]
-        assert "16x16" in r["case"] and "ctx77x64" in r["case"]
+        assert "8x8" in r["case"] and ("ctx7x16" in r["case"] or "10 classes" in r["case"])
         if r["provider"] != "diffusers":
             assert r["op"] == "sampling" or r["rel_err_vs_eager"] < 1e-3  # fp32: the fused layers agree
     assert [r for r in rows if r["op"] == "sampling"][0]["steps"] == 2
@@ -119,9 +138,9 @@ def test_cli_ops_registered():
 
 
 def test_cli_bench_subprocess():
-    """`fastdiff bench --op sampler_step --quick --no-compile --out ''` exits 0 (a real, short CPU run)."""
+    """`fastdiff bench --op group_norm --quick --no-compile --out ''` exits 0 (a real, short CPU run)."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "fastdiff.cli", "bench", "--op", "sampler_step", "--quick",
+    p = subprocess.run([sys.executable, "-m", "fastdiff.cli", "bench", "--op", "group_norm", "--quick",
                         "--no-compile", "--out", ""], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "| sampler_step |" in p.stdout and "wrote" not in p.stdout
+    assert "| group_norm |" in p.stdout and "wrote" not in p.stdout

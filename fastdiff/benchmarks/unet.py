@@ -142,10 +142,26 @@ def _diffusers_unet(cfg, device, dtype):
 
 
 def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verbose=True, models=None, batches=None,
-        steps=None, ops=("unet_step", "sampling"), diffusers=True, reps=None):
+        steps=None, ops=("unet_step", "sampling"), diffusers=True, reps=None, specs=None):
+    """Returns (rows, out_path); see _run. A CPU quick run is timed on one thread, as the attention benchmark is
+    (the thread count is restored afterwards): on a shared machine a parallel region waits for its slowest,
+    descheduled thread, and the tiny U-Nets' small GEMMs then measure the neighbours, not the model."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    threads = torch.get_num_threads()
+    if quick and device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, ops, diffusers, reps,
+                    specs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, ops, diffusers, reps, specs):
     """Returns (rows, out_path). models: names from model_specs() (default both); batches: batch sizes (default
     1, 4, 8 on a GPU, 1 and 2 on the CPU); steps: sampling steps (default 50, 5 in CPU quick mode).
     On the CPU the U-Nets are the tiny ones unless quick=False (the full-size models on a CPU take minutes per step).
+    specs: a dict in model_specs()'s format that replaces the models (the tests pass a smaller one).
     compile_: the torch.compile providers: True, False, or "auto" (the default: on, except in a CPU quick run,
     where Inductor's compiles of even the tiny U-Nets take minutes on a small shared CPU). out: the JSON path (None: benchmarks/results/<device-slug>/unet.json; '' none).
     """
@@ -153,14 +169,13 @@ def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verb
     from fastdiff.diffusion import DDIMSampler, sample
     from fastdiff.models import UNet
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     gpu = device.type == "cuda"
     if dtypes is None:
         dtypes = [torch.float16, torch.bfloat16] if gpu else [torch.float32]
     full = gpu or not quick
     if compile_ == "auto":
         compile_ = full
-    specs = model_specs(full)
+    specs = specs if specs is not None else model_specs(full)
     if models is not None:
         specs = {k: v for k, v in specs.items() if any(k.startswith(m) for m in models)}
     batches = batches or ((1, 4, 8) if gpu else (1, 2))
@@ -246,7 +261,8 @@ def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verb
                 # -- the sampling loop -----------------------------------------------------------------------------
                 if "sampling" in ops:
                     cfg = ctx_shape is not None
-                    case = f"{name} B{N} {shape_str} ddim{steps}" + (f" cfg{GUIDANCE}" if cfg else "")
+                    case = f"{name} B{N} {shape_str} ddim{steps}" + (f" cfg{GUIDANCE}" if cfg else "") + (
+                        " eps-of-learned-var" if kw["out_channels"] != C else "")
                     mult = 2 if cfg else 1  # classifier-free guidance: the model runs on 2N
                     skw = dict(num_inference_steps=steps, progress=False, device=device, dtype=dtype, seed=0)
                     if cfg:
@@ -255,8 +271,11 @@ def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verb
                     if ncls is not None:
                         skw["y"] = kwargs["y"]
                     sampler = DDIMSampler(clip_sample=False)
+                    eps_only = kw["out_channels"] != C  # learned variances (ADM): DDIM uses the eps channels
 
                     def loop(m, backend, graph):
+                        if eps_only:
+                            m = _EpsChannels(m, C)
                         return sample(m, sampler, (N, C, H, W), cuda_graph=graph, backend=backend, **skw)
 
                     provs = [("eager", "torch", lambda: loop(model, "torch", False))]
@@ -289,6 +308,16 @@ def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verb
     if out:
         _bench.write_rows(rows, out)
     return rows, out
+
+
+class _EpsChannels:
+    """model(...)[:, :C]: the eps half of a learned-variance model's output (a view; DDIM ignores the variance)."""
+
+    def __init__(self, model, channels):
+        self.model, self.channels = model, channels
+
+    def __call__(self, *a, **k):
+        return self.model(*a, **k)[:, :self.channels]
 
 
 def _diffusers_loop(unet, x_like, context, steps, device, dtype):
