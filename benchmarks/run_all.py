@@ -6,9 +6,8 @@
     python benchmarks/run_all.py --compare benchmarks/results/<device>/   # and flag regressions over 5%
 
 Rows go to benchmarks/results/<device-slug>/<module>.json (group_norm, attention, sampler_step, unet), the
-report to REPORT.md and *.png in the same folder. The folder is named after the device the run started on; the
-CPU attention rows are measured on one thread (see fastdiff/benchmarks/attention.py) and say so in their
-`device`. Commit the folder with the commit the rows name in `commit`.
+report to REPORT.md and *.png in the same folder. The folder is named after the device (on the CPU with the
+thread count: a CPU --quick run uses one thread unless --threads says otherwise). Commit the folder with the commit the rows name in `commit`.
 
 compile: every op benchmark times torch.compile unless --no-compile. In a CPU --quick run the U-Net compile
 providers are skipped (Inductor takes minutes per tiny U-Net on a small CPU) unless --compile-unet, and so is the
@@ -48,6 +47,8 @@ def main(argv=None):
     ap.add_argument("--compile-unet", action="store_true", help="time torch.compile of the U-Nets in a CPU quick run")
     ap.add_argument("--compile-attention", action="store_true", help="time torch.compile of attention in a CPU "
                                                                      "quick run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: 1 in a CPU --quick run, else torch's default)")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results/<device-slug>")
     ap.add_argument("--compare", metavar="OLD", default=None, help="a stored results file or folder to compare to")
     ap.add_argument("--threshold", type=float, default=0.05)
@@ -55,6 +56,11 @@ def main(argv=None):
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     cpu_quick = a.quick and device.type == "cpu"
+    if a.threads or (cpu_quick and a.threads is None):
+        # One thread by default on the CPU quick run: on a shared machine a parallel region waits for its slowest,
+        # descheduled thread and the timings quantise to the scheduler's slice (12 ms steps under load on 2 cores);
+        # attention and the U-Nets use one thread in quick mode anyway, so the whole folder is one configuration.
+        torch.set_num_threads(a.threads or 1)
     out_dir = a.out_dir or _bench.results_dir(device)
     # read the old rows before anything is overwritten (OLD is often this very folder)
     old_rows = report.load_rows([a.compare]) if a.compare else None
