@@ -103,6 +103,7 @@ def test_report_markdown_plots_and_compare(tmp_path):
     pytest.importorskip("matplotlib")
     pngs = report.plots(rows, str(tmp_path))
     assert any("images-per-s" in os.path.basename(p) for p in pngs) and all(os.path.exists(p) for p in pngs)
+    assert "| sampling | m B1 | float32 | cpu | eager | 2.00x | 1.6x | yes |" in report.targets(rows)
     slower = [dict(r, median_ms=r["median_ms"] * 1.2) for r in rows]
     lines, regs = report.compare(rows, slower)
     assert len(lines) == 2 and len(regs) == 2

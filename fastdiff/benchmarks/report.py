@@ -79,6 +79,27 @@ def markdown(rows) -> str:
     return "\n".join(parts)
 
 
+# issue 7's targets (judged on an H100): (op, baseline provider, minimum speed-up of `fastdiff` over it)
+TARGETS = (("unet_step", "eager", 1.5), ("unet_step", "compile", 1.1), ("sampling", "eager", 1.6))
+
+
+def targets(rows) -> str:
+    """A markdown table of the end-to-end targets per (case, dtype): fastdiff's speed-up (for sampling: images/s
+    ratio, the same thing at a fixed batch) over each baseline, and whether it meets the target."""
+    lines = ["| op | case | dtype | device | fastdiff vs | speed-up | target | met |", "|---|---|---|---|---|---:|---:|---|"]
+    for (op, device), tab in _group(rows).items():
+        for want_op, base, goal in TARGETS:
+            if op != want_op:
+                continue
+            for (case, dtype, _layout), cell in tab.items():
+                if "fastdiff" not in cell or base not in cell:
+                    continue
+                sp = cell[base]["median_ms"] / cell["fastdiff"]["median_ms"]
+                lines.append(f"| {op} | {case} | {dtype} | {device} | {base} | {sp:.2f}x | {goal:.1f}x | "
+                             f"{'yes' if sp >= goal else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plots(rows, outdir) -> list:
     """One PNG per (op, device): speed-up over eager per case (bars per provider). Needs matplotlib."""
     import matplotlib
