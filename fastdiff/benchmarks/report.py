@@ -37,10 +37,12 @@ def load_rows(paths) -> list:
 
 
 def _group(rows):
-    """(op, device) -> (case, dtype, layout) -> provider -> row, in first-seen order."""
+    """(op, device) -> (case, dtype, layout) -> provider -> row, in first-seen order. Rows with a `unit` of their
+    own (the sampler benchmark's tiny-model loop: "ms per step") get a table of their own, "op (unit)"."""
     out = OrderedDict()
     for r in rows:
-        tab = out.setdefault((r["op"], r.get("device", "?")), OrderedDict())
+        op = f"{r['op']} ({r['unit']})" if r.get("unit") else r["op"]
+        tab = out.setdefault((op, r.get("device", "?")), OrderedDict())
         tab.setdefault((r["case"], r.get("dtype"), r.get("layout")), OrderedDict())[r["provider"]] = r
     return out
 
