@@ -134,7 +134,8 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
         reps=None):
     """The attention benchmark as `fastdiff bench` and benchmarks/run_all.py call it: returns (rows, out_path).
 
-    device: "auto" (a GPU when present), "cuda" or "cpu". quick: on the CPU the QUICK shapes with one thread (the
+    device: "auto" (a GPU when present), "cuda" or "cpu". compile_: True, False or "auto" (on, except in a CPU
+    quick run). quick: on the CPU the QUICK shapes with one thread (the
     thread count is restored afterwards); on a GPU every shape but the LONG ones. cases: (B, H, Sq, Skv, D, label)
     tuples that replace the default list (the tests pass tiny ones). out: the JSON path (None: the default under
     benchmarks/results/<device-slug>/; '' writes nothing).
@@ -147,6 +148,8 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
         cases = QUICK if cpu else (SD15 + ADM if quick else SD15 + ADM + LONG)
     if only:
         cases = [c for c in cases if only in c[-1]]
+    if compile_ == "auto":  # `fastdiff bench`: a CPU quick run skips the 14 recompiles of the reference
+        compile_ = not (quick and cpu)
     threads = torch.get_num_threads()
     if quick and cpu:
         # One thread: on a shared machine a parallel region waits for its slowest, descheduled thread, which

@@ -302,7 +302,7 @@ def _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, 
                         rows.append(row)
                         log(f"  sampling  {case:44s} {row['dtype']:8s} {pname:18s} {row['median_ms']:9.1f} ms "
                             f"{row['images_per_s']:8.3f} img/s  MFU {row['pct_peak']:.1f}%")
-            del model, dunet, compiled
+            model = dunet = compiled = None  # free before the next model (the lambdas above are done with them)
     if out is None:
         out = os.path.join(_bench.results_dir(device), "unet.json")
     if out:
