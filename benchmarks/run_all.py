@@ -7,7 +7,8 @@
 
 Rows go to benchmarks/results/<device-slug>/<module>.json (group_norm, attention, sampler_step, unet), the
 report to REPORT.md and *.png in the same folder. The folder is named after the device (on the CPU with the
-thread count: a CPU --quick run uses one thread unless --threads says otherwise). Commit the folder with the commit the rows name in `commit`.
+thread count: a CPU --quick run uses one thread unless --threads says otherwise). Commit the folder with the
+commit the rows name in `commit`.
 
 compile: every op benchmark times torch.compile unless --no-compile. In a CPU --quick run the U-Net compile
 providers are skipped (Inductor takes minutes per tiny U-Net on a small CPU) unless --compile-unet, and so is the
@@ -96,7 +97,8 @@ def main(argv=None):
               "shown for reference only.\n\n" + tg + "\n\n## All results\n\n" + md)
     with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
         f.write(f"# Benchmark results: {_bench.device_name(device)}\n\n"
-                f"Written by `python benchmarks/run_all.py{' --quick' if a.quick else ''}`; rows in the *.json next "
+                f"Written by `python benchmarks/run_all.py{''.join(' ' + x for x in (argv or sys.argv[1:]))}`; "
+                f"rows in the *.json next "
                 f"to this file. Times are medians (p20/p80 in the JSON); `vs eager` is eager's median over the "
                 f"provider's; `% peak` is of the measured copy bandwidth (GB/s rows) or the measured matmul "
                 f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs).\n\n" + md)

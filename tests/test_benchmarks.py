@@ -15,7 +15,8 @@ from fastdiff import cli
 from fastdiff.benchmarks import attention, group_norm, report, sampler, unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROW_KEYS = {"op", "case", "shape", "dtype", "layout", "provider", "median_ms", "p20_ms", "p80_ms", "device", "torch", "triton", "cuda", "commit", "date"}
+ROW_KEYS = {"op", "case", "shape", "dtype", "layout", "provider", "median_ms", "p20_ms", "p80_ms", "device", "torch",
+            "triton", "cuda", "commit", "date"}
 
 
 def _check_rows(rows, op, providers=()):

@@ -163,7 +163,8 @@ def _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, 
     On the CPU the U-Nets are the tiny ones unless quick=False (the full-size models on a CPU take minutes per step).
     specs: a dict in model_specs()'s format that replaces the models (the tests pass a smaller one).
     compile_: the torch.compile providers: True, False, or "auto" (the default: on, except in a CPU quick run,
-    where Inductor's compiles of even the tiny U-Nets take minutes on a small shared CPU). out: the JSON path (None: benchmarks/results/<device-slug>/unet.json; '' none).
+    where Inductor's compiles of even the tiny U-Nets take minutes on a small shared CPU).
+    out: the JSON path (None: benchmarks/results/<device-slug>/unet.json; '' writes nothing).
     """
     from fastdiff import set_backend
     from fastdiff.diffusion import DDIMSampler, sample
