@@ -47,7 +47,9 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # results files a previous run left modified do not make the measured code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)benchmarks/results"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -119,9 +121,23 @@ def time_fn(fn, device: torch.device, *, warmup: int = 5, reps: int | None = Non
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "reps": len(times)}
 
 
-@functools.lru_cache(None)
+def _threads(device_str: str) -> int:
+    # on the CPU the peak depends on the thread count (the attention benchmark runs on one thread)
+    return torch.get_num_threads() if torch.device(device_str).type == "cpu" else 0
+
+
 def peak_bandwidth_gbps(device_str: str) -> float:
     """Measured: bytes read + written per second by a large copy."""
+    return _peak_bandwidth_gbps(device_str, _threads(device_str))
+
+
+def peak_tflops(device_str: str) -> float:
+    """Measured: a large bf16 matmul on a GPU, fp32 on the CPU."""
+    return _peak_tflops(device_str, _threads(device_str))
+
+
+@functools.lru_cache(None)
+def _peak_bandwidth_gbps(device_str: str, threads: int) -> float:
     device = torch.device(device_str)
     n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
     src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
@@ -131,8 +147,7 @@ def peak_bandwidth_gbps(device_str: str) -> float:
 
 
 @functools.lru_cache(None)
-def peak_tflops(device_str: str) -> float:
-    """Measured: a large bf16 matmul on a GPU, fp32 on the CPU."""
+def _peak_tflops(device_str: str, threads: int) -> float:
     device = torch.device(device_str)
     if device.type == "cuda":
         n, dtype = 8192, torch.bfloat16

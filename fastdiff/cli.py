@@ -27,27 +27,63 @@ def _cmd_info(args):
     return 0
 
 
-BENCH_OPS = ("group_norm",)
+BENCH_OPS = ("group_norm", "attention", "sampler_step", "unet_step", "sampling")
+# op -> (module under fastdiff.benchmarks, extra run() arguments); unet_step and sampling share the U-Net module
+_BENCH_MODULES = {"group_norm": ("group_norm", {}), "attention": ("attention", {}), "sampler_step": ("sampler", {}),
+                  "unet_step": ("unet", {"ops": ("unet_step",)}), "sampling": ("unet", {"ops": ("sampling",)})}
 
 
 def _bench_module(op):
     import importlib
 
-    return importlib.import_module(f"fastdiff.benchmarks.{op}")
+    return importlib.import_module(f"fastdiff.benchmarks.{_BENCH_MODULES[op][0]}")
+
+
+def _bench_plan(op):
+    """[(label, module, extra kwargs)]: one op, or every module once (the U-Net module runs both of its ops)."""
+    if op:
+        return [(op, _bench_module(op), dict(_BENCH_MODULES[op][1]))]
+    seen, plan = set(), []
+    for name in BENCH_OPS:
+        mod_name = _BENCH_MODULES[name][0]
+        if mod_name in seen:
+            continue
+        seen.add(mod_name)
+        label = "unet_step + sampling" if mod_name == "unet" else name
+        plan.append((label, _bench_module(name), {}))
+    return plan
 
 
 def _cmd_bench(args):
     from fastdiff import _bench
 
-    ops = [args.op] if args.op else [op for op in BENCH_OPS]
-    for op in ops:
-        mod = _bench_module(op)
-        rows, out = mod.run(device=args.device, quick=args.quick, compile_=not args.no_compile,
-                            out=None if args.out is None else args.out)
-        print(f"\n## {op}\n")
+    old_rows = None
+    if getattr(args, "compare", None):
+        from fastdiff.benchmarks import report
+
+        try:
+            old_rows = report.load_rows([args.compare])
+        except ValueError as e:  # json.JSONDecodeError is a ValueError: one line, exit 2
+            raise CLIError(f"--compare: {args.compare}: {e}") from None
+    all_rows = []
+    for label, mod, extra in _bench_plan(args.op):
+        # compile_="auto": every module compiles unless told not to, except that the U-Net module skips the
+        # minutes-long Inductor compiles of its models in a CPU quick run
+        rows, out = mod.run(device=args.device, quick=args.quick, compile_=False if args.no_compile else "auto",
+                            out=None if args.out is None else args.out, **extra)
+        all_rows += rows
+        print(f"\n## {label}\n")
         print(_bench.format_table(rows))
         if out:
             print(f"\nwrote {len(rows)} rows to {out}")
+    if old_rows is not None:
+        from fastdiff.benchmarks import report
+
+        lines, regs = report.compare(old_rows, all_rows, args.threshold)
+        print(f"\n## change against {args.compare}\n")
+        print("\n".join(lines) if lines else "no rows in common")
+        print(f"\n{len(regs)} regression(s) over {100 * args.threshold:.0f}%")
+        return 1 if regs else 0
     return 0
 
 
@@ -190,7 +226,7 @@ def _cmd_demo(args):
     sample_args = build_parser().parse_args(["sample"])
     sample_args.guidance = sample_args.guidance_default
     _cmd_sample(sample_args)
-    ns = argparse.Namespace(op="group_norm", device="auto", quick=True, no_compile=False, out="")
+    ns = argparse.Namespace(op="group_norm", device="auto", quick=True, no_compile=False, out="", compare=None)
     return _cmd_bench(ns)
 
 
@@ -232,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     s.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>/<op>.json; '' for none)")
+    s.add_argument("--compare", metavar="OLD.json", default=None,
+                   help="print the change against a stored run (a results file or folder); exit 1 on a regression")
+    s.add_argument("--threshold", type=float, default=0.05, help="--compare's regression threshold (default 0.05)")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("train", help="train a diffusion U-Net, noisy classifier or autoencoder (resumes from --out)")

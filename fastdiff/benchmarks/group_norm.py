@@ -39,14 +39,18 @@ def providers(device: torch.device, dtype: torch.dtype, *, compile_: bool):
     return out
 
 
-def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw", "nhwc"), out=None, verbose=True):
+def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw", "nhwc"), out=None, verbose=True,
+        shapes=None):
+    """Returns (rows, out_path). shapes: (model label, (N, C, HW)) pairs that replace the default list."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     gpu = device.type == "cuda"
+    shapes_arg = shapes
     if dtypes is None:
         dtypes = [torch.float16, torch.bfloat16] if gpu else [torch.float32]
     shapes = [("sd15", s) for s in SD15] + [("adm64", s) for s in ADM64]
     if quick and not gpu:
         shapes = [("sd15", s) for s in QUICK_CPU]
+    shapes = shapes_arg if shapes_arg is not None else shapes
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     rows = []
     for dtype in dtypes:

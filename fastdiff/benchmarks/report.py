@@ -3,7 +3,9 @@
 Input: result files in the format of shared/ARCHITECTURE.md (a JSON list of rows, or {"rows": [...]}),
 given as files or folders (every *.json under them). One table per op: a row per (case, dtype, layout), a
 column per provider with its median time, and the speed-up of each provider over eager (and over
-torch.compile where it was measured). One PNG per (op, device): speed-up over eager per case and provider.
+torch.compile where it was measured), and images/s per provider for the end-to-end rows (unet_step, sampling).
+PNGs: per (op, device) the speed-up over eager per case and provider, and for `sampling` rows the images per
+second per case and provider.
 """
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ def load_rows(paths) -> list:
 
 
 def _group(rows):
-    """(op, device) -> (case, dtype, layout) -> provider -> row, in first-seen order."""
+    """(op, device) -> (case, dtype, layout) -> provider -> row, in first-seen order. Rows with a `unit` of their
+    own (the sampler benchmark's tiny-model loop: "ms per step") get a table of their own, "op (unit)"."""
     out = OrderedDict()
     for r in rows:
-        tab = out.setdefault((r["op"], r.get("device", "?")), OrderedDict())
+        op = f"{r['op']} ({r['unit']})" if r.get("unit") else r["op"]
+        tab = out.setdefault((op, r.get("device", "?")), OrderedDict())
         tab.setdefault((r["case"], r.get("dtype"), r.get("layout")), OrderedDict())[r["provider"]] = r
     return out
 
@@ -54,6 +58,9 @@ def markdown(rows) -> str:
         fast = [p for p in providers if p.startswith("fastdiff")]
         head += [f"{p} vs eager" for p in fast] + [f"{p} vs compile" for p in fast if "compile" in providers]
         head += [f"{p} % peak" for p in fast]
+        ips = any("images_per_s" in r for cell in tab.values() for r in cell.values())
+        if ips:
+            head += [f"{p} img/s" for p in providers]
         parts.append("| " + " | ".join(head) + " |")
         parts.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
         for (case, dtype, layout), cell in tab.items():
@@ -66,9 +73,33 @@ def markdown(rows) -> str:
                     ok = p in cell and base in cell
                     line.append(f"{cell[base]['median_ms'] / cell[p]['median_ms']:.2f}x" if ok else "-")
             line += [f"{cell[p]['pct_peak']:.0f}%" if p in cell and "pct_peak" in cell[p] else "-" for p in fast]
+            if ips:
+                line += [f"{cell[p]['images_per_s']:.3g}" if p in cell and cell[p].get("images_per_s") else "-"
+                         for p in providers]
             parts.append("| " + " | ".join(line) + " |")
         parts.append("")
     return "\n".join(parts)
+
+
+# issue 7's targets (judged on an H100): (op, baseline provider, minimum speed-up of `fastdiff` over it)
+TARGETS = (("unet_step", "eager", 1.5), ("unet_step", "compile", 1.1), ("sampling", "eager", 1.6))
+
+
+def targets(rows) -> str:
+    """A markdown table of the end-to-end targets per (case, dtype): fastdiff's speed-up (for sampling: images/s
+    ratio, the same thing at a fixed batch) over each baseline, and whether it meets the target."""
+    lines = ["| op | case | dtype | device | fastdiff vs | speed-up | target | met |", "|---|---|---|---|---|---:|---:|---|"]
+    for (op, device), tab in _group(rows).items():
+        for want_op, base, goal in TARGETS:
+            if op != want_op:
+                continue
+            for (case, dtype, _layout), cell in tab.items():
+                if "fastdiff" not in cell or base not in cell:
+                    continue
+                sp = cell[base]["median_ms"] / cell["fastdiff"]["median_ms"]
+                lines.append(f"| {op} | {case} | {dtype} | {device} | {base} | {sp:.2f}x | {goal:.1f}x | "
+                             f"{'yes' if sp >= goal else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plots(rows, outdir) -> list:
@@ -98,6 +129,36 @@ def plots(rows, outdir) -> list:
         ax.legend(fontsize=8)
         fig.tight_layout()
         slug = re.sub(r"[^a-z0-9]+", "-", f"{op}-{device}".lower()).strip("-")
+        path = os.path.join(outdir, f"{slug}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    written += _images_per_s_plots(rows, outdir, plt)
+    return written
+
+
+def _images_per_s_plots(rows, outdir, plt) -> list:
+    """One PNG per device for the `sampling` rows that carry images_per_s: bars per provider per case."""
+    written = []
+    for (op, device), tab in _group(rows).items():
+        if op != "sampling":
+            continue
+        cases = [k for k, cell in tab.items() if any(r.get("images_per_s") for r in cell.values())]
+        provs = list(OrderedDict.fromkeys(p for c in cases for p in tab[c]))
+        if not cases:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cases) * max(1, len(provs)) / 2 + 2), 4.5))
+        width = 0.8 / len(provs)
+        for i, p in enumerate(provs):
+            ys = [tab[c][p].get("images_per_s") or 0 if p in tab[c] else 0 for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"{c[0]}\n{c[1]}" for c in cases], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("images per second (higher is better)")
+        ax.set_title(f"sampling loop, images/s on {device}", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        slug = re.sub(r"[^a-z0-9]+", "-", f"sampling-images-per-s-{device}".lower()).strip("-")
         path = os.path.join(outdir, f"{slug}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)

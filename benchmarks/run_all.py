@@ -1,0 +1,120 @@
+"""Run every benchmark (the ops, then the U-Net step and the sampling loop), then write the report.
+
+    python benchmarks/run_all.py                 # a GPU: every shape, fp16 + bf16, every provider
+    python benchmarks/run_all.py --quick         # a short CPU run (small shapes, tiny U-Nets)
+    python benchmarks/run_all.py --op attention --op unet_step
+    python benchmarks/run_all.py --compare benchmarks/results/<device>/   # and flag regressions over 5%
+
+Rows go to benchmarks/results/<device-slug>/<module>.json (group_norm, attention, sampler_step, unet), the
+report to REPORT.md and *.png in the same folder. The folder is named after the device (on the CPU with the
+thread count: a CPU --quick run uses one thread unless --threads says otherwise). Commit the folder with the
+commit the rows name in `commit`.
+
+compile: every op benchmark times torch.compile unless --no-compile. In a CPU --quick run the U-Net compile
+providers are skipped (Inductor takes minutes per tiny U-Net on a small CPU) unless --compile-unet, and so is the
+attention one (14 shapes x dtypes of recompiles) unless --compile-attention.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+import torch  # noqa: E402
+
+from fastdiff import _bench  # noqa: E402
+from fastdiff.benchmarks import report  # noqa: E402
+
+# (label, module, file, extra run() kwargs)
+SUITE = [("group_norm", "group_norm", "group_norm.json", {}),
+         ("attention", "attention", "attention.json", {}),
+         ("sampler_step", "sampler", "sampler_step.json", {}),
+         ("unet", "unet", "unet.json", {})]
+OP_TO_LABEL = {"group_norm": "group_norm", "attention": "attention", "sampler_step": "sampler_step",
+               "unet_step": "unet", "sampling": "unet", "unet": "unet"}
+
+
+def main(argv=None):
+    import importlib
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a short run (on the CPU: small shapes, tiny U-Nets)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--op", action="append", choices=sorted(OP_TO_LABEL), help="repeatable; default all")
+    ap.add_argument("--no-compile", action="store_true", help="skip every torch.compile provider")
+    ap.add_argument("--compile-unet", action="store_true", help="time torch.compile of the U-Nets in a CPU quick run")
+    ap.add_argument("--compile-attention", action="store_true", help="time torch.compile of attention in a CPU "
+                                                                     "quick run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: 1 in a CPU --quick run, else torch's default)")
+    ap.add_argument("--out-dir", default=None, help="default benchmarks/results/<device-slug>")
+    ap.add_argument("--compare", metavar="OLD", default=None, help="a stored results file or folder to compare to")
+    ap.add_argument("--threshold", type=float, default=0.05)
+    a = ap.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    cpu_quick = a.quick and device.type == "cpu"
+    if a.threads or (cpu_quick and a.threads is None):
+        # One thread by default on the CPU quick run: on a shared machine a parallel region waits for its slowest,
+        # descheduled thread and the timings quantise to the scheduler's slice (12 ms steps under load on 2 cores);
+        # attention and the U-Nets use one thread in quick mode anyway, so the whole folder is one configuration.
+        torch.set_num_threads(a.threads or 1)
+    out_dir = a.out_dir or _bench.results_dir(device)
+    # read the old rows before anything is overwritten (OLD is often this very folder)
+    old_rows = report.load_rows([a.compare]) if a.compare else None
+    wanted = {OP_TO_LABEL[o] for o in a.op} if a.op else None
+    ops = {"unet_step", "sampling"} & set(a.op or ())
+    print(f"device: {_bench.device_name(device)}; peak {_bench.peak_bandwidth_gbps(str(device)):.1f} GB/s copy, "
+          f"{_bench.peak_tflops(str(device)):.3f} TFLOP/s matmul; results -> {out_dir}", flush=True)
+    all_rows = []
+    for label, mod_name, fname, extra in SUITE:
+        if wanted and label not in wanted:
+            continue
+        compile_ = not a.no_compile
+        if cpu_quick and label == "unet":
+            compile_ = compile_ and a.compile_unet
+        if cpu_quick and label == "attention":
+            compile_ = compile_ and a.compile_attention
+        kw = dict(extra)
+        if label == "unet" and ops:
+            kw["ops"] = tuple(sorted(ops))
+        mod = importlib.import_module(f"fastdiff.benchmarks.{mod_name}")
+        t0 = time.perf_counter()
+        print(f"\n## {label} (compile: {compile_})", flush=True)
+        rows, path = mod.run(device=device, quick=a.quick, compile_=compile_, out=os.path.join(out_dir, fname), **kw)
+        print(f"   {len(rows)} rows -> {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+        all_rows += rows
+
+    rows = report.load_rows([out_dir])  # everything in the folder, this run's rows and any earlier ones kept there
+    md = report.markdown(rows)
+    tg = report.targets(rows)
+    if tg:
+        md = ("## End-to-end targets\n\nIssue 7's targets are for an H100 (fastdiff's U-Net step >= 1.5x eager and "
+              ">= 1.1x torch.compile max-autotune; sampling >= 1.6x eager images/s); rows from other devices are "
+              "shown for reference only.\n\n" + tg + "\n\n## All results\n\n" + md)
+    with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
+        f.write(f"# Benchmark results: {_bench.device_name(device)}\n\n"
+                f"Written by `python benchmarks/run_all.py{''.join(' ' + x for x in (argv or sys.argv[1:]))}`; "
+                f"rows in the *.json next "
+                f"to this file. Times are medians (p20/p80 in the JSON); `vs eager` is eager's median over the "
+                f"provider's; `% peak` is of the measured copy bandwidth (GB/s rows) or the measured matmul "
+                f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs).\n\n" + md)
+    try:
+        pngs = report.plots(rows, out_dir)
+    except ImportError:
+        pngs = []
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+    print(f"\nwrote {os.path.join(out_dir, 'REPORT.md')} and {len(pngs)} plot(s)")
+    if old_rows is not None:
+        lines, regs = report.compare(old_rows, all_rows, a.threshold)
+        print("\n".join(lines) if lines else "no rows in common")
+        print(f"\n{len(regs)} regression(s) over {100 * a.threshold:.0f}%")
+        return 1 if regs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmark modules (fastdiff.benchmarks.*) and `fastdiff bench`: tiny shapes, nothing written.
+
+These check that every benchmark runs and returns rows in the format of shared/ARCHITECTURE.md; they never
+assert a speed (targets are judged from the committed results files).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff import cli
+from fastdiff.benchmarks import attention, group_norm, report, sampler, unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {"op", "case", "shape", "dtype", "layout", "provider", "median_ms", "p20_ms", "p80_ms", "device", "torch",
+            "triton", "cuda", "commit", "date"}
+
+
+def _check_rows(rows, op, providers=()):
+    assert rows, "no rows"
+    for r in rows:
+        assert ROW_KEYS <= set(r), sorted(ROW_KEYS - set(r))
+        # every row has a rate and its % of peak, but the sampler benchmark's tiny-model loop (ms per step only)
+        assert ("gbps" in r or "tflops" in r) and "pct_peak" in r or r.get("unit") == "ms per step"
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        json.dumps(r)  # serialisable
+    assert {r["op"] for r in rows} >= {op}
+    assert set(providers) <= {r["provider"] for r in rows}
+
+
+def test_group_norm_run():
+    rows, out = group_norm.run("cpu", quick=True, compile_=False, layouts=("nchw",), out="", verbose=False,
+                               shapes=[("tiny", (1, 64, 8))])
+    assert out == ""
+    _check_rows(rows, "group_norm", ["eager"])
+
+
+def test_attention_run_restores_threads():
+    threads = torch.get_num_threads()
+    rows, _ = attention.run("cpu", [torch.float32], quick=True, compile_=False, out="", verbose=False, reps=3,
+                              cases=[(1, 2, 64, 64, 8, "tiny"), (1, 2, 64, 77, 8, "tiny-cross")])
+    assert torch.get_num_threads() == threads
+    _check_rows(rows, "attention", ["eager", "sdpa"])
+    assert any("gbps" in r for r in rows) and any("tflops" in r for r in rows)  # cross rows are memory-bound
+
+
+def test_sampler_run():
+    rows, _ = sampler.run("cpu", quick=True, compile_=False, out="", verbose=False, shapes=[(1, 4, 8, 8)],
+                          loop_steps=2, loop_shape=(1, 4, 8, 8))
+    _check_rows(rows, "sampler_step", ["eager"])
+    assert {r["case"].split()[0] for r in rows if r["op"] == "sampler_step"} == {"ddim-cfg", "ddpm-cfg", "dpmpp-cfg"}
+    assert any(r["op"] == "sampling" for r in rows)
+
+
+# two levels, 8x8 latents: the SD-like model shrunk further than the quick suite's tiny one, same code paths
+MICRO = {"sd15-micro": (dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                             attention_resolutions=(8, 4), channel_mult=(1, 2), num_heads=4, context_dim=16,
+                             use_scale_shift_norm=False), (4, 8, 8), (7, 16), None,
+                        dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                             block_out_channels=(32, 64), cross_attention_dim=16, attention_head_dim=4,
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
+         "adm-micro": (dict(image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                            attention_resolutions=(4,), channel_mult=(1, 2), num_head_channels=32, num_classes=10,
+                            use_scale_shift_norm=True, resblock_updown=True), (3, 8, 8), None, 10, None)}
+
+
+def test_model_specs_sd15_shape():
+    kw, chw, ctx, _ncls, dcfg = unet.model_specs(full=True)["sd15-approx"]
+    assert (kw["model_channels"], kw["channel_mult"], kw["num_res_blocks"], kw["num_heads"]) == (320, (1, 2, 4, 4), 2, 8)
+    assert chw == (4, 64, 64) and ctx == (77, 768) and dcfg["block_out_channels"] == (320, 640, 1280, 1280)
+
+
+def test_unet_run_tiny():
+    rows, out = unet.run("cpu", quick=True, compile_="auto", out="", verbose=False, batches=(1,), steps=2, reps=1,
+                         specs=MICRO, diffusers=True)
+    assert out == ""
+    _check_rows(rows, "unet_step", ["eager", "fastdiff"])
+    assert {r["op"] for r in rows} == {"unet_step", "sampling"}
+    assert not any(r["provider"].startswith("compile") for r in rows)  # "auto" skips compile in a CPU quick run
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and 0 < r["pct_peak"]
+        assert "8x8" in r["case"] and ("ctx7x16" in r["case"] or "10 classes" in r["case"])
+        if r["provider"] != "diffusers":
+            assert r["op"] == "sampling" or r["rel_err_vs_eager"] < 1e-3  # fp32: the fused layers agree
+    assert [r for r in rows if r["op"] == "sampling"][0]["steps"] == 2
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return
+    assert {"diffusers"} <= {r["provider"] for r in rows if r["op"] == "sampling"}
+
+
+def test_report_markdown_plots_and_compare(tmp_path):
+    base = dict(dtype="float32", layout=None, device="cpu", p20_ms=1.0, p80_ms=1.0, shape=[1], torch="x",
+                triton=None, cuda=None, commit="abc", date="d", pct_peak=1.0, tflops=1.0)
+    rows = [dict(base, op="sampling", case="m B1", provider="eager", median_ms=10.0, images_per_s=100.0),
+            dict(base, op="sampling", case="m B1", provider="fastdiff", median_ms=5.0, images_per_s=200.0)]
+    md = report.markdown(rows)
+    assert "fastdiff vs eager" in md and "2.00x" in md and "img/s" in md
+    pytest.importorskip("matplotlib")
+    pngs = report.plots(rows, str(tmp_path))
+    assert any("images-per-s" in os.path.basename(p) for p in pngs) and all(os.path.exists(p) for p in pngs)
+    assert "| sampling | m B1 | float32 | cpu | eager | 2.00x | 1.6x | yes |" in report.targets(rows)
+    slower = [dict(r, median_ms=r["median_ms"] * 1.2) for r in rows]
+    lines, regs = report.compare(rows, slower)
+    assert len(lines) == 2 and len(regs) == 2
+
+
+def test_cli_bench_compare(monkeypatch, tmp_path, capsys):
+    """`fastdiff bench --compare OLD.json`: prints the change and exits 1 on a regression over 5%, 0 otherwise."""
+    row = dict(op="group_norm", case="c", dtype="float32", layout="nchw", provider="eager", device="cpu",
+               median_ms=1.0, p20_ms=1.0, p80_ms=1.0)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([row]))
+
+    class Fake:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def run(self, **kw):
+            return [dict(row, median_ms=self.ms)], ""
+
+    for ms, code in ((1.2, 1), (1.01, 0)):
+        monkeypatch.setattr(cli, "_bench_plan", lambda op, ms=ms: [("group_norm", Fake(ms), {})])
+        assert cli.main(["bench", "--op", "group_norm", "--quick", "--out", "", "--compare", str(old)]) == code
+    assert "REGRESSION" not in capsys.readouterr().out.split("regression(s)")[-1]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli.main(["bench", "--op", "group_norm", "--out", "", "--compare", str(bad)]) == 2
+
+
+def test_cli_ops_registered():
+    assert set(cli.BENCH_OPS) == {"group_norm", "attention", "sampler_step", "unet_step", "sampling"}
+    labels = [label for label, _, _ in cli._bench_plan(None)]
+    assert labels == ["group_norm", "attention", "sampler_step", "unet_step + sampling"]
+
+
+def test_cli_bench_subprocess():
+    """`fastdiff bench --op group_norm --quick --no-compile --out ''` exits 0 (a real, short CPU run)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "fastdiff.cli", "bench", "--op", "group_norm", "--quick",
+                        "--no-compile", "--out", ""], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| group_norm |" in p.stdout and "wrote" not in p.stdout
