@@ -79,3 +79,19 @@ def pick(backend: str, device: torch.device, dtype: torch.dtype, *, available: d
     if not ok:
         raise ValueError(f"backend: {op} cannot run backend={name!r} here: {why}")
     return name
+
+
+def elementwise_availability(x: torch.Tensor, has_triton_ops: bool) -> dict:
+    """Which backends can run an op whose kernels take x of any KERNEL_DTYPES on its device: the `available`
+    table of `pick` for group_norm and sampler_step."""
+    dev, dt = x.device, x.dtype
+    dtype_ok = dt in KERNEL_DTYPES
+    why_dtype = f"x has dtype {dt}; the fused kernels take float32, float16 and bfloat16"
+    return {
+        "cuda": (dtype_ok and dev.type == "cuda" and _backend.has_cuda_ext(),
+                 why_dtype if not dtype_ok else "needs a CUDA tensor and the extension built with CUDA"),
+        "triton": (dtype_ok and has_triton_ops and _backend.triton_usable(dev),
+                   why_dtype if not dtype_ok else "needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)"),
+        "cpu": (dtype_ok and dev.type == "cpu" and _backend.has_cpu_ext(),
+                why_dtype if not dtype_ok else "needs a CPU tensor and the compiled extension"),
+    }

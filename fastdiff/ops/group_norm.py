@@ -13,7 +13,8 @@ import numbers
 import torch
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import KERNEL_DTYPES, check_like, check_tensor, kernel_layout, pick
+from fastdiff.ops._common import (KERNEL_DTYPES, check_like, check_tensor, elementwise_availability, kernel_layout,
+                                  pick)
 
 _ACTIVATIONS = {None: "none", "none": "none", "silu": "silu"}
 
@@ -69,17 +70,7 @@ if _backend.has_triton():
 
 
 def _available(x: torch.Tensor) -> dict:
-    dev, dt = x.device, x.dtype
-    dtype_ok = dt in KERNEL_DTYPES
-    why_dtype = f"x has dtype {dt}; the fused kernels take float32, float16 and bfloat16"
-    return {
-        "cuda": (dtype_ok and dev.type == "cuda" and _backend.has_cuda_ext(),
-                 why_dtype if not dtype_ok else "needs a CUDA tensor and the extension built with CUDA"),
-        "triton": (dtype_ok and _HAS_TRITON_OPS and _backend.triton_usable(dev),
-                   why_dtype if not dtype_ok else "needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)"),
-        "cpu": (dtype_ok and dev.type == "cpu" and _backend.has_cpu_ext(),
-                why_dtype if not dtype_ok else "needs a CPU tensor and the compiled extension"),
-    }
+    return elementwise_availability(x, _HAS_TRITON_OPS)
 
 
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> str:
