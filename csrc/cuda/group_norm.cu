@@ -1,17 +1,24 @@
 // GroupNorm + AdaGN scale/shift + SiLU on CUDA: the same contract as csrc/cpu/group_norm.cpp.
 //
-// Algorithm. Forward, three launches:
-//   1. stats: per-(n, c, chunk) partial (mean, M2) of x. A thread loads a batch of kItems 16-byte vectors,
-//      takes the batch's (mean, M2) exactly from its registers (two passes) and merges it into its running
-//      (count, mean, M2) with Chan's formula; threads then merge in a fixed tree.
-//   2. merge: one CTA per (n, group) merges that group's cpg * K partials in a fixed order into mean/rstd
-//      (the outputs) and folds them with weight/bias/scale/shift into one (A, B) per (n, c).
-//   3. apply: y = act(A x + B), 16-byte loads and stores.
-// Backward, three launches (four with weight or bias): per-(n, c, chunk) partial sums S1 = sum gz and
-// S2 = sum gz (x - mean) (z = A x + B recomputed for the SiLU); one CTA per (n, group) adds them in a fixed
-// order into the per-(n, c) coefficients of grad_x = P gz + Q (x - mean) + R and the scale/shift gradients;
-// one apply pass for grad_x; a per-channel sum over n for the weight/bias gradients. (Plus one copy when
-// grad_y's strides differ from x's, as on the CPU.)
+// Algorithm. Everything works in the frame of each group's pivot K (its first value, x[n, g cpg, spatial 0];
+// see "Precision" in common/group_norm.h): the stats, merge and backward-sums kernels read that one element of
+// x themselves, so every CTA of a group uses the same K and no launch is added for it; the merge kernels hand
+// K on per (n, c) to the apply passes in one more scratch plane (forward Kc, backward kCK). Forward, three
+// launches:
+//   1. stats: per-(n, c, chunk) partial (mean, M2) of x - K. A thread loads a batch of kItems 16-byte
+//      vectors, subtracts K from every value (exact for values near K), takes the batch's (mean, M2) exactly
+//      from its registers (two passes) and merges it into its running (count, mean, M2) with Chan's formula;
+//      threads then merge in a fixed tree.
+//   2. merge: one CTA per (n, group) merges that group's cpg * K partials in a fixed order into mrel (the mean
+//      of x - K) and rstd, outputs mean = K + mrel and rstd, and folds them with weight/bias/scale/shift
+//      into one (A, B) per (n, c) for z = A (x - K) + B: A = rstd w (1 + s), B = b (1 + s) + t - A mrel.
+//   3. apply: y = act(A (x - K) + B), 16-byte loads and stores.
+// Backward, three launches (four with weight or bias), in the same frame (K read from x again,
+// mrel = mean - K): per-(n, c, chunk) partial sums S1 = sum gz and S2 = sum gz ((x - K) - mrel)
+// (z = A (x - K) + B recomputed for the SiLU); one CTA per (n, group) adds them in a fixed order into the
+// per-(n, c) coefficients of grad_x = P gz + Q ((x - K) - mrel) + R and the scale/shift gradients; one apply
+// pass for grad_x; a per-channel sum over n for the weight/bias gradients. (Plus one copy when grad_y's
+// strides differ from x's, as on the CPU.)
 // No float atomics anywhere: every partial is written by exactly one thread and read in a fixed order, so
 // the same input gives bit-identical outputs run to run.
 //
@@ -218,6 +225,21 @@ __device__ __forceinline__ float2 fold_nc(const Fold& f, int64_t n, int64_t c, f
   return ab;
 }
 
+// (A, B) of one (n, c) in the pivot frame, z = A (x - K) + B, from mrel (the group mean of x - K), as the
+// CPU file's fold: B = (b (1 + s) + t) - A mrel.
+__device__ __forceinline__ float2 fold_rel(const Fold& f, int64_t n, int64_t c, float mrel, float rstd) {
+  float2 ab = fold_nc(f, n, c, 0.f, rstd);
+  ab.y -= ab.x * mrel;
+  return ab;
+}
+
+// Element index in x of the pivot of channel c's group in sample n: the group's first value (spatial 0),
+// for x contiguous in NCHW (cl false) or channels-last (cl true). 32-bit channel math: C < 2^31.
+__device__ __forceinline__ int64_t pivot_at(int64_t n, uint32_t c, uint32_t cpg, int64_t C, int64_t S, bool cl) {
+  const int64_t c0 = static_cast<int64_t>(c - c % cpg);
+  return cl ? n * S * C + c0 : (n * C + c0) * S;
+}
+
 // ---- the work split ----------------------------------------------------------------------------------------
 
 struct Plan {
@@ -364,6 +386,9 @@ __device__ __forceinline__ void stats_cf(const T* __restrict__ x, float* __restr
   const CfPos q = cf_pos(p);
   Stats st{0.f, 0.f, 0.f};
   if (q.active) {
+    const uint32_t row = static_cast<uint32_t>(q.row), C = static_cast<uint32_t>(p.C);  // N C < 2^31
+    const uint32_t n = row / C;
+    const float K = static_cast<float>(x[pivot_at(n, row - n * C, static_cast<uint32_t>(p.cpg), p.C, p.S, false)]);
     const Span sp = cf_span<W>(p, q.row, q.k);
     const T* xv = x + sp.e0 + sp.head;
     for (int v0 = 0; v0 < sp.nvec; v0 += p.TS * kItems) {
@@ -385,7 +410,10 @@ __device__ __forceinline__ void stats_cf(const T* __restrict__ x, float* __restr
         if (i < nv) {
           io::cvt(r[i], f[i]);
 #pragma unroll
-          for (int j = 0; j < W; ++j) sum += f[i][j];
+          for (int j = 0; j < W; ++j) {
+            f[i][j] -= K;
+            sum += f[i][j];
+          }
         }
       const float nb = static_cast<float>(nv * W), mb = sum / nb;
       float m2b = 0.f;
@@ -401,10 +429,10 @@ __device__ __forceinline__ void stats_cf(const T* __restrict__ x, float* __restr
       chan_merge(st.n, st.mean, st.m2, nb, mb, m2b);
     }
     for (int j = q.rank; j < sp.head; j += p.TS)
-      chan_merge(st.n, st.mean, st.m2, 1.f, static_cast<float>(x[sp.e0 + j]), 0.f);
+      chan_merge(st.n, st.mean, st.m2, 1.f, static_cast<float>(x[sp.e0 + j]) - K, 0.f);
     const int64_t et = sp.e0 + sp.head + static_cast<int64_t>(sp.nvec) * W;
     for (int j = q.rank; j < sp.tail; j += p.TS)
-      chan_merge(st.n, st.mean, st.m2, 1.f, static_cast<float>(x[et + j]), 0.f);
+      chan_merge(st.n, st.mean, st.m2, 1.f, static_cast<float>(x[et + j]) - K, 0.f);
   }
   team_merge(st, p, q.rank, red);
   if (q.active && q.rank == 0) {
@@ -416,13 +444,26 @@ __device__ __forceinline__ void stats_cf(const T* __restrict__ x, float* __restr
 
 template <typename T, int W>
 __device__ __forceinline__ void stats_cl(const T* __restrict__ x, float* __restrict__ part, const Plan& p,
-                                         float* sm) {
+                                         float* sm, float* piv) {
   using io = Io<T, W>;
   const ClPos q = cl_pos(p);
+  // The pivots of the CTA's (<= 64) channels, one per thread, into shared memory: a vector may straddle
+  // groups, and every slot of a column needs the same W pivots.
+  {
+    const int64_t cbase = (q.gcol - q.col) * W;  // first channel of this CTA's column block
+    const int nch = static_cast<int>(imin<int64_t>(p.Cb * W, p.C - cbase));
+    if (static_cast<int>(threadIdx.x) < nch)
+      piv[threadIdx.x] = static_cast<float>(
+          x[pivot_at(q.n, static_cast<uint32_t>(cbase) + threadIdx.x, static_cast<uint32_t>(p.cpg), p.C, p.S, true)]);
+    __syncthreads();
+  }
   float cnt = 0.f, mean[W], m2[W];
 #pragma unroll
   for (int j = 0; j < W; ++j) mean[j] = m2[j] = 0.f;
   if (q.active) {
+    float K[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) K[j] = piv[q.col * W + j];
     const T* xb = x + (q.n * p.S + q.k * p.L) * p.C + q.gcol * W;
     for (int r0 = 0; r0 < q.nr; r0 += p.slots * kItems) {
       typename io::raw r[kItems];
@@ -439,7 +480,11 @@ __device__ __forceinline__ void stats_cl(const T* __restrict__ x, float* __restr
       float f[kItems][W];
 #pragma unroll
       for (int i = 0; i < kItems; ++i)
-        if (i < nv) io::cvt(r[i], f[i]);
+        if (i < nv) {
+          io::cvt(r[i], f[i]);
+#pragma unroll
+          for (int j = 0; j < W; ++j) f[i][j] -= K[j];
+        }
       const float nb = static_cast<float>(nv);
       float mb[W], m2b[W];
 #pragma unroll
@@ -513,31 +558,44 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     gn_stats_cl(const T* __restrict__ x, float* __restrict__ part, const Plan p) {
   __shared__ float sm[kThreads * (2 * vec_of<T>() + 1)];
+  __shared__ float piv[kMaxCtaChannels];
   if (p.W == 1)
-    stats_cl<T, 1>(x, part, p, sm);
+    stats_cl<T, 1>(x, part, p, sm, piv);
   else
-    stats_cl<T, vec_of<T>()>(x, part, p, sm);
+    stats_cl<T, vec_of<T>()>(x, part, p, sm, piv);
 }
 
 struct MergeArgs {
   int64_t N, C, S, G, cpg, K, L, nck;
   PartIdx pi;
   float eps;
+  bool cl;
 };
 
 inline MergeArgs merge_args(const Plan& p, double eps) {
-  return {p.N, p.C, p.S, p.G, p.cpg, p.K, p.L, p.nck, part_idx(p), static_cast<float>(eps)};
+  return {p.N, p.C, p.S, p.G, p.cpg, p.K, p.L, p.nck, part_idx(p), static_cast<float>(eps), p.cl};
+}
+
+// The pivot K of group (n, g), read from x.
+template <typename T>
+__device__ __forceinline__ float group_pivot(const T* __restrict__ x, const MergeArgs& m, int64_t n, int64_t g) {
+  return static_cast<float>(
+      x[pivot_at(n, static_cast<uint32_t>(g * m.cpg), static_cast<uint32_t>(m.cpg), m.C, m.S, m.cl)]);
 }
 
 // One CTA per (n, group): warp w merges channels w, w + 8, ... (lanes over chunks, then a fixed tree) and
-// keeps them in channel order; the warps are then merged in order.
+// keeps them in channel order; the warps are then merged in order. The partials are in the frame of the
+// group's pivot K; mean = K + mrel, and Kc receives K per (n, c) for the apply pass.
+template <typename T>
 __global__ void __launch_bounds__(kMergeThreads, 2)
-    gn_merge_fwd(const float* __restrict__ part, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                 float* __restrict__ A, float* __restrict__ B, const Fold f, const MergeArgs m) {
+    gn_merge_fwd(const T* __restrict__ x, const float* __restrict__ part, float* __restrict__ mean_out,
+                 float* __restrict__ rstd_out, float* __restrict__ A, float* __restrict__ B,
+                 float* __restrict__ Kc, const Fold f, const MergeArgs m) {
   __shared__ Stats red[kMergeWarps];
-  __shared__ float bc[2];
+  __shared__ float bc[3];
   const int64_t ng = blockIdx.x, n = blockIdx.x / static_cast<uint32_t>(m.G), g = ng - n * m.G;
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  const float K = threadIdx.x == 0 ? group_pivot(x, m, n, g) : 0.f;  // issued early, used by thread 0
   Stats acc{0.f, 0.f, 0.f};
   for (int64_t ci = warp; ci < m.cpg; ci += kMergeWarps) {
     const float* pc = part + n * m.pi.pN + (g * m.cpg + ci) * m.pi.pC;
@@ -554,28 +612,30 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
     Stats t = red[0];
     for (int w = 1; w < kMergeWarps; ++w) chan_merge(t, red[w]);
     const float rs = 1.f / sqrtf(fmaxf(t.m2 / t.n, 0.f) + m.eps);
-    mean_out[ng] = t.mean;
+    mean_out[ng] = K + t.mean;
     rstd_out[ng] = rs;
     bc[0] = t.mean;
     bc[1] = rs;
+    bc[2] = K;
   }
   __syncthreads();
-  const float mu = bc[0], rs = bc[1];
+  const float mrel = bc[0], rs = bc[1], Kg = bc[2];
   for (int64_t ci = threadIdx.x; ci < m.cpg; ci += kMergeThreads) {
     const int64_t c = g * m.cpg + ci;
-    const float2 ab = fold_nc(f, n, c, mu, rs);
+    const float2 ab = fold_rel(f, n, c, mrel, rs);
     A[n * m.C + c] = ab.x;
     B[n * m.C + c] = ab.y;
+    Kc[n * m.C + c] = Kg;
   }
 }
 
 template <typename T, bool kSilu, int W>
 __device__ __forceinline__ void apply_cf(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A,
-                                         const float* __restrict__ B, const Plan& p) {
+                                         const float* __restrict__ B, const float* __restrict__ Kc, const Plan& p) {
   using io = Io<T, W>;
   const CfPos q = cf_pos(p);
   if (!q.active) return;
-  const float a = A[q.row], b = B[q.row];
+  const float a = A[q.row], b = B[q.row], K = Kc[q.row];
   const Span sp = cf_span<W>(p, q.row, q.k);
   const T* xv = x + sp.e0 + sp.head;
   T* yv = y + sp.e0 + sp.head;
@@ -593,30 +653,31 @@ __device__ __forceinline__ void apply_cf(const T* __restrict__ x, T* __restrict_
         float f[W];
         io::cvt(r[i], f);
 #pragma unroll
-        for (int j = 0; j < W; ++j) f[j] = act<kSilu>(a * f[j] + b);
+        for (int j = 0; j < W; ++j) f[j] = act<kSilu>(a * (f[j] - K) + b);
         io::store(yv + static_cast<int64_t>(v) * W, f);
       }
     }
   }
   for (int j = q.rank; j < sp.head; j += p.TS)
-    y[sp.e0 + j] = static_cast<T>(act<kSilu>(a * static_cast<float>(x[sp.e0 + j]) + b));
+    y[sp.e0 + j] = static_cast<T>(act<kSilu>(a * (static_cast<float>(x[sp.e0 + j]) - K) + b));
   const int64_t et = sp.e0 + sp.head + static_cast<int64_t>(sp.nvec) * W;
   for (int j = q.rank; j < sp.tail; j += p.TS)
-    y[et + j] = static_cast<T>(act<kSilu>(a * static_cast<float>(x[et + j]) + b));
+    y[et + j] = static_cast<T>(act<kSilu>(a * (static_cast<float>(x[et + j]) - K) + b));
 }
 
 template <typename T, bool kSilu, int W>
 __device__ __forceinline__ void apply_cl(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A,
-                                         const float* __restrict__ B, const Plan& p) {
+                                         const float* __restrict__ B, const float* __restrict__ Kc, const Plan& p) {
   using io = Io<T, W>;
   const ClPos q = cl_pos(p);
   if (!q.active) return;
   const int64_t c0 = q.gcol * W;
-  float a[W], b[W];
+  float a[W], b[W], K[W];
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     a[j] = A[q.n * p.C + c0 + j];
     b[j] = B[q.n * p.C + c0 + j];
+    K[j] = Kc[q.n * p.C + c0 + j];
   }
   const int64_t off = (q.n * p.S + q.k * p.L) * p.C + c0;
   const T* xb = x + off;
@@ -635,7 +696,7 @@ __device__ __forceinline__ void apply_cl(const T* __restrict__ x, T* __restrict_
         float f[W];
         io::cvt(r[i], f);
 #pragma unroll
-        for (int j = 0; j < W; ++j) f[j] = act<kSilu>(a[j] * f[j] + b[j]);
+        for (int j = 0; j < W; ++j) f[j] = act<kSilu>(a[j] * (f[j] - K[j]) + b[j]);
         io::store(yb + static_cast<int64_t>(row) * p.C, f);
       }
     }
@@ -645,31 +706,33 @@ __device__ __forceinline__ void apply_cl(const T* __restrict__ x, T* __restrict_
 template <typename T, bool kSilu>
 __global__ void __launch_bounds__(kThreads, 2)
     gn_apply_cf(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A, const float* __restrict__ B,
-                const Plan p) {
+                const float* __restrict__ Kc, const Plan p) {
   if (p.W == 1)
-    apply_cf<T, kSilu, 1>(x, y, A, B, p);
+    apply_cf<T, kSilu, 1>(x, y, A, B, Kc, p);
   else
-    apply_cf<T, kSilu, vec_of<T>()>(x, y, A, B, p);
+    apply_cf<T, kSilu, vec_of<T>()>(x, y, A, B, Kc, p);
 }
 
 template <typename T, bool kSilu>
 __global__ void __launch_bounds__(kThreads, 2)
     gn_apply_cl(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A, const float* __restrict__ B,
-                const Plan p) {
+                const float* __restrict__ Kc, const Plan p) {
   if (p.W == 1)
-    apply_cl<T, kSilu, 1>(x, y, A, B, p);
+    apply_cl<T, kSilu, 1>(x, y, A, B, Kc, p);
   else
-    apply_cl<T, kSilu, vec_of<T>()>(x, y, A, B, p);
+    apply_cl<T, kSilu, vec_of<T>()>(x, y, A, B, Kc, p);
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------
 
-// Per-element terms of S1 and S2.
+// Per-element terms of S1 and S2, in the pivot frame: d = x - K, z = a d + b, x - mean = d - mrel.
 template <bool kSilu>
-__device__ __forceinline__ void bwd_acc(float xv, float g, float a, float b, float mu, float& s1, float& s2) {
-  const float gz = g * act_grad<kSilu>(a * xv + b);
+__device__ __forceinline__ void bwd_acc(float xv, float g, float a, float b, float K, float mrel, float& s1,
+                                        float& s2) {
+  const float d = xv - K;
+  const float gz = g * act_grad<kSilu>(a * d + b);
   s1 += gz;
-  s2 += gz * (xv - mu);
+  s2 += gz * (d - mrel);
 }
 
 template <typename T, bool kSilu, int W>
@@ -682,10 +745,12 @@ __device__ __forceinline__ void bsums_cf(const T* __restrict__ gy, const T* __re
   if (q.active) {
     const uint32_t row = static_cast<uint32_t>(q.row), C = static_cast<uint32_t>(p.C);  // N C < 2^31
     const uint32_t n = row / C, c = row - n * C, ng = n * static_cast<uint32_t>(p.G) + c / static_cast<uint32_t>(p.cpg);
-    const float mu = mean[ng];
+    // the forward's pivot again, read from x, and the mean in its frame
+    const float K = static_cast<float>(x[pivot_at(n, c, static_cast<uint32_t>(p.cpg), p.C, p.S, false)]);
+    const float mu = mean[ng] - K;
     float a = 0.f, b = 0.f;
     if (kSilu) {
-      const float2 ab = fold_nc(fo, n, c, mu, rstd[ng]);
+      const float2 ab = fold_rel(fo, n, c, mu, rstd[ng]);
       a = ab.x;
       b = ab.y;
     }
@@ -710,15 +775,15 @@ __device__ __forceinline__ void bsums_cf(const T* __restrict__ gy, const T* __re
           io::cvt(rx[i], fx);
           io::cvt(rg[i], fg);
 #pragma unroll
-          for (int j = 0; j < W; ++j) bwd_acc<kSilu>(fx[j], fg[j], a, b, mu, s1, s2);
+          for (int j = 0; j < W; ++j) bwd_acc<kSilu>(fx[j], fg[j], a, b, K, mu, s1, s2);
         }
       }
     }
     for (int j = q.rank; j < sp.head; j += p.TS)
-      bwd_acc<kSilu>(static_cast<float>(x[sp.e0 + j]), static_cast<float>(gy[sp.e0 + j]), a, b, mu, s1, s2);
+      bwd_acc<kSilu>(static_cast<float>(x[sp.e0 + j]), static_cast<float>(gy[sp.e0 + j]), a, b, K, mu, s1, s2);
     const int64_t et = sp.e0 + sp.head + static_cast<int64_t>(sp.nvec) * W;
     for (int j = q.rank; j < sp.tail; j += p.TS)
-      bwd_acc<kSilu>(static_cast<float>(x[et + j]), static_cast<float>(gy[et + j]), a, b, mu, s1, s2);
+      bwd_acc<kSilu>(static_cast<float>(x[et + j]), static_cast<float>(gy[et + j]), a, b, K, mu, s1, s2);
   }
   team_sum(s1, s2, p, q.rank, red);
   if (q.active && q.rank == 0) {
@@ -732,7 +797,7 @@ template <typename T, bool kSilu, int W>
 __device__ __forceinline__ void bsums_cl(const T* __restrict__ gy, const T* __restrict__ x,
                                          const float* __restrict__ mean, const float* __restrict__ rstd,
                                          const Fold& fo, float* __restrict__ part, const Plan& p, float* sm,
-                                         float (*coef)[kMaxCtaChannels]) {
+                                         float (*coef)[kMaxCtaChannels]) {  // coef: A, B, mrel, K
   using io = Io<T, W>;
   const ClPos q = cl_pos(p);
   // The CTA's (<= 64) channels fold once, one per thread, into shared memory: every slot of a column needs
@@ -743,12 +808,15 @@ __device__ __forceinline__ void bsums_cl(const T* __restrict__ gy, const T* __re
     if (static_cast<int>(threadIdx.x) < nch) {
       const uint32_t c = static_cast<uint32_t>(cbase) + threadIdx.x;
       const uint32_t ng = static_cast<uint32_t>(q.n * p.G) + c / static_cast<uint32_t>(p.cpg);
-      const float mu = mean[ng];
+      // the forward's pivot again, read from x, and the mean in its frame
+      const float K = static_cast<float>(x[pivot_at(q.n, c, static_cast<uint32_t>(p.cpg), p.C, p.S, true)]);
+      const float mu = mean[ng] - K;
       float2 ab = make_float2(0.f, 0.f);
-      if (kSilu) ab = fold_nc(fo, q.n, c, mu, rstd[ng]);
+      if (kSilu) ab = fold_rel(fo, q.n, c, mu, rstd[ng]);
       coef[0][threadIdx.x] = ab.x;
       coef[1][threadIdx.x] = ab.y;
       coef[2][threadIdx.x] = mu;
+      coef[3][threadIdx.x] = K;
     }
     __syncthreads();
   }
@@ -756,12 +824,13 @@ __device__ __forceinline__ void bsums_cl(const T* __restrict__ gy, const T* __re
 #pragma unroll
   for (int j = 0; j < W; ++j) s1[j] = s2[j] = 0.f;
   if (q.active) {
-    float a[W], b[W], mu[W];
+    float a[W], b[W], mu[W], K[W];
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       a[j] = coef[0][q.col * W + j];
       b[j] = coef[1][q.col * W + j];
       mu[j] = coef[2][q.col * W + j];
+      K[j] = coef[3][q.col * W + j];
     }
     const int64_t off = (q.n * p.S + q.k * p.L) * p.C + q.gcol * W;
     const T* xb = x + off;
@@ -784,7 +853,7 @@ __device__ __forceinline__ void bsums_cl(const T* __restrict__ gy, const T* __re
           io::cvt(rx[i], fx);
           io::cvt(rg[i], fg);
 #pragma unroll
-          for (int j = 0; j < W; ++j) bwd_acc<kSilu>(fx[j], fg[j], a[j], b[j], mu[j], s1[j], s2[j]);
+          for (int j = 0; j < W; ++j) bwd_acc<kSilu>(fx[j], fg[j], a[j], b[j], K[j], mu[j], s1[j], s2[j]);
         }
       }
     }
@@ -835,15 +904,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     gn_bsums_cl(const T* __restrict__ gy, const T* __restrict__ x, const float* __restrict__ mean,
                 const float* __restrict__ rstd, const Fold fo, float* __restrict__ part, const Plan p) {
   __shared__ float sm[kThreads * 2 * vec_of<T>()];
-  __shared__ float coef[3][kMaxCtaChannels];
+  __shared__ float coef[4][kMaxCtaChannels];
   if (p.W == 1)
     bsums_cl<T, kSilu, 1>(gy, x, mean, rstd, fo, part, p, sm, coef);
   else
     bsums_cl<T, kSilu, vec_of<T>()>(gy, x, mean, rstd, fo, part, p, sm, coef);
 }
 
-// Per-(n, c) coefficient planes written by the backward merge and read by the grad_x pass.
-enum : int { kCA = 0, kCB, kCP, kCQ, kCR, kCM, kNumCoef };
+// Per-(n, c) coefficient planes written by the backward merge and read by the grad_x pass: A, B of
+// z = A (x - K) + B, P, Q, R of grad_x, mrel (the mean in K's frame) and the pivot K.
+enum : int { kCA = 0, kCB, kCP, kCQ, kCR, kCM, kCK, kNumCoef };
 
 struct BwdOut {
   float* coef;   // kNumCoef planes of N * C
@@ -853,16 +923,18 @@ struct BwdOut {
 
 // One CTA per (n, group): warp w sums channels w, w + 8, ... (lanes over chunks, then a fixed tree); the
 // group sums m1, m2 then add the warps' channel-ordered partial sums in warp order. Formulas as in the CPU
-// file: xhat sums S2 rstd, m1 = mean_c(g S1), m2 = mean_c(g S2 rstd), g = w (1 + s).
+// file: xhat sums S2 rstd, m1 = mean_c(g S1), m2 = mean_c(g S2 rstd), g = w (1 + s). (A, B) and the mean
+// are in the frame of the group's pivot K, read from x as in the forward: mrel = mean - K.
+template <typename T>
 __global__ void __launch_bounds__(kMergeThreads, 2)
-    gn_merge_bwd(const float* __restrict__ part, const float* __restrict__ mean, const float* __restrict__ rstd,
-                 const Fold f, const BwdOut o, const MergeArgs m) {
+    gn_merge_bwd(const T* __restrict__ x, const float* __restrict__ part, const float* __restrict__ mean,
+                 const float* __restrict__ rstd, const Fold f, const BwdOut o, const MergeArgs m) {
   __shared__ float red[kMergeWarps][2];
   __shared__ float bc[2];
   const int64_t ng = blockIdx.x, n = blockIdx.x / static_cast<uint32_t>(m.G), g = ng - n * m.G;
   const int64_t NC = m.N * m.C;
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-  const float r = rstd[ng], mu = mean[ng];
+  const float r = rstd[ng], K = group_pivot(x, m, n, g), mu = mean[ng] - K;
   float acc1 = 0.f, acc2 = 0.f;
   for (int64_t ci = warp; ci < m.cpg; ci += kMergeWarps) {
     const int64_t c = g * m.cpg + ci, nc = n * m.C + c;
@@ -880,7 +952,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
       acc1 += gc * s1;
       acc2 += gc * s2 * r;
       float A, B;
-      gn_fold(mu, r, w, b, sc, t, A, B);
+      gn_fold(0.f, r, w, b, sc, t, A, B);
+      B -= A * mu;  // as fold_rel
       o.coef[kCA * NC + nc] = A;
       o.coef[kCB * NC + nc] = B;
       o.coef[kCP * NC + nc] = r * gc;
@@ -920,6 +993,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
     o.coef[kCQ * NC + nc] = bc[0];
     o.coef[kCR * NC + nc] = bc[1];
     o.coef[kCM * NC + nc] = mu;
+    o.coef[kCK * NC + nc] = K;
   }
 }
 
@@ -941,9 +1015,11 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
 }
 
 template <bool kSilu>
-__device__ __forceinline__ float bwd_gx(float xv, float g, float a, float b, float P, float Q, float R, float mu) {
-  const float gz = g * act_grad<kSilu>(a * xv + b);
-  return P * gz + Q * (xv - mu) + R;
+__device__ __forceinline__ float bwd_gx(float xv, float g, float a, float b, float P, float Q, float R, float K,
+                                        float mrel) {
+  const float d = xv - K;  // pivot frame, as bwd_acc
+  const float gz = g * act_grad<kSilu>(a * d + b);
+  return P * gz + Q * (d - mrel) + R;
 }
 
 template <typename T, bool kSilu, int W>
@@ -955,7 +1031,7 @@ __device__ __forceinline__ void bapply_cf(const T* __restrict__ gy, const T* __r
   const int64_t NC = p.N * p.C;
   const float a = kSilu ? coef[kCA * NC + q.row] : 0.f, b = kSilu ? coef[kCB * NC + q.row] : 0.f;
   const float P = coef[kCP * NC + q.row], Q = coef[kCQ * NC + q.row], R = coef[kCR * NC + q.row],
-              mu = coef[kCM * NC + q.row];
+              mu = coef[kCM * NC + q.row], K = coef[kCK * NC + q.row];
   const Span sp = cf_span<W>(p, q.row, q.k);
   const T* xv = x + sp.e0 + sp.head;
   const T* gv = gy + sp.e0 + sp.head;
@@ -978,19 +1054,19 @@ __device__ __forceinline__ void bapply_cf(const T* __restrict__ gy, const T* __r
         io::cvt(rx[i], fx);
         io::cvt(rg[i], fg);
 #pragma unroll
-        for (int j = 0; j < W; ++j) fx[j] = bwd_gx<kSilu>(fx[j], fg[j], a, b, P, Q, R, mu);
+        for (int j = 0; j < W; ++j) fx[j] = bwd_gx<kSilu>(fx[j], fg[j], a, b, P, Q, R, K, mu);
         io::store(ov + static_cast<int64_t>(v) * W, fx);
       }
     }
   }
   for (int j = q.rank; j < sp.head; j += p.TS) {
     const int64_t e = sp.e0 + j;
-    gx[e] = static_cast<T>(bwd_gx<kSilu>(static_cast<float>(x[e]), static_cast<float>(gy[e]), a, b, P, Q, R, mu));
+    gx[e] = static_cast<T>(bwd_gx<kSilu>(static_cast<float>(x[e]), static_cast<float>(gy[e]), a, b, P, Q, R, K, mu));
   }
   const int64_t et = sp.e0 + sp.head + static_cast<int64_t>(sp.nvec) * W;
   for (int j = q.rank; j < sp.tail; j += p.TS) {
     const int64_t e = et + j;
-    gx[e] = static_cast<T>(bwd_gx<kSilu>(static_cast<float>(x[e]), static_cast<float>(gy[e]), a, b, P, Q, R, mu));
+    gx[e] = static_cast<T>(bwd_gx<kSilu>(static_cast<float>(x[e]), static_cast<float>(gy[e]), a, b, P, Q, R, K, mu));
   }
 }
 
@@ -1001,7 +1077,7 @@ __device__ __forceinline__ void bapply_cl(const T* __restrict__ gy, const T* __r
   const ClPos q = cl_pos(p);
   if (!q.active) return;
   const int64_t NC = p.N * p.C, c0 = q.gcol * W;
-  float a[W], b[W], P[W], Q[W], R[W], mu[W];
+  float a[W], b[W], P[W], Q[W], R[W], mu[W], K[W];
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     const int64_t nc = q.n * p.C + c0 + j;
@@ -1011,6 +1087,7 @@ __device__ __forceinline__ void bapply_cl(const T* __restrict__ gy, const T* __r
     Q[j] = coef[kCQ * NC + nc];
     R[j] = coef[kCR * NC + nc];
     mu[j] = coef[kCM * NC + nc];
+    K[j] = coef[kCK * NC + nc];
   }
   const int64_t off = (q.n * p.S + q.k * p.L) * p.C + c0;
   const T* xb = x + off;
@@ -1034,7 +1111,7 @@ __device__ __forceinline__ void bapply_cl(const T* __restrict__ gy, const T* __r
         io::cvt(rx[i], fx);
         io::cvt(rg[i], fg);
 #pragma unroll
-        for (int j = 0; j < W; ++j) fx[j] = bwd_gx<kSilu>(fx[j], fg[j], a[j], b[j], P[j], Q[j], R[j], mu[j]);
+        for (int j = 0; j < W; ++j) fx[j] = bwd_gx<kSilu>(fx[j], fg[j], a[j], b[j], P[j], Q[j], R[j], K[j], mu[j]);
         io::store(ob + static_cast<int64_t>(row) * p.C, fx);
       }
     }
@@ -1201,10 +1278,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(const at::Tensor&
     return {y, mean, rstd};
   }
   const Plan p = make_plan(x, G, layout, aligned16(x) && aligned16(y));
-  at::Tensor scratch = at::empty({2 * p.nck + 2 * p.R}, x.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty({2 * p.nck + 3 * p.R}, x.options().dtype(at::kFloat));
   float* part = scratch.data_ptr<float>();
   float* A = part + 2 * p.nck;
   float* B = A + p.R;
+  float* Kc = B + p.R;  // the group pivot per (n, c)
   const Fold fo = fold_of(weight, bias, scale, shift);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   GN_DISPATCH(x.scalar_type(), "group_norm_cuda", [&] {
@@ -1215,12 +1293,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(const at::Tensor&
     else
       gn_stats_cf<scalar_t><<<grid_of(p.grid), p.threads, 0, stream>>>(xp, part, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gn_merge_fwd<<<grid_of(N * G), kMergeThreads, 0, stream>>>(part, mean.data_ptr<float>(),
-                                                                rstd.data_ptr<float>(), A, B, fo, merge_args(p, eps));
+    gn_merge_fwd<scalar_t><<<grid_of(N * G), kMergeThreads, 0, stream>>>(
+        xp, part, mean.data_ptr<float>(), rstd.data_ptr<float>(), A, B, Kc, fo, merge_args(p, eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto apply = p.cl ? (act_code == 1 ? gn_apply_cl<scalar_t, true> : gn_apply_cl<scalar_t, false>)
                       : (act_code == 1 ? gn_apply_cf<scalar_t, true> : gn_apply_cf<scalar_t, false>);
-    apply<<<grid_of(p.grid), p.threads, 0, stream>>>(xp, yp, A, B, p);
+    apply<<<grid_of(p.grid), p.threads, 0, stream>>>(xp, yp, A, B, Kc, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mean, rstd};
@@ -1296,7 +1374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
                      : (act_code == 1 ? gn_bsums_cf<scalar_t, true> : gn_bsums_cf<scalar_t, false>);
     sums<<<grid_of(p.grid), p.threads, 0, stream>>>(gp, xp, mp, rp, fo, part, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gn_merge_bwd<<<grid_of(N * G), kMergeThreads, 0, stream>>>(part, mp, rp, fo, bo, merge_args(p, 0.0));
+    gn_merge_bwd<scalar_t><<<grid_of(N * G), kMergeThreads, 0, stream>>>(xp, part, mp, rp, fo, bo, merge_args(p, 0.0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto apply = p.cl ? (act_code == 1 ? gn_bapply_cl<scalar_t, true> : gn_bapply_cl<scalar_t, false>)
                       : (act_code == 1 ? gn_bapply_cf<scalar_t, true> : gn_bapply_cf<scalar_t, false>);
