@@ -150,18 +150,10 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
         cases = [c for c in cases if only in c[-1]]
     if compile_ == "auto":  # `fastdiff bench`: a CPU quick run skips the 14 recompiles of the reference
         compile_ = not (quick and cpu)
-    threads = torch.get_num_threads()
-    if quick and cpu:
-        # One thread: on a shared machine a parallel region waits for its slowest, descheduled thread, which
-        # quantises the timings to the scheduler's slice; one thread measures the kernels, not the neighbours.
-        torch.set_num_threads(1)
-    try:
-        if out is None:  # after the thread change: the slug names the thread count the rows were measured with
-            out = os.path.join(_bench.results_dir(device), "attention.json")
-        rows = run_cases(cases, dtypes, device, use_compile=compile_,
-                         reps=reps if reps is not None else (30 if cpu else None), verbose=verbose)
-    finally:
-        torch.set_num_threads(threads)
+    if out is None:
+        out = os.path.join(_bench.results_dir(device), "attention.json")
+    rows = run_cases(cases, dtypes, device, use_compile=compile_,
+                     reps=reps if reps is not None else (30 if cpu else None), verbose=verbose)
     if out:
         _bench.write_rows(rows, out)
     return rows, out

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 
 KEY = ("op", "case", "dtype", "layout", "provider", "device")
 

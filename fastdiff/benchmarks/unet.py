@@ -143,18 +143,11 @@ def _diffusers_unet(cfg, device, dtype):
 
 def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verbose=True, models=None, batches=None,
         steps=None, ops=("unet_step", "sampling"), diffusers=True, reps=None, specs=None):
-    """Returns (rows, out_path); see _run. A CPU quick run is timed on one thread, as the attention benchmark is
-    (the thread count is restored afterwards): on a shared machine a parallel region waits for its slowest,
-    descheduled thread, and the tiny U-Nets' small GEMMs then measure the neighbours, not the model."""
+    """Returns (rows, out_path); see _run. Timed with torch's current thread count (benchmarks/run_all.py --quick
+    sets one thread unless --threads says otherwise: on a shared machine a parallel region waits for its
+    slowest, descheduled thread)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    threads = torch.get_num_threads()
-    if quick and device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, ops, diffusers, reps,
-                    specs)
-    finally:
-        torch.set_num_threads(threads)
+    return _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, ops, diffusers, reps, specs)
 
 
 def _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, ops, diffusers, reps, specs):
