@@ -400,9 +400,10 @@ void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float*
   });
 }
 
-inline float at_or(const at::Tensor& t, int64_t i, float dflt) {
-  return t.defined() ? t.data_ptr<float>()[i] : dflt;
-}
+// The fp32 data of an optional parameter, or nullptr; at_or reads it with a default for an absent one.
+inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+inline float at_or(const float* p, int64_t i, float dflt) { return p ? p[i] : dflt; }
 
 // Each group's pivot K: its first value. Statistics and the apply pass work on x - K, so an input whose mean
 // is far from zero keeps its digits (see channel_stats). Kc holds the pivot per (n, c).
@@ -421,10 +422,11 @@ void group_pivots(const T* x, const Shape& sh, float* Kc) {
 //   A = rstd w (1 + s),  B = (b (1 + s) + t) - A mrel;  mean_c receives mrel per channel.
 void fold(const Shape& sh, const float* mrel, const float* rstd, const at::Tensor& w, const at::Tensor& b,
           const at::Tensor& s, const at::Tensor& t, float* A, float* B, float* mean_c) {
+  const float *pw = ptr_or_null(w), *pb = ptr_or_null(b), *ps = ptr_or_null(s), *pt = ptr_or_null(t);
   for (int64_t n = 0; n < sh.N; ++n)
     for (int64_t c = 0; c < sh.C; ++c) {
       const int64_t ng = n * sh.G + c / sh.cpg, nc = n * sh.C + c;
-      gn_fold(0.f, rstd[ng], at_or(w, c, 1.f), at_or(b, c, 0.f), at_or(s, nc, 0.f), at_or(t, nc, 0.f), A[nc],
+      gn_fold(0.f, rstd[ng], at_or(pw, c, 1.f), at_or(pb, c, 0.f), at_or(ps, nc, 0.f), at_or(pt, nc, 0.f), A[nc],
               B[nc]);
       B[nc] -= A[nc] * mrel[ng];
       mean_c[nc] = mrel[ng];
@@ -523,13 +525,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   const float* s1 = S1.data_ptr<float>();
   const float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
   const float M = static_cast<float>(sh.cpg * sh.S);
+  const float *pw = ptr_or_null(w), *ps = ptr_or_null(s);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
       const float r = pr[n * G + g];
       float m1 = 0.f, m2 = 0.f;
       for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
         const int64_t nc = n * C + c;
-        const float gc = at_or(w, c, 1.f) * (1.f + at_or(s, nc, 0.f));
+        const float gc = at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
         m1 += gc * s1[nc];
         m2 += gc * s2[nc] * r;
       }
@@ -537,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
       m2 /= M;
       for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
         const int64_t nc = n * C + c;
-        P[nc] = r * at_or(w, c, 1.f) * (1.f + at_or(s, nc, 0.f));
+        P[nc] = r * at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
         Q[nc] = -r * r * m2;
         Rr[nc] = -r * m1;
       }
