@@ -5,10 +5,9 @@ to the backends that are present, and :func:`info` says which those are.
 """
 from __future__ import annotations
 
-import platform
-
 import torch
 
+from fastdiff._bench import _cpu_name
 from fastdiff._backend import EXTENSION_ERROR, get_backend, has_cpu_ext, has_cuda_ext, has_triton, set_backend
 from fastdiff import ops, reference  # noqa: E402
 from fastdiff import nn  # noqa: E402
@@ -20,17 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = ["info", "ops", "nn", "models", "reference", "diffusion", "sample", "set_backend", "get_backend",
            "__version__"]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def info() -> dict:

@@ -17,13 +17,7 @@ from fastdiff.models._blocks import timestep_embedding
 HAS_GPU = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # A CPU shared by several jobs: one intra-op thread avoids OpenMP's oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(**kw):

@@ -26,12 +26,7 @@ needs_sklearn = pytest.mark.skipif(not HAS_SKLEARN, reason="the digits dataset n
                                                            "scikit-learn)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(**kw):
