@@ -102,6 +102,28 @@ def targets(rows) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def _bar_png(plt, outdir, name, cases, provs, value, *, ticks, ylabel, title, per_bar, unit_line) -> str:
+    """A grouped bar chart (a group per case, a bar per provider, height value(case, provider)) saved as
+    <outdir>/<slug of name>.png; returns the path."""
+    fig, ax = plt.subplots(figsize=(max(6, per_bar * len(cases) * max(1, len(provs)) / 2 + 2), 4.5))
+    width = 0.8 / len(provs)
+    for i, p in enumerate(provs):
+        ax.bar([j + i * width for j in range(len(cases))], [value(c, p) for c in cases], width, label=p)
+    if unit_line:
+        ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(ticks, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    path = os.path.join(outdir, f"{slug}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(rows, outdir) -> list:
     """One PNG per (op, device): speed-up over eager per case (bars per provider). Needs matplotlib."""
     import matplotlib
@@ -116,23 +138,11 @@ def plots(rows, outdir) -> list:
         provs = [p for p in OrderedDict.fromkeys(p for c in cases for p in tab[c]) if p != "eager"]
         if not cases or not provs:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cases) * max(1, len(provs)) / 2 + 2), 4.5))
-        width = 0.8 / len(provs)
-        for i, p in enumerate(provs):
-            ys = [tab[c]["eager"]["median_ms"] / tab[c][p]["median_ms"] if p in tab[c] else 0 for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=p)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_xticklabels([f"{c[0]}\n{c[1]} {c[2] or ''}" for c in cases], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speed-up over eager (x)")
-        ax.set_title(f"{op} on {device}", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        slug = re.sub(r"[^a-z0-9]+", "-", f"{op}-{device}".lower()).strip("-")
-        path = os.path.join(outdir, f"{slug}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_bar_png(
+            plt, outdir, f"{op}-{device}", cases, provs,
+            lambda c, p: tab[c]["eager"]["median_ms"] / tab[c][p]["median_ms"] if p in tab[c] else 0,
+            ticks=[f"{c[0]}\n{c[1]} {c[2] or ''}" for c in cases], ylabel="speed-up over eager (x)",
+            title=f"{op} on {device}", per_bar=0.55, unit_line=True))
     written += _images_per_s_plots(rows, outdir, plt)
     return written
 
@@ -147,22 +157,11 @@ def _images_per_s_plots(rows, outdir, plt) -> list:
         provs = list(OrderedDict.fromkeys(p for c in cases for p in tab[c]))
         if not cases:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cases) * max(1, len(provs)) / 2 + 2), 4.5))
-        width = 0.8 / len(provs)
-        for i, p in enumerate(provs):
-            ys = [tab[c][p].get("images_per_s") or 0 if p in tab[c] else 0 for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=p)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_xticklabels([f"{c[0]}\n{c[1]}" for c in cases], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("images per second (higher is better)")
-        ax.set_title(f"sampling loop, images/s on {device}", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        slug = re.sub(r"[^a-z0-9]+", "-", f"sampling-images-per-s-{device}".lower()).strip("-")
-        path = os.path.join(outdir, f"{slug}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_bar_png(
+            plt, outdir, f"sampling-images-per-s-{device}", cases, provs,
+            lambda c, p: tab[c][p].get("images_per_s") or 0 if p in tab[c] else 0,
+            ticks=[f"{c[0]}\n{c[1]}" for c in cases], ylabel="images per second (higher is better)",
+            title=f"sampling loop, images/s on {device}", per_bar=0.5, unit_line=False))
     return written
 
 
