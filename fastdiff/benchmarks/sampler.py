@@ -112,6 +112,14 @@ def eager_dpmpp(sampler, i):
     return step
 
 
+def _record(rows, label, fns, shape, dtype, device, rounds, timing_kw, *, nbytes):
+    """Time every provider in fns for one (step kind, shape, dtype) and append a row each (and print it)."""
+    for name, t_ in _time_all(fns, device, rounds, **timing_kw).items():
+        rows.append(_bench.make_row(op="sampler_step", case=f"{label} {_case(shape)}", shape=shape, dtype=dtype,
+                                    layout="nchw", provider=name, timing=t_, device=device, nbytes=nbytes))
+        print(f"  {label:<9} {_case(shape):>14} {str(dtype):>15} {name:>16} {t_['median_ms']:9.4f} ms", flush=True)
+
+
 def bench_step(args, device, rows):
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
     shapes = args.shapes or (SHAPES[:2] if args.quick and device.type == "cpu" else SHAPES)
@@ -149,12 +157,7 @@ def bench_step(args, device, rows):
                 fns["compile"] = lambda cf=cf: cf(x, c, u)
             for b in backends:
                 fns[f"fastdiff-{b}"] = lambda b=b: ddim.step(c, i_ddim, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
-            for name, t_ in _time_all(fns, device, rounds, **timing_kw).items():
-                rows.append(_bench.make_row(op="sampler_step", case=f"ddim-cfg {_case(shape)}", shape=shape, dtype=dtype,
-                                            layout="nchw", provider=name, timing=t_, device=device,
-                                            nbytes=4 * numel * size))
-                print(f"  ddim-cfg  {_case(shape):>14} {str(dtype):>15} {name:>16} {t_['median_ms']:9.4f} ms",
-                      flush=True)
+            _record(rows, "ddim-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=4 * numel * size)
 
             # ddpm-cfg ---------------------------------------------------------------------------------------------
             ef = eager_ddpm(ddpm, i_ddim)
@@ -173,12 +176,7 @@ def bench_step(args, device, rows):
                 fns["compile"] = lambda cf3=cf3: cf3(x, c, u)
             for b in (b for b in backends if b != "torch"):  # the reference's int64 Philox is far off the pace
                 fns[f"fastdiff-{b}"] = lambda b=b: ddpm.step(c, i_ddim, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
-            for name, t_ in _time_all(fns, device, rounds, **timing_kw).items():
-                rows.append(_bench.make_row(op="sampler_step", case=f"ddpm-cfg {_case(shape)}", shape=shape, dtype=dtype,
-                                            layout="nchw", provider=name, timing=t_, device=device,
-                                            nbytes=4 * numel * size))
-                print(f"  ddpm-cfg  {_case(shape):>14} {str(dtype):>15} {name:>16} {t_['median_ms']:9.4f} ms",
-                      flush=True)
+            _record(rows, "ddpm-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=4 * numel * size)
 
             # dpmpp-cfg --------------------------------------------------------------------------------------------
             ef = eager_dpmpp(dpm, i_dpm)
@@ -200,12 +198,7 @@ def bench_step(args, device, rows):
             dpm._x0_buf = p.clone()
             for b in backends:
                 fns[f"fastdiff-{b}"] = lambda b=b: dpm.step(c, i_dpm, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
-            for name, t_ in _time_all(fns, device, rounds, **timing_kw).items():
-                rows.append(_bench.make_row(op="sampler_step", case=f"dpmpp-cfg {_case(shape)}", shape=shape,
-                                            dtype=dtype, layout="nchw", provider=name, timing=t_, device=device,
-                                            nbytes=6 * numel * size))
-                print(f"  dpmpp-cfg {_case(shape):>14} {str(dtype):>15} {name:>16} {t_['median_ms']:9.4f} ms",
-                      flush=True)
+            _record(rows, "dpmpp-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=6 * numel * size)
 
 
 class TinyModel(torch.nn.Module):
