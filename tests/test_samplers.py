@@ -344,6 +344,97 @@ def test_same_seed_same_samples():
     assert torch.equal(d, e)
 
 
+def _slow_steps(sampler, monkeypatch):
+    """Make every step take the fully checked path (the per-call fast path never engages)."""
+    monkeypatch.setattr(sampler, "_remember_fast", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("cls,kw,cfg", [(DDIMSampler, {}, True), (DDPMSampler, {}, True),
+                                        (DPMSolverPPSampler, {}, True), (DDIMSampler, {"clip_sample": True}, False),
+                                        (EulerSampler, {}, False)])
+def test_step_fast_path_equals_the_checked_path(cls, kw, cfg, monkeypatch):
+    """Sampler.step reuses the checks of the previous call when the inputs look the same: the trajectory is
+    bit-identical to one where every step is checked in full, and the fast path does engage."""
+    n, x = 6, _x((2, 3, 5, 5))
+    uncond = (lambda x: 0.5 * x) if cfg else None
+
+    def run(s):
+        s.set_timesteps(n, seed=11)
+        y, out = x * s.init_noise_sigma, []
+        for i in range(n):
+            xi = s.scale_model_input(y, i)
+            m = eps_model(xi, s.timesteps[i])
+            y = s.step(m, i, y, uncond=None if uncond is None else uncond(m), guidance_scale=3.0 if cfg else 1.0)
+            out.append(y)
+        return out
+
+    fast = cls(num_train_timesteps=T_TRAIN, **kw)
+    got = run(fast)
+    assert fast._fast is not None
+    slow = cls(num_train_timesteps=T_TRAIN, **kw)
+    _slow_steps(slow, monkeypatch)
+    want = run(slow)
+    assert slow._fast is None
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # the second and later steps did go the fast way: with the checked path disabled they still run
+    fast.set_timesteps(n, seed=11)
+    y = x * fast.init_noise_sigma
+    m = eps_model(fast.scale_model_input(y, 0), fast.timesteps[0])
+    kwargs = dict(uncond=None if uncond is None else uncond(m), guidance_scale=3.0 if cfg else 1.0)
+    y1 = fast.step(m, 0, y, **kwargs)
+    monkeypatch.setattr(fast, "_step", lambda *a, **k: pytest.fail("the fast path did not engage"))
+    m = eps_model(fast.scale_model_input(y1, 1), fast.timesteps[1])
+    kwargs = dict(uncond=None if uncond is None else uncond(m), guidance_scale=3.0 if cfg else 1.0)
+    assert torch.equal(fast.step(m, 1, y1, **kwargs), want[1])
+
+
+def test_step_fast_path_still_checks_what_changed():
+    """After a fast-path-eligible call, a call that differs in any checked property gets the full checks."""
+    s = DDPMSampler(num_train_timesteps=T_TRAIN).set_timesteps(4, seed=1)
+    x = _x((2, 3, 4, 4))
+    m, u = 0.3 * x, 0.1 * x
+    s.step(m, 0, x, uncond=u, guidance_scale=2.0)
+    assert s._fast is not None
+    with pytest.raises(ValueError, match="^uncond:"):
+        s.step(m, 1, x, guidance_scale=2.0)  # guidance without the unconditional output
+    with pytest.raises(ValueError, match="^i:"):
+        s.step(m, 4, x, uncond=u, guidance_scale=2.0)
+    s.step(m, 0, x)  # no guidance: remembered as such
+    assert s._fast is not None
+    with pytest.raises(ValueError, match="^uncond:"):
+        s.step(m, 1, x, guidance_scale=2.0)
+    s.step(m, 0, x, uncond=u, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="^model_output:"):
+        s.step(m[:1], 1, x, uncond=u, guidance_scale=2.0)
+    with pytest.raises(TypeError, match="^guidance_scale:"):
+        s.step(m, 1, x, uncond=u, guidance_scale="2")
+    with pytest.raises(TypeError, match="^uncond:"):
+        s.step(m, 1, x, uncond=[1.0], guidance_scale=2.0)
+    # another dtype / layout / uncond layout: still right (cast or laid out by the checked path)
+    ref = s.step(m, 1, x, uncond=u, guidance_scale=2.0, backend="torch")
+    torch.testing.assert_close(s.step(m.double(), 1, x, uncond=u, guidance_scale=2.0), ref)
+    cl = x.contiguous(memory_format=torch.channels_last)  # (the in-kernel noise follows the memory order)
+    torch.testing.assert_close(s.step(m, 1, cl, uncond=u, guidance_scale=2.0),
+                               s.step(m, 1, cl, uncond=u, guidance_scale=2.0, backend="torch"))
+    torch.testing.assert_close(s.step(m, 1, x, uncond=u.contiguous(memory_format=torch.channels_last),
+                                      guidance_scale=2.0), ref)
+    torch.testing.assert_close(s.step(m, 1, x, uncond=u, guidance_scale=2.0), ref)
+    # a new seed keys new noise; a new step count a new table
+    a = s.step(m, 1, x, uncond=u, guidance_scale=2.0)
+    s.manual_seed(2)
+    b = s.step(m, 1, x, uncond=u, guidance_scale=2.0)
+    assert not torch.equal(a, b)
+    assert torch.equal(b, DDPMSampler(num_train_timesteps=T_TRAIN).set_timesteps(4, seed=2).step(
+        m, 1, x, uncond=u, guidance_scale=2.0))
+    s.set_timesteps(2, seed=2)
+    assert torch.equal(s.step(m, 1, x, uncond=u, guidance_scale=2.0), DDPMSampler(
+        num_train_timesteps=T_TRAIN).set_timesteps(2, seed=2).step(m, 1, x, uncond=u, guidance_scale=2.0))
+    with fastdiff.set_backend("torch"):  # the global backend is part of what a call looks like
+        torch.testing.assert_close(s.step(m, 1, x, uncond=u, guidance_scale=2.0),
+                                   s.step(m, 1, x, uncond=u, guidance_scale=2.0, backend="cpu"))
+
+
 def test_half_precision_trajectory():
     s = DDIMSampler(num_train_timesteps=T_TRAIN, clip_sample=False)
     x = _x()

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #include "common/check.h"
 #include "common/philox.h"
@@ -144,57 +146,55 @@ struct Params {
   bool stochastic;
 };
 
-template <typename T>
-void run(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, const T* v, T* out) {
-  const float PX = p.row[kPX], PM = p.row[kPM], A = p.row[kA], B = p.row[kB], C = p.row[kC], D = p.row[kD],
-              S = p.row[kS], MINL = p.row[kMinLog], MAXL = p.row[kMaxLog];
-  const bool noise = p.stochastic && S != 0.f;
-  const bool read_prev = x0b != nullptr && D != 0.f;
+// One chunk's update in a single loop: read x, the model output(s) (and x0_prev, z), write x_prev (and x0).
+// kU: classifier-free guidance (uncond given); kPrev: 0 no x0 buffer, 1 write x0 only, 2 read x0_prev and write
+// x0; kNoise: add S * zb (zb already holds z, times the learned std when var_mode != fixed). Clipping is
+// branch-free: x0 = min(max(x0, lo), hi) * inv, with lo = -inf, hi = inf, inv = 1 when there is none (that order
+// keeps a NaN a NaN, as torch.clamp does).
+template <typename T, bool kU, int kPrev, bool kNoise>
+inline void update_chunk(const float* c, float g, float lo, float hi, float inv, const T* px, const T* pm,
+                         const T* pu, T* pb, const float* zb, T* po, int64_t len) {
+  const float PX = c[kPX], PM = c[kPM], A = c[kA], B = c[kB], C = c[kC], D = c[kD], S = c[kS];
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const float xf = static_cast<float>(px[j]);
+    float mb = static_cast<float>(pm[j]);
+    if constexpr (kU) {
+      const float uu = static_cast<float>(pu[j]);
+      mb = uu + g * (mb - uu);
+    }
+    const float x0 = std::min(std::max(PX * xf + PM * mb, lo), hi) * inv;
+    float acc = A * xf + B * mb + C * x0;
+    if constexpr (kPrev == 2) acc += D * static_cast<float>(pb[j]);
+    if constexpr (kPrev != 0) pb[j] = static_cast<T>(x0);
+    if constexpr (kNoise) acc += S * zb[j];
+    po[j] = static_cast<T>(acc);
+  }
+}
+
+template <typename T, bool kU, int kPrev, bool kNoise>
+void run_fused(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, const T* v, T* out) {
+  const float* c = p.row;
+  const float MINL = c[kMinLog], MAXL = c[kMaxLog];
   const int64_t chunks = (p.L + kChunk - 1) / kChunk;
-  at::parallel_for(0, p.N * chunks, 1, [&](int64_t b, int64_t e) {
-    float mb[kChunk], x0[kChunk], acc[kChunk], xf[kChunk], zb[kChunk];
+  const float inf = std::numeric_limits<float>::infinity();
+  // grain: about 16 K elements per task, so a small latent is not split into more tasks than it is worth
+  const int64_t grain = std::max<int64_t>(1, (16 * 1024) / kChunk);
+  at::parallel_for(0, p.N * chunks, grain, [&](int64_t b, int64_t e) {
+    alignas(64) float zb[kChunk];
     for (int64_t job = b; job < e; ++job) {
       const int64_t n = job / chunks, l0 = (job % chunks) * kChunk;
       const int64_t len = std::min(kChunk, p.L - l0);
-      const T* px = x + n * p.sx + l0;
-      const T* pm = m + n * p.sm + l0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) xf[j] = static_cast<float>(px[j]);
-      if (u != nullptr) {
-        const T* pu = u + n * p.su + l0;
-        const float g = p.g;
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          const float uu = static_cast<float>(pu[j]);
-          mb[j] = uu + g * (static_cast<float>(pm[j]) - uu);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) mb[j] = static_cast<float>(pm[j]);
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) x0[j] = PX * xf[j] + PM * mb[j];
+      float lo = -inf, hi = inf, inv = 1.f;
       if (p.clip_mode == kClipRange) {
-        const float r = p.clip_range;
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) x0[j] = std::min(r, std::max(-r, x0[j]));
+        lo = -p.clip_range;
+        hi = p.clip_range;
       } else if (p.clip_mode == kClipThreshold) {
-        const float s = p.thr[n], inv = 1.f / s;
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) x0[j] = std::min(s, std::max(-s, x0[j])) * inv;
+        hi = p.thr[n];
+        lo = -hi;
+        inv = 1.f / hi;
       }
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) acc[j] = A * xf[j] + B * mb[j] + C * x0[j];
-      if (x0b != nullptr) {
-        T* pb = x0b + n * p.sb + l0;
-        if (read_prev) {
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) acc[j] += D * static_cast<float>(pb[j]);
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) pb[j] = static_cast<T>(x0[j]);
-      }
-      if (noise) {
+      if constexpr (kNoise) {
         if (zin != nullptr) {
           const T* pz = zin + n * p.sz + l0;
 #pragma omp simd
@@ -202,26 +202,44 @@ void run(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x
         } else {
           philox_normals(p.seed, p.step, n * p.L + l0, len, zb);
         }
-        if (p.var_mode == kVarFixed) {
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) acc[j] += S * zb[j];
-        } else {
+        if (p.var_mode == kVarLearned) {
           const T* pv = v + n * p.sv + l0;
-          if (p.var_mode == kVarLearned) {
-            for (int64_t j = 0; j < len; ++j) acc[j] += S * std::sqrt(static_cast<float>(pv[j])) * zb[j];
-          } else {
-            for (int64_t j = 0; j < len; ++j) {
-              const float f = 0.5f * (static_cast<float>(pv[j]) + 1.f);
-              acc[j] += S * std::exp(0.5f * (f * MAXL + (1.f - f) * MINL)) * zb[j];
-            }
+          for (int64_t j = 0; j < len; ++j) zb[j] *= std::sqrt(static_cast<float>(pv[j]));
+        } else if (p.var_mode == kVarLearnedRange) {
+          const T* pv = v + n * p.sv + l0;
+          for (int64_t j = 0; j < len; ++j) {
+            const float f = 0.5f * (static_cast<float>(pv[j]) + 1.f);
+            zb[j] *= std::exp(0.5f * (f * MAXL + (1.f - f) * MINL));
           }
         }
       }
-      T* po = out + n * p.so + l0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) po[j] = static_cast<T>(acc[j]);
+      update_chunk<T, kU, kPrev, kNoise>(c, p.g, lo, hi, inv, x + n * p.sx + l0, m + n * p.sm + l0,
+                                         kU ? u + n * p.su + l0 : nullptr,
+                                         kPrev != 0 ? x0b + n * p.sb + l0 : nullptr, zb, out + n * p.so + l0, len);
     }
   });
+}
+
+// Picks the instantiation: whether uncond is read, how the x0 buffer is used, whether noise is added.
+template <typename T>
+void run(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, const T* v, T* out) {
+  const bool noise = p.stochastic && p.row[kS] != 0.f;
+  const int prev = x0b == nullptr ? 0 : (p.row[kD] != 0.f ? 2 : 1);
+  auto go = [&](auto kU) {
+    constexpr bool U = decltype(kU)::value;
+    if (noise) {
+      if (prev == 0) return run_fused<T, U, 0, true>(p, x, m, u, zin, x0b, v, out);
+      if (prev == 1) return run_fused<T, U, 1, true>(p, x, m, u, zin, x0b, v, out);
+      return run_fused<T, U, 2, true>(p, x, m, u, zin, x0b, v, out);
+    }
+    if (prev == 0) return run_fused<T, U, 0, false>(p, x, m, u, zin, x0b, v, out);
+    if (prev == 1) return run_fused<T, U, 1, false>(p, x, m, u, zin, x0b, v, out);
+    return run_fused<T, U, 2, false>(p, x, m, u, zin, x0b, v, out);
+  };
+  if (u != nullptr)
+    go(std::true_type{});
+  else
+    go(std::false_type{});
 }
 
 int64_t row_stride(const at::Tensor& t, const at::Tensor& x, const char* name) {
@@ -291,7 +309,7 @@ at::Tensor sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
   p.g = static_cast<float>(guidance_scale);
   p.clip_range = static_cast<float>(clip_range);
   // The step lives in host memory here, so reading it is free; out-of-range steps are clamped, as on the GPU.
-  const int64_t i = std::min<int64_t>(std::max<int64_t>(step.reshape({}).item<int64_t>(), 0), table.size(0) - 1);
+  const int64_t i = std::min<int64_t>(std::max<int64_t>(*step.const_data_ptr<int64_t>(), 0), table.size(0) - 1);
   p.row = table.const_data_ptr<float>() + i * kCols;
   p.thr = clip_mode == kClipThreshold ? thresh->const_data_ptr<float>() : nullptr;
   p.seed = static_cast<uint64_t>(seed);

@@ -20,9 +20,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fastdiff import ops
+from fastdiff import _backend, ops
 from fastdiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
-from fastdiff.ops.sampler_step import TABLE_WIDTH, step_tensor
+from fastdiff.ops.sampler_step import (CLIP_MODES, TABLE_WIDTH, VAR_MODES, _signed64, choose_backend,
+                                       step_tensor)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -104,6 +105,7 @@ class Sampler:
         self._device = torch.device("cpu")
         self._seed = None
         self._x0_buf = None
+        self._fast = None  # the validated plan of the last step call, reused while its inputs look the same
 
     # -- configuration ---------------------------------------------------------------------------------------------
     @classmethod
@@ -174,6 +176,9 @@ class Sampler:
         self._timesteps_np = plan["timesteps"]
         self._table_np = rows
         self._x0_buf = None
+        # the per-step options, read here with the table: a config change takes effect at the next set_timesteps
+        self._mode = (self._clip(), self._var_mode, self._stochastic, self._split_channels,
+                      float(self.config.get("clip_sample_range", 1.0)))
         self._to_device(self._device)
         self.manual_seed(seed)
         return self
@@ -183,6 +188,8 @@ class Sampler:
         self.timesteps = torch.as_tensor(plan["timesteps"]).to(device)
         self._table = torch.tensor(self._table_np, dtype=torch.float32, device=device)
         self._steps = torch.arange(self.num_inference_steps, dtype=torch.int64, device=device)
+        self._step_list = list(self._steps.unbind(0))  # 0-d views, one per step: step(i) indexes a list
+        self._fast = None
         alpha, sigma = plan["alpha"], plan["sigma"]
         # classifier guidance, score form: m += k * s * grad, with k such that eps shifts by -sigma s grad
         with np.errstate(divide="ignore"):  # a zero-SNR step (alpha = 0) has no finite shift for these two
@@ -213,6 +220,7 @@ class Sampler:
         if not _is_int(seed):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self._seed = int(seed) & ((1 << 64) - 1)
+        self._fast = None
         return self
 
     @property
@@ -249,7 +257,7 @@ class Sampler:
             raise TypeError(f"i: expected an int or a one-element integer tensor, got {type(i).__name__}")
         if not -self.num_inference_steps <= i < self.num_inference_steps:
             raise ValueError(f"i: step index {i} out of range for {self.num_inference_steps} steps")
-        return self._steps[int(i)]
+        return self._step_list[int(i)]
 
     def timestep(self, i) -> torch.Tensor:
         """The model's timestep at step i, a 0-d tensor on the device (gathered on the device for a tensor i)."""
@@ -323,7 +331,29 @@ class Sampler:
         from this generator instead. classifier_grad: grad_x log p(y | x_t) at the model's input, applied with
         `classifier_scale` as this sampler's ``classifier_guidance`` ("score" or "mean") says.
         backend: "auto", "cuda", "triton", "cpu" or "torch" (fastdiff.ops.sampler_step).
+
+        A call shaped like the previous one (same tensor shapes, strides, dtypes and devices, same options) reuses
+        that call's checks and goes straight to the kernel: a few microseconds of Python per step.
         """
+        fast = self._fast
+        if (fast is not None and noise is None and generator is None and classifier_grad is None
+                and type(i) is int and type(x) is torch.Tensor and type(model_output) is torch.Tensor
+                and type(guidance_scale) in (float, int) and -fast[3] <= i < fast[3]):
+            g1 = guidance_scale == 1.0
+            u = None if g1 else uncond
+            key = (x.shape, x.stride(), x.dtype, x.device, model_output.shape, model_output.stride(),
+                   model_output.dtype, model_output.device,
+                   None if type(u) is not torch.Tensor else (u.shape, u.stride(), u.dtype, u.device),
+                   uncond is None, g1, backend, _backend.get_backend(), _backend.triton_interpret())
+            if key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]:
+                op, rest = fast[1], fast[4]
+                return op(x, model_output, u, float(guidance_scale), self._table, self._step_list[i], None,
+                          fast[2], *rest)
+        return self._step(model_output, i, x, uncond, guidance_scale, noise, generator, backend, classifier_grad,
+                          classifier_scale)
+
+    def _step(self, model_output, i, x, uncond, guidance_scale, noise, generator, backend, classifier_grad,
+              classifier_scale):
         self._require()
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -336,19 +366,22 @@ class Sampler:
         if x.device != self._device:
             raise ValueError(f"x: on {x.device} but the sampler's tables are on {self._device}: call "
                              f"set_timesteps(n, device=...) or sampler.to(device)")
+        clip, var_mode, stochastic, split_channels, clip_range = self._mode
         st = self.step_index(i)
         C = x.shape[1]
         var_values = None
-        if self._split_channels and model_output.dim() == x.dim() and model_output.shape[1] == 2 * C:
+        full_output = model_output
+        if split_channels and model_output.dim() == x.dim() and model_output.shape[1] == 2 * C:
             model_output, var_values = model_output[:, :C], model_output[:, C:]
             if uncond is not None and uncond.dim() == x.dim() and uncond.shape[1] == 2 * C:
                 uncond = uncond[:, :C]
-        if self._var_mode != "fixed" and var_values is None:
+        if var_mode != "fixed" and var_values is None:
             raise ValueError(f"model_output: variance_type={self.config['variance_type']!r} needs the model's "
                              f"variance channels: expected {2 * C} channels, got shape {tuple(model_output.shape)}")
         if tuple(model_output.shape) != tuple(x.shape):
             raise ValueError(f"model_output: expected shape {tuple(x.shape)} (x's shape), got "
                              f"{tuple(model_output.shape)}")
+        uncond_given = uncond is not None
         if uncond is not None:
             if not isinstance(uncond, torch.Tensor):
                 raise TypeError(f"uncond: expected a torch.Tensor, got {type(uncond).__name__}")
@@ -371,20 +404,44 @@ class Sampler:
                     uncond = uncond + (k * classifier_grad.float()).to(uncond.dtype)
             else:
                 raise ValueError(f"classifier_guidance: expected 'score' or 'mean', got {self.classifier_guidance!r}")
-        stochastic = self._stochastic
         if noise is None and generator is not None and stochastic:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        clip = self._clip()
         thresh = self._threshold(x, model_output, uncond, guidance_scale, st) if clip == "threshold" else None
+        x0_buf = self._x0_buffer(x) if self._multistep else None
         out = ops.sampler_step(
             x, model_output, self._table, st, uncond=uncond, guidance_scale=float(guidance_scale), noise=noise,
-            x0_buf=self._x0_buffer(x) if self._multistep else None, var_values=var_values, thresh=thresh,
-            seed=self._seed, var_mode=self._var_mode, clip=clip,
-            clip_range=float(self.config.get("clip_sample_range", 1.0)), stochastic=stochastic, backend=backend)
+            x0_buf=x0_buf, var_values=var_values, thresh=thresh, seed=self._seed, var_mode=var_mode, clip=clip,
+            clip_range=clip_range, stochastic=stochastic, backend=backend)
         if post_shift is not None:
             grad, scale, v = post_shift
             out = out + (scale * self._mean_shift_variance(st, v) * grad.float()).to(out.dtype)
+        elif noise is None and var_values is None and thresh is None and full_output is model_output:
+            self._remember_fast(x, full_output, uncond, uncond_given, guidance_scale == 1.0, backend, x0_buf,
+                                var_mode, clip, clip_range, stochastic)
         return out
+
+    def _remember_fast(self, x, model_output, uncond, uncond_given, g1, backend, x0_buf, var_mode, clip, clip_range,
+                       stochastic):
+        """After a checked step: keep what the next call with inputs of the same shapes, strides, dtypes and
+        devices needs to go straight to the kernel. Only when the kernel read every tensor in place (no cast, no
+        layout copy) and the backend is a fused one."""
+        name = choose_backend(x, backend)
+        if name == "torch" or not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+            return
+        tensors = [model_output] + ([uncond] if uncond is not None else []) + ([x0_buf] if x0_buf is not None else [])
+        if any(type(t) is not torch.Tensor or t.dtype != x.dtype or t.device != x.device or t.stride() != x.stride()
+               or t.shape != x.shape for t in tensors):
+            return
+        if type(x) is not torch.Tensor or self._table.device != x.device or not self._table.is_contiguous():
+            return
+        u = uncond
+        key = (x.shape, x.stride(), x.dtype, x.device, model_output.shape, model_output.stride(), model_output.dtype,
+               model_output.device, None if u is None else (u.shape, u.stride(), u.dtype, u.device),
+               not uncond_given, g1, backend, _backend.get_backend(), _backend.triton_interpret())
+        op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
+        rest = (None, None, _signed64(self._seed), VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range),
+                bool(stochastic))
+        self._fast = (key, op, x0_buf, self.num_inference_steps, rest)
 
     def _mean_shift_variance(self, st, v):
         raise NotImplementedError

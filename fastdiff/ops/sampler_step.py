@@ -49,14 +49,25 @@ def _available(x: torch.Tensor) -> dict:
     return elementwise_availability(x, _HAS_TRITON_OPS)
 
 
+_CHOICES: dict = {}
+
+
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> str:
     """The backend sampler_step runs for this input: "auto" resolved to the fastest one present."""
-    return pick(backend, x.device, x.dtype, available=_available(x), order_cuda=("cuda", "triton"),
-                order_cpu=("cpu",), op="sampler_step")
+    name = _backend.resolve(backend)
+    key = (name, x.device, x.dtype, _backend.triton_interpret())  # what the answer depends on, cached per step
+    got = _CHOICES.get(key)
+    if got is None:
+        got = pick(name, x.device, x.dtype, available=_available(x), order_cuda=("cuda", "triton"),
+                   order_cpu=("cpu",), op="sampler_step")
+        _CHOICES[key] = got
+    return got
 
 
 def _dense_rows(x: torch.Tensor) -> bool:
     """Each sample is one dense block of memory, all samples laid out alike (contiguous or channels-last)."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return True
     n = x.shape[0]
     if n != 1 and x.stride(0) * n != x.numel():
         return False
@@ -70,7 +81,7 @@ def _dense_rows(x: torch.Tensor) -> bool:
 
 def _like_rows(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t itself when each of its samples is laid out like x's (any batch stride), else a copy laid out like x."""
-    if all(t.shape[d] == 1 or t.stride(d) == x.stride(d) for d in range(1, x.dim())):
+    if t.stride() == x.stride() or all(t.shape[d] == 1 or t.stride(d) == x.stride(d) for d in range(1, x.dim())):
         return t
     return torch.empty_like(x).copy_(t)
 
@@ -79,7 +90,7 @@ def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True):
     if t is None:
         return None
     check_tensor(t, name, dtypes=None)
-    if tuple(t.shape) != tuple(x.shape):
+    if t.shape != x.shape:
         raise ValueError(f"{name}: expected shape {tuple(x.shape)} (x's shape), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got {t.device}")
@@ -93,6 +104,8 @@ def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True):
 def step_tensor(step, device: torch.device) -> torch.Tensor:
     """`step` as the one-element int64 tensor on `device` that the kernels read."""
     if isinstance(step, torch.Tensor):
+        if step.dtype == torch.int64 and step.dim() == 0 and step.device == device:
+            return step  # already what the kernels read (a sampler's precomputed step tensors)
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
             raise TypeError(f"step: expected an int or a one-element integer tensor, got {step.dtype} of shape "
                             f"{tuple(step.shape)}")
