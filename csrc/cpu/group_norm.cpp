@@ -21,6 +21,15 @@
 #include "common/check.h"
 #include "common/group_norm.h"
 
+#if defined(__AVX512F__)
+// GCC 12 warns about the _mm512_undefined_ps() inside its own intrinsics (GCC bug 105593, fixed in 13)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define FASTDIFF_GN_AVX512 1  // the fp32 hot loops below are written with AVX-512 intrinsics
+#else
+#define FASTDIFF_GN_AVX512 0  // elsewhere the plain loops, which GCC auto-vectorises
+#endif
+
 namespace fastdiff {
 namespace {
 
@@ -48,6 +57,121 @@ inline float exp_f(float x) {
   std::memcpy(&scale, &bits, 4);
   return p * scale;
 }
+
+#if FASTDIFF_GN_AVX512
+// The SiLU is what bounds the apply pass (the data stays in L2), so its instruction count is the cost.
+// silu(z) = z / (1 + 2^u) with u = -z log2(e) formed by the caller with its own FMA (from x - K, so no extra
+// rounding of z enters u): 2^u = 2^n 2^f with n = round(u), f = u - n exact, |f| <= 1/2, 2^f by its degree-6
+// Taylor polynomial (~1 ulp), the scaling by vscalefps, the division as a 14-bit reciprocal plus one Newton
+// step (~1 ulp). u is clamped to [-150, 126] so 1 + 2^u stays finite (the Newton step of an infinite
+// denominator would be NaN); a NaN z stays NaN through the final product.
+inline __m512 silu16(__m512 z, __m512 u) {
+  u = _mm512_max_ps(_mm512_min_ps(u, _mm512_set1_ps(126.f)), _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(u, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);  // ln(2)^k / k!, k = 6 .. 0
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(z, r);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// y[i] = act(a (x[i] - K) + b) for n fp32 values: a, b, K one value each (kVec = false) or arrays like x.
+template <bool kSilu, bool kVec>
+inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const float* b, const float* K) {
+  __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vk = _mm512_set1_ps(K[0]);
+  __m512 ua = _mm512_set1_ps(-a[0] * kLog2e), ub = _mm512_set1_ps(-b[0] * kLog2e);
+  const __m512 nl2e = _mm512_set1_ps(-kLog2e);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    if constexpr (kVec) {
+      va = _mm512_maskz_loadu_ps(m, a + i);
+      vb = _mm512_maskz_loadu_ps(m, b + i);
+      vk = _mm512_maskz_loadu_ps(m, K + i);
+      ua = _mm512_mul_ps(va, nl2e);
+      ub = _mm512_mul_ps(vb, nl2e);
+    }
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vk);
+    const __m512 z = _mm512_fmadd_ps(va, d, vb);
+    _mm512_mask_storeu_ps(y + i, m, kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z);
+  }
+}
+
+// Sum of (x - pivot) and then of ((x - pivot) - rel)^2 over n fp32 values, each with four accumulators (the
+// loops are otherwise bound by the add latency); rel = the first sum / n.
+inline void chunk_stats_f32(const float* x, int64_t n, float pivot, float& rel_out, float& sq_out) {
+  const __m512 pv = _mm512_set1_ps(pivot);
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  auto mask = [n](int64_t i) {
+    return n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+  };
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int k = 0; k < 4; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv));
+  for (; i < n; i += 16) {
+    const __mmask16 m = mask(i);
+    acc[0] = _mm512_mask_add_ps(acc[0], m, acc[0], _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), pv));
+  }
+  const float rel = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) /
+                    static_cast<float>(n);
+  const __m512 vr = _mm512_set1_ps(rel);
+  for (int k = 0; k < 4; ++k) acc[k] = _mm512_setzero_ps();
+  for (i = 0; i + 64 <= n; i += 64)
+    for (int k = 0; k < 4; ++k) {
+      const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv), vr);
+      acc[k] = _mm512_fmadd_ps(d, d, acc[k]);
+    }
+  for (; i < n; i += 16) {
+    const __mmask16 m = mask(i);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), pv), vr);
+    acc[0] = _mm512_fmadd_ps(d, d, acc[0]);
+  }
+  rel_out = rel;
+  sq_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+// Channels-last statistics of one chunk of `rows` rows of C fp32 values: per channel, the mean relative to the
+// pivot K[c] (its value in the first row, moved to K's frame exactly as in row_stats) and the M2, both from two
+// passes over the L1-resident chunk, 64 channels at a time held in registers.
+inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float* K, float* mean_out, float* m2_out) {
+  const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(rows));
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    __mmask16 m[4];
+    __m512 pv[4], acc[4], rel[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t left = C - (c0 + 16 * k);
+      m[k] = left >= 16 ? static_cast<__mmask16>(0xffff)
+                        : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+      pv[k] = _mm512_maskz_loadu_ps(m[k], p + c0 + 16 * k);
+      acc[k] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int k = 0; k < 4; ++k)
+        acc[k] = _mm512_add_ps(acc[k], _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]));
+    for (int k = 0; k < 4; ++k) {
+      rel[k] = _mm512_mul_ps(acc[k], inv);
+      const __m512 mk = _mm512_add_ps(_mm512_sub_ps(pv[k], _mm512_maskz_loadu_ps(m[k], K + c0 + 16 * k)), rel[k]);
+      _mm512_mask_storeu_ps(mean_out + c0 + 16 * k, m[k], mk);
+      acc[k] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int k = 0; k < 4; ++k) {
+        const __m512 d =
+            _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]), rel[k]);
+        acc[k] = _mm512_fmadd_ps(d, d, acc[k]);
+      }
+    for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(m2_out + c0 + 16 * k, m[k], acc[k]);
+  }
+}
+#endif
 
 constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
 constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
@@ -105,6 +229,11 @@ inline void from_f32(const float* v, T* p, int64_t n) {
 // z <- a z + b (scalar a, b), then the activation, in place.
 template <bool kSilu>
 inline void affine_act(float* z, int64_t n, float a, float b) {
+#if FASTDIFF_GN_AVX512
+  const float zero = 0.f;
+  apply_f32<kSilu, false>(z, z, n, &a, &b, &zero);
+  return;
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z[i] = a * z[i] + b;
   if (kSilu) {
@@ -116,6 +245,11 @@ inline void affine_act(float* z, int64_t n, float a, float b) {
 // z <- a[i] z + b[i] (per-channel a, b), then the activation, in place.
 template <bool kSilu>
 inline void affine_act(float* z, int64_t n, const float* a, const float* b) {
+#if FASTDIFF_GN_AVX512
+  alignas(64) static const float zeros[kBlock] = {};
+  apply_f32<kSilu, true>(z, z, n, a, b, zeros);
+  return;
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z[i] = a[i] * z[i] + b[i];
   if (kSilu) {
@@ -151,11 +285,19 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
     const int64_t len = std::min(S - s0, kChunk);
     const float pivot = static_cast<float>(p[s0]);
+    float rel, sq;  // chunk mean relative to the pivot, and the chunk's M2
+#if FASTDIFF_GN_AVX512
+    if constexpr (std::is_same_v<T, float>) {
+      chunk_stats_f32(p + s0, len, pivot, rel, sq);
+      chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel, sq);
+      continue;
+    }
+#endif
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < len; ++i) sum += static_cast<float>(p[s0 + i]) - pivot;
-    const float rel = sum / static_cast<float>(len);  // chunk mean relative to the pivot
-    float sq = 0.f;
+    rel = sum / static_cast<float>(len);
+    sq = 0.f;
 #pragma omp simd reduction(+ : sq)
     for (int64_t i = 0; i < len; ++i) {
       const float d = (static_cast<float>(p[s0 + i]) - pivot) - rel;
@@ -174,6 +316,10 @@ inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K) {
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
     const int64_t n = std::min(kBlock, S - s0);
     if constexpr (std::is_same_v<T, float>) {  // no conversion: one pass straight from x to y
+#if FASTDIFF_GN_AVX512
+      apply_f32<kSilu, false>(x, y, S, &a, &b, &K);
+      return;
+#endif
       const float* p = x + s0;
       float* q = y + s0;
 #pragma omp simd
@@ -215,9 +361,15 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
       const T* p = x + (n * S + r0) * C;
       float* mean_out = pmean.data() + job * C;
       float* m2_out = pm2.data() + job * C;
+      const float* K = Kc + n * C;
+#if FASTDIFF_GN_AVX512
+      if constexpr (std::is_same_v<T, float>) {
+        rows_stats_f32(p, r1 - r0, C, K, mean_out, m2_out);
+        continue;
+      }
+#endif
       // per-channel sums of (x - pivot), pivot = the chunk's first row
       to_f32(p, pivot.data(), C);
-      const float* K = Kc + n * C;
       std::fill(sum.begin(), sum.end(), 0.f);
       for (int64_t r = 0; r < r1 - r0; ++r) {
 #pragma omp simd
@@ -239,17 +391,28 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
       }
     }
   });
-  at::parallel_for(0, N * C, 256, [&](int64_t b, int64_t e) {
-    for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      float cnt = 0.f, mu = 0.f, m2 = 0.f;
+  // Merge the partials of each n in chunk order, vectorised along C: a chunk has the same count for every
+  // channel, so Chan's weights are scalars per chunk (the same arithmetic as chan_merge, lane by lane).
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      float* mu = cmean + n * C;
+      float* m2 = cm2 + n * C;
+      std::fill(mu, mu + C, 0.f);
+      std::fill(m2, m2 + C, 0.f);
+      float cnt = 0.f;
       for (int64_t k = 0; k < nchunk; ++k) {
-        const int64_t idx = (n * nchunk + k) * C + c;
         const float len = static_cast<float>(std::min(S, (k + 1) * R) - k * R);
-        chan_merge(cnt, mu, m2, len, pmean[idx], pm2[idx]);
+        const float nn = cnt + len, f = len / nn;
+        const float* pmk = pmean.data() + (n * nchunk + k) * C;
+        const float* pqk = pm2.data() + (n * nchunk + k) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = pmk[c] - mu[c];
+          mu[c] += d * f;
+          m2[c] += pqk[c] + d * d * cnt * f;
+        }
+        cnt = nn;
       }
-      cmean[nc] = mu;
-      cm2[nc] = m2;
     }
   });
 }
@@ -274,6 +437,10 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
           const float* p = x + row * C + c0;
           float* q = y + row * C + c0;
           const float *a = A + nC + c0, *bb = B + nC + c0, *K = Kc + nC + c0;
+#if FASTDIFF_GN_AVX512
+          apply_f32<kSilu, true>(p, q, n, a, bb, K);
+          continue;
+#endif
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
             const float z = a[i] * (p[i] - K[i]) + bb[i];
