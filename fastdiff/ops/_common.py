@@ -26,7 +26,7 @@ def check_like(t, name: str, ref: torch.Tensor, shape: tuple):
     if t is None:
         return
     check_tensor(t, name)
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the input's device), got {t.device}")
@@ -79,6 +79,23 @@ def pick(backend: str, device: torch.device, dtype: torch.dtype, *, available: d
     if not ok:
         raise ValueError(f"backend: {op} cannot run backend={name!r} here: {why}")
     return name
+
+
+_CHOICES: dict = {}
+
+
+def choose_elementwise(op: str, backend: str, x: torch.Tensor, has_triton_ops: bool) -> str:
+    """`pick` for an op whose kernels take x of any KERNEL_DTYPES on its device (group_norm, sampler_step),
+    cached on everything the answer depends on (the op, the resolved backend name, x's device and dtype, and
+    TRITON_INTERPRET), so a call in a sampling loop does not rebuild the availability table."""
+    name = _backend.resolve(backend)
+    key = (op, name, x.device, x.dtype, _backend.triton_interpret())
+    got = _CHOICES.get(key)
+    if got is None:
+        got = pick(name, x.device, x.dtype, available=elementwise_availability(x, has_triton_ops),
+                   order_cuda=("cuda", "triton"), order_cpu=("cpu",), op=op)
+        _CHOICES[key] = got
+    return got
 
 
 def elementwise_availability(x: torch.Tensor, has_triton_ops: bool) -> dict:

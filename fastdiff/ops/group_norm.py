@@ -13,10 +13,11 @@ import numbers
 import torch
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import (KERNEL_DTYPES, check_like, check_tensor, elementwise_availability, kernel_layout,
-                                  pick)
+from fastdiff.ops._common import (KERNEL_DTYPES, check_like, check_tensor, choose_elementwise,
+                                  elementwise_availability, kernel_layout)
 
 _ACTIVATIONS = {None: "none", "none": "none", "silu": "silu"}
+_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def _fake_forward(x, num_groups, weight, bias, scale, shift, eps, activation):
@@ -75,8 +76,7 @@ def _available(x: torch.Tensor) -> dict:
 
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> str:
     """The backend group_norm runs for this input: "auto" resolved to the fastest one present."""
-    return pick(backend, x.device, x.dtype, available=_available(x), order_cuda=("cuda", "triton"),
-                order_cpu=("cpu",), op="group_norm")
+    return choose_elementwise("group_norm", backend, x, _HAS_TRITON_OPS)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None,
@@ -89,24 +89,25 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     backend: "auto", "cuda", "triton", "cpu" or "torch". Statistics are computed in fp32.
     """
     check_tensor(x, "x")
-    if x.dtype not in KERNEL_DTYPES + (torch.float64,):
+    if x.dtype not in _DTYPES:
         raise TypeError(f"x: expected float32, float16, bfloat16 or float64, got {x.dtype}")
     if not 2 <= x.dim() <= 5:
         raise ValueError(f"x: expected shape (N, C, *spatial) with 0 to 3 spatial dims, got {tuple(x.shape)}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected an int, got {type(num_groups).__name__}")
     num_groups = int(num_groups)
-    N, C = x.shape[0], x.shape[1]
+    C = x.shape[1]
     if num_groups <= 0 or C % num_groups != 0:
         raise ValueError(f"num_groups: {num_groups} must be positive and divide the {C} channels of x")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
-    check_like(weight, "weight", x, (C,))
-    check_like(bias, "bias", x, (C,))
-    check_like(scale, "scale", x, (N, C))
-    check_like(shift, "shift", x, (N, C))
+    c_shape, nc_shape = x.shape[1:2], x.shape[:2]  # torch.Size: compared with the parameters' shapes as is
+    check_like(weight, "weight", x, c_shape)
+    check_like(bias, "bias", x, c_shape)
+    check_like(scale, "scale", x, nc_shape)
+    check_like(shift, "shift", x, nc_shape)
 
     name = choose_backend(x, backend)
     act = _ACTIVATIONS[activation]

@@ -20,7 +20,7 @@ import numbers
 import torch
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import KERNEL_DTYPES, check_tensor, elementwise_availability, pick
+from fastdiff.ops._common import KERNEL_DTYPES, check_tensor, choose_elementwise, elementwise_availability
 
 TABLE_WIDTH = reference.SAMPLER_TABLE_WIDTH
 CLIP_MODES = {"none": 0, "clip": 1, "threshold": 2}
@@ -49,19 +49,9 @@ def _available(x: torch.Tensor) -> dict:
     return elementwise_availability(x, _HAS_TRITON_OPS)
 
 
-_CHOICES: dict = {}
-
-
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> str:
     """The backend sampler_step runs for this input: "auto" resolved to the fastest one present."""
-    name = _backend.resolve(backend)
-    key = (name, x.device, x.dtype, _backend.triton_interpret())  # what the answer depends on, cached per step
-    got = _CHOICES.get(key)
-    if got is None:
-        got = pick(name, x.device, x.dtype, available=_available(x), order_cuda=("cuda", "triton"),
-                   order_cpu=("cpu",), op="sampler_step")
-        _CHOICES[key] = got
-    return got
+    return choose_elementwise("sampler_step", backend, x, _HAS_TRITON_OPS)
 
 
 def _dense_rows(x: torch.Tensor) -> bool:
