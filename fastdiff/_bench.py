@@ -1,7 +1,8 @@
 """Benchmark harness shared by benchmarks/*.py and `fastdiff bench`: timing, device peaks, result rows.
 
 GPU timing uses CUDA events around each run, after warm-up, with L2 flushed between runs for memory-bound ops
-(a write of a buffer larger than L2); CPU timing uses time.perf_counter. Both report the median and the
+(a write of a buffer larger than L2); CPU timing uses time.perf_counter, with glibc's heap kept warm (see
+warm_cpu_heap: otherwise whether a provider's outputs page-fault on every call depends on what ran before it). Both report the median and the
 p20/p80 of many runs. Peaks are measured, not taken from data sheets: a large device-to-device copy for
 bandwidth (bytes read + written), a large bf16 (GPU) or fp32 (CPU) matmul for FLOP/s.
 """
@@ -63,7 +64,7 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {
+    env = {
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -71,6 +72,38 @@ def environment(device: torch.device) -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if torch.device(device).type == "cpu":
+        env["cpu_heap"] = warm_cpu_heap()
+    return env
+
+
+_CPU_HEAP = None
+
+
+def warm_cpu_heap():
+    """Keep freed blocks of up to 32 MiB in glibc's heap instead of returning them to the OS.
+
+    By default glibc hands large freed blocks back (munmap, or a heap trim) and maps fresh zeroed pages for the
+    next allocation, so an op that returns a new 10 MB tensor page-faults about 2,500 times per call; whether it
+    does depends on glibc's adaptive thresholds, i.e. on what the process allocated before. A benchmark would then
+    time the allocator: the same kernel measured 0.55 ms or 5 ms at (2, 320, 64, 64) fp32 here. This sets
+    M_MMAP_THRESHOLD to 32 MiB (glibc's maximum) and M_TRIM_THRESHOLD to 1 GiB once per process, for every
+    provider alike (eager, compile and fastdiff), and returns the setting recorded in the result rows; None where
+    the C library is not glibc. Outside a benchmark the same is had with the environment variables
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824, or with jemalloc/tcmalloc."""
+    global _CPU_HEAP
+    if _CPU_HEAP is None:
+        _CPU_HEAP = ""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+            if libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1:
+                _CPU_HEAP = "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB"
+        except (OSError, AttributeError):
+            pass
+    return _CPU_HEAP or None
 
 
 _l2_buffer = None
@@ -88,6 +121,8 @@ def time_fn(fn, device: torch.device, *, warmup: int = 5, reps: int | None = Non
             min_time_s: float = 0.2) -> dict:
     """Median / p20 / p80 of fn() in milliseconds."""
     device = torch.device(device)
+    if device.type == "cpu":
+        warm_cpu_heap()
     for _ in range(warmup):
         fn()
     if device.type == "cuda":

@@ -53,7 +53,8 @@ def markdown(rows) -> str:
         providers = list(OrderedDict.fromkeys(p for cell in tab.values() for p in cell))
         meta = next(iter(next(iter(tab.values())).values()))
         parts.append(f"### {op} on {device}\n\ntorch {meta.get('torch')}, triton {meta.get('triton')}, "
-                     f"CUDA {meta.get('cuda')}, commit {meta.get('commit')}, {meta.get('date')}\n")
+                     f"CUDA {meta.get('cuda')}, commit {meta.get('commit')}, {meta.get('date')}"
+                     + (f"; CPU heap: {meta['cpu_heap']}" if meta.get("cpu_heap") else "") + "\n")
         head = ["case", "dtype", "layout"] + [f"{p} ms" for p in providers]
         fast = [p for p in providers if p.startswith("fastdiff")]
         head += [f"{p} vs eager" for p in fast] + [f"{p} vs compile" for p in fast if "compile" in providers]
