@@ -58,3 +58,16 @@ def test_compare_flags_regressions(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     (tmp_path / "new.json").write_text(json.dumps(new))
     assert report.main([str(tmp_path / "new.json"), "--compare", str(tmp_path / "old.json")]) == 1
+
+
+def test_cpu_rows_record_the_warm_heap():
+    """CPU timings run with glibc's heap kept warm, and the rows say so (None where libc is not glibc)."""
+    import platform
+
+    from fastdiff import _bench
+
+    env = _bench.environment(torch.device("cpu"))
+    if platform.libc_ver()[0] == "glibc":
+        assert env["cpu_heap"].startswith("glibc mallopt")
+    else:
+        assert env["cpu_heap"] is None
