@@ -430,6 +430,42 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
     });
     return;
   }
+#if FASTDIFF_GN_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    // Rows of one n share A, B, K: per block of 32 channels they stay in registers (with the SiLU's -log2(e)
+    // multiples) while the block is applied to every row of a tile of rows.
+    at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+      const int64_t tile = std::max<int64_t>(1, 16384 / C);  // 64 KB of rows: a tile stays in L2 across blocks
+      while (b < e) {
+        const int64_t n = b / S, r1 = std::min({e, (n + 1) * S, b + tile});  // rows b .. r1 - 1, all of sample n
+        const float *a = A + n * C, *bb = B + n * C, *K = Kc + n * C;
+        for (int64_t c0 = 0; c0 < C; c0 += 32) {
+          __mmask16 m[2];
+          __m512 va[2], vb[2], vk[2], ua[2], ub[2];
+          for (int k = 0; k < 2; ++k) {
+            const int64_t left = C - (c0 + 16 * k);
+            m[k] = left >= 16 ? static_cast<__mmask16>(0xffff)
+                              : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+            va[k] = _mm512_maskz_loadu_ps(m[k], a + c0 + 16 * k);
+            vb[k] = _mm512_maskz_loadu_ps(m[k], bb + c0 + 16 * k);
+            vk[k] = _mm512_maskz_loadu_ps(m[k], K + c0 + 16 * k);
+            ua[k] = _mm512_mul_ps(va[k], _mm512_set1_ps(-kLog2e));
+            ub[k] = _mm512_mul_ps(vb[k], _mm512_set1_ps(-kLog2e));
+          }
+          for (int64_t row = b; row < r1; ++row)
+            for (int k = 0; k < 2; ++k) {
+              const int64_t off = row * C + c0 + 16 * k;
+              const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], x + off), vk[k]);
+              const __m512 z = _mm512_fmadd_ps(va[k], d, vb[k]);
+              _mm512_mask_storeu_ps(y + off, m[k], kSilu ? silu16(z, _mm512_fmadd_ps(ua[k], d, ub[k])) : z);
+            }
+        }
+        b = r1;
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
     float buf[kBlock];
     for (int64_t row = b; row < e; ++row) {
