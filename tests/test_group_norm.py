@@ -59,6 +59,8 @@ SHAPES = [
     ((2, 8, 3, 4, 5), 4),    # 3-D
     ((4, 6), 3),             # no spatial dims
     ((1, 64, 1, 1), 32),     # one value per channel
+    ((2, 72, 5, 6), 8),      # channels-last blocks of 32 channels with a partial one (72 = 32 + 32 + 8)
+    ((1, 6, 50, 50), 2),     # statistics chunks that straddle channel boundaries (a group is 7500 values)
 ]
 
 
