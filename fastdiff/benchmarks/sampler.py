@@ -34,18 +34,6 @@ from fastdiff.ops.sampler_step import _available
 SHAPES = [(4, 4, 64, 64), (8, 4, 96, 96), (16, 3, 256, 256)]
 
 
-def _time_all(fns: dict, device, rounds: int, **kw) -> dict:
-    """Time every provider in `rounds` interleaved rounds and keep each one's best round (the lowest median):
-    on a shared CPU a burst of load from elsewhere then hits every provider alike instead of one of them."""
-    best = {}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t = _bench.time_fn(fn, device, **kw)
-            if name not in best or t["median_ms"] < best[name]["median_ms"]:
-                best[name] = t
-    return best
-
-
 GUIDANCE = 7.5
 
 
@@ -114,7 +102,7 @@ def eager_dpmpp(sampler, i):
 
 def _record(rows, label, fns, shape, dtype, device, rounds, timing_kw, *, nbytes):
     """Time every provider in fns for one (step kind, shape, dtype) and append a row each (and print it)."""
-    for name, t_ in _time_all(fns, device, rounds, **timing_kw).items():
+    for name, t_ in _bench.time_providers(fns, device, rounds, **timing_kw).items():
         rows.append(_bench.make_row(op="sampler_step", case=f"{label} {_case(shape)}", shape=shape, dtype=dtype,
                                     layout="nchw", provider=name, timing=t_, device=device, nbytes=nbytes))
         print(f"  {label:<9} {_case(shape):>14} {str(dtype):>15} {name:>16} {t_['median_ms']:9.4f} ms", flush=True)
