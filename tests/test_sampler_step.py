@@ -84,6 +84,25 @@ def test_matches_reference(backend, dtype, atol, rtol, clip, cfg):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
+def test_nan_is_not_clipped_away(backend, clip):
+    """A NaN in the input stays NaN through clipping and thresholding on every backend (as torch.clamp keeps it,
+    and the reference does), instead of becoming a finite bound that hides a diverged run."""
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    x, m, *_ = _inputs((2, 3, 4, 4), torch.float32, dev)
+    x[0, 1, 2, 3] = float("nan")
+    m[1, 0, 0, 0] = float("nan")
+    thr = torch.tensor([1.5, 2.0], device=dev) if clip == "threshold" else None
+    table = _table(3, dev, d=False, s=False)
+    out = sampler_step(x, m, table, 1, clip=clip, thresh=thr, backend=backend)
+    ref = sampler_step(x, m, table, 1, clip=clip, thresh=thr, backend="torch")
+    assert out[0, 1, 2, 3].isnan() and out[1, 0, 0, 0].isnan()
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("var_mode", ["fixed", "learned", "learned_range"])
 @pytest.mark.parametrize("noise", ["philox", "given", "off"])
 def test_noise_and_variance(backend, var_mode, noise):

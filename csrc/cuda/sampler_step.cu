@@ -56,6 +56,12 @@ struct Args {
   bool stochastic, flat;
 };
 
+// clamp(v, lo, hi) that keeps a NaN a NaN, as torch.clamp and the CPU kernel do (fminf/fmaxf would turn it
+// into a bound and hide the bad value)
+__device__ __forceinline__ float clamp_keep_nan(float v, float lo, float hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 template <typename T>
 __device__ __forceinline__ void load4(const T* p, int64_t base, int64_t stride_row, int64_t L, bool flat, bool full,
                                       int64_t e0, int64_t total, float out[4]) {
@@ -122,13 +128,13 @@ __global__ void __launch_bounds__(256) sampler_step_kernel(const Args<T> a) {
   for (int k = 0; k < 4; ++k) x0[k] = PX * x[k] + PM * m[k];
   if (a.clip_mode == kClipRange) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) x0[k] = fminf(a.clip_range, fmaxf(-a.clip_range, x0[k]));
+    for (int k = 0; k < 4; ++k) x0[k] = clamp_keep_nan(x0[k], -a.clip_range, a.clip_range);
   } else if (a.clip_mode == kClipThreshold) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t e = e0 + k < a.total ? e0 + k : a.total - 1;
       const float s = __ldg(a.thr + e / a.L);
-      x0[k] = fminf(s, fmaxf(-s, x0[k])) / s;
+      x0[k] = clamp_keep_nan(x0[k], -s, s) / s;
     }
   }
 #pragma unroll

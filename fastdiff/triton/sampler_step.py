@@ -90,10 +90,10 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, v_ptr, thr_ptr, out_
         m = u + guidance_scale * (m - u)
     x0 = c_px * x + c_pm * m
     if CLIP_MODE == 1:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))  # NaN stays NaN
     elif CLIP_MODE == 2:
         thr = tl.load(thr_ptr + e // L, mask=mask, other=1.0)
-        x0 = tl.minimum(tl.maximum(x0, -thr), thr) / thr
+        x0 = tl.where(x0 < -thr, -thr, tl.where(x0 > thr, thr, x0)) / thr
     acc = c_a * x + c_b * m + c_c * x0
     if HAS_B:
         prev = tl.load(b_ptr + bo, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_d) != 0.0), other=0.0).to(tl.float32)
