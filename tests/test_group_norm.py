@@ -157,6 +157,24 @@ def test_empty_batch(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("spatial", [(5, 7), (40, 40)], ids=["5x7", "40x40"])
+def test_silu_at_extreme_values(backend, device, channels_last, spatial):
+    """The fused SiLU over the whole float range: pre-activations far beyond exp's range give silu's limits (0 below,
+    z above), +inf stays +inf and NaN stays NaN. With weight 0 the pre-activation is the bias itself."""
+    z = torch.tensor([-3e38, -1e30, -200.0, -88.5, -87.0, -50.0, -10.0, -1e-3, 0.0, 1e-3, 10.0, 50.0, 87.0, 88.5,
+                      200.0, 1e30, 3e38, float("inf"), float("nan"), 1.0])
+    C = z.numel()
+    x = to_layout(torch.randn(2, C, *spatial), channels_last).to(device)
+    y = ops.group_norm(x, 4, torch.zeros(C, device=device), z.to(device), activation="silu", backend=backend)
+    want = torch.nn.functional.silu(z.double())
+    got = y[:, :, 0, 0].double().cpu()
+    for n in range(2):
+        # rtol 2e-6: for z < -40 (values under 1e-17) fp32 u = -z log2(e) carries a relative error ~1e-6 into 2^u
+        torch.testing.assert_close(got[n], want, atol=1e-18, rtol=2e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
 def test_deterministic(backend, device):
     x, p = make_inputs((2, 64, 33, 31), 32, torch.float32, device)
     runs = [ops.group_norm(x, 32, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",

@@ -58,15 +58,29 @@ inline float exp_f(float x) {
   return p * scale;
 }
 
+// SiLU and sigmoid on top of exp_f, branch-free. Below z = -88 the true values are under 1e-36 and are returned as
+// 0: exp_f clamps its argument at 88, and z / (1 + e^88) would be far off for z near -FLT_MAX. NaN stays NaN.
+inline float silu_f(float z) {
+  const float v = z / (1.f + exp_f(-z));
+  return z < -88.f ? 0.f : v;
+}
+
+inline float sigmoid_f(float z) {
+  const float v = 1.f / (1.f + exp_f(-z));
+  return z < -88.f ? 0.f : v;
+}
+
 #if FASTDIFF_GN_AVX512
 // The SiLU is what bounds the apply pass (the data stays in L2), so its instruction count is the cost.
 // silu(z) = z / (1 + 2^u) with u = -z log2(e) formed by the caller with its own FMA (from x - K, so no extra
 // rounding of z enters u): 2^u = 2^n 2^f with n = round(u), f = u - n exact, |f| <= 1/2, 2^f by its degree-6
 // Taylor polynomial (~1 ulp), the scaling by vscalefps, the division as a 14-bit reciprocal plus one Newton
-// step (~1 ulp). u is clamped to [-150, 126] so 1 + 2^u stays finite (the Newton step of an infinite
-// denominator would be NaN); a NaN z stays NaN through the final product.
+// step (~1 ulp). Where u > 126 (z < -87.3) the result is |z| 2^-u, below 1e-35: those lanes are set to 0 by
+// the final masked product (clamping u instead would give z 2^-126, wrong for |z| near FLT_MAX); u is clamped
+// below at -150 so z = +inf gives +inf rather than NaN. A NaN z stays NaN (the mask keeps unordered lanes).
 inline __m512 silu16(__m512 z, __m512 u) {
-  u = _mm512_max_ps(_mm512_min_ps(u, _mm512_set1_ps(126.f)), _mm512_set1_ps(-150.f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(u, _mm512_set1_ps(126.f), _CMP_NGT_UQ);
+  u = _mm512_max_ps(u, _mm512_set1_ps(-150.f));
   const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(u, n);
   __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);  // ln(2)^k / k!, k = 6 .. 0
@@ -79,7 +93,7 @@ inline __m512 silu16(__m512 z, __m512 u) {
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
   __m512 r = _mm512_rcp14_ps(d);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-  return _mm512_mul_ps(z, r);
+  return _mm512_maskz_mul_ps(keep, z, r);
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -241,7 +255,7 @@ inline void affine_act(float* z, int64_t n, float a, float b) {
   for (int64_t i = 0; i < n; ++i) z[i] = a * z[i] + b;
   if (kSilu) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = z[i] / (1.f + exp_f(-z[i]));
+    for (int64_t i = 0; i < n; ++i) z[i] = silu_f(z[i]);
   }
 }
 
@@ -257,7 +271,7 @@ inline void affine_act(float* z, int64_t n, const float* a, const float* b) {
   for (int64_t i = 0; i < n; ++i) z[i] = a[i] * z[i] + b[i];
   if (kSilu) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = z[i] / (1.f + exp_f(-z[i]));
+    for (int64_t i = 0; i < n; ++i) z[i] = silu_f(z[i]);
   }
 }
 
@@ -276,7 +290,7 @@ inline void act_backward(const float* x, float* g, int64_t n, AB a, AB b) {
       bi = b;
     }
     const float z = ai * x[i] + bi;
-    const float s = 1.f / (1.f + exp_f(-z));
+    const float s = sigmoid_f(z);
     g[i] *= s * (1.f + z * (1.f - s));
   }
 }
@@ -328,7 +342,7 @@ inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, co
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const float z = a * (p[i] - K) + b;
-        q[i] = kSilu ? z / (1.f + exp_f(-z)) : z;
+        q[i] = kSilu ? silu_f(z) : z;
       }
       continue;
     }
@@ -483,7 +497,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
             const float z = a[i] * (p[i] - K[i]) + bb[i];
-            q[i] = kSilu ? z / (1.f + exp_f(-z)) : z;
+            q[i] = kSilu ? silu_f(z) : z;
           }
           continue;
         }
