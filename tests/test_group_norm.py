@@ -172,6 +172,16 @@ def test_silu_at_extreme_values(backend, device, channels_last, spatial):
     for n in range(2):
         # rtol 2e-6: for z < -40 (values under 1e-17) fp32 u = -z log2(e) carries a relative error ~1e-6 into 2^u
         torch.testing.assert_close(got[n], want, atol=1e-18, rtol=2e-6, equal_nan=True)
+    # the backward's SiLU derivative at the same pre-activations: grad of the bias = sum over (n, s) of silu'(z)
+    xb = x.clone()
+    zb = z.to(device).requires_grad_(True)
+    y = ops.group_norm(xb, 4, torch.zeros(C, device=device), zb, activation="silu", backend=backend)
+    (gb,) = torch.autograd.grad(y, (zb,), torch.ones_like(y))
+    z64 = z.double().requires_grad_(True)
+    (d64,) = torch.autograd.grad(torch.nn.functional.silu(z64).sum(), (z64,))
+    # rtol 2e-5: the bias gradient is an fp32 sum over N x H x W values
+    torch.testing.assert_close(gb.double().cpu(), d64 * (2 * spatial[0] * spatial[1]), atol=1e-18, rtol=2e-5,
+                               equal_nan=True)
 
 
 @pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])

@@ -78,8 +78,9 @@ inline float sigmoid_f(float z) {
 // step (~1 ulp). Where u > 126 (z < -87.3) the result is |z| 2^-u, below 1e-35: those lanes are set to 0 by
 // the final masked product (clamping u instead would give z 2^-126, wrong for |z| near FLT_MAX); u is clamped
 // below at -150 so z = +inf gives +inf rather than NaN. A NaN z stays NaN (the mask keeps unordered lanes).
-inline __m512 silu16(__m512 z, __m512 u) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(u, _mm512_set1_ps(126.f), _CMP_NGT_UQ);
+// sigmoid = 1 / (1 + 2^u) and the mask of lanes to keep (u <= 126, or NaN), for silu16 and silu_grad16.
+inline __m512 sigmoid_exp2(__m512 u, __mmask16& keep) {
+  keep = _mm512_cmp_ps_mask(u, _mm512_set1_ps(126.f), _CMP_NGT_UQ);
   u = _mm512_max_ps(u, _mm512_set1_ps(-150.f));
   const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(u, n);
@@ -91,9 +92,22 @@ inline __m512 silu16(__m512 z, __m512 u) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
-  __m512 r = _mm512_rcp14_ps(d);
-  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-  return _mm512_maskz_mul_ps(keep, z, r);
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+}
+
+inline __m512 silu16(__m512 z, __m512 u) {
+  __mmask16 keep;
+  const __m512 sg = sigmoid_exp2(u, keep);
+  return _mm512_maskz_mul_ps(keep, z, sg);
+}
+
+// silu'(z) = s (1 + z (1 - s)), s = sigmoid(z), with the same lanes set to 0 as in silu16 (there s < 1e-38).
+inline __m512 silu_grad16(__m512 z, __m512 u) {
+  __mmask16 keep;
+  const __m512 sg = sigmoid_exp2(u, keep);
+  const __m512 t = _mm512_fmadd_ps(z, _mm512_sub_ps(_mm512_set1_ps(1.f), sg), _mm512_set1_ps(1.f));
+  return _mm512_maskz_mul_ps(keep, sg, t);
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -509,6 +523,126 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
   });
 }
 
+#if FASTDIFF_GN_AVX512
+// fp32 backward with AVX-512, both passes. The sums pass forms gz = gy act'(a (x - K) + b) once and, with SiLU,
+// keeps it in gx, so the apply pass (gx = P gz + Q ((x - K) - mean) + R) reads it back instead of evaluating the
+// SiLU's derivative again. Channels-first rows are one (n, c) each; channels-last works on tiles of rows with
+// 16 channels' parameters and sums held in registers.
+inline __mmask16 lane_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff)
+                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// gz for 16 values (kSilu: also stored to gz_out) given d = x - K; adds gz and gz (d - mu) to s1, s2.
+template <bool kSilu>
+inline void bwd_sums16(__mmask16 m, const float* x, const float* gy, float* gz_out, __m512 a, __m512 b, __m512 ua,
+                       __m512 ub, __m512 k, __m512 mu, __m512& s1, __m512& s2) {
+  const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x), k);
+  __m512 gz = _mm512_maskz_loadu_ps(m, gy);
+  if constexpr (kSilu) {
+    gz = _mm512_mul_ps(gz, silu_grad16(_mm512_fmadd_ps(a, d, b), _mm512_fmadd_ps(ua, d, ub)));
+    _mm512_mask_storeu_ps(gz_out, m, gz);
+  }
+  s1 = _mm512_add_ps(s1, gz);
+  s2 = _mm512_fmadd_ps(gz, _mm512_maskz_sub_ps(m, d, mu), s2);
+}
+
+inline void bwd_apply16(__mmask16 m, const float* x, const float* gz, float* gx, __m512 p, __m512 q, __m512 r,
+                        __m512 k, __m512 mu) {
+  const __m512 c = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x), k), mu);
+  _mm512_mask_storeu_ps(gx, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, gz), _mm512_fmadd_ps(q, c, r)));
+}
+
+// fold() turns S1, S2 into P, Q, Rr between the two passes.
+template <bool kSilu, typename Fold>
+void backward_f32_avx512(const float* gy, const float* x, float* gx, const float* A, const float* B,
+                         const float* Kc, const float* mean_c, const float* P, const float* Q, const float* Rr,
+                         const Shape& sh, float* S1, float* S2, Fold&& fold) {
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  const float* gz = kSilu ? gx : gy;  // what the apply pass reads
+  auto bc = [](float v) { return _mm512_set1_ps(v); };
+  if (sh.layout == Layout::kChannelsFirst) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+        const __m512 a = bc(A[row]), bb = bc(B[row]), k = bc(Kc[row]), mu = bc(mean_c[row]);
+        const __m512 ua = bc(-A[row] * kLog2e), ub = bc(-B[row] * kLog2e);
+        for (int64_t i = 0; i < S; i += 16)
+          bwd_sums16<kSilu>(lane_mask(S - i), x + row * S + i, gy + row * S + i, gx + row * S + i, a, bb, ua, ub,
+                            k, mu, s1, s2);
+        S1[row] = _mm512_reduce_add_ps(s1);
+        S2[row] = _mm512_reduce_add_ps(s2);
+      }
+    });
+    fold();
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row)
+        for (int64_t i = 0; i < S; i += 16)
+          bwd_apply16(lane_mask(S - i), x + row * S + i, gz + row * S + i, gx + row * S + i, bc(P[row]), bc(Q[row]),
+                      bc(Rr[row]), bc(Kc[row]), bc(mean_c[row]));
+    });
+    return;
+  }
+  // Channels-last: per (n, chunk of R rows) partial sums per channel, rows in memory order (16 channels per
+  // vector, parameters and partials from L1), added in chunk order.
+  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(float))));
+  const int64_t nchunk = (S + R - 1) / R;
+  std::vector<float> p1(N * nchunk * C), p2(N * nchunk * C), UA(N * C), UB(N * C);
+  for (int64_t i = 0; i < N * C; ++i) {
+    UA[i] = -A[i] * kLog2e;
+    UB[i] = -B[i] * kLog2e;
+  }
+  at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t n = job / nchunk, r0 = (job % nchunk) * R, r1 = std::min(S, r0 + R);
+      float* o1 = p1.data() + job * C;
+      float* o2 = p2.data() + job * C;
+      std::fill(o1, o1 + C, 0.f);
+      std::fill(o2, o2 + C, 0.f);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          const __mmask16 m = lane_mask(C - c0);
+          const int64_t o = n * C + c0, off = (n * S + r) * C + c0;
+          __m512 s1 = _mm512_maskz_loadu_ps(m, o1 + c0), s2 = _mm512_maskz_loadu_ps(m, o2 + c0);
+          bwd_sums16<kSilu>(m, x + off, gy + off, gx + off, _mm512_maskz_loadu_ps(m, A + o),
+                            _mm512_maskz_loadu_ps(m, B + o), _mm512_maskz_loadu_ps(m, UA.data() + o),
+                            _mm512_maskz_loadu_ps(m, UB.data() + o), _mm512_maskz_loadu_ps(m, Kc + o),
+                            _mm512_maskz_loadu_ps(m, mean_c + o), s1, s2);
+          _mm512_mask_storeu_ps(o1 + c0, m, s1);
+          _mm512_mask_storeu_ps(o2 + c0, m, s2);
+        }
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {  // in chunk order per (n, c), vectorised along C
+    std::fill(S1 + n * C, S1 + (n + 1) * C, 0.f);
+    std::fill(S2 + n * C, S2 + (n + 1) * C, 0.f);
+    for (int64_t k = 0; k < nchunk; ++k) {
+      const float* q1 = p1.data() + (n * nchunk + k) * C;
+      const float* q2 = p2.data() + (n * nchunk + k) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        S1[n * C + c] += q1[c];
+        S2[n * C + c] += q2[c];
+      }
+    }
+  }
+  fold();
+  at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t nC = (row / S) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __mmask16 m = lane_mask(C - c0);
+        const int64_t o = nC + c0, off = row * C + c0;
+        bwd_apply16(m, x + off, gz + off, gx + off, _mm512_maskz_loadu_ps(m, P + o), _mm512_maskz_loadu_ps(m, Q + o),
+                    _mm512_maskz_loadu_ps(m, Rr + o), _mm512_maskz_loadu_ps(m, Kc + o),
+                    _mm512_maskz_loadu_ps(m, mean_c + o));
+      }
+    }
+  });
+}
+#endif
+
 // Per-(n, c) S1 = sum gz and S2 = sum gz (x - mean_g). Each block's sums are formed in fp32 and added in order.
 // x is taken in its group pivot's frame (x - Kc) and mean_c is the group mean in that frame.
 template <typename T, bool kSilu>
@@ -776,42 +910,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   }
   for (int64_t ng = 0; ng < N * G; ++ng) mrel[ng] = pm[ng] - Kc[(ng / G) * C + (ng % G) * sh.cpg];
   fold(sh, mrel.data(), pr, w, b, s, t, A.data(), B.data(), mean_c.data());
-  if (x.numel() > 0) {
-    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
-      auto fn = act_code == 1 ? backward_sums<scalar_t, true> : backward_sums<scalar_t, false>;
-      fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), A.data(), B.data(), Kc.data(),
-         mean_c.data(), sh, S1.data_ptr<float>(), S2.data_ptr<float>());
-    });
-  }
-  const float* s1 = S1.data_ptr<float>();
-  const float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
+  float* s1 = S1.data_ptr<float>();
+  float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
   const float M = static_cast<float>(sh.cpg * sh.S);
   const float *pw = ptr_or_null(w), *ps = ptr_or_null(s);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g) {
-      const float r = pr[n * G + g];
-      float m1 = 0.f, m2 = 0.f;
-      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-        const int64_t nc = n * C + c;
-        const float gc = at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
-        m1 += gc * s1[nc];
-        m2 += gc * s2[nc] * r;
+  auto fold_pqr = [&] {  // grad_x = P gz + Q (x - mean) + R per (n, c), from S1 and S2
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float r = pr[n * G + g];
+        float m1 = 0.f, m2 = 0.f;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          const int64_t nc = n * C + c;
+          const float gc = at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
+          m1 += gc * s1[nc];
+          m2 += gc * s2[nc] * r;
+        }
+        m1 /= M;
+        m2 /= M;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          const int64_t nc = n * C + c;
+          P[nc] = r * at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
+          Q[nc] = -r * r * m2;
+          Rr[nc] = -r * m1;
+        }
       }
-      m1 /= M;
-      m2 /= M;
-      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-        const int64_t nc = n * C + c;
-        P[nc] = r * at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
-        Q[nc] = -r * r * m2;
-        Rr[nc] = -r * m1;
-      }
+  };
+  bool done = false;
+#if FASTDIFF_GN_AVX512
+  if (x.numel() > 0 && x.scalar_type() == at::kFloat) {
+    const float* pgy = grad_y.const_data_ptr<float>();
+    const float* px = x.const_data_ptr<float>();
+    float* pgx = gx.data_ptr<float>();
+    if (act_code == 1)
+      backward_f32_avx512<true>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
+                                Rr.data(), sh, s1, s2, fold_pqr);
+    else
+      backward_f32_avx512<false>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
+                                 Rr.data(), sh, s1, s2, fold_pqr);
+    done = true;
+  }
+#endif
+  if (!done) {
+    if (x.numel() > 0) {
+      FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
+        auto fn = act_code == 1 ? backward_sums<scalar_t, true> : backward_sums<scalar_t, false>;
+        fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), A.data(), B.data(), Kc.data(),
+           mean_c.data(), sh, s1, s2);
+      });
     }
-  if (x.numel() > 0) {
-    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
-      auto fn = act_code == 1 ? backward_apply<scalar_t, true> : backward_apply<scalar_t, false>;
-      fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), A.data(), B.data(),
-         P.data(), Q.data(), Rr.data(), Kc.data(), mean_c.data(), sh);
-    });
+    fold_pqr();
+    if (x.numel() > 0) {
+      FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
+        auto fn = act_code == 1 ? backward_apply<scalar_t, true> : backward_apply<scalar_t, false>;
+        fn(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), A.data(),
+           B.data(), P.data(), Q.data(), Rr.data(), Kc.data(), mean_c.data(), sh);
+      });
+    }
   }
   // Parameter gradients from S1, S2 (tiny (N, C) tensor math).
   at::Tensor xhat_sum = S2 * rstd.repeat_interleave(sh.cpg, 1);  // sum gz xhat per (n, c)
