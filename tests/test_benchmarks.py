@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import fastdiff
+
 from fastdiff import cli
 from fastdiff.benchmarks import attention, group_norm, report, sampler, unet
 
@@ -36,6 +38,15 @@ def test_group_norm_run():
                                shapes=[("tiny", (1, 64, 8))])
     assert out == ""
     _check_rows(rows, "group_norm", ["eager"])
+
+
+def test_group_norm_backward_run():
+    """--backward: a training step (forward + the five gradients) per provider, checked against eager first."""
+    rows, _ = group_norm.run("cpu", quick=True, compile_=False, layouts=("nchw", "nhwc"), out="", verbose=False,
+                             shapes=[("tiny", (2, 64, 8))], backward=True)
+    _check_rows(rows, "group_norm_fwd_bwd", ["eager"])
+    assert {r["provider"] for r in rows} >= ({"eager", "fastdiff-cpu"} if fastdiff.info()["cpu_extension"]
+                                            else {"eager"})
 
 
 def test_attention_run_restores_threads():

@@ -3,6 +3,10 @@
 Bytes counted per call: x read once and y written once (the floor for any implementation; the fused kernels
 read x a second time for the statistics, from L2 where it fits). GB/s and % of the measured peak bandwidth
 follow from that floor, so they compare providers fairly.
+
+--backward times a training step instead (op "group_norm_fwd_bwd", file group_norm_fwd_bwd.json): the forward
+and torch.autograd.grad for x, weight, bias, scale and shift; bytes counted: x read twice, y and grad_x written,
+grad_y read.
 """
 from __future__ import annotations
 
@@ -39,9 +43,21 @@ def providers(device: torch.device, dtype: torch.dtype, *, compile_: bool):
     return out
 
 
+def _training_step(fn, x, w, b, s, t, gy):
+    """fn's forward and the gradients of all five inputs for the output gradient gy, as an optimizer step needs."""
+    leaves = [v.detach().requires_grad_(True) for v in (x, w, b, s, t)]
+
+    def step():
+        y = fn(*leaves)
+        return torch.autograd.grad(y, leaves, gy)
+
+    return step
+
+
 def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw", "nhwc"), out=None, verbose=True,
-        shapes=None):
-    """Returns (rows, out_path). shapes: (model label, (N, C, HW)) pairs that replace the default list."""
+        shapes=None, backward=False):
+    """Returns (rows, out_path). shapes: (model label, (N, C, HW)) pairs that replace the default list.
+    backward: time forward + backward (op "group_norm_fwd_bwd") instead of the forward."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     gpu = device.type == "cuda"
     shapes_arg = shapes
@@ -64,27 +80,44 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw",
                 b = torch.randn(C, device=device, dtype=dtype)
                 s = 0.1 * torch.randn(N, C, device=device, dtype=dtype)
                 t = 0.1 * torch.randn(N, C, device=device, dtype=dtype)
-                nbytes = 2 * x.numel() * x.element_size()
+                nbytes = (5 if backward else 2) * x.numel() * x.element_size()
                 case = f"{model} N{N} C{C} {HW}x{HW} G32 ada+silu"
-                want = _eager(x.float(), w.float(), b.float(), s.float(), t.float())
-                for name, fn in provs:
-                    got = fn(x, w, b, s, t)  # also the warm-up / compile
-                    err = (got.float() - want).abs().max().item()
-                    if err > (1e-3 if dtype == torch.float32 else 0.1):
-                        raise RuntimeError(f"{name} on {case} {layout}: max error {err:.3g} — not timing a wrong answer")
-                fns = {name: (lambda fn=fn: fn(x, w, b, s, t)) for name, fn in provs}
+                op = "group_norm_fwd_bwd" if backward else "group_norm"
+                fns = {}
+                if backward:
+                    want, gy = None, torch.randn_like(x)
+                    for name, fn in provs:
+                        step = _training_step(fn, x, w, b, s, t, gy)
+                        got = step()  # also the warm-up / compile
+                        if want is None:
+                            want = [g.float() for g in got]
+                        err = max(((g.float() - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+                                  for g, r in zip(got, want))
+                        if err > (1e-3 if dtype == torch.float32 else 0.1):
+                            raise RuntimeError(f"{name} on {case} {layout}: gradient error {err:.3g} vs eager — "
+                                               "not timing a wrong answer")
+                        fns[name] = step
+                else:
+                    want = _eager(x.float(), w.float(), b.float(), s.float(), t.float())
+                    for name, fn in provs:
+                        got = fn(x, w, b, s, t)  # also the warm-up / compile
+                        err = (got.float() - want).abs().max().item()
+                        if err > (1e-3 if dtype == torch.float32 else 0.1):
+                            raise RuntimeError(f"{name} on {case} {layout}: max error {err:.3g} — not timing a wrong "
+                                               "answer")
+                        fns[name] = (lambda fn=fn: fn(x, w, b, s, t))
                 # CPU: three interleaved rounds, each provider's best (a shared machine's load bursts hit all alike)
                 timings = _bench.time_providers(fns, device, 1 if gpu or quick else 3, flush_l2=gpu,
                                                 min_time_s=0.1 if quick else 0.3)
                 for name, timing in timings.items():
-                    row = _bench.make_row(op="group_norm", case=case, shape=[N, C, HW, HW], dtype=dtype,
+                    row = _bench.make_row(op=op, case=case, shape=[N, C, HW, HW], dtype=dtype,
                                           layout=layout, provider=name, timing=timing, device=device, nbytes=nbytes)
                     rows.append(row)
                     if verbose:
                         print(f"  {case:38s} {layout} {row['dtype']:8s} {name:16s} {row['median_ms']:8.4f} ms "
                               f"{row['gbps']:7.1f} GB/s", file=sys.stderr)
     if out is None:
-        out = os.path.join(_bench.results_dir(device), "group_norm.json")
+        out = os.path.join(_bench.results_dir(device), "group_norm_fwd_bwd.json" if backward else "group_norm.json")
     if out:
         _bench.write_rows(rows, out)
     return rows, out
@@ -98,11 +131,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a short run (four SD shapes on the CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--layout", action="append", choices=["nchw", "nhwc"], help="repeatable; default both")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward + backward (a training step) instead of the forward")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/group_norm.json); "
                    "'' to write nothing")
     a = p.parse_args(argv)
     dtypes = [getattr(torch, d) for d in a.dtype] if a.dtype else None
-    rows, out = run(a.device, dtypes, a.quick, not a.no_compile, tuple(a.layout or ("nchw", "nhwc")), a.out)
+    rows, out = run(a.device, dtypes, a.quick, not a.no_compile, tuple(a.layout or ("nchw", "nhwc")), a.out,
+                    backward=a.backward)
     print(_bench.format_table(rows))
     if out:
         print(f"\nwrote {len(rows)} rows to {out}")
