@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick         # a short CPU run (small shapes, tiny U-Nets)
     python benchmarks/run_all.py --op attention --op unet_step
     python benchmarks/run_all.py --compare benchmarks/results/<device>/   # and flag regressions over 5%
+    python benchmarks/run_all.py --report-only   # REPORT.md and plots from the folder's files, nothing run
 
 Rows go to benchmarks/results/<device-slug>/<module>.json (group_norm, attention, sampler_step, unet), the
 report to REPORT.md and *.png in the same folder. The folder is named after the device (on the CPU with the
@@ -53,6 +54,8 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results/<device-slug>")
     ap.add_argument("--compare", metavar="OLD", default=None, help="a stored results file or folder to compare to")
     ap.add_argument("--threshold", type=float, default=0.05)
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite REPORT.md and the plots from the result files in the folder")
     a = ap.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
@@ -71,7 +74,7 @@ def main(argv=None):
           f"{_bench.peak_tflops(str(device)):.3f} TFLOP/s matmul; results -> {out_dir}", flush=True)
     all_rows = []
     for label, mod_name, fname, extra in SUITE:
-        if wanted and label not in wanted:
+        if (wanted and label not in wanted) or a.report_only:
             continue
         compile_ = not a.no_compile
         if cpu_quick and label == "unet":
