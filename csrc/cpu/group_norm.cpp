@@ -78,6 +78,12 @@ inline float sigmoid_f(float z) {
 // step (~1 ulp). Where u > 126 (z < -87.3) the result is |z| 2^-u, below 1e-35: those lanes are set to 0 by
 // the final masked product (clamping u instead would give z 2^-126, wrong for |z| near FLT_MAX); u is clamped
 // below at -150 so z = +inf gives +inf rather than NaN. A NaN z stays NaN (the mask keeps unordered lanes).
+// The lanes of a 16-float vector that hold values when `left` values remain (0 to 16 of them).
+inline __mmask16 lane_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff)
+                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
 // sigmoid = 1 / (1 + 2^u) and the mask of lanes to keep (u <= 126, or NaN), for silu16 and silu_grad16.
 inline __m512 sigmoid_exp2(__m512 u, __mmask16& keep) {
   keep = _mm512_cmp_ps_mask(u, _mm512_set1_ps(126.f), _CMP_NGT_UQ);
@@ -121,7 +127,7 @@ inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const
   __m512 ua = _mm512_set1_ps(-a[0] * kLog2e), ub = _mm512_set1_ps(-b[0] * kLog2e);
   const __m512 nl2e = _mm512_set1_ps(-kLog2e);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = lane_mask(n - i);
     if constexpr (kVec) {
       va = _mm512_maskz_loadu_ps(m, a + i);
       vb = _mm512_maskz_loadu_ps(m, b + i);
@@ -141,14 +147,11 @@ inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const
 inline void chunk_stats_f32(const float* x, int64_t n, float pivot, float& rel_out, float& sq_out) {
   const __m512 pv = _mm512_set1_ps(pivot);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  auto mask = [n](int64_t i) {
-    return n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-  };
   int64_t i = 0;
   for (; i + 64 <= n; i += 64)
     for (int k = 0; k < 4; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv));
   for (; i < n; i += 16) {
-    const __mmask16 m = mask(i);
+    const __mmask16 m = lane_mask(n - i);
     acc[0] = _mm512_mask_add_ps(acc[0], m, acc[0], _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), pv));
   }
   const float rel = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) /
@@ -161,7 +164,7 @@ inline void chunk_stats_f32(const float* x, int64_t n, float pivot, float& rel_o
       acc[k] = _mm512_fmadd_ps(d, d, acc[k]);
     }
   for (; i < n; i += 16) {
-    const __mmask16 m = mask(i);
+    const __mmask16 m = lane_mask(n - i);
     const __m512 d = _mm512_maskz_sub_ps(m, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), pv), vr);
     acc[0] = _mm512_fmadd_ps(d, d, acc[0]);
   }
@@ -178,9 +181,7 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
     __mmask16 m[4];
     __m512 pv[4], acc[4], rel[4];
     for (int k = 0; k < 4; ++k) {
-      const int64_t left = C - (c0 + 16 * k);
-      m[k] = left >= 16 ? static_cast<__mmask16>(0xffff)
-                        : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+      m[k] = lane_mask(C - (c0 + 16 * k));
       pv[k] = _mm512_maskz_loadu_ps(m[k], p + c0 + 16 * k);
       acc[k] = _mm512_setzero_ps();
     }
@@ -471,9 +472,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
           __mmask16 m[2];
           __m512 va[2], vb[2], vk[2], ua[2], ub[2];
           for (int k = 0; k < 2; ++k) {
-            const int64_t left = C - (c0 + 16 * k);
-            m[k] = left >= 16 ? static_cast<__mmask16>(0xffff)
-                              : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+            m[k] = lane_mask(C - (c0 + 16 * k));
             va[k] = _mm512_maskz_loadu_ps(m[k], a + c0 + 16 * k);
             vb[k] = _mm512_maskz_loadu_ps(m[k], bb + c0 + 16 * k);
             vk[k] = _mm512_maskz_loadu_ps(m[k], K + c0 + 16 * k);
@@ -528,11 +527,6 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
 // keeps it in gx, so the apply pass (gx = P gz + Q ((x - K) - mean) + R) reads it back instead of evaluating the
 // SiLU's derivative again. Channels-first rows are one (n, c) each; channels-last works on tiles of rows with
 // 16 channels' parameters and sums held in registers.
-inline __mmask16 lane_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff)
-                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
 // gz for 16 values (kSilu: also stored to gz_out) given d = x - K; adds gz and gz (d - mu) to s1, s2.
 template <bool kSilu>
 inline void bwd_sums16(__mmask16 m, const float* x, const float* gy, float* gz_out, __m512 a, __m512 b, __m512 ua,
