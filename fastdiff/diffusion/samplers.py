@@ -341,10 +341,7 @@ class Sampler:
                 and type(guidance_scale) in (float, int) and -fast[3] <= i < fast[3]):
             g1 = guidance_scale == 1.0
             u = None if g1 else uncond
-            key = (x.shape, x.stride(), x.dtype, x.device, model_output.shape, model_output.stride(),
-                   model_output.dtype, model_output.device,
-                   None if type(u) is not torch.Tensor else (u.shape, u.stride(), u.dtype, u.device),
-                   uncond is None, g1, backend, _backend.get_backend(), _backend.triton_interpret())
+            key = _call_key(x, model_output, u, uncond is not None, g1, backend)
             if key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]:
                 op, rest = fast[1], fast[4]
                 return op(x, model_output, u, float(guidance_scale), self._table, self._step_list[i], None,
@@ -434,10 +431,7 @@ class Sampler:
             return
         if type(x) is not torch.Tensor or self._table.device != x.device or not self._table.is_contiguous():
             return
-        u = uncond
-        key = (x.shape, x.stride(), x.dtype, x.device, model_output.shape, model_output.stride(), model_output.dtype,
-               model_output.device, None if u is None else (u.shape, u.stride(), u.dtype, u.device),
-               not uncond_given, g1, backend, _backend.get_backend(), _backend.triton_interpret())
+        key = _call_key(x, model_output, uncond, uncond_given, g1, backend)
         op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
         rest = (None, None, _signed64(self._seed), VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range),
                 bool(stochastic))
@@ -451,6 +445,14 @@ class Sampler:
 
     def _acp(self) -> np.ndarray:
         return self.schedule.alphas_cumprod.double().numpy()
+
+
+def _call_key(x, model_output, u, uncond_given: bool, g1: bool, backend: str) -> tuple:
+    """What Sampler.step's fast path compares between calls: every property its checks and its choice of kernel
+    depend on (u: the unconditional output the kernel reads, None without guidance)."""
+    usig = (u.shape, u.stride(), u.dtype, u.device) if type(u) is torch.Tensor else None
+    return (x.shape, x.stride(), x.dtype, x.device, model_output.shape, model_output.stride(), model_output.dtype,
+            model_output.device, usig, uncond_given, g1, backend, _backend.get_backend(), _backend.triton_interpret())
 
 
 def _x0_from_vp(pred: str, alpha, sigma):
