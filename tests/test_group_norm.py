@@ -101,6 +101,23 @@ def test_large_mean_small_spread(backend, device, dtype, channels_last):
     torch.testing.assert_close(y.double(), ref, atol=atol * 10, rtol=rtol * 10)
 
 
+# Groups of many statistics chunks (16384 values: 8 chunks of 2048 on the CPU), once per (n, group) task
+# (N * G >= 4 threads) and once per channel, with an offset 1e5 times the spread and outliers at each
+# channel's start, where the chunks' own pivots are taken.
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("N", [1, 4], ids=["per-channel", "per-group"])
+def test_statistics_with_offset_and_outliers(backend, device, channels_last, N):
+    x, p = make_inputs((N, 8, 64, 64), 2, torch.float32, device, channels_last=channels_last, mean=100.0,
+                       spread=0.001)
+    x[:, :, 0, :3] += torch.tensor([0.5, -0.3, 0.2], device=device)  # 500, 300, 200 times the spread
+    y = ops.group_norm(x, 2, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                       backend=backend)
+    ref = ref_fp64(x, 2, p, "silu")
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
 @pytest.mark.parametrize("backend,device", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -22,8 +22,10 @@
 #include "common/group_norm.h"
 
 #if defined(__AVX512F__)
-// GCC 12 warns about the _mm512_undefined_ps() inside its own intrinsics (GCC bug 105593, fixed in 13)
+// GCC 12 warns about the _mm512_undefined_ps() inside its own intrinsics (GCC bug 105593, fixed in 13), also
+// through _mm512_reduce_add_ps
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #define FASTDIFF_GN_AVX512 1  // the fp32 hot loops below are written with AVX-512 intrinsics
 #else
@@ -73,8 +75,8 @@ inline float sigmoid_f(float z) {
 #if FASTDIFF_GN_AVX512
 // The SiLU is what bounds the apply pass (the data stays in L2), so its instruction count is the cost.
 // silu(z) = z / (1 + 2^u) with u = -z log2(e) formed by the caller with its own FMA (from x - K, so no extra
-// rounding of z enters u): 2^u = 2^n 2^f with n = round(u), f = u - n exact, |f| <= 1/2, 2^f by its degree-6
-// Taylor polynomial (~1 ulp), the scaling by vscalefps, the division as a 14-bit reciprocal plus one Newton
+// rounding of z enters u): 2^u = 2^n 2^f with n = round(u), f = u - n exact, |f| <= 1/2, 2^f by a degree-5
+// minimax polynomial (~1 ulp), the scaling by vscalefps, the division as a 14-bit reciprocal plus one Newton
 // step (~1 ulp). Where u > 126 (z < -87.3) the result is |z| 2^-u, below 1e-35: those lanes are set to 0 by
 // the final masked product (clamping u instead would give z 2^-126, wrong for |z| near FLT_MAX); u is clamped
 // below at -150 so z = +inf gives +inf rather than NaN. A NaN z stays NaN (the mask keeps unordered lanes).
@@ -90,12 +92,13 @@ inline __m512 sigmoid_exp2(__m512 u, __mmask16& keep) {
   u = _mm512_max_ps(u, _mm512_set1_ps(-150.f));
   const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(u, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);  // ln(2)^k / k!, k = 6 .. 0
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  // 2^f on [-1/2, 1/2]: degree-5 polynomial with p(0) = 1, fitted for the least maximum relative error (9e-8,
+  // below the 1.2e-7 of the degree-6 Taylor polynomial it replaced, for one FMA less)
+  __m512 p = _mm512_set1_ps(1.326472731307149e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991189957e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581185341e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242426872253e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
   const __m512 r = _mm512_rcp14_ps(d);
@@ -142,34 +145,27 @@ inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const
   }
 }
 
-// Sum of (x - pivot) and then of ((x - pivot) - rel)^2 over n fp32 values, each with four accumulators (the
-// loops are otherwise bound by the add latency); rel = the first sum / n.
-inline void chunk_stats_f32(const float* x, int64_t n, float pivot, float& rel_out, float& sq_out) {
+// Sums of d = x - pivot and of d^2 over n fp32 values in one pass, four accumulators each (the loop is otherwise
+// bound by the add latency).
+inline void chunk_sums_f32(const float* x, int64_t n, float pivot, float& sum_out, float& sq_out) {
   const __m512 pv = _mm512_set1_ps(pivot);
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 s[4], q[4];
+  for (int k = 0; k < 4; ++k) s[k] = q[k] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 64 <= n; i += 64)
-    for (int k = 0; k < 4; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv));
-  for (; i < n; i += 16) {
-    const __mmask16 m = lane_mask(n - i);
-    acc[0] = _mm512_mask_add_ps(acc[0], m, acc[0], _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), pv));
-  }
-  const float rel = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) /
-                    static_cast<float>(n);
-  const __m512 vr = _mm512_set1_ps(rel);
-  for (int k = 0; k < 4; ++k) acc[k] = _mm512_setzero_ps();
-  for (i = 0; i + 64 <= n; i += 64)
     for (int k = 0; k < 4; ++k) {
-      const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv), vr);
-      acc[k] = _mm512_fmadd_ps(d, d, acc[k]);
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv);
+      s[k] = _mm512_add_ps(s[k], d);
+      q[k] = _mm512_fmadd_ps(d, d, q[k]);
     }
   for (; i < n; i += 16) {
     const __mmask16 m = lane_mask(n - i);
-    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), pv), vr);
-    acc[0] = _mm512_fmadd_ps(d, d, acc[0]);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), pv);
+    s[0] = _mm512_add_ps(s[0], d);
+    q[0] = _mm512_fmadd_ps(d, d, q[0]);
   }
-  rel_out = rel;
-  sq_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  sum_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+  sq_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(q[0], q[1]), _mm512_add_ps(q[2], q[3])));
 }
 
 // Channels-last statistics of one chunk of `rows` rows of C fp32 values: per channel, the mean relative to the
@@ -310,32 +306,39 @@ inline void act_backward(const float* x, float* g, int64_t n, AB a, AB b) {
   }
 }
 
-// (mean, M2) of one contiguous row of S values, in the frame of the pivot K (see channel_stats).
+// (mean, M2) of one contiguous row of S values, in the frame of the pivot K (see channel_stats). One pass per
+// chunk of kChunk values: sums of d = x - P and d^2, with the chunk's own pivot P close to the mean (the running
+// mean of the chunks before it; for the first chunk the mean of its first 16 values), so the chunk's
+// M2 = sum d^2 - (sum d)^2 / n loses no digits; chunks are merged with Chan's formula.
 template <typename T>
 inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2_out) {
   float n = 0.f, mu = 0.f, m2 = 0.f;
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
     const int64_t len = std::min(S - s0, kChunk);
-    const float pivot = static_cast<float>(p[s0]);
-    float rel, sq;  // chunk mean relative to the pivot, and the chunk's M2
+    float rel0 = mu;  // the pivot's offset from K
+    if (s0 == 0) {
+      const int64_t m = std::min<int64_t>(len, 16);
+      float acc = 0.f;
+      for (int64_t i = 0; i < m; ++i) acc += static_cast<float>(p[i]) - K;
+      rel0 = acc / static_cast<float>(m);
+    }
+    const float pivot = K + rel0;
+    float sum = 0.f, sq = 0.f;
 #if FASTDIFF_GN_AVX512
     if constexpr (std::is_same_v<T, float>) {
-      chunk_stats_f32(p + s0, len, pivot, rel, sq);
-      chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel, sq);
-      continue;
-    }
+      chunk_sums_f32(p + s0, len, pivot, sum, sq);
+    } else
 #endif
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < len; ++i) sum += static_cast<float>(p[s0 + i]) - pivot;
-    rel = sum / static_cast<float>(len);
-    sq = 0.f;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = (static_cast<float>(p[s0 + i]) - pivot) - rel;
-      sq += d * d;
+    {
+#pragma omp simd reduction(+ : sum, sq)
+      for (int64_t i = 0; i < len; ++i) {
+        const float d = static_cast<float>(p[s0 + i]) - pivot;
+        sum += d;
+        sq += d * d;
+      }
     }
-    chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel, sq);
+    const float rel = sum / static_cast<float>(len);
+    chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel, std::max(sq - sum * rel, 0.f));
   }
   mean_out = mu;
   m2_out = m2;
