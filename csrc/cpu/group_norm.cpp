@@ -174,7 +174,9 @@ inline void chunk_sums_f32(const float* x, int64_t n, float pivot, float& sum_ou
 // a time held in registers. Up to kOnePassRows rows, one pass: sums of d = x - P and d^2 with P the channel's
 // value in the chunk's first row, M2 = sum d^2 - (sum d)^2 / rows. As P is one of the values, (P - mean)^2 <= M2,
 // so the subtraction loses at most a factor rows + 1 of precision (7.7e-6 relative at 128 rows). Longer chunks
-// (fewer than 64 channels) take a second pass over the L1-resident chunk for the M2 instead.
+// (fewer than 64 channels) take a second pass over the L1-resident chunk for the M2 instead. The first pass
+// prefetches the same lines of the next chunk (the rows that follow: the next job of this thread, or past the
+// end, which a prefetch may touch), as the 64-channel blocks walk each chunk with a stride of C values.
 constexpr int64_t kOnePassRows = 128;
 
 inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float* K, float* mean_out, float* m2_out) {
@@ -191,14 +193,17 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
     if (one_pass) {
       for (int64_t r = 0; r < rows; ++r)
         for (int k = 0; k < 4; ++k) {
+          _mm_prefetch(reinterpret_cast<const char*>(p + (rows + r) * C + c0 + 16 * k), _MM_HINT_T0);
           const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]);
           acc[k] = _mm512_add_ps(acc[k], d);
           sq[k] = _mm512_fmadd_ps(d, d, sq[k]);
         }
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        for (int k = 0; k < 4; ++k)
+        for (int k = 0; k < 4; ++k) {
+          _mm_prefetch(reinterpret_cast<const char*>(p + (rows + r) * C + c0 + 16 * k), _MM_HINT_T0);
           acc[k] = _mm512_add_ps(acc[k], _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]));
+        }
     }
     for (int k = 0; k < 4; ++k) {
       rel[k] = _mm512_mul_ps(acc[k], inv);
@@ -484,9 +489,10 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
 #if FASTDIFF_GN_AVX512
   if constexpr (std::is_same_v<T, float>) {
     // Rows of one n share A, B, K: per block of 32 channels they stay in registers (with the SiLU's -log2(e)
-    // multiples) while the block is applied to every row of a tile of rows.
+    // multiples) while the block is applied to every row of a tile of rows. Tiles of 16 KB stay in L1 across
+    // the blocks (64 KB tiles, L2-resident, measured 10-20% slower on 2.6 M and 5.2 M-value tensors here).
     at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
-      const int64_t tile = std::max<int64_t>(1, 16384 / C);  // 64 KB of rows: a tile stays in L2 across blocks
+      const int64_t tile = std::max<int64_t>(1, 4096 / C);
       while (b < e) {
         const int64_t n = b / S, r1 = std::min({e, (n + 1) * S, b + tile});  // rows b .. r1 - 1, all of sample n
         const float *a = A + n * C, *bb = B + n * C, *K = Kc + n * C;
