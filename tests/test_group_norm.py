@@ -101,6 +101,19 @@ def test_large_mean_small_spread(backend, device, dtype, channels_last):
     torch.testing.assert_close(y.double(), ref, atol=atol * 10, rtol=rtol * 10)
 
 
+# x and y together over 32 MiB (the last-level cache here): the CPU kernel writes y with non-temporal stores,
+# rows that start 64-byte aligned (256 x 256) and rows that do not (183 x 181, odd) alike.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("shape,G", [((2, 40, 256, 256), 8), ((2, 64, 183, 181), 8)], ids=["aligned", "odd"])
+def test_outputs_larger_than_the_cache(shape, G):
+    x, p = make_inputs(shape, G, torch.float32, "cpu")
+    y = ops.group_norm(x, G, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                       backend="cpu")
+    ref = ref_fp64(x, G, p, "silu")
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
 # Groups of many statistics chunks (16384 values: 8 chunks of 2048 on the CPU), once per (n, group) task
 # (N * G >= 4 threads) and once per channel, with an offset 1e5 times the spread and outliers at each
 # channel's start, where the chunks' own pivots are taken.

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -124,7 +126,8 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 // y[i] = act(a (x[i] - K) + b) for n fp32 values: a, b, K one value each (kVec = false) or arrays like x.
 // prefetch: n values to bring into L2 meanwhile (one cache line per 16 values), or nullptr.
-template <bool kSilu, bool kVec>
+// kStream: full, 64-byte aligned vectors of y are written with non-temporal stores (see group_norm_cpu).
+template <bool kSilu, bool kVec, bool kStream = false>
 inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const float* b, const float* K,
                       const float* prefetch = nullptr) {
   __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vk = _mm512_set1_ps(K[0]);
@@ -142,7 +145,11 @@ inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const
     if (prefetch != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i), _MM_HINT_T1);
     const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vk);
     const __m512 z = _mm512_fmadd_ps(va, d, vb);
-    _mm512_mask_storeu_ps(y + i, m, kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z);
+    const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
+    if (kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(y + i) & 63) == 0)
+      _mm512_stream_ps(y + i, out);
+    else
+      _mm512_mask_storeu_ps(y + i, m, out);
   }
 }
 
@@ -369,14 +376,14 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
 }
 
 // y = act(a (x - K) + b) over one contiguous row of S values.
-template <typename T, bool kSilu>
+template <typename T, bool kSilu, bool kStream = false>
 inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, const T* prefetch = nullptr) {
   float buf[kBlock];
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
     const int64_t n = std::min(kBlock, S - s0);
     if constexpr (std::is_same_v<T, float>) {  // no conversion: one pass straight from x to y
 #if FASTDIFF_GN_AVX512
-      apply_f32<kSilu, false>(x, y, S, &a, &b, &K, prefetch);
+      apply_f32<kSilu, false, kStream>(x, y, S, &a, &b, &K, prefetch);
       return;
 #endif
       const float* p = x + s0;
@@ -815,6 +822,21 @@ void fold(const Shape& sh, const float* mrel, const float* rstd, const at::Tenso
     }
 }
 
+// The last-level cache's size (from sysfs; 32 MiB where it cannot be read).
+int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    long long kb = 0;
+    char unit = 'K';
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      if (std::fscanf(f, "%lld%c", &kb, &unit) < 1) kb = 0;
+      std::fclose(f);
+    }
+    if (unit == 'M') kb *= 1024;
+    return kb > 0 ? static_cast<int64_t>(kb) * 1024 : int64_t{32} << 20;
+  }();
+  return bytes;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& x, int64_t G,
                                                               const c10::optional<at::Tensor>& weight,
                                                               const c10::optional<at::Tensor>& bias,
@@ -847,16 +869,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     // over the block as one row (chunks of kChunk values across channel boundaries), so small maps (8 x 8) do
     // not pay a reduction per channel. While a block is applied (compute-bound: the SiLU), the next block of the
     // task is prefetched into L2 for its statistics (memory-bound).
+    // Blocks are handed out one at a time from a shared counter (a thread takes its next block before it works
+    // on the current one, so it knows what to prefetch): on a machine shared with other work, a thread slowed
+    // down leaves its blocks to the others instead of holding up the call. A block is computed the same way
+    // whichever thread takes it, so results stay bit-identical run to run.
+    // When x and y together exceed the last-level cache, y cannot stay cached for whatever reads it next: its
+    // fp32 vectors are then written with non-temporal stores, which skip reading each line before writing it
+    // (15-20% faster at 42-134 MB here). Smaller outputs keep ordinary stores, so the next op finds them in cache.
     const float *pw = ptr_or_null(w), *pb = ptr_or_null(b), *ps = ptr_or_null(s), *pt = ptr_or_null(t);
-    const int64_t cpg = sh.cpg, S = sh.S;
+    const int64_t cpg = sh.cpg, S = sh.S, blocks = N * G;
+    const bool stream = FASTDIFF_GN_AVX512 && x.scalar_type() == at::kFloat && 2 * x.nbytes() > static_cast<size_t>(llc_bytes());
+    std::atomic<int64_t> counter{0};
     FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
       const scalar_t* px = x.const_data_ptr<scalar_t>();
       scalar_t* py = y.data_ptr<scalar_t>();
-      at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t ng = begin; ng < end; ++ng) {
+      auto block = [&](int64_t ng) { return px + ((ng / G) * C + (ng % G) * cpg) * S; };
+      auto fn = act_code == 1 ? (stream ? apply_row<scalar_t, true, true> : apply_row<scalar_t, true, false>)
+                              : (stream ? apply_row<scalar_t, false, true> : apply_row<scalar_t, false, false>);
+      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+        int64_t ng = counter.fetch_add(1);
+        while (ng < blocks) {
+          const int64_t following = counter.fetch_add(1);
           const int64_t n = ng / G, c0 = (ng % G) * cpg;
-          const scalar_t* base = px + (n * C + c0) * S;
-          const scalar_t* next = ng + 1 < end ? base + cpg * S : nullptr;  // blocks of one n, then the next n's
+          const scalar_t* base = block(ng);
+          const scalar_t* next = following < blocks ? block(following) : nullptr;
           const float K = static_cast<float>(base[0]);
           float mu, m2;
           row_stats(base, cpg * S, K, mu, m2);
@@ -868,10 +904,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
             float a, bb;
             gn_fold(0.f, r, at_or(pw, c, 1.f), at_or(pb, c, 0.f), at_or(ps, nc, 0.f), at_or(pt, nc, 0.f), a, bb);
             bb -= a * mu;
-            auto fn = act_code == 1 ? apply_row<scalar_t, true> : apply_row<scalar_t, false>;
             fn(px + nc * S, py + nc * S, S, a, bb, K, next ? next + (c - c0) * S : nullptr);
           }
+          ng = following;
         }
+#if FASTDIFF_GN_AVX512
+        if (stream) _mm_sfence();  // order this thread's non-temporal stores before the region ends
+#endif
       });
     });
     return {y, mean, rstd};
