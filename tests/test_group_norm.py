@@ -102,11 +102,14 @@ def test_large_mean_small_spread(backend, device, dtype, channels_last):
 
 
 # x and y together over 32 MiB (the last-level cache here): the CPU kernel writes y with non-temporal stores,
-# rows that start 64-byte aligned (256 x 256) and rows that do not (183 x 181, odd) alike.
+# rows that start 64-byte aligned (256 x 256) and rows that do not (183 x 181, odd) alike, one task per (n, group)
+# or (N * G < 4 threads) per channel; channels-last with 40 channels (a partial 32-channel block), 64 and 72.
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
-@pytest.mark.parametrize("shape,G", [((2, 40, 256, 256), 8), ((2, 64, 183, 181), 8)], ids=["aligned", "odd"])
-def test_outputs_larger_than_the_cache(shape, G):
-    x, p = make_inputs(shape, G, torch.float32, "cpu")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((2, 40, 256, 256), 8), ((2, 64, 183, 181), 8), ((1, 72, 256, 256), 4)],
+                         ids=["aligned", "odd", "per-channel"])
+def test_outputs_larger_than_the_cache(shape, G, channels_last):
+    x, p = make_inputs(shape, G, torch.float32, "cpu", channels_last=channels_last)
     y = ops.group_norm(x, G, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
                        backend="cpu")
     ref = ref_fp64(x, G, p, "silu")
