@@ -850,7 +850,8 @@ int64_t llc_bytes() {
 
 // Whether y is written with non-temporal stores: fp32 (AVX-512 build) when x and y together exceed the last-level
 // cache, so y cannot stay cached for whatever reads it next; these stores skip reading each line before writing
-// it (7-28% faster at 42-134 MB here, both layouts). Smaller outputs keep ordinary stores: the next op finds them in cache.
+// it (7-28% faster at 42-134 MB here, both layouts). Smaller outputs keep ordinary stores: the next op finds them
+// in cache.
 bool stream_output(const at::Tensor& x) {
   return FASTDIFF_GN_AVX512 && x.scalar_type() == at::kFloat && 2 * x.nbytes() > static_cast<size_t>(llc_bytes());
 }
