@@ -76,6 +76,22 @@ inline float sigmoid_f(float z) {
 }
 
 #if FASTDIFF_GN_AVX512
+// The lanes of a 16-float vector that hold values when `left` values remain (0 to 16 of them).
+inline __mmask16 lane_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff)
+                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// Stores 16 values of y (the lanes in m): with kStream, a full vector at a 64-byte aligned address goes by a
+// non-temporal store (see stream_output), anything else by an ordinary masked store.
+template <bool kStream>
+inline void store_y(float* p, __mmask16 m, __m512 v) {
+  if (kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
+    _mm512_stream_ps(p, v);
+  else
+    _mm512_mask_storeu_ps(p, m, v);
+}
+
 // The SiLU is what bounds the apply pass (the data stays in L2), so its instruction count is the cost.
 // silu(z) = z / (1 + 2^u) with u = -z log2(e) formed by the caller with its own FMA (from x - K, so no extra
 // rounding of z enters u): 2^u = 2^n 2^f with n = round(u), f = u - n exact, |f| <= 1/2, 2^f by a degree-5
@@ -83,12 +99,6 @@ inline float sigmoid_f(float z) {
 // step (~1 ulp). Where u > 126 (z < -87.3) the result is |z| 2^-u, below 1e-35: those lanes are set to 0 by
 // the final masked product (clamping u instead would give z 2^-126, wrong for |z| near FLT_MAX); u is clamped
 // below at -150 so z = +inf gives +inf rather than NaN. A NaN z stays NaN (the mask keeps unordered lanes).
-// The lanes of a 16-float vector that hold values when `left` values remain (0 to 16 of them).
-inline __mmask16 lane_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff)
-                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
 // sigmoid = 1 / (1 + 2^u) and the mask of lanes to keep (u <= 126, or NaN), for silu16 and silu_grad16.
 inline __m512 sigmoid_exp2(__m512 u, __mmask16& keep) {
   keep = _mm512_cmp_ps_mask(u, _mm512_set1_ps(126.f), _CMP_NGT_UQ);
@@ -126,7 +136,7 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 // y[i] = act(a (x[i] - K) + b) for n fp32 values: a, b, K one value each (kVec = false) or arrays like x.
 // prefetch: n values to bring into L2 meanwhile (one cache line per 16 values), or nullptr.
-// kStream: full, 64-byte aligned vectors of y are written with non-temporal stores (see group_norm_cpu).
+// kStream: y by store_y's non-temporal stores.
 template <bool kSilu, bool kVec, bool kStream = false>
 inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const float* b, const float* K,
                       const float* prefetch = nullptr) {
@@ -145,11 +155,7 @@ inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const
     if (prefetch != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i), _MM_HINT_T1);
     const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vk);
     const __m512 z = _mm512_fmadd_ps(va, d, vb);
-    const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
-    if (kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(y + i) & 63) == 0)
-      _mm512_stream_ps(y + i, out);
-    else
-      _mm512_mask_storeu_ps(y + i, m, out);
+    store_y<kStream>(y + i, m, kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z);
   }
 }
 
@@ -197,21 +203,13 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
       pv[k] = _mm512_maskz_loadu_ps(m[k], p + c0 + 16 * k);
       acc[k] = sq[k] = _mm512_setzero_ps();
     }
-    if (one_pass) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int k = 0; k < 4; ++k) {
-          _mm_prefetch(reinterpret_cast<const char*>(p + (rows + r) * C + c0 + 16 * k), _MM_HINT_T0);
-          const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]);
-          acc[k] = _mm512_add_ps(acc[k], d);
-          sq[k] = _mm512_fmadd_ps(d, d, sq[k]);
-        }
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int k = 0; k < 4; ++k) {
-          _mm_prefetch(reinterpret_cast<const char*>(p + (rows + r) * C + c0 + 16 * k), _MM_HINT_T0);
-          acc[k] = _mm512_add_ps(acc[k], _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]));
-        }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int k = 0; k < 4; ++k) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + (rows + r) * C + c0 + 16 * k), _MM_HINT_T0);
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]);
+        acc[k] = _mm512_add_ps(acc[k], d);
+        sq[k] = _mm512_fmadd_ps(d, d, sq[k]);  // used in one pass only (the second pass starts it again)
+      }
     for (int k = 0; k < 4; ++k) {
       rel[k] = _mm512_mul_ps(acc[k], inv);
       const __m512 mk = _mm512_add_ps(_mm512_sub_ps(pv[k], _mm512_maskz_loadu_ps(m[k], K + c0 + 16 * k)), rel[k]);
@@ -221,6 +219,7 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
                               _mm512_max_ps(_mm512_fnmadd_ps(acc[k], rel[k], sq[k]), _mm512_setzero_ps()));
     }
     if (one_pass) continue;
+    for (int k = 0; k < 4; ++k) sq[k] = _mm512_setzero_ps();
     for (int64_t r = 0; r < rows; ++r)
       for (int k = 0; k < 4; ++k) {
         const __m512 d =
@@ -489,10 +488,9 @@ template <typename T, bool kSilu>
 void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, const Shape& sh, bool stream) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
+    auto fn = stream ? apply_row<T, kSilu, true> : apply_row<T, kSilu, false>;
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row)
-        (stream ? apply_row<T, kSilu, true> : apply_row<T, kSilu, false>)(x + row * S, y + row * S, S, A[row], B[row],
-                                                                           Kc[row], nullptr);
+      for (int64_t row = b; row < e; ++row) fn(x + row * S, y + row * S, S, A[row], B[row], Kc[row], nullptr);
 #if FASTDIFF_GN_AVX512
       if (stream) _mm_sfence();
 #endif
@@ -526,10 +524,10 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
               const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], x + off), vk[k]);
               const __m512 z = _mm512_fmadd_ps(va[k], d, vb[k]);
               const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua[k], d, ub[k])) : z;
-              if (stream && m[k] == 0xffff && (reinterpret_cast<uintptr_t>(y + off) & 63) == 0)
-                _mm512_stream_ps(y + off, out);
+              if (stream)
+                store_y<true>(y + off, m[k], out);
               else
-                _mm512_mask_storeu_ps(y + off, m[k], out);
+                store_y<false>(y + off, m[k], out);
             }
         }
         b = r1;
