@@ -101,7 +101,7 @@ def test_large_mean_small_spread(backend, device, dtype, channels_last):
     torch.testing.assert_close(y.double(), ref, atol=atol * 10, rtol=rtol * 10)
 
 
-# x and y together over 32 MiB (the last-level cache here): the CPU kernel writes y with non-temporal stores,
+# x and y together over half the last-level cache (32 MiB here): the CPU kernel writes y with non-temporal stores,
 # rows that start 64-byte aligned (256 x 256) and rows that do not (183 x 181, odd) alike, one task per (n, group)
 # or (N * G < 4 threads) per channel; channels-last with 40 channels (a partial 32-channel block), 64 and 72.
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")

@@ -839,12 +839,16 @@ int64_t llc_bytes() {
   return bytes;
 }
 
-// Whether y is written with non-temporal stores: fp32 (AVX-512 build) when x and y together exceed the last-level
-// cache, so y cannot stay cached for whatever reads it next; these stores skip reading each line before writing
-// it (7-28% faster at 42-134 MB here, both layouts). Smaller outputs keep ordinary stores: the next op finds them
-// in cache.
+// Whether y is written with non-temporal stores: fp32 (AVX-512 build) when x and y together exceed half the
+// last-level cache. These stores skip reading each line of y before overwriting it; the apply pass is bound by
+// those reads once the SiLU is cheap. At that size y does not stay cached for the next op anyway (the LLC is
+// shared with other cores' data, and the next op in a U-Net is a convolution, bound by its arithmetic).
+// Measured here (2-core Zen 4 VM, 32 MiB LLC, GroupNorm then y.sum(), medians of 16 alternating rounds):
+// 10.5 MB NCHW  gn 829 -> 566 us, gn + sum 1113 -> 934 us; channels-last gn 1455 -> 985, gn + sum 1822 -> 1344;
+// 8.4 MB gn 529 -> 422, gn + sum 700 -> 709 (even); 5.2 MB gn 283 -> 272 but gn + sum 359 -> 442 (the sum
+// reads y from DRAM): smaller outputs keep ordinary stores.
 bool stream_output(const at::Tensor& x) {
-  return FASTDIFF_GN_AVX512 && x.scalar_type() == at::kFloat && 2 * x.nbytes() > static_cast<size_t>(llc_bytes());
+  return FASTDIFF_GN_AVX512 && x.scalar_type() == at::kFloat && 4 * x.nbytes() > static_cast<size_t>(llc_bytes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& x, int64_t G,
