@@ -21,10 +21,14 @@ def check_tensor(t, name: str, *, dtypes=KERNEL_DTYPES, allow_none=False):
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
-def check_like(t, name: str, ref: torch.Tensor, shape: tuple):
-    """t is None, or a tensor of `shape` on ref's device with ref's dtype."""
+def check_like(t, name: str, ref: torch.Tensor, shape: tuple, *, dtype=None, device=None):
+    """t is None, or a tensor of `shape` on ref's device with ref's dtype (a caller checking several tensors passes
+    ref's dtype and device, read once)."""
     if t is None:
         return
+    if (type(t) is torch.Tensor and t.dtype is (dtype or ref.dtype) and t.shape == shape
+            and t.device == (device or ref.device)):
+        return  # the common case, in as few attribute reads as possible (this runs on every call of an op)
     check_tensor(t, name)
     if t.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")

@@ -104,10 +104,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
     c_shape, nc_shape = x.shape[1:2], x.shape[:2]  # torch.Size: compared with the parameters' shapes as is
-    check_like(weight, "weight", x, c_shape)
-    check_like(bias, "bias", x, c_shape)
-    check_like(scale, "scale", x, nc_shape)
-    check_like(shift, "shift", x, nc_shape)
+    dt, dev = x.dtype, x.device
+    check_like(weight, "weight", x, c_shape, dtype=dt, device=dev)
+    check_like(bias, "bias", x, c_shape, dtype=dt, device=dev)
+    check_like(scale, "scale", x, nc_shape, dtype=dt, device=dev)
+    check_like(shift, "shift", x, nc_shape, dtype=dt, device=dev)
 
     name = choose_backend(x, backend)
     act = _ACTIVATIONS[activation]
