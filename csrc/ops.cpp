@@ -1,6 +1,6 @@
 // Every fastdiff op schema, in one place. Kernels register implementations per dispatch key in
-// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and autograd are registered from Python
-// in fastdiff/ops/<op>.py.
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels are registered from Python in
+// fastdiff/ops/<op>.py, and so is autograd, except for group_norm's (csrc/autograd.cpp, C++ end to end).
 #include <Python.h>
 #include <torch/library.h>
 

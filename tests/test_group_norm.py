@@ -294,14 +294,58 @@ def test_ada_group_norm_module():
 def test_compile_fullgraph(backend):
     m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
     ada = fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=8)
-    x, emb = torch.randn(2, 16, 6, 6, requires_grad=True), torch.randn(2, 8)
+    x, emb = torch.randn(2, 16, 6, 6, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    leaves = [x, emb, *m.parameters(), *ada.parameters()]
+    gy = torch.randn(2, 16, 6, 6)
     with fastdiff.set_backend(backend):
         want = ada(m(x), emb)
+        want_grads = torch.autograd.grad(want, leaves, gy)
         cm = torch.compile(lambda a, e: ada(m(a), e), fullgraph=True, backend="aot_eager")
         got = cm(x, emb)
         torch.testing.assert_close(got, want)
-        got.sum().backward()
-    assert x.grad is not None
+        got_grads = torch.autograd.grad(got, leaves, gy)  # the backward traced by AOTAutograd
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+# The C++ autograd (csrc/autograd.cpp) for any subset of the inputs requiring grad, with parameters absent: the
+# others get no gradient, the asked-for ones match the reference.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("needs,absent", [(("x",), ()), (("scale",), ()), (("weight", "shift"), ("bias",)),
+                                          (("bias", "x"), ("weight", "scale")), (("shift",), ("weight", "bias"))],
+                         ids=["x", "scale", "weight+shift", "bias+x", "shift-only"])
+def test_gradients_of_a_subset(needs, absent):
+    x, p = make_inputs((2, 12, 5, 7), 3, torch.float32, "cpu")
+    for k in absent:
+        del p[k]
+    leaves = {"x": x, **p}
+    for k in needs:
+        leaves[k].requires_grad_(True)
+    y = ops.group_norm(x, 3, p.get("weight"), p.get("bias"), scale=p.get("scale"), shift=p.get("shift"),
+                       activation="silu", backend="cpu")
+    assert y.requires_grad
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [leaves[k] for k in needs], gy)
+    ref_leaves = {k: v.detach().double().requires_grad_(k in needs) for k, v in leaves.items()}
+    ref = reference.group_norm(ref_leaves["x"], 3, ref_leaves.get("weight"), ref_leaves.get("bias"),
+                               scale=ref_leaves.get("scale"), shift=ref_leaves.get("shift"), activation="silu")
+    want = torch.autograd.grad(ref, [ref_leaves[k] for k in needs], gy.double())
+    for k, g, w in zip(needs, got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"grad {k}: {m}")
+    # nothing requires grad: no graph at all
+    y = ops.group_norm(x.detach(), 3, *(None if p.get(k) is None else p[k].detach() for k in ("weight", "bias")),
+                       backend="cpu")
+    assert not y.requires_grad and y.grad_fn is None
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_double_backward_raises():
+    x, p = make_inputs((2, 8, 4, 4), 2, torch.float32, "cpu")
+    x.requires_grad_(True)
+    y = ops.group_norm(x, 2, p["weight"], p["bias"], activation="silu", backend="cpu")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):  # the backward kernel has no derivative
+        gx.sum().backward()
 
 
 def test_set_backend_switches_and_restores():

@@ -4,7 +4,8 @@
 
 Backends: ``cuda`` (csrc/cuda/group_norm.cu), ``triton`` (fastdiff/triton/group_norm.py), ``cpu``
 (csrc/cpu/group_norm.cpp), ``torch`` (fastdiff.reference.group_norm). Every backend but ``torch`` is a
-custom op with a fake kernel (so torch.compile traces it) and a registered backward (so it trains).
+custom op with a fake kernel (so torch.compile traces it) and a registered backward (so it trains): in C++ for
+the cpu/cuda op (csrc/autograd.cpp), from Python for the Triton one.
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ def _autograd_for(backward_op):
 
 
 if _backend.HAS_EXTENSION:
+    # The C++/CUDA op's autograd is registered in C++ (csrc/autograd.cpp): a training step then pays no Python
+    # per call. The Triton op below keeps the Python registration.
     torch.library.register_fake("fastdiff::group_norm")(_fake_forward)
     torch.library.register_fake("fastdiff::group_norm_backward")(_fake_backward)
-    torch.library.register_autograd("fastdiff::group_norm", _autograd_for(torch.ops.fastdiff.group_norm_backward),
-                                    setup_context=_setup_context)
 
 _HAS_TRITON_OPS = False
 if _backend.has_triton():

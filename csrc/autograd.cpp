@@ -1,0 +1,119 @@
+// Autograd for the ops whose forward and backward are both C++ kernels (group_norm), registered under the
+// Autograd dispatch key so a training step stays in C++: torch.library.register_autograd from Python cost
+// ~100 us per forward call (filling the schema's defaults, a Python autograd.Function) and as much again in the
+// backward, more than the kernels themselves at the U-Net's small feature maps. The Triton ops keep their
+// Python registration (fastdiff/ops/<op>.py): their kernels are Python anyway.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace fastdiff {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptT = std::optional<at::Tensor>;
+
+using GroupNormFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, const OptT&,
+                                                                     const OptT&, const OptT&, const OptT&, double,
+                                                                     c10::string_view);
+using GroupNormBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&, const OptT&,
+    const OptT&, const OptT&, c10::string_view);
+
+// An absent optional tensor is saved as an undefined tensor and comes back as nullopt.
+at::Tensor or_undefined(const OptT& t) { return t.has_value() ? *t : at::Tensor(); }
+OptT as_optional(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
+
+class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t num_groups, const OptT& weight,
+                               const OptT& bias, const OptT& scale, const OptT& shift, double eps,
+                               c10::string_view activation) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastdiff::group_norm", "")
+                               .typed<GroupNormFn>();
+    at::Tensor y, mean, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, mean, rstd) = op.call(x, num_groups, weight, bias, scale, shift, eps, activation);
+    }
+    ctx->save_for_backward({x, mean, rstd, or_undefined(weight), or_undefined(bias), or_undefined(scale),
+                            or_undefined(shift)});
+    ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, mean, rstd};
+  }
+
+  // One gradient per forward argument: grad_x, none for num_groups, the four parameters' (undefined where the
+  // parameter was None, where the kernel returns an empty tensor), none for eps and activation.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastdiff::group_norm_backward", "")
+                               .typed<GroupNormBackwardFn>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2];
+    const OptT w = as_optional(saved[3]), b = as_optional(saved[4]), s = as_optional(saved[5]),
+               t = as_optional(saved[6]);
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    auto [gx, gw, gb, gs, gt] =
+        op.call(grads[0], x, mean, rstd, ctx->saved_data["num_groups"].toInt(), w, b, s, t, activation);
+    auto keep = [](const OptT& p, const at::Tensor& g) { return p.has_value() ? g : at::Tensor(); };
+    return {gx, at::Tensor(), keep(w, gw), keep(b, gb), keep(s, gs), keep(t, gt), at::Tensor(), at::Tensor()};
+  }
+};
+
+// group_norm_backward under autograd: its outputs are differentiable in form (so create_graph=True works for
+// graphs where nothing differentiates them again) but backpropagating through them raises: the fused kernels have
+// no second derivative, and the dispatcher's fallback for an op without an autograd kernel would only warn.
+class GroupNormBackwardFunction : public torch::autograd::Function<GroupNormBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_y, const at::Tensor& x,
+                               const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                               const OptT& weight, const OptT& bias, const OptT& scale, const OptT& shift,
+                               c10::string_view activation) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastdiff::group_norm_backward", "")
+                               .typed<GroupNormBackwardFn>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gw, gb, gs, gt] = op.call(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation);
+    return {gx, gw, gb, gs, gt};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "fastdiff group_norm: no double backward (a gradient of its gradient) on the cpu/cuda "
+                "backends; use backend=\"torch\" for that");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    int64_t num_groups, const OptT& weight, const OptT& bias, const OptT& scale, const OptT& shift,
+    c10::string_view activation) {
+  const variable_list out = GroupNormBackwardFunction::apply(grad_y, x, mean, rstd, num_groups, weight, bias, scale,
+                                                             shift, activation);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_autograd(const at::Tensor& x, int64_t num_groups,
+                                                                   const OptT& weight, const OptT& bias,
+                                                                   const OptT& scale, const OptT& shift, double eps,
+                                                                   c10::string_view activation) {
+  const variable_list out = GroupNormFunction::apply(x, num_groups, weight, bias, scale, shift, eps, activation);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) {
+  m.impl("group_norm", &group_norm_autograd);
+  m.impl("group_norm_backward", &group_norm_backward_autograd);
+}
+
+}  // namespace fastdiff
