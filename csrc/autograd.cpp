@@ -25,6 +25,20 @@ using GroupNormBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&, const OptT&,
     const OptT&, const OptT&, c10::string_view);
 
+// The ops below autograd, looked up once.
+const c10::TypedOperatorHandle<GroupNormFn>& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastdiff::group_norm", "").typed<GroupNormFn>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<GroupNormBackwardFn>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastdiff::group_norm_backward", "")
+                             .typed<GroupNormBackwardFn>();
+  return op;
+}
+
 // An absent optional tensor is saved as an undefined tensor and comes back as nullopt.
 at::Tensor or_undefined(const OptT& t) { return t.has_value() ? *t : at::Tensor(); }
 OptT as_optional(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
@@ -34,13 +48,10 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t num_groups, const OptT& weight,
                                const OptT& bias, const OptT& scale, const OptT& shift, double eps,
                                c10::string_view activation) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fastdiff::group_norm", "")
-                               .typed<GroupNormFn>();
     at::Tensor y, mean, rstd;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, mean, rstd) = op.call(x, num_groups, weight, bias, scale, shift, eps, activation);
+      std::tie(y, mean, rstd) = forward_op().call(x, num_groups, weight, bias, scale, shift, eps, activation);
     }
     ctx->save_for_backward({x, mean, rstd, or_undefined(weight), or_undefined(bias), or_undefined(scale),
                             or_undefined(shift)});
@@ -53,16 +64,15 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
   // One gradient per forward argument: grad_x, none for num_groups, the four parameters' (undefined where the
   // parameter was None, where the kernel returns an empty tensor), none for eps and activation.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fastdiff::group_norm_backward", "")
-                               .typed<GroupNormBackwardFn>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2];
     const OptT w = as_optional(saved[3]), b = as_optional(saved[4]), s = as_optional(saved[5]),
                t = as_optional(saved[6]);
     const std::string activation = ctx->saved_data["activation"].toStringRef();
+    // through the dispatcher with autograd: under create_graph=True, GroupNormBackwardFunction records a node
     auto [gx, gw, gb, gs, gt] =
-        op.call(grads[0], x, mean, rstd, ctx->saved_data["num_groups"].toInt(), w, b, s, t, activation);
+        backward_op().call(grads[0], x, mean, rstd, ctx->saved_data["num_groups"].toInt(), w, b, s, t,
+                           activation);
     auto keep = [](const OptT& p, const at::Tensor& g) { return p.has_value() ? g : at::Tensor(); };
     return {gx, at::Tensor(), keep(w, gw), keep(b, gb), keep(s, gs), keep(t, gt), at::Tensor(), at::Tensor()};
   }
@@ -77,11 +87,9 @@ class GroupNormBackwardFunction : public torch::autograd::Function<GroupNormBack
                                const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
                                const OptT& weight, const OptT& bias, const OptT& scale, const OptT& shift,
                                c10::string_view activation) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fastdiff::group_norm_backward", "")
-                               .typed<GroupNormBackwardFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [gx, gw, gb, gs, gt] = op.call(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation);
+    auto [gx, gw, gb, gs, gt] =
+        backward_op().call(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation);
     return {gx, gw, gb, gs, gt};
   }
 

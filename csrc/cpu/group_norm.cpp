@@ -393,6 +393,13 @@ inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, co
   }
 }
 
+// apply_row for the activation and store kind chosen at run time.
+template <typename T>
+auto apply_row_fn(bool silu, bool stream) {
+  return silu ? (stream ? apply_row<T, true, true> : apply_row<T, true, false>)
+              : (stream ? apply_row<T, false, true> : apply_row<T, false, false>);
+}
+
 // Per-channel (mean, M2) of x - K over the spatial extent (count S for every channel), where K = Kc[n, c] is
 // the pivot of the channel's group. Within each chunk, values are taken relative to the chunk's first value
 // and the chunk mean is moved to K's frame exactly ((pivot - K) is exact for nearby values): with
@@ -481,7 +488,7 @@ template <typename T, bool kSilu>
 void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, const Shape& sh, bool stream) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (sh.layout == Layout::kChannelsFirst) {
-    auto fn = stream ? apply_row<T, kSilu, true> : apply_row<T, kSilu, false>;
+    auto fn = apply_row_fn<T>(kSilu, stream);
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row) fn(x + row * S, y + row * S, S, A[row], B[row], Kc[row], nullptr);
 #if FASTDIFF_GN_AVX512
@@ -895,8 +902,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
       const scalar_t* px = x.const_data_ptr<scalar_t>();
       scalar_t* py = y.data_ptr<scalar_t>();
       auto block = [&](int64_t ng) { return px + ((ng / G) * C + (ng % G) * cpg) * S; };
-      auto fn = act_code == 1 ? (stream ? apply_row<scalar_t, true, true> : apply_row<scalar_t, true, false>)
-                              : (stream ? apply_row<scalar_t, false, true> : apply_row<scalar_t, false, false>);
+      auto fn = apply_row_fn<scalar_t>(act_code == 1, stream);
       at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
         int64_t ng = counter.fetch_add(1);
         while (ng < blocks) {
