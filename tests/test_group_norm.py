@@ -134,6 +134,31 @@ def test_statistics_with_offset_and_outliers(backend, device, channels_last, N):
     torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
 
 
+# Wide channels-last rows: the CPU's fp32 statistics sum up to 512 channels at a time (kAccC in
+# csrc/cpu/group_norm.cpp), so 1048 channels are two full blocks and a partial one ending in a partial vector
+# (24 = 16 + 8); 150 rows per sample are chunks of 39 rows (an odd count for the two-row steps) and a shorter last
+# one. Forward and gradients against float64.
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+def test_channels_last_wide_rows(backend, device):
+    x, p = make_inputs((2, 1048, 10, 15), 8, torch.float32, device, channels_last=True, mean=10.0, spread=0.5)
+    leaves = [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    y = ops.group_norm(leaves[0], 8, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu",
+                       backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.group_norm(leaves64[0], 8, *leaves64[1:3], scale=leaves64[3], shift=leaves64[4],
+                               activation="silu")
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(ref, leaves64, gy.double())
+    for name, g, w in zip(("x", "weight", "bias", "scale", "shift"), got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-3 * max(1.0, w.abs().max().item()), rtol=1e-3,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("backend,device", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -88,6 +88,8 @@ template <bool kStream>
 inline void store_y(float* p, __mmask16 m, __m512 v) {
   if (kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
     _mm512_stream_ps(p, v);
+  else if (m == 0xffff)
+    _mm512_storeu_ps(p, v);
   else
     _mm512_mask_storeu_ps(p, m, v);
 }
@@ -136,20 +138,33 @@ inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const
   __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vk = _mm512_set1_ps(K[0]);
   __m512 ua = _mm512_set1_ps(-a[0] * kLog2e), ub = _mm512_set1_ps(-b[0] * kLog2e);
   const __m512 nl2e = _mm512_set1_ps(-kLog2e);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lane_mask(n - i);
+  auto step = [&](int64_t i, __mmask16 m, bool full) {
     if constexpr (kVec) {
-      va = _mm512_maskz_loadu_ps(m, a + i);
-      vb = _mm512_maskz_loadu_ps(m, b + i);
-      vk = _mm512_maskz_loadu_ps(m, K + i);
+      va = full ? _mm512_loadu_ps(a + i) : _mm512_maskz_loadu_ps(m, a + i);
+      vb = full ? _mm512_loadu_ps(b + i) : _mm512_maskz_loadu_ps(m, b + i);
+      vk = full ? _mm512_loadu_ps(K + i) : _mm512_maskz_loadu_ps(m, K + i);
       ua = _mm512_mul_ps(va, nl2e);
       ub = _mm512_mul_ps(vb, nl2e);
     }
     if (prefetch != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i), _MM_HINT_T1);
-    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vk);
+    const __m512 d = _mm512_sub_ps(full ? _mm512_loadu_ps(x + i) : _mm512_maskz_loadu_ps(m, x + i), vk);
     const __m512 z = _mm512_fmadd_ps(va, d, vb);
-    store_y<kStream>(y + i, m, kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z);
+    const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
+    if (!full)
+      _mm512_mask_storeu_ps(y + i, m, out);
+    else if (kStream)
+      _mm512_stream_ps(y + i, out);
+    else
+      _mm512_storeu_ps(y + i, out);
+  };
+  int64_t i = 0;
+  if (kStream) {  // a partial vector up to y's first 64-byte boundary, so the full vectors can be streamed
+    const int64_t head = std::min<int64_t>(n, ((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / 4);
+    if (head > 0) step(0, lane_mask(head), false);
+    i = head;
   }
+  for (; i + 16 <= n; i += 16) step(i, 0xffff, true);
+  if (i < n) step(i, lane_mask(n - i), false);
 }
 
 // Sums of d = x - pivot and of d^2 over n fp32 values in one pass, four accumulators each (the loop is otherwise
@@ -175,57 +190,67 @@ inline void chunk_sums_f32(const float* x, int64_t n, float pivot, float& sum_ou
   sq_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(q[0], q[1]), _mm512_add_ps(q[2], q[3])));
 }
 
-// Channels-last statistics of one chunk of `rows` rows of C fp32 values: per channel, the mean relative to the
-// pivot K[c] (its value in the first row, moved to K's frame exactly as in row_stats) and the M2, 64 channels at
-// a time held in registers. Up to kOnePassRows rows, one pass: sums of d = x - P and d^2 with P the channel's
-// value in the chunk's first row, M2 = sum d^2 - (sum d)^2 / rows. As P is one of the values, (P - mean)^2 <= M2,
-// so the subtraction loses at most a factor rows + 1 of precision (7.7e-6 relative at 128 rows). Longer chunks
-// (fewer than 64 channels) take a second pass over the L1-resident chunk for the M2 instead. The first pass
-// prefetches the same lines of the next chunk (the rows that follow: the next job of this thread, or past the
-// end, which a prefetch may touch), as the 64-channel blocks walk each chunk with a stride of C values.
+// Channels-last statistics of one chunk of `rows` rows of C fp32 values (rows <= kOnePassRows): per channel, the
+// mean relative to the pivot K[c] and the M2. One pass in memory order (the hardware prefetchers see one
+// sequential stream; walking the chunk 64 channels at a time, row stride C, was 1.6-2x slower on this Zen 4),
+// eight rows per sweep along a block of up to kAccC channels whose running sums wait in L1. Sums of d = x - P and
+// d^2 with P the channel's value in the chunk's first row, M2 = sum d^2 - (sum d)^2 / rows: as P is one of the
+// values, (P - mean)^2 <= M2, so the subtraction loses at most a factor rows + 1 of precision (7.7e-6 relative
+// at 128 rows).
 constexpr int64_t kOnePassRows = 128;
+constexpr int64_t kAccC = 512;
 
 inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float* K, float* mean_out, float* m2_out) {
+  alignas(64) float acc[kAccC], sq[kAccC];
   const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(rows));
-  const bool one_pass = rows <= kOnePassRows;
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    __mmask16 m[4];
-    __m512 pv[4], acc[4], sq[4], rel[4];
-    for (int k = 0; k < 4; ++k) {
-      m[k] = lane_mask(C - (c0 + 16 * k));
-      pv[k] = _mm512_maskz_loadu_ps(m[k], p + c0 + 16 * k);
-      acc[k] = sq[k] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < C; c0 += kAccC) {
+    const int64_t cn = std::min(kAccC, C - c0);
+    const float* q = p + c0;
+    for (int64_t c = 0; c < cn; c += 16) {
+      _mm512_store_ps(acc + c, _mm512_setzero_ps());
+      _mm512_store_ps(sq + c, _mm512_setzero_ps());
     }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int k = 0; k < 4; ++k) {
-        _mm_prefetch(reinterpret_cast<const char*>(p + (rows + r) * C + c0 + 16 * k), _MM_HINT_T0);
-        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]);
-        acc[k] = _mm512_add_ps(acc[k], d);
-        sq[k] = _mm512_fmadd_ps(d, d, sq[k]);  // used in one pass only (the second pass starts it again)
+    // rows r0 .. r1 - 1 into the running sums, 16 channels at a time (two sets of sums: two add chains)
+    auto sweep = [&](int64_t r0, int64_t r1) {
+      for (int64_t c = 0; c < cn; c += 16) {
+        const __mmask16 m = lane_mask(cn - c);
+        const __m512 pv = _mm512_maskz_loadu_ps(m, q + c);
+        __m512 a0 = _mm512_load_ps(acc + c), s0 = _mm512_load_ps(sq + c);
+        __m512 a1 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        int64_t r = r0;
+        for (; r + 2 <= r1; r += 2) {
+          const __m512 d0 = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, q + r * C + c), pv);
+          const __m512 d1 = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, q + (r + 1) * C + c), pv);
+          a0 = _mm512_add_ps(a0, d0);
+          a1 = _mm512_add_ps(a1, d1);
+          s0 = _mm512_fmadd_ps(d0, d0, s0);
+          s1 = _mm512_fmadd_ps(d1, d1, s1);
+        }
+        if (r < r1) {
+          const __m512 d0 = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, q + r * C + c), pv);
+          a0 = _mm512_add_ps(a0, d0);
+          s0 = _mm512_fmadd_ps(d0, d0, s0);
+        }
+        _mm512_store_ps(acc + c, _mm512_add_ps(a0, a1));
+        _mm512_store_ps(sq + c, _mm512_add_ps(s0, s1));
       }
-    for (int k = 0; k < 4; ++k) {
-      rel[k] = _mm512_mul_ps(acc[k], inv);
-      const __m512 mk = _mm512_add_ps(_mm512_sub_ps(pv[k], _mm512_maskz_loadu_ps(m[k], K + c0 + 16 * k)), rel[k]);
-      _mm512_mask_storeu_ps(mean_out + c0 + 16 * k, m[k], mk);
-      if (one_pass)
-        _mm512_mask_storeu_ps(m2_out + c0 + 16 * k, m[k],
-                              _mm512_max_ps(_mm512_fnmadd_ps(acc[k], rel[k], sq[k]), _mm512_setzero_ps()));
+    };
+    for (int64_t r = 0; r < rows; r += 8) sweep(r, std::min(rows, r + 8));
+    for (int64_t c = 0; c < cn; c += 16) {
+      const __mmask16 m = lane_mask(cn - c);
+      const __m512 a = _mm512_load_ps(acc + c), rel = _mm512_mul_ps(a, inv);
+      const __m512 pk = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, q + c), _mm512_maskz_loadu_ps(m, K + c0 + c));
+      _mm512_mask_storeu_ps(mean_out + c0 + c, m, _mm512_add_ps(pk, rel));
+      _mm512_mask_storeu_ps(m2_out + c0 + c, m,
+                            _mm512_max_ps(_mm512_fnmadd_ps(a, rel, _mm512_load_ps(sq + c)), _mm512_setzero_ps()));
     }
-    if (one_pass) continue;
-    for (int k = 0; k < 4; ++k) sq[k] = _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int k = 0; k < 4; ++k) {
-        const __m512 d =
-            _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], p + r * C + c0 + 16 * k), pv[k]), rel[k]);
-        sq[k] = _mm512_fmadd_ps(d, d, sq[k]);
-      }
-    for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(m2_out + c0 + 16 * k, m[k], sq[k]);
   }
 }
 #endif
 
 constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
 constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
+constexpr int64_t kStatsBytes = 163840; // bytes per row chunk of the fp32 channels-last statistics
 
 struct Shape {
   int64_t N, C, S, G, cpg;
@@ -415,7 +440,10 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
   }
   // Channels-last: rows of C contiguous values. Chunks of R rows give per-channel partials, vectorised
   // along C; the partials of one (n, c) are then merged in chunk order.
-  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
+  // (fp32 with AVX-512: rows_stats_f32's one pass, up to kOnePassRows rows of about kStatsBytes per chunk)
+  const int64_t R = FASTDIFF_GN_AVX512 && std::is_same_v<T, float>
+                        ? std::clamp<int64_t>(kStatsBytes / (C * static_cast<int64_t>(sizeof(T))), 1, kOnePassRows)
+                        : std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
   const int64_t nchunk = (S + R - 1) / R;
   std::vector<float> pmean(N * nchunk * C), pm2(N * nchunk * C);
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
@@ -499,36 +527,28 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
   }
 #if FASTDIFF_GN_AVX512
   if constexpr (std::is_same_v<T, float>) {
-    // Rows of one n share A, B, K: per block of 32 channels they stay in registers (with the SiLU's -log2(e)
-    // multiples) while the block is applied to every row of a tile of rows. Tiles of 16 KB stay in L1 across
-    // the blocks (64 KB tiles, L2-resident, measured 10-20% slower on 2.6 M and 5.2 M-value tensors here).
+    // Sweeps of up to 8 rows of one n (which share A, B, K): along the channels, each 16 channels' parameters
+    // (with the SiLU's -log2(e) multiples) are loaded once for the 8 rows, so memory is read and written as 8
+    // sequential streams.
     at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
-      const int64_t tile = std::max<int64_t>(1, 4096 / C);
       while (b < e) {
-        const int64_t n = b / S, r1 = std::min({e, (n + 1) * S, b + tile});  // rows b .. r1 - 1, all of sample n
+        const int64_t n = b / S, r1 = std::min({e, (n + 1) * S, b + 8});  // rows b .. r1 - 1, all of sample n
         const float *a = A + n * C, *bb = B + n * C, *K = Kc + n * C;
-        for (int64_t c0 = 0; c0 < C; c0 += 32) {
-          __mmask16 m[2];
-          __m512 va[2], vb[2], vk[2], ua[2], ub[2];
-          for (int k = 0; k < 2; ++k) {
-            m[k] = lane_mask(C - (c0 + 16 * k));
-            va[k] = _mm512_maskz_loadu_ps(m[k], a + c0 + 16 * k);
-            vb[k] = _mm512_maskz_loadu_ps(m[k], bb + c0 + 16 * k);
-            vk[k] = _mm512_maskz_loadu_ps(m[k], K + c0 + 16 * k);
-            ua[k] = _mm512_mul_ps(va[k], _mm512_set1_ps(-kLog2e));
-            ub[k] = _mm512_mul_ps(vb[k], _mm512_set1_ps(-kLog2e));
+        for (int64_t c = 0; c < C; c += 16) {
+          const __mmask16 m = lane_mask(C - c);
+          const __m512 va = _mm512_maskz_loadu_ps(m, a + c), vb = _mm512_maskz_loadu_ps(m, bb + c);
+          const __m512 vk = _mm512_maskz_loadu_ps(m, K + c);
+          const __m512 ua = _mm512_mul_ps(va, _mm512_set1_ps(-kLog2e)), ub = _mm512_mul_ps(vb, _mm512_set1_ps(-kLog2e));
+          for (int64_t row = b; row < r1; ++row) {
+            const int64_t off = row * C + c;
+            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + off), vk);
+            const __m512 z = _mm512_fmadd_ps(va, d, vb);
+            const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
+            if (stream)
+              store_y<true>(y + off, m, out);
+            else
+              store_y<false>(y + off, m, out);
           }
-          for (int64_t row = b; row < r1; ++row)
-            for (int k = 0; k < 2; ++k) {
-              const int64_t off = row * C + c0 + 16 * k;
-              const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m[k], x + off), vk[k]);
-              const __m512 z = _mm512_fmadd_ps(va[k], d, vb[k]);
-              const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua[k], d, ub[k])) : z;
-              if (stream)
-                store_y<true>(y + off, m[k], out);
-              else
-                store_y<false>(y + off, m[k], out);
-            }
         }
         b = r1;
       }
