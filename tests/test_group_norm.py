@@ -117,6 +117,28 @@ def test_outputs_larger_than_the_cache(shape, G, channels_last):
     torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
 
 
+# Outputs of 32 MiB and more (34 MB here): the CPU kernel advises their memory for transparent huge pages before
+# writing it (empty_output in csrc/cpu/group_norm.cpp); values and gradients as everywhere else.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_outputs_of_32_mib_and_more(channels_last):
+    x, p = make_inputs((1, 32, 512, 520), 4, torch.float32, "cpu", channels_last=channels_last)
+    assert x.nbytes >= 32 << 20
+    xg = x.detach().requires_grad_(True)
+    y = ops.group_norm(xg, 4, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                       backend="cpu")
+    ref = ref_fp64(x, 4, p, "silu")
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, (xg,), gy)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = reference.group_norm(x64, 4, p["weight"].double(), p["bias"].double(), scale=p["scale"].double(),
+                               shift=p["shift"].double(), activation="silu")
+    (want,) = torch.autograd.grad(ref, (x64,), gy.double())
+    torch.testing.assert_close(gx.double(), want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-3)
+
+
 # Groups of many statistics chunks (16384 values: 8 chunks of 2048 on the CPU), once per (n, group) task
 # (N * G >= 4 threads) and once per channel, with an offset 1e5 times the spread and outliers at each
 # channel's start, where the chunks' own pivots are taken.

@@ -21,6 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "common/check.h"
 #include "common/group_norm.h"
 
@@ -878,6 +882,28 @@ bool stream_output(const at::Tensor& x) {
   return FASTDIFF_GN_AVX512 && x.scalar_type() == at::kFloat && 4 * x.nbytes() > static_cast<size_t>(llc_bytes());
 }
 
+constexpr size_t kHugeOutputBytes = size_t{32} << 20;
+
+// A new tensor like x for an output the kernel writes in full. From kHugeOutputBytes up, the 2 MiB-aligned
+// interior of its memory is advised for transparent huge pages before anything touches it: where the allocator
+// hands out freshly mapped memory (glibc's malloc does for every block of 32 MiB and more), the first writes then
+// take one page fault per 2 MiB instead of one per 4 KiB. Measured here (2-core VM, THP "madvise"), a
+// (2, 1280, 64, 64) fp32 forward (42 MB out): 15-25 ms -> 2.1-9.9 ms; 10.5 and 21 MB outputs, which glibc serves
+// from its heap, unchanged. Advice only: where the pages already exist, or THP is off, nothing changes (errors
+// are ignored).
+at::Tensor empty_output(const at::Tensor& x) {
+  at::Tensor y = at::empty_like(x);
+#ifdef __linux__
+  const size_t bytes = y.nbytes();
+  if (bytes >= kHugeOutputBytes) {
+    const uintptr_t huge = uintptr_t{2} << 20, p = reinterpret_cast<uintptr_t>(y.data_ptr());
+    const uintptr_t b = (p + huge - 1) & ~(huge - 1), e = (p + bytes) & ~(huge - 1);
+    if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& x, int64_t G,
                                                               const c10::optional<at::Tensor>& weight,
                                                               const c10::optional<at::Tensor>& bias,
@@ -893,7 +919,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
   check_param(scale, "scale", {N, C}, x);
   check_param(shift, "shift", {N, C}, x);
   const Shape sh = shape_of(x, G);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x);
   at::Tensor mean = at::empty({N, G}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N, G}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) {
@@ -995,7 +1021,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor mean = mean_in.to(at::kFloat).contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
   at::Tensor w = param_f32(weight), b = param_f32(bias), s = param_f32(scale), t = param_f32(shift);
 
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = empty_output(x);
   at::Tensor S1 = at::zeros({N, C}, x.options().dtype(at::kFloat));
   at::Tensor S2 = at::zeros({N, C}, x.options().dtype(at::kFloat));
   std::vector<float> A(N * C), B(N * C), mean_c(N * C), P(N * C), Q(N * C), Rr(N * C), Kc(N * C), mrel(N * G);
