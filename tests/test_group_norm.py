@@ -283,6 +283,39 @@ def test_noncontiguous_params_and_odd_strides(backend, device):
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_strided_parameters_with_gradients(backend, device, dtype, channels_last):
+    # parameters read in place through their strides: weight every other element of a longer vector, bias
+    # contiguous, scale one row broadcast to every sample (stride 0), shift a chunk of a Linear output (row
+    # stride 2C); forward and all five gradients against float64
+    C = 24
+    x = to_layout(torch.randn(3, C, 5, 7, dtype=torch.float64), channels_last).to(dtype).to(device)
+    weight = torch.randn(2 * C, dtype=torch.float64).to(dtype).to(device)[::2]
+    bias = torch.randn(C, dtype=torch.float64).to(dtype).to(device)
+    scale = (0.3 * torch.randn(1, C, dtype=torch.float64)).to(dtype).to(device)
+    shift_src = torch.randn(3, 2 * C, dtype=torch.float64).to(dtype).to(device)
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, scale, shift_src)]
+    xs, w, b, sc, sh_src = leaves
+    shift = sh_src.chunk(2, dim=1)[1]
+    assert not w.is_contiguous() and not shift.is_contiguous() and sc.expand(3, C).stride(0) == 0
+    y = ops.group_norm(xs, 4, w, b, scale=sc.expand(3, C), shift=shift, activation="silu", backend=backend)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    x64, w64, b64, sc64, sh64 = leaves64
+    ref = reference.group_norm(x64, 4, w64, b64, scale=sc64.expand(3, C), shift=sh64.chunk(2, dim=1)[1],
+                               activation="silu")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(ref, leaves64, gy.double())
+    gtol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, g, r in zip(("x", "weight", "bias", "scale", "shift"), got, want):
+        torch.testing.assert_close(g.double(), r, atol=gtol * max(1.0, r.abs().max().item()), rtol=gtol,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
 def test_opcheck_cpu():
     x, p = make_inputs((2, 8, 3, 5), 4, torch.float32, "cpu")

@@ -273,8 +273,25 @@ Shape shape_of(const at::Tensor& x, int64_t G) {
   return s;
 }
 
-at::Tensor param_f32(const c10::optional<at::Tensor>& p) {
-  return p.has_value() ? p->to(at::kFloat).contiguous() : at::Tensor();
+// An optional parameter, weight/bias (C,) or scale/shift (N, C), read in place when it is fp32 (any strides: the
+// scale and shift that a Linear's output .chunk(2, dim=1) gives are not contiguous, and copying them cost more
+// than a small call's kernel), else converted to fp32 once. at() gives dflt for an absent one.
+struct Param {
+  at::Tensor keep;  // the fp32 tensor read (a converted copy, or the argument)
+  const float* p = nullptr;
+  int64_t s0 = 0, s1 = 0;  // element strides of dims 0 and 1
+  float at(int64_t c, float dflt) const { return p ? p[c * s0] : dflt; }
+  float at(int64_t n, int64_t c, float dflt) const { return p ? p[n * s0 + c * s1] : dflt; }
+};
+
+Param param_f32(const c10::optional<at::Tensor>& t) {
+  Param r;
+  if (!t.has_value()) return r;
+  r.keep = t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
+  r.p = r.keep.const_data_ptr<float>();
+  r.s0 = r.keep.stride(0);
+  r.s1 = r.keep.dim() > 1 ? r.keep.stride(1) : 0;
+  return r;
 }
 
 // The passes below work on blocks of kBlock values: convert to fp32, do the math on the fp32 block, convert
@@ -822,11 +839,6 @@ void backward_apply(const T* gy, const T* x, T* gx, const float* A, const float*
   });
 }
 
-// The fp32 data of an optional parameter, or nullptr; at_or reads it with a default for an absent one.
-inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-inline float at_or(const float* p, int64_t i, float dflt) { return p ? p[i] : dflt; }
-
 // Each group's pivot K: its first value. Statistics and the apply pass work on x - K, so an input whose mean
 // is far from zero keeps its digits (see channel_stats). Kc holds the pivot per (n, c).
 template <typename T>
@@ -842,14 +854,12 @@ void group_pivots(const T* x, const Shape& sh, float* Kc) {
 
 // (A, B) per (n, c) for z = A (x - K) + B, from the group mean in K's frame (mrel) and rstd:
 //   A = rstd w (1 + s),  B = (b (1 + s) + t) - A mrel;  mean_c receives mrel per channel.
-void fold(const Shape& sh, const float* mrel, const float* rstd, const at::Tensor& w, const at::Tensor& b,
-          const at::Tensor& s, const at::Tensor& t, float* A, float* B, float* mean_c) {
-  const float *pw = ptr_or_null(w), *pb = ptr_or_null(b), *ps = ptr_or_null(s), *pt = ptr_or_null(t);
+void fold(const Shape& sh, const float* mrel, const float* rstd, const Param& w, const Param& b, const Param& s,
+          const Param& t, float* A, float* B, float* mean_c) {
   for (int64_t n = 0; n < sh.N; ++n)
     for (int64_t c = 0; c < sh.C; ++c) {
       const int64_t ng = n * sh.G + c / sh.cpg, nc = n * sh.C + c;
-      gn_fold(0.f, rstd[ng], at_or(pw, c, 1.f), at_or(pb, c, 0.f), at_or(ps, nc, 0.f), at_or(pt, nc, 0.f), A[nc],
-              B[nc]);
+      gn_fold(0.f, rstd[ng], w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), A[nc], B[nc]);
       B[nc] -= A[nc] * mrel[ng];
       mean_c[nc] = mrel[ng];
     }
@@ -927,7 +937,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     rstd.fill_(static_cast<float>(1.0 / std::sqrt(eps)));
     return {y, mean, rstd};
   }
-  const at::Tensor w = param_f32(weight), b = param_f32(bias), s = param_f32(scale), t = param_f32(shift);
+  const Param w = param_f32(weight), b = param_f32(bias), s = param_f32(scale), t = param_f32(shift);
   float* pm = mean.data_ptr<float>();
   float* pr = rstd.data_ptr<float>();
   if (sh.layout == Layout::kChannelsFirst && N * G >= 4 * at::get_num_threads()) {
@@ -940,7 +950,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     // on the current one, so it knows what to prefetch): on a machine shared with other work, a thread slowed
     // down leaves its blocks to the others instead of holding up the call. A block is computed the same way
     // whichever thread takes it, so results stay bit-identical run to run.
-    const float *pw = ptr_or_null(w), *pb = ptr_or_null(b), *ps = ptr_or_null(s), *pt = ptr_or_null(t);
     const int64_t cpg = sh.cpg, S = sh.S, blocks = N * G;
     const bool stream = stream_output(x);  // y by non-temporal stores
     std::atomic<int64_t> counter{0};
@@ -965,7 +974,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
           for (int64_t c = c0; c < c0 + cpg; ++c) {
             const int64_t nc = n * C + c;
             float a, bb;
-            gn_fold(0.f, r, at_or(pw, c, 1.f), at_or(pb, c, 0.f), at_or(ps, nc, 0.f), at_or(pt, nc, 0.f), a, bb);
+            gn_fold(0.f, r, w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), a, bb);
             bb -= a * mu;
             fn(px + nc * S, py + nc * S, S, a, bb, K, next ? next + (c - c0) * S : nullptr);
           }
@@ -1019,7 +1028,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   // grad_y must share x's layout for the fused passes; copy only when it does not.
   at::Tensor grad_y = grad_y_in.strides() == x.strides() ? grad_y_in : at::empty_like(x).copy_(grad_y_in);
   at::Tensor mean = mean_in.to(at::kFloat).contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
-  at::Tensor w = param_f32(weight), b = param_f32(bias), s = param_f32(scale), t = param_f32(shift);
+  const Param w = param_f32(weight), b = param_f32(bias), s = param_f32(scale), t = param_f32(shift);
 
   at::Tensor gx = empty_output(x);
   at::Tensor S1 = at::zeros({N, C}, x.options().dtype(at::kFloat));
@@ -1037,7 +1046,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   float* s1 = S1.data_ptr<float>();
   float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
   const float M = static_cast<float>(sh.cpg * sh.S);
-  const float *pw = ptr_or_null(w), *ps = ptr_or_null(s);
   auto fold_pqr = [&] {  // grad_x = P gz + Q (x - mean) + R per (n, c), from S1 and S2
     for (int64_t n = 0; n < N; ++n)
       for (int64_t g = 0; g < G; ++g) {
@@ -1045,7 +1053,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
         float m1 = 0.f, m2 = 0.f;
         for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
           const int64_t nc = n * C + c;
-          const float gc = at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
+          const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
           m1 += gc * s1[nc];
           m2 += gc * s2[nc] * r;
         }
@@ -1053,7 +1061,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
         m2 /= M;
         for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
           const int64_t nc = n * C + c;
-          P[nc] = r * at_or(pw, c, 1.f) * (1.f + at_or(ps, nc, 0.f));
+          P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
           Q[nc] = -r * r * m2;
           Rr[nc] = -r * m1;
         }
@@ -1093,7 +1101,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   }
   // Parameter gradients from S1, S2: plain loops over (n, c) (a dozen small tensor ops cost more than the
   // passes at 8 x 8 maps). xhat_sum = sum gz xhat = S2 rstd; h = xhat w + b.
-  const float *pbias = ptr_or_null(b), *pscale = ptr_or_null(s);
   at::Tensor gw32 = at::zeros({C}, S1.options()), gb32 = at::zeros({C}, S1.options());
   at::Tensor gs32 = at::empty({N, C}, S1.options());
   float *gwp = gw32.data_ptr<float>(), *gbp = gb32.data_ptr<float>(), *gsp = gs32.data_ptr<float>();
@@ -1101,10 +1108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
     for (int64_t c = 0; c < C; ++c) {
       const int64_t nc = n * C + c;
       const float xs = s2[nc] * pr[n * G + c / sh.cpg];
-      const float one_s = 1.f + at_or(pscale, nc, 0.f);
+      const float one_s = 1.f + s.at(n, c, 0.f);
       gwp[c] += one_s * xs;
       gbp[c] += one_s * s1[nc];
-      gsp[nc] = xs * at_or(pw, c, 1.f) + s1[nc] * at_or(pbias, c, 0.f);
+      gsp[nc] = xs * w.at(c, 1.f) + s1[nc] * b.at(c, 0.f);
     }
   auto empty = [&] { return at::empty({0}, x.options()); };  // distinct tensors: outputs must not alias
   at::Tensor g_w = weight.has_value() ? gw32.to(weight->scalar_type()) : empty();

@@ -8,6 +8,7 @@ import torch
 from fastdiff import _backend
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # check_like's fast path (a module's weight is a Parameter)
 
 
 def check_tensor(t, name: str, *, dtypes=KERNEL_DTYPES, allow_none=False):
@@ -26,7 +27,7 @@ def check_like(t, name: str, ref: torch.Tensor, shape: tuple, *, dtype=None, dev
     ref's dtype and device, read once)."""
     if t is None:
         return
-    if (type(t) is torch.Tensor and t.dtype is (dtype or ref.dtype) and t.shape == shape
+    if (type(t) in _PLAIN_TENSORS and t.dtype is (dtype or ref.dtype) and t.shape == shape
             and t.device == (device or ref.device)):
         return  # the common case, in as few attribute reads as possible (this runs on every call of an op)
     check_tensor(t, name)
