@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 namespace fastdiff {
 bool built_with_cuda() {
 #ifdef FASTDIFF_WITH_CUDA
@@ -12,6 +14,8 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+// "avx512" or "portable": which code the CPU kernels were compiled to (csrc/cpu/group_norm.cpp)
+std::string cpu_kernels();
 }  // namespace fastdiff
 
 TORCH_LIBRARY(fastdiff, m) {
@@ -43,6 +47,8 @@ TORCH_LIBRARY(fastdiff, m) {
       "int clip_mode, float clip_range, bool stochastic) -> Tensor");
   // True when this build of the extension holds the CUDA kernels.
   m.def("_built_with_cuda() -> bool", &fastdiff::built_with_cuda);
+  // "avx512" (the AVX-512 loops, fp16/bf16 converted in vector registers) or "portable" (loops GCC vectorises).
+  m.def("_cpu_kernels() -> str", &fastdiff::cpu_kernels);
 }
 
 // A Python module named _C so `import fastdiff._C` loads the library and runs the registrations above.

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff._bench import _cpu_name
-from fastdiff._backend import EXTENSION_ERROR, get_backend, has_cpu_ext, has_cuda_ext, has_triton, set_backend
+from fastdiff._backend import (EXTENSION_ERROR, cpu_kernels, get_backend, has_cpu_ext, has_cuda_ext, has_triton,
+                               set_backend)
 from fastdiff import ops, reference  # noqa: E402
 from fastdiff import nn  # noqa: E402
 from fastdiff import models  # noqa: E402
@@ -29,6 +30,7 @@ def info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cpu_extension": has_cpu_ext(),
+        "cpu_kernels": cpu_kernels(),
         "cuda_extension": has_cuda_ext(),
         "triton": None,
         "device": "cuda" if cuda_ok else "cpu",

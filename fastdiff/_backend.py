@@ -31,6 +31,12 @@ def has_cpu_ext() -> bool:
 
 
 @functools.lru_cache(None)
+def cpu_kernels():
+    """Which code the extension's CPU kernels were compiled to: "avx512" or "portable" (None: no extension)."""
+    return str(torch.ops.fastdiff._cpu_kernels()) if HAS_EXTENSION else None
+
+
+@functools.lru_cache(None)
 def has_cuda_ext() -> bool:
     """The extension was built with its CUDA kernels (a GPU is a separate question)."""
     return HAS_EXTENSION and bool(torch.ops.fastdiff._built_with_cuda())

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+import fastdiff
 from fastdiff import cli, pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,3 +163,17 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(load_dataset("digits:test", 16)) == 359 and digits(8, split="train").images.shape == (1438, 1, 8, 8)
     with pytest.raises(ValueError, match="split"):
         digits(16, split="val")
+
+
+def test_info_says_which_cpu_kernels():
+    info = fastdiff.info()
+    if not info["cpu_extension"]:
+        assert info["cpu_kernels"] is None
+        return
+    assert info["cpu_kernels"] in ("avx512", "portable")
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return
+    if "avx512f" not in flags.split():  # an AVX-512 build would not even load here
+        assert info["cpu_kernels"] == "portable"

@@ -316,6 +316,32 @@ def test_strided_parameters_with_gradients(backend, device, dtype, channels_last
                                    msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+# The AVX-512 CPU kernels convert fp16/bf16 to fp32 and back with vector instructions (F16C; bf16 by a shift and
+# a round-to-nearest-even): the same math as on fp32 inputs, so the output is exactly the fp32 kernel's on the
+# converted inputs, rounded as torch rounds (NaN included). The portable build sums in another order: there, within
+# the dtype's tolerance.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((2, 64, 9, 13), 8), ((3, 40, 33, 17), 4)], ids=["small", "odd"])
+def test_half_precision_rounds_like_torch(dtype, channels_last, shape, G):
+    x, p = make_inputs(shape, G, dtype, "cpu", channels_last=channels_last, spread=3.0)
+    x[0, 1, 2, 3] = float("nan")
+    x[-1, -2, -1, -3] = 300.0 if dtype == torch.float16 else 3e30  # a SiLU output past fp16's range, and bf16's
+    y = ops.group_norm(x, G, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                       backend="cpu")
+    p32 = {k: v.float() for k, v in p.items()}
+    y32 = ops.group_norm(x.float(), G, p32["weight"], p32["bias"], scale=p32["scale"], shift=p32["shift"],
+                         activation="silu", backend="cpu")
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert torch.equal(y.isnan(), y32.isnan())
+    if fastdiff.info()["cpu_kernels"] == "avx512":
+        assert torch.equal(y[~y.isnan()], y32.to(dtype)[~y.isnan()])
+    else:
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(y, y32.to(dtype), atol=atol, rtol=rtol, equal_nan=True)
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
 def test_opcheck_cpu():
     x, p = make_inputs((2, 8, 3, 5), 4, torch.float32, "cpu")

@@ -2,7 +2,7 @@
 //
 // Algorithm (both layouts): (1) per-channel statistics of x - K (K: the group's pivot, see
 // common/group_norm.h) over the spatial extent, each chunk read once and its (mean, M2) computed in one pass
-// around a pivot taken inside the chunk (row_stats, rows_stats_f32 say why that keeps the digits), chunks merged
+// around a pivot taken inside the chunk (row_stats, rows_stats say why that keeps the digits), chunks merged
 // with Chan's formula; (2) channels merged into per-(n, group) mean/rstd and
 // folded with the affine and AdaGN parameters into one (A, B) per (n, c); (3) y = act(A (x - K) + B) in one
 // vectorised pass.
@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -34,7 +35,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
-#define FASTDIFF_GN_AVX512 1  // the fp32 hot loops below are written with AVX-512 intrinsics
+#define FASTDIFF_GN_AVX512 1  // the hot loops below are written with AVX-512 intrinsics (fp16/bf16 via load16)
 #else
 #define FASTDIFF_GN_AVX512 0  // elsewhere the plain loops, which GCC auto-vectorises
 #endif
@@ -86,16 +87,59 @@ inline __mmask16 lane_mask(int64_t left) {
                     : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// Stores 16 values of y (the lanes in m): with kStream, a full vector at a 64-byte aligned address goes by a
-// non-temporal store (see stream_output), anything else by an ordinary masked store.
-template <bool kStream>
-inline void store_y(float* p, __mmask16 m, __m512 v) {
-  if (kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
-    _mm512_stream_ps(p, v);
-  else if (m == 0xffff)
-    _mm512_storeu_ps(p, v);
-  else
-    _mm512_mask_storeu_ps(p, m, v);
+// 16 values of a float, c10::Half or c10::BFloat16 array as 16 floats (load16) and back (store16): fp16 by the
+// F16C conversions, bf16 by a shift (load) and round-to-nearest-even with NaN kept (store: what c10::BFloat16's
+// conversion does), so the fp16 and bf16 kernels run the fp32 loops with no scalar conversion. m: the lanes to
+// read or write (the others read as 0).
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 m = 0xffff) {
+  if constexpr (std::is_same_v<T, float>) {
+    return m == 0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+  } else {
+    const __m256i h = m == 0xffff ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(m, p);
+    if constexpr (std::is_same_v<T, c10::Half>)
+      return _mm512_cvtph_ps(h);
+    else
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename T>
+inline __m256i to_16bit(__m512 v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+}
+
+// Stores the lanes in m. kStream: a full vector at an address aligned to its size (64 bytes fp32, 32 bytes
+// fp16/bf16) goes by a non-temporal store (see stream_output); anything else by an ordinary store.
+template <bool kStream = false, typename T>
+inline void store16(T* p, __m512 v, __mmask16 m = 0xffff) {
+  constexpr uintptr_t kBytes = 16 * sizeof(T);
+  const bool nt = kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & (kBytes - 1)) == 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (nt)
+      _mm512_stream_ps(p, v);
+    else if (m == 0xffff)
+      _mm512_storeu_ps(p, v);
+    else
+      _mm512_mask_storeu_ps(p, m, v);
+  } else {
+    const __m256i h = to_16bit<T>(v);
+    if (nt)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+    else if (m == 0xffff)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    else
+      _mm256_mask_storeu_epi16(p, m, h);
+  }
 }
 
 // The SiLU is what bounds the apply pass (the data stays in L2), so its instruction count is the cost.
@@ -133,60 +177,57 @@ inline __m512 silu_grad16(__m512 z, __m512 u) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// y[i] = act(a (x[i] - K) + b) for n fp32 values: a, b, K one value each (kVec = false) or arrays like x.
-// prefetch: n values to bring into L2 meanwhile (one cache line per 16 values), or nullptr.
-// kStream: y by store_y's non-temporal stores.
-template <bool kSilu, bool kVec, bool kStream = false>
-inline void apply_f32(const float* x, float* y, int64_t n, const float* a, const float* b, const float* K,
-                      const float* prefetch = nullptr) {
+// y[i] = act(a (x[i] - K) + b) for n values (fp32, fp16 or bf16; the math in fp32): a, b, K one value each
+// (kVec = false) or fp32 arrays like x. prefetch: n values to bring into L2 meanwhile (one prefetch per 16
+// values), or nullptr. kStream: the full vectors of y by non-temporal stores.
+template <bool kSilu, bool kVec, bool kStream = false, typename T>
+inline void apply_vec(const T* x, T* y, int64_t n, const float* a, const float* b, const float* K,
+                      const T* prefetch = nullptr) {
   __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vk = _mm512_set1_ps(K[0]);
   __m512 ua = _mm512_set1_ps(-a[0] * kLog2e), ub = _mm512_set1_ps(-b[0] * kLog2e);
   const __m512 nl2e = _mm512_set1_ps(-kLog2e);
-  auto step = [&](int64_t i, __mmask16 m, bool full) {
+  auto step = [&](int64_t i, __mmask16 m) {
     if constexpr (kVec) {
-      va = full ? _mm512_loadu_ps(a + i) : _mm512_maskz_loadu_ps(m, a + i);
-      vb = full ? _mm512_loadu_ps(b + i) : _mm512_maskz_loadu_ps(m, b + i);
-      vk = full ? _mm512_loadu_ps(K + i) : _mm512_maskz_loadu_ps(m, K + i);
+      va = load16(a + i, m);
+      vb = load16(b + i, m);
+      vk = load16(K + i, m);
       ua = _mm512_mul_ps(va, nl2e);
       ub = _mm512_mul_ps(vb, nl2e);
     }
     if (prefetch != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i), _MM_HINT_T1);
-    const __m512 d = _mm512_sub_ps(full ? _mm512_loadu_ps(x + i) : _mm512_maskz_loadu_ps(m, x + i), vk);
+    const __m512 d = _mm512_sub_ps(load16(x + i, m), vk);
     const __m512 z = _mm512_fmadd_ps(va, d, vb);
-    const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
-    if (!full)
-      _mm512_mask_storeu_ps(y + i, m, out);
-    else if (kStream)
-      _mm512_stream_ps(y + i, out);
-    else
-      _mm512_storeu_ps(y + i, out);
+    store16<kStream>(y + i, kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z, m);
   };
   int64_t i = 0;
-  if (kStream) {  // a partial vector up to y's first 64-byte boundary, so the full vectors can be streamed
-    const int64_t head = std::min<int64_t>(n, ((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / 4);
-    if (head > 0) step(0, lane_mask(head), false);
+  if (kStream) {  // a partial vector up to y's first vector-aligned address, so the full vectors can be streamed
+    constexpr uintptr_t kBytes = 16 * sizeof(T);
+    const int64_t head =
+        std::min<int64_t>(n, ((kBytes - (reinterpret_cast<uintptr_t>(y) & (kBytes - 1))) & (kBytes - 1)) / sizeof(T));
+    if (head > 0) step(0, lane_mask(head));
     i = head;
   }
-  for (; i + 16 <= n; i += 16) step(i, 0xffff, true);
-  if (i < n) step(i, lane_mask(n - i), false);
+  for (; i + 16 <= n; i += 16) step(i, 0xffff);
+  if (i < n) step(i, lane_mask(n - i));
 }
 
 // Sums of d = x - pivot and of d^2 over n fp32 values in one pass, four accumulators each (the loop is otherwise
 // bound by the add latency).
-inline void chunk_sums_f32(const float* x, int64_t n, float pivot, float& sum_out, float& sq_out) {
+template <typename T>
+inline void chunk_sums(const T* x, int64_t n, float pivot, float& sum_out, float& sq_out) {
   const __m512 pv = _mm512_set1_ps(pivot);
   __m512 s[4], q[4];
   for (int k = 0; k < 4; ++k) s[k] = q[k] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 64 <= n; i += 64)
     for (int k = 0; k < 4; ++k) {
-      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i + 16 * k), pv);
+      const __m512 d = _mm512_sub_ps(load16(x + i + 16 * k), pv);
       s[k] = _mm512_add_ps(s[k], d);
       q[k] = _mm512_fmadd_ps(d, d, q[k]);
     }
   for (; i < n; i += 16) {
     const __mmask16 m = lane_mask(n - i);
-    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), pv);
+    const __m512 d = _mm512_maskz_sub_ps(m, load16(x + i, m), pv);
     s[0] = _mm512_add_ps(s[0], d);
     q[0] = _mm512_fmadd_ps(d, d, q[0]);
   }
@@ -204,12 +245,13 @@ inline void chunk_sums_f32(const float* x, int64_t n, float pivot, float& sum_ou
 constexpr int64_t kOnePassRows = 128;
 constexpr int64_t kAccC = 512;
 
-inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float* K, float* mean_out, float* m2_out) {
+template <typename T>
+inline void rows_stats(const T* p, int64_t rows, int64_t C, const float* K, float* mean_out, float* m2_out) {
   alignas(64) float acc[kAccC], sq[kAccC];
   const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(rows));
   for (int64_t c0 = 0; c0 < C; c0 += kAccC) {
     const int64_t cn = std::min(kAccC, C - c0);
-    const float* q = p + c0;
+    const T* q = p + c0;
     for (int64_t c = 0; c < cn; c += 16) {
       _mm512_store_ps(acc + c, _mm512_setzero_ps());
       _mm512_store_ps(sq + c, _mm512_setzero_ps());
@@ -218,20 +260,20 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
     auto sweep = [&](int64_t r0, int64_t r1) {
       for (int64_t c = 0; c < cn; c += 16) {
         const __mmask16 m = lane_mask(cn - c);
-        const __m512 pv = _mm512_maskz_loadu_ps(m, q + c);
+        const __m512 pv = load16(q + c, m);
         __m512 a0 = _mm512_load_ps(acc + c), s0 = _mm512_load_ps(sq + c);
         __m512 a1 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         int64_t r = r0;
         for (; r + 2 <= r1; r += 2) {
-          const __m512 d0 = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, q + r * C + c), pv);
-          const __m512 d1 = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, q + (r + 1) * C + c), pv);
+          const __m512 d0 = _mm512_maskz_sub_ps(m, load16(q + r * C + c, m), pv);
+          const __m512 d1 = _mm512_maskz_sub_ps(m, load16(q + (r + 1) * C + c, m), pv);
           a0 = _mm512_add_ps(a0, d0);
           a1 = _mm512_add_ps(a1, d1);
           s0 = _mm512_fmadd_ps(d0, d0, s0);
           s1 = _mm512_fmadd_ps(d1, d1, s1);
         }
         if (r < r1) {
-          const __m512 d0 = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, q + r * C + c), pv);
+          const __m512 d0 = _mm512_maskz_sub_ps(m, load16(q + r * C + c, m), pv);
           a0 = _mm512_add_ps(a0, d0);
           s0 = _mm512_fmadd_ps(d0, d0, s0);
         }
@@ -243,7 +285,7 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
     for (int64_t c = 0; c < cn; c += 16) {
       const __mmask16 m = lane_mask(cn - c);
       const __m512 a = _mm512_load_ps(acc + c), rel = _mm512_mul_ps(a, inv);
-      const __m512 pk = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, q + c), _mm512_maskz_loadu_ps(m, K + c0 + c));
+      const __m512 pk = _mm512_sub_ps(load16(q + c, m), _mm512_maskz_loadu_ps(m, K + c0 + c));
       _mm512_mask_storeu_ps(mean_out + c0 + c, m, _mm512_add_ps(pk, rel));
       _mm512_mask_storeu_ps(m2_out + c0 + c, m,
                             _mm512_max_ps(_mm512_fnmadd_ps(a, rel, _mm512_load_ps(sq + c)), _mm512_setzero_ps()));
@@ -254,7 +296,8 @@ inline void rows_stats_f32(const float* p, int64_t rows, int64_t C, const float*
 
 constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
 constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
-constexpr int64_t kStatsBytes = 163840; // bytes per row chunk of the fp32 channels-last statistics
+constexpr int64_t kStatsValues = 40960; // values per row chunk of the AVX-512 channels-last statistics (160 KB of
+                                        // fp32; counted in values so fp16/bf16 chunk exactly as fp32 does)
 
 struct Shape {
   int64_t N, C, S, G, cpg;
@@ -294,43 +337,65 @@ Param param_f32(const c10::optional<at::Tensor>& t) {
   return r;
 }
 
-// The passes below work on blocks of kBlock values: convert to fp32, do the math on the fp32 block, convert
-// back. Keeping dtype conversion (which has branches for half/bfloat16) out of the math loops lets every
-// math loop vectorise, the SiLU's exp included.
+// The portable passes (and the fp16/bf16 backward) work on blocks of kBlock values: convert to fp32, do the math
+// on the fp32 block, convert back. Keeping dtype conversion out of the math loops lets every math loop
+// vectorise, the SiLU's exp included.
 constexpr int64_t kBlock = 512;
+
+#if FASTDIFF_GN_AVX512
+// f(i, m) over n values 16 at a time: full vectors (m = all lanes, a constant the masks fold away), then a tail.
+template <typename F>
+inline void for_vectors(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) f(i, static_cast<__mmask16>(0xffff));
+  if (i < n) f(i, lane_mask(n - i));
+}
+#endif
 
 template <typename T>
 inline void to_f32(const T* p, float* o, int64_t n) {
+#if FASTDIFF_GN_AVX512
+  for_vectors(n, [&](int64_t i, __mmask16 m) { store16(o + i, load16(p + i, m), m); });
+#else
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
+#endif
 }
 
 // o = p - K: the input in its group pivot's frame (exact for values near K).
 template <typename T>
 inline void to_f32(const T* p, float* o, int64_t n, float K) {
+#if FASTDIFF_GN_AVX512
+  const __m512 k = _mm512_set1_ps(K);
+  for_vectors(n, [&](int64_t i, __mmask16 m) { store16(o + i, _mm512_sub_ps(load16(p + i, m), k), m); });
+#else
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]) - K;
+#endif
 }
 
 template <typename T>
 inline void to_f32(const T* p, float* o, int64_t n, const float* K) {
+#if FASTDIFF_GN_AVX512
+  for_vectors(n, [&](int64_t i, __mmask16 m) { store16(o + i, _mm512_sub_ps(load16(p + i, m), load16(K + i, m)), m); });
+#else
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]) - K[i];
+#endif
 }
 
 template <typename T>
 inline void from_f32(const float* v, T* p, int64_t n) {
+#if FASTDIFF_GN_AVX512
+  for_vectors(n, [&](int64_t i, __mmask16 m) { store16(p + i, load16(v + i, m), m); });
+#else
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+#endif
 }
 
 // z <- a z + b (scalar a, b), then the activation, in place.
 template <bool kSilu>
 inline void affine_act(float* z, int64_t n, float a, float b) {
-#if FASTDIFF_GN_AVX512
-  const float zero = 0.f;
-  apply_f32<kSilu, false>(z, z, n, &a, &b, &zero);
-  return;
-#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z[i] = a * z[i] + b;
   if (kSilu) {
@@ -342,11 +407,6 @@ inline void affine_act(float* z, int64_t n, float a, float b) {
 // z <- a[i] z + b[i] (per-channel a, b), then the activation, in place.
 template <bool kSilu>
 inline void affine_act(float* z, int64_t n, const float* a, const float* b) {
-#if FASTDIFF_GN_AVX512
-  alignas(64) static const float zeros[kBlock] = {};
-  apply_f32<kSilu, true>(z, z, n, a, b, zeros);
-  return;
-#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z[i] = a[i] * z[i] + b[i];
   if (kSilu) {
@@ -394,18 +454,15 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
     const float pivot = K + rel0;
     float sum = 0.f, sq = 0.f;
 #if FASTDIFF_GN_AVX512
-    if constexpr (std::is_same_v<T, float>) {
-      chunk_sums_f32(p + s0, len, pivot, sum, sq);
-    } else
-#endif
-    {
+    chunk_sums(p + s0, len, pivot, sum, sq);
+#else
 #pragma omp simd reduction(+ : sum, sq)
-      for (int64_t i = 0; i < len; ++i) {
-        const float d = static_cast<float>(p[s0 + i]) - pivot;
-        sum += d;
-        sq += d * d;
-      }
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = static_cast<float>(p[s0 + i]) - pivot;
+      sum += d;
+      sq += d * d;
     }
+#endif
     const float rel = sum / static_cast<float>(len);
     chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel, std::max(sq - sum * rel, 0.f));
   }
@@ -416,14 +473,13 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
 // y = act(a (x - K) + b) over one contiguous row of S values.
 template <typename T, bool kSilu, bool kStream = false>
 inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, const T* prefetch = nullptr) {
+#if FASTDIFF_GN_AVX512
+  apply_vec<kSilu, false, kStream>(x, y, S, &a, &b, &K, prefetch);
+#else
   float buf[kBlock];
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
     const int64_t n = std::min(kBlock, S - s0);
     if constexpr (std::is_same_v<T, float>) {  // no conversion: one pass straight from x to y
-#if FASTDIFF_GN_AVX512
-      apply_f32<kSilu, false, kStream>(x, y, S, &a, &b, &K, prefetch);
-      return;
-#endif
       const float* p = x + s0;
       float* q = y + s0;
 #pragma omp simd
@@ -437,6 +493,7 @@ inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, co
     affine_act<kSilu>(buf, n, a, b);
     from_f32(buf, y + s0, n);
   }
+#endif
 }
 
 // apply_row for the activation and store kind chosen at run time.
@@ -461,10 +518,12 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
   }
   // Channels-last: rows of C contiguous values. Chunks of R rows give per-channel partials, vectorised
   // along C; the partials of one (n, c) are then merged in chunk order.
-  // (fp32 with AVX-512: rows_stats_f32's one pass, up to kOnePassRows rows of about kStatsBytes per chunk)
-  const int64_t R = FASTDIFF_GN_AVX512 && std::is_same_v<T, float>
-                        ? std::clamp<int64_t>(kStatsBytes / (C * static_cast<int64_t>(sizeof(T))), 1, kOnePassRows)
-                        : std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
+  // (with AVX-512: rows_stats's one pass, up to kOnePassRows rows of about kStatsValues per chunk)
+#if FASTDIFF_GN_AVX512
+  const int64_t R = std::clamp<int64_t>(kStatsValues / C, 1, kOnePassRows);
+#else
+  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
+#endif
   const int64_t nchunk = (S + R - 1) / R;
   std::vector<float> pmean(N * nchunk * C), pm2(N * nchunk * C);
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
@@ -477,10 +536,8 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
       float* m2_out = pm2.data() + job * C;
       const float* K = Kc + n * C;
 #if FASTDIFF_GN_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        rows_stats_f32(p, r1 - r0, C, K, mean_out, m2_out);
-        continue;
-      }
+      rows_stats(p, r1 - r0, C, K, mean_out, m2_out);
+      continue;
 #endif
       // per-channel sums of (x - pivot), pivot = the chunk's first row
       to_f32(p, pivot.data(), C);
@@ -547,7 +604,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
     return;
   }
 #if FASTDIFF_GN_AVX512
-  if constexpr (std::is_same_v<T, float>) {
+  {
     // Sweeps of up to 8 rows of one n (which share A, B, K): along the channels, each 16 channels' parameters
     // (with the SiLU's -log2(e) multiples) are loaded once for the 8 rows, so memory is read and written as 8
     // sequential streams.
@@ -557,27 +614,25 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
         const float *a = A + n * C, *bb = B + n * C, *K = Kc + n * C;
         for (int64_t c = 0; c < C; c += 16) {
           const __mmask16 m = lane_mask(C - c);
-          const __m512 va = _mm512_maskz_loadu_ps(m, a + c), vb = _mm512_maskz_loadu_ps(m, bb + c);
-          const __m512 vk = _mm512_maskz_loadu_ps(m, K + c);
+          const __m512 va = load16(a + c, m), vb = load16(bb + c, m), vk = load16(K + c, m);
           const __m512 ua = _mm512_mul_ps(va, _mm512_set1_ps(-kLog2e)), ub = _mm512_mul_ps(vb, _mm512_set1_ps(-kLog2e));
           for (int64_t row = b; row < r1; ++row) {
             const int64_t off = row * C + c;
-            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + off), vk);
+            const __m512 d = _mm512_sub_ps(load16(x + off, m), vk);
             const __m512 z = _mm512_fmadd_ps(va, d, vb);
             const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
             if (stream)
-              store_y<true>(y + off, m, out);
+              store16<true>(y + off, out, m);
             else
-              store_y<false>(y + off, m, out);
+              store16(y + off, out, m);
           }
         }
         b = r1;
       }
       if (stream) _mm_sfence();
     });
-    return;
   }
-#endif
+#else
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
     float buf[kBlock];
     for (int64_t row = b; row < e; ++row) {
@@ -588,10 +643,6 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
           const float* p = x + row * C + c0;
           float* q = y + row * C + c0;
           const float *a = A + nC + c0, *bb = B + nC + c0, *K = Kc + nC + c0;
-#if FASTDIFF_GN_AVX512
-          apply_f32<kSilu, true>(p, q, n, a, bb, K);
-          continue;
-#endif
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
             const float z = a[i] * (p[i] - K[i]) + bb[i];
@@ -605,6 +656,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
       }
     }
   });
+#endif
 }
 
 #if FASTDIFF_GN_AVX512
@@ -880,16 +932,17 @@ int64_t llc_bytes() {
   return bytes;
 }
 
-// Whether y is written with non-temporal stores: fp32 (AVX-512 build) when x and y together exceed half the
-// last-level cache. These stores skip reading each line of y before overwriting it; the apply pass is bound by
-// those reads once the SiLU is cheap. At that size y does not stay cached for the next op anyway (the LLC is
-// shared with other cores' data, and the next op in a U-Net is a convolution, bound by its arithmetic).
+// Whether y is written with non-temporal stores: in the AVX-512 build, when x and y together exceed half the
+// last-level cache (the same byte threshold for fp32, fp16 and bf16). These stores skip reading each line of y
+// before overwriting it; the apply pass is bound by those reads once the SiLU is cheap. At that size y does not
+// stay cached for the next op anyway (the LLC is shared with other cores' data, and the next op in a U-Net is a
+// convolution, bound by its arithmetic).
 // Measured here (2-core Zen 4 VM, 32 MiB LLC, GroupNorm then y.sum(), medians of 16 alternating rounds):
 // 10.5 MB NCHW  gn 829 -> 566 us, gn + sum 1113 -> 934 us; channels-last gn 1455 -> 985, gn + sum 1822 -> 1344;
 // 8.4 MB gn 529 -> 422, gn + sum 700 -> 709 (even); 5.2 MB gn 283 -> 272 but gn + sum 359 -> 442 (the sum
 // reads y from DRAM): smaller outputs keep ordinary stores.
 bool stream_output(const at::Tensor& x) {
-  return FASTDIFF_GN_AVX512 && x.scalar_type() == at::kFloat && 4 * x.nbytes() > static_cast<size_t>(llc_bytes());
+  return FASTDIFF_GN_AVX512 && 4 * x.nbytes() > static_cast<size_t>(llc_bytes());
 }
 
 constexpr size_t kHugeOutputBytes = size_t{32} << 20;
@@ -996,7 +1049,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
       float cnt = 0.f, mu = 0.f, m2 = 0.f;
-      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) chan_merge(cnt, mu, m2, S, cmean[n * C + c], cm2[n * C + c]);
+      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c)
+        chan_merge(cnt, mu, m2, S, cmean[n * C + c], cm2[n * C + c]);
       mrel[n * G + g] = mu;
       pm[n * G + g] = Kc[n * C + g * sh.cpg] + mu;
       pr[n * G + g] = 1.f / std::sqrt(std::max(m2 / cnt, 0.f) + static_cast<float>(eps));
@@ -1122,6 +1176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
 }
 
 }  // namespace
+
+std::string cpu_kernels() { return FASTDIFF_GN_AVX512 ? "avx512" : "portable"; }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("group_norm", &group_norm_cpu);
