@@ -28,17 +28,7 @@
 
 #include "common/check.h"
 #include "common/group_norm.h"
-
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-// GCC 12 warns about the _mm512_undefined_ps() inside its own intrinsics (GCC bug 105593, fixed in 13), also
-// through _mm512_reduce_add_ps
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#define FASTDIFF_GN_AVX512 1  // the hot loops below are written with AVX-512 intrinsics (fp16/bf16 via load16)
-#else
-#define FASTDIFF_GN_AVX512 0  // elsewhere the plain loops, which GCC auto-vectorises
-#endif
+#include "cpu/vec.h"
 
 namespace fastdiff {
 namespace {
@@ -80,68 +70,7 @@ inline float sigmoid_f(float z) {
   return z < -88.f ? 0.f : v;
 }
 
-#if FASTDIFF_GN_AVX512
-// The lanes of a 16-float vector that hold values when `left` values remain (0 to 16 of them).
-inline __mmask16 lane_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff)
-                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// 16 values of a float, c10::Half or c10::BFloat16 array as 16 floats (load16) and back (store16): fp16 by the
-// F16C conversions, bf16 by a shift (load) and round-to-nearest-even with NaN kept (store: what c10::BFloat16's
-// conversion does), so the fp16 and bf16 kernels run the fp32 loops with no scalar conversion. m: the lanes to
-// read or write (the others read as 0).
-template <typename T>
-inline __m512 load16(const T* p, __mmask16 m = 0xffff) {
-  if constexpr (std::is_same_v<T, float>) {
-    return m == 0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-  } else {
-    const __m256i h = m == 0xffff ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16(m, p);
-    if constexpr (std::is_same_v<T, c10::Half>)
-      return _mm512_cvtph_ps(h);
-    else
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-
-template <typename T>
-inline __m256i to_16bit(__m512 v) {
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  } else {
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(r);
-  }
-}
-
-// Stores the lanes in m. kStream: a full vector at an address aligned to its size (64 bytes fp32, 32 bytes
-// fp16/bf16) goes by a non-temporal store (see stream_output); anything else by an ordinary store.
-template <bool kStream = false, typename T>
-inline void store16(T* p, __m512 v, __mmask16 m = 0xffff) {
-  constexpr uintptr_t kBytes = 16 * sizeof(T);
-  const bool nt = kStream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & (kBytes - 1)) == 0;
-  if constexpr (std::is_same_v<T, float>) {
-    if (nt)
-      _mm512_stream_ps(p, v);
-    else if (m == 0xffff)
-      _mm512_storeu_ps(p, v);
-    else
-      _mm512_mask_storeu_ps(p, m, v);
-  } else {
-    const __m256i h = to_16bit<T>(v);
-    if (nt)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-    else if (m == 0xffff)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-    else
-      _mm256_mask_storeu_epi16(p, m, h);
-  }
-}
-
+#if FASTDIFF_AVX512
 // The SiLU is what bounds the apply pass (the data stays in L2), so its instruction count is the cost.
 // silu(z) = z / (1 + 2^u) with u = -z log2(e) formed by the caller with its own FMA (from x - K, so no extra
 // rounding of z enters u): 2^u = 2^floor(u) 2^f with f = u - floor(u) in [0, 1) taken by one vreduceps, 2^f by
@@ -342,20 +271,11 @@ Param param_f32(const c10::optional<at::Tensor>& t) {
 // vectorise, the SiLU's exp included.
 constexpr int64_t kBlock = 512;
 
-#if FASTDIFF_GN_AVX512
-// f(i, m) over n values 16 at a time: full vectors (m = all lanes, a constant the masks fold away), then a tail.
-template <typename F>
-inline void for_vectors(int64_t n, F&& f) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) f(i, static_cast<__mmask16>(0xffff));
-  if (i < n) f(i, lane_mask(n - i));
-}
-#endif
 
 template <typename T>
 inline void to_f32(const T* p, float* o, int64_t n) {
-#if FASTDIFF_GN_AVX512
-  for_vectors(n, [&](int64_t i, __mmask16 m) { store16(o + i, load16(p + i, m), m); });
+#if FASTDIFF_AVX512
+  to_float(p, o, n);
 #else
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
@@ -365,7 +285,7 @@ inline void to_f32(const T* p, float* o, int64_t n) {
 // o = p - K: the input in its group pivot's frame (exact for values near K).
 template <typename T>
 inline void to_f32(const T* p, float* o, int64_t n, float K) {
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
   const __m512 k = _mm512_set1_ps(K);
   for_vectors(n, [&](int64_t i, __mmask16 m) { store16(o + i, _mm512_sub_ps(load16(p + i, m), k), m); });
 #else
@@ -376,7 +296,7 @@ inline void to_f32(const T* p, float* o, int64_t n, float K) {
 
 template <typename T>
 inline void to_f32(const T* p, float* o, int64_t n, const float* K) {
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
   for_vectors(n, [&](int64_t i, __mmask16 m) { store16(o + i, _mm512_sub_ps(load16(p + i, m), load16(K + i, m)), m); });
 #else
 #pragma omp simd
@@ -386,8 +306,8 @@ inline void to_f32(const T* p, float* o, int64_t n, const float* K) {
 
 template <typename T>
 inline void from_f32(const float* v, T* p, int64_t n) {
-#if FASTDIFF_GN_AVX512
-  for_vectors(n, [&](int64_t i, __mmask16 m) { store16(p + i, load16(v + i, m), m); });
+#if FASTDIFF_AVX512
+  from_float(v, p, n);
 #else
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
 #endif
@@ -453,7 +373,7 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
     }
     const float pivot = K + rel0;
     float sum = 0.f, sq = 0.f;
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
     chunk_sums(p + s0, len, pivot, sum, sq);
 #else
 #pragma omp simd reduction(+ : sum, sq)
@@ -473,7 +393,7 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
 // y = act(a (x - K) + b) over one contiguous row of S values.
 template <typename T, bool kSilu, bool kStream = false>
 inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, const T* prefetch = nullptr) {
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
   apply_vec<kSilu, false, kStream>(x, y, S, &a, &b, &K, prefetch);
 #else
   float buf[kBlock];
@@ -519,7 +439,7 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
   // Channels-last: rows of C contiguous values. Chunks of R rows give per-channel partials, vectorised
   // along C; the partials of one (n, c) are then merged in chunk order.
   // (with AVX-512: rows_stats's one pass, up to kOnePassRows rows of about kStatsValues per chunk)
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
   const int64_t R = std::clamp<int64_t>(kStatsValues / C, 1, kOnePassRows);
 #else
   const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
@@ -535,7 +455,7 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
       float* mean_out = pmean.data() + job * C;
       float* m2_out = pm2.data() + job * C;
       const float* K = Kc + n * C;
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
       rows_stats(p, r1 - r0, C, K, mean_out, m2_out);
       continue;
 #endif
@@ -597,13 +517,13 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
     auto fn = apply_row_fn<T>(kSilu, stream);
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row) fn(x + row * S, y + row * S, S, A[row], B[row], Kc[row], nullptr);
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
       if (stream) _mm_sfence();
 #endif
     });
     return;
   }
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
   {
     // Sweeps of up to 8 rows of one n (which share A, B, K): along the channels, each 16 channels' parameters
     // (with the SiLU's -log2(e) multiples) are loaded once for the 8 rows, so memory is read and written as 8
@@ -659,7 +579,7 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
 #endif
 }
 
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
 // fp32 backward with AVX-512, both passes. The sums pass forms gz = gy act'(a (x - K) + b) once and, with SiLU,
 // keeps it in gx, so the apply pass (gx = P gz + Q ((x - K) - mean) + R) reads it back instead of evaluating the
 // SiLU's derivative again. Channels-first rows are one (n, c) each; channels-last works on tiles of rows with
@@ -942,7 +862,7 @@ int64_t llc_bytes() {
 // 8.4 MB gn 529 -> 422, gn + sum 700 -> 709 (even); 5.2 MB gn 283 -> 272 but gn + sum 359 -> 442 (the sum
 // reads y from DRAM): smaller outputs keep ordinary stores.
 bool stream_output(const at::Tensor& x) {
-  return FASTDIFF_GN_AVX512 && 4 * x.nbytes() > static_cast<size_t>(llc_bytes());
+  return FASTDIFF_AVX512 && 4 * x.nbytes() > static_cast<size_t>(llc_bytes());
 }
 
 constexpr size_t kHugeOutputBytes = size_t{32} << 20;
@@ -1033,7 +953,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
           }
           ng = following;
         }
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
         if (stream) _mm_sfence();  // order this thread's non-temporal stores before the region ends
 #endif
       });
@@ -1122,7 +1042,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
       }
   };
   bool done = false;
-#if FASTDIFF_GN_AVX512
+#if FASTDIFF_AVX512
   if (x.numel() > 0 && x.scalar_type() == at::kFloat) {
     const float* pgy = grad_y.const_data_ptr<float>();
     const float* px = x.const_data_ptr<float>();
@@ -1177,7 +1097,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
 
 }  // namespace
 
-std::string cpu_kernels() { return FASTDIFF_GN_AVX512 ? "avx512" : "portable"; }
+std::string cpu_kernels() { return FASTDIFF_AVX512 ? "avx512" : "portable"; }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("group_norm", &group_norm_cpu);
