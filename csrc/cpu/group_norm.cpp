@@ -164,13 +164,13 @@ inline void chunk_sums(const T* x, int64_t n, float pivot, float& sum_out, float
   sq_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(q[0], q[1]), _mm512_add_ps(q[2], q[3])));
 }
 
-// Channels-last statistics of one chunk of `rows` rows of C fp32 values (rows <= kOnePassRows): per channel, the
-// mean relative to the pivot K[c] and the M2. One pass in memory order (the hardware prefetchers see one
-// sequential stream; walking the chunk 64 channels at a time, row stride C, was 1.6-2x slower on this Zen 4),
-// eight rows per sweep along a block of up to kAccC channels whose running sums wait in L1. Sums of d = x - P and
-// d^2 with P the channel's value in the chunk's first row, M2 = sum d^2 - (sum d)^2 / rows: as P is one of the
-// values, (P - mean)^2 <= M2, so the subtraction loses at most a factor rows + 1 of precision (7.7e-6 relative
-// at 128 rows).
+// Channels-last statistics of one chunk of `rows` rows of C values (rows <= kOnePassRows; fp32, fp16 or bf16,
+// summed in fp32): per channel, the mean relative to the pivot K[c] and the M2. One pass in memory order (the
+// hardware prefetchers see one sequential stream; walking the chunk 64 channels at a time, row stride C, was
+// 1.6-2x slower on this Zen 4), eight rows per sweep along a block of up to kAccC channels whose running sums wait
+// in L1. Sums of d = x - P and d^2 with P the channel's value in the chunk's first row,
+// M2 = sum d^2 - (sum d)^2 / rows: as P is one of the values, (P - mean)^2 <= M2, so the subtraction loses at most
+// a factor rows + 1 of precision (7.7e-6 relative at 128 rows).
 constexpr int64_t kOnePassRows = 128;
 constexpr int64_t kAccC = 512;
 
