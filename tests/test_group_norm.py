@@ -156,6 +156,43 @@ def test_statistics_with_offset_and_outliers(backend, device, channels_last, N):
     torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
 
 
+# Many small (n, group) blocks, where the CPU kernel claims several blocks at a time and applies rows shorter than
+# 64 values across their boundaries (apply_short_rows in csrc/cpu/group_norm.cpp): no spatial dims (one value per
+# channel; 10.5 MB, so y is also streamed), 3x3 and 7x9 maps (partial vectors inside and across rows), 4x4 maps of
+# 40-channel groups. Against float64, with every gradient, and bit-identical on one thread and two.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("shape,G", [((2048, 1280), 32), ((96, 64, 3, 3), 32), ((5, 48, 7, 9), 16),
+                                     ((16, 1280, 4, 4), 32)], ids=["0d-streamed", "3x3", "7x9", "4x4"])
+def test_many_short_rows(shape, G):
+    x, p = make_inputs(shape, G, torch.float32, "cpu", mean=3.0, spread=2.0)
+    leaves = [t.detach().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
+    y = ops.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu",
+                       backend="cpu")
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.group_norm(leaves64[0], G, *leaves64[1:3], scale=leaves64[3], shift=leaves64[4],
+                               activation="silu")
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(ref, leaves64, gy.double())
+    for name, g, w in zip(("x", "weight", "bias", "scale", "shift"), got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-3 * max(1.0, w.abs().max().item()), rtol=1e-3,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = ops.group_norm(x, G, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
+                            backend="cpu")
+        g1 = torch.ops.fastdiff.group_norm_backward(gy, x, *torch.ops.fastdiff.group_norm(
+            x, G, p["weight"], p["bias"], p["scale"], p["shift"], 1e-5, "silu")[1:], G, p["weight"], p["bias"],
+            p["scale"], p["shift"], "silu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y.detach())
+    assert all(torch.equal(a, b) for a, b in zip(g1, got))
+
+
 # Wide channels-last rows: the CPU's fp32 statistics sum up to 512 channels at a time (kAccC in
 # csrc/cpu/group_norm.cpp), so 1048 channels are two full blocks and a partial one ending in a partial vector
 # (24 = 16 + 8); 150 rows per sample are chunks of 39 rows (an odd count for the two-row steps) and a shorter last

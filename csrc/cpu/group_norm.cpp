@@ -106,22 +106,24 @@ inline __m512 silu_grad16(__m512 z, __m512 u) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// y[i] = act(a (x[i] - K) + b) for n values (fp32, fp16 or bf16; the math in fp32): a, b, K one value each
-// (kVec = false) or fp32 arrays like x. prefetch: n values to bring into L2 meanwhile (one prefetch per 16
-// values), or nullptr. kStream: the full vectors of y by non-temporal stores.
+// y[i] = act(a (x[i] - K) + b) for n values (fp32, fp16 or bf16; the math in fp32), K one value: a, b one value
+// each (kVec = false), or per-value fp32 arrays (kVec = true) with ua, ub = -log2(e) a, b beside them. prefetch: n
+// values to bring into L2 meanwhile (one prefetch per 16 values), or nullptr. kStream: the full vectors of y by
+// non-temporal stores.
 template <bool kSilu, bool kVec, bool kStream = false, typename T>
-inline void apply_vec(const T* x, T* y, int64_t n, const float* a, const float* b, const float* K,
-                      const T* prefetch = nullptr) {
-  __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vk = _mm512_set1_ps(K[0]);
+inline void apply_vec(const T* x, T* y, int64_t n, const float* a, const float* b, float K,
+                      const T* prefetch = nullptr, const float* ua_v = nullptr, const float* ub_v = nullptr) {
+  __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]);
   __m512 ua = _mm512_set1_ps(-a[0] * kLog2e), ub = _mm512_set1_ps(-b[0] * kLog2e);
-  const __m512 nl2e = _mm512_set1_ps(-kLog2e);
+  const __m512 vk = _mm512_set1_ps(K);
   auto step = [&](int64_t i, __mmask16 m) {
     if constexpr (kVec) {
-      va = load16(a + i, m);
-      vb = load16(b + i, m);
-      vk = load16(K + i, m);
-      ua = _mm512_mul_ps(va, nl2e);
-      ub = _mm512_mul_ps(vb, nl2e);
+      va = _mm512_maskz_loadu_ps(m, a + i);
+      vb = _mm512_maskz_loadu_ps(m, b + i);
+      if constexpr (kSilu) {
+        ua = _mm512_maskz_loadu_ps(m, ua_v + i);
+        ub = _mm512_maskz_loadu_ps(m, ub_v + i);
+      }
     }
     if (prefetch != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i), _MM_HINT_T1);
     const __m512 d = _mm512_sub_ps(load16(x + i, m), vk);
@@ -138,6 +140,52 @@ inline void apply_vec(const T* x, T* y, int64_t n, const float* a, const float* 
   }
   for (; i + 16 <= n; i += 16) step(i, 0xffff);
   if (i < n) step(i, lane_mask(n - i));
+}
+
+// Channel rows shorter than this (S values) are applied by apply_short_rows, not one call per row.
+constexpr int64_t kShortRow = 64;
+constexpr int64_t kExpand = 1024;  // values per expanded chunk of apply_short_rows (4 x 4 KB of parameters, in L1)
+
+// y = act(a[r] (x - K) + b[r]) over `rows` contiguous channel rows of S < kShortRow values each (one (n, group)
+// block of a channels-first input with a small map, 1x1 to 7x7, or no spatial dims at all): a call per row would
+// cost more than its few values, so one vector loop runs across the row boundaries, on the parameters themselves
+// where S = 1, else on each row's parameters broadcast over its S values into L1 buffers, kExpand values at a
+// time. p: a, b, ua = -log2(e) a, ub = -log2(e) b, `rows` values each.
+template <typename T, bool kSilu, bool kStream>
+void apply_short_rows(const T* x, T* y, int64_t rows, int64_t S, const float* p, float K, const T* prefetch) {
+  const float *a = p, *b = p + rows, *ua = p + 2 * rows, *ub = p + 3 * rows;
+  if (S == 1) {
+    apply_vec<kSilu, true, kStream>(x, y, rows, a, b, K, prefetch, ua, ub);
+    return;
+  }
+  alignas(64) float av[kExpand], bv[kExpand], uav[kExpand], ubv[kExpand];
+  const int64_t per = std::max<int64_t>(1, kExpand / S);  // rows per chunk
+  for (int64_t r0 = 0; r0 < rows; r0 += per) {
+    const int64_t r1 = std::min(rows, r0 + per);
+    int64_t n = 0;
+    for (int64_t r = r0; r < r1; ++r, n += S) {
+      const __m512 va = _mm512_set1_ps(a[r]), vb = _mm512_set1_ps(b[r]);
+      const __m512 vua = _mm512_set1_ps(ua[r]), vub = _mm512_set1_ps(ub[r]);
+      for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 m = lane_mask(S - s);
+        _mm512_mask_storeu_ps(av + n + s, m, va);
+        _mm512_mask_storeu_ps(bv + n + s, m, vb);
+        if (kSilu) {
+          _mm512_mask_storeu_ps(uav + n + s, m, vua);
+          _mm512_mask_storeu_ps(ubv + n + s, m, vub);
+        }
+      }
+    }
+    apply_vec<kSilu, true, kStream>(x + r0 * S, y + r0 * S, n, av, bv, K, prefetch ? prefetch + r0 * S : nullptr,
+                                    uav, ubv);
+  }
+}
+
+// apply_short_rows for the activation and store kind chosen at run time.
+template <typename T>
+auto apply_short_rows_fn(bool silu, bool stream) {
+  return silu ? (stream ? apply_short_rows<T, true, true> : apply_short_rows<T, true, false>)
+              : (stream ? apply_short_rows<T, false, true> : apply_short_rows<T, false, false>);
 }
 
 // Sums of d = x - pivot and of d^2 over n fp32 values in one pass, four accumulators each (the loop is otherwise
@@ -224,6 +272,7 @@ inline void rows_stats(const T* p, int64_t rows, int64_t C, const float* K, floa
 #endif
 
 constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
+constexpr int64_t kClaimValues = 16384; // values per claim of the channels-first per-group path
 constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
 constexpr int64_t kStatsValues = 40960; // values per row chunk of the AVX-512 channels-last statistics (160 KB of
                                         // fp32; counted in values so fp16/bf16 chunk exactly as fp32 does)
@@ -265,6 +314,39 @@ Param param_f32(const c10::optional<at::Tensor>& t) {
   r.s1 = r.keep.dim() > 1 ? r.keep.stride(1) : 0;
   return r;
 }
+
+#if FASTDIFF_AVX512
+// Values c .. c + 15 (the lanes in m) of an optional parameter along its channel dim: off is the element offset of
+// the first one, stride the channel stride; dflt where the parameter is absent.
+inline __m512 param16(const Param& p, int64_t off, int64_t stride, __mmask16 m, float dflt) {
+  if (p.p == nullptr) return _mm512_set1_ps(dflt);
+  if (stride == 1) return _mm512_maskz_loadu_ps(m, p.p + off);
+  alignas(64) float v[16] = {};
+  for (int i = 0; i < 16; ++i)
+    if (m >> i & 1) v[i] = p.p[off + i * stride];
+  return _mm512_load_ps(v);
+}
+
+// gn_fold for the cpg channels c0 .. of sample n, 16 at a time, with the group's rstd r and mean mu in the pivot's
+// frame: out receives a, b (b - a mu), and -log2(e) times each, cpg values each (apply_short_rows's p).
+inline void fold_block(const Param& w, const Param& b, const Param& s, const Param& t, int64_t n, int64_t c0,
+                       int64_t cpg, float r, float mu, float* out) {
+  const __m512 vr = _mm512_set1_ps(r), vmu = _mm512_set1_ps(mu), nl2e = _mm512_set1_ps(-kLog2e);
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < cpg; i += 16) {
+    const __mmask16 m = lane_mask(cpg - i);
+    const int64_t c = c0 + i;
+    const __m512 k = _mm512_add_ps(one, param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f));
+    const __m512 a = _mm512_mul_ps(_mm512_mul_ps(vr, param16(w, c * w.s0, w.s0, m, 1.f)), k);
+    const __m512 b0 = _mm512_fmadd_ps(param16(b, c * b.s0, b.s0, m, 0.f), k, param16(t, n * t.s0 + c * t.s1, t.s1, m, 0.f));
+    const __m512 bb = _mm512_fnmadd_ps(a, vmu, b0);
+    _mm512_mask_storeu_ps(out + i, m, a);
+    _mm512_mask_storeu_ps(out + cpg + i, m, bb);
+    _mm512_mask_storeu_ps(out + 2 * cpg + i, m, _mm512_mul_ps(a, nl2e));
+    _mm512_mask_storeu_ps(out + 3 * cpg + i, m, _mm512_mul_ps(bb, nl2e));
+  }
+}
+#endif
 
 // The portable passes (and the fp16/bf16 backward) work on blocks of kBlock values: convert to fp32, do the math
 // on the fp32 block, convert back. Keeping dtype conversion out of the math loops lets every math loop
@@ -394,7 +476,7 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
 template <typename T, bool kSilu, bool kStream = false>
 inline void apply_row(const T* x, T* y, int64_t S, float a, float b, float K, const T* prefetch = nullptr) {
 #if FASTDIFF_AVX512
-  apply_vec<kSilu, false, kStream>(x, y, S, &a, &b, &K, prefetch);
+  apply_vec<kSilu, false, kStream>(x, y, S, &a, &b, K, prefetch);
 #else
   float buf[kBlock];
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
@@ -919,39 +1001,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     // over the block as one row (chunks of kChunk values across channel boundaries), so small maps (8 x 8) do
     // not pay a reduction per channel. While a block is applied (compute-bound: the SiLU), the next block of the
     // task is prefetched into L2 for its statistics (memory-bound).
-    // Blocks are handed out one at a time from a shared counter (a thread takes its next block before it works
-    // on the current one, so it knows what to prefetch): on a machine shared with other work, a thread slowed
-    // down leaves its blocks to the others instead of holding up the call. A block is computed the same way
-    // whichever thread takes it, so results stay bit-identical run to run.
+    // Blocks are handed out from a shared counter, a batch of up to kClaimValues values at a time and at least
+    // eight batches per thread (one block where blocks are large; many 1x1 or 4x4 ones, where a claim per block
+    // would cost more than the block): on
+    // a machine shared with other work, a thread slowed down leaves its blocks to the others instead of holding
+    // up the call. A thread claims its next batch before it works on the current one, so it knows what to
+    // prefetch. A block is computed the same way whichever thread takes it, so results stay bit-identical run
+    // to run. Rows shorter than kShortRow are applied across their boundaries (apply_short_rows).
     const int64_t cpg = sh.cpg, S = sh.S, blocks = N * G;
+    const int64_t batch = std::max<int64_t>(
+        1, std::min(kClaimValues / std::max<int64_t>(1, cpg * S), blocks / (8 * at::get_num_threads())));
     const bool stream = stream_output(x);  // y by non-temporal stores
+#if FASTDIFF_AVX512
+    const bool short_rows = S < kShortRow;
+#else
+    const bool short_rows = false;
+#endif
     std::atomic<int64_t> counter{0};
     FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
       const scalar_t* px = x.const_data_ptr<scalar_t>();
       scalar_t* py = y.data_ptr<scalar_t>();
       auto block = [&](int64_t ng) { return px + ((ng / G) * C + (ng % G) * cpg) * S; };
       auto fn = apply_row_fn<scalar_t>(act_code == 1, stream);
-      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
-        int64_t ng = counter.fetch_add(1);
-        while (ng < blocks) {
-          const int64_t following = counter.fetch_add(1);
-          const int64_t n = ng / G, c0 = (ng % G) * cpg;
-          const scalar_t* base = block(ng);
-          const scalar_t* next = following < blocks ? block(following) : nullptr;
-          const float K = static_cast<float>(base[0]);
-          float mu, m2;
-          row_stats(base, cpg * S, K, mu, m2);
-          const float r = 1.f / std::sqrt(std::max(m2 / static_cast<float>(cpg * S), 0.f) + static_cast<float>(eps));
-          pm[ng] = K + mu;
-          pr[ng] = r;
-          for (int64_t c = c0; c < c0 + cpg; ++c) {
-            const int64_t nc = n * C + c;
-            float a, bb;
-            gn_fold(0.f, r, w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), a, bb);
-            bb -= a * mu;
-            fn(px + nc * S, py + nc * S, S, a, bb, K, next ? next + (c - c0) * S : nullptr);
+#if FASTDIFF_AVX512
+      auto short_fn = apply_short_rows_fn<scalar_t>(act_code == 1, stream);
+#endif
+      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks + batch - 1) / batch), 1,
+                       [&](int64_t, int64_t) {
+        std::vector<float> ab(short_rows ? 4 * cpg : 0);  // the block's a, b, ua, ub for apply_short_rows
+        int64_t b0 = counter.fetch_add(batch);
+        while (b0 < blocks) {
+          const int64_t b1 = std::min(blocks, b0 + batch);
+          const int64_t following = counter.fetch_add(batch);  // the next batch
+          for (int64_t ng = b0; ng < b1; ++ng) {
+            const int64_t next_ng = ng + 1 < b1 ? ng + 1 : following;
+            const int64_t n = ng / G, c0 = (ng % G) * cpg;
+            const scalar_t* base = block(ng);
+            const scalar_t* next = next_ng < blocks ? block(next_ng) : nullptr;
+            const float K = static_cast<float>(base[0]);
+            float mu, m2;
+            row_stats(base, cpg * S, K, mu, m2);
+            const float r =
+                1.f / std::sqrt(std::max(m2 / static_cast<float>(cpg * S), 0.f) + static_cast<float>(eps));
+            pm[ng] = K + mu;
+            pr[ng] = r;
+#if FASTDIFF_AVX512
+            if (short_rows) {
+              fold_block(w, b, s, t, n, c0, cpg, r, mu, ab.data());
+              short_fn(base, py + (base - px), cpg, S, ab.data(), K, next);
+              continue;
+            }
+#endif
+            for (int64_t c = c0; c < c0 + cpg; ++c) {
+              float a, bb;
+              gn_fold(0.f, r, w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), a, bb);
+              bb -= a * mu;
+              const int64_t nc = n * C + c;
+              fn(px + nc * S, py + nc * S, S, a, bb, K, next ? next + (c - c0) * S : nullptr);
+            }
           }
-          ng = following;
+          b0 = following;
         }
 #if FASTDIFF_AVX512
         if (stream) _mm_sfence();  // order this thread's non-temporal stores before the region ends
@@ -968,12 +1077,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
   const float S = static_cast<float>(sh.S);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
-      float cnt = 0.f, mu = 0.f, m2 = 0.f;
-      for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c)
-        chan_merge(cnt, mu, m2, S, cmean[n * C + c], cm2[n * C + c]);
+      // the group's channels all count S values: mean of the channel means, then M2 = sum M2_c + S sum (mu_c -
+      // mu)^2 (the two-pass form of Chan's merge for equal counts, no division per channel)
+      const float* cmu = cmean.data() + n * C + g * sh.cpg;
+      const float* cq = cm2.data() + n * C + g * sh.cpg;
+      float mu = 0.f, q = 0.f, dev = 0.f;
+      for (int64_t c = 0; c < sh.cpg; ++c) mu += cmu[c];
+      mu /= static_cast<float>(sh.cpg);
+      for (int64_t c = 0; c < sh.cpg; ++c) {
+        const float d = cmu[c] - mu;
+        q += cq[c];
+        dev += d * d;
+      }
+      const float m2 = q + S * dev;
       mrel[n * G + g] = mu;
       pm[n * G + g] = Kc[n * C + g * sh.cpg] + mu;
-      pr[n * G + g] = 1.f / std::sqrt(std::max(m2 / cnt, 0.f) + static_cast<float>(eps));
+      pr[n * G + g] = 1.f / std::sqrt(std::max(m2 / (S * static_cast<float>(sh.cpg)), 0.f) + static_cast<float>(eps));
     }
   fold(sh, mrel.data(), pr, w, b, s, t, A.data(), B.data(), mean_c.data());
   FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
