@@ -273,6 +273,7 @@ inline void rows_stats(const T* p, int64_t rows, int64_t C, const float* K, floa
 
 constexpr int64_t kChunk = 2048;        // elements per statistics chunk (channels-first)
 constexpr int64_t kClaimValues = 16384; // values per claim of the channels-first per-group path
+constexpr int64_t kPerChannelGrain = 16384;  // (n, c) per task of the per-channel folds, run in parallel from there
 constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
 constexpr int64_t kStatsValues = 40960; // values per row chunk of the AVX-512 channels-last statistics (160 KB of
                                         // fp32; counted in values so fp16/bf16 chunk exactly as fp32 does)
@@ -686,6 +687,89 @@ inline void bwd_apply16(__mmask16 m, const float* x, const float* gz, float* gx,
   _mm512_mask_storeu_ps(gx, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, gz), _mm512_fmadd_ps(q, c, r)));
 }
 
+// The channels-first fp32 backward for rows shorter than 16 values (maps of 1x1 to 3x5, or no spatial dims): the
+// same two passes as backward_f32_avx512's, but each runs one vector loop across the row boundaries, on the
+// per-row parameters themselves where S = 1, else on them broadcast over each row's S values into L1 buffers
+// (kExpand values at a time); the sums pass writes gz and gz (d - mu) per value and adds each row's S of them in
+// order afterwards (S = 1: they are the sums).
+template <bool kSilu, typename Fold>
+void backward_short_rows(const float* gy, const float* x, float* gx, const float* A, const float* B,
+                         const float* Kc, const float* mean_c, const float* P, const float* Q, const float* Rr,
+                         const Shape& sh, float* S1, float* S2, Fold&& fold) {
+  const int64_t rows = sh.N * sh.C, S = sh.S;
+  const int64_t per = std::max<int64_t>(1, kExpand / S);  // rows per chunk
+  const int64_t chunks = (rows + per - 1) / per;
+  const int64_t grain = std::max<int64_t>(1, kClaimValues / (per * S));
+  const float* gz = kSilu ? gx : gy;  // what the apply pass reads
+  const __m512 nl2e = _mm512_set1_ps(-kLog2e);
+  // ptr[j] for this chunk: the per-row array src[j] + r0 itself (S = 1), or it broadcast into buf[j]
+  auto params = [&](int64_t r0, int64_t r1, int count, const float* const* src, float (*buf)[kExpand],
+                    const float** ptr) {
+    for (int j = 0; j < count; ++j) {
+      if (S == 1) {
+        ptr[j] = src[j] + r0;
+        continue;
+      }
+      for (int64_t r = r0, o = 0; r < r1; ++r, o += S) {
+        const __m512 v = _mm512_set1_ps(src[j][r]);
+        for (int64_t i = 0; i < S; i += 16) _mm512_mask_storeu_ps(buf[j] + o + i, lane_mask(S - i), v);
+      }
+      ptr[j] = buf[j];
+    }
+  };
+  at::parallel_for(0, chunks, grain, [&](int64_t cb, int64_t ce) {
+    alignas(64) float buf[4][kExpand], t1[kExpand], t2[kExpand];
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t r0 = ch * per, r1 = std::min(rows, r0 + per), o = r0 * S, n = (r1 - r0) * S;
+      const float* src[4] = {A, B, Kc, mean_c};
+      const float* p[4];
+      params(r0, r1, 4, src, buf, p);
+      float* o1 = S == 1 ? S1 + r0 : t1;
+      float* o2 = S == 1 ? S2 + r0 : t2;
+      for_vectors(n, [&](int64_t i, __mmask16 m) {
+        const __m512 a = _mm512_maskz_loadu_ps(m, p[0] + i), b = _mm512_maskz_loadu_ps(m, p[1] + i);
+        const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + o + i), _mm512_maskz_loadu_ps(m, p[2] + i));
+        __m512 g = _mm512_maskz_loadu_ps(m, gy + o + i);
+        if constexpr (kSilu) {
+          g = _mm512_mul_ps(g, silu_grad16(_mm512_fmadd_ps(a, d, b),
+                                           _mm512_fmadd_ps(_mm512_mul_ps(a, nl2e), d, _mm512_mul_ps(b, nl2e))));
+          _mm512_mask_storeu_ps(gx + o + i, m, g);
+        }
+        _mm512_mask_storeu_ps(o1 + i, m, g);
+        _mm512_mask_storeu_ps(o2 + i, m, _mm512_mul_ps(g, _mm512_sub_ps(d, _mm512_maskz_loadu_ps(m, p[3] + i))));
+      });
+      if (S > 1)
+        for (int64_t r = r0, k = 0; r < r1; ++r, k += S) {
+          float a1 = 0.f, a2 = 0.f;
+          for (int64_t i = 0; i < S; ++i) {
+            a1 += t1[k + i];
+            a2 += t2[k + i];
+          }
+          S1[r] = a1;
+          S2[r] = a2;
+        }
+    }
+  });
+  fold();
+  at::parallel_for(0, chunks, grain, [&](int64_t cb, int64_t ce) {
+    alignas(64) float buf[5][kExpand];
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t r0 = ch * per, r1 = std::min(rows, r0 + per), o = r0 * S, n = (r1 - r0) * S;
+      const float* src[5] = {P, Q, Rr, Kc, mean_c};
+      const float* p[5];
+      params(r0, r1, 5, src, buf, p);
+      for_vectors(n, [&](int64_t i, __mmask16 m) {
+        const __m512 c = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + o + i), _mm512_maskz_loadu_ps(m, p[3] + i)),
+                                       _mm512_maskz_loadu_ps(m, p[4] + i));
+        const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p[0] + i), _mm512_maskz_loadu_ps(m, gz + o + i),
+                                         _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p[1] + i), c,
+                                                         _mm512_maskz_loadu_ps(m, p[2] + i)));
+        _mm512_mask_storeu_ps(gx + o + i, m, v);
+      });
+    }
+  });
+}
+
 // fold() turns S1, S2 into P, Q, Rr between the two passes.
 template <bool kSilu, typename Fold>
 void backward_f32_avx512(const float* gy, const float* x, float* gx, const float* A, const float* B,
@@ -694,6 +778,10 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const float* gz = kSilu ? gx : gy;  // what the apply pass reads
   auto bc = [](float v) { return _mm512_set1_ps(v); };
+  if (sh.layout == Layout::kChannelsFirst && S < 16) {
+    backward_short_rows<kSilu>(gy, x, gx, A, B, Kc, mean_c, P, Q, Rr, sh, S1, S2, fold);
+    return;
+  }
   if (sh.layout == Layout::kChannelsFirst) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
@@ -910,13 +998,20 @@ void group_pivots(const T* x, const Shape& sh, float* Kc) {
 //   A = rstd w (1 + s),  B = (b (1 + s) + t) - A mrel;  mean_c receives mrel per channel.
 void fold(const Shape& sh, const float* mrel, const float* rstd, const Param& w, const Param& b, const Param& s,
           const Param& t, float* A, float* B, float* mean_c) {
-  for (int64_t n = 0; n < sh.N; ++n)
-    for (int64_t c = 0; c < sh.C; ++c) {
-      const int64_t ng = n * sh.G + c / sh.cpg, nc = n * sh.C + c;
-      gn_fold(0.f, rstd[ng], w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), A[nc], B[nc]);
-      B[nc] -= A[nc] * mrel[ng];
-      mean_c[nc] = mrel[ng];
-    }
+  // parallel over samples once there are many (n, c): at 1x1 maps this loop costs as much as the passes
+  at::parallel_for(0, sh.N, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(sh.C, 1)), [&](int64_t n0,
+                                                                                                     int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < sh.G; ++g) {
+        const int64_t ng = n * sh.G + g;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          const int64_t nc = n * sh.C + c;
+          gn_fold(0.f, rstd[ng], w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), A[nc], B[nc]);
+          B[nc] -= A[nc] * mrel[ng];
+          mean_c[nc] = mrel[ng];
+        }
+      }
+  });
 }
 
 // The last-level cache's size (from sysfs; 32 MiB where it cannot be read).
@@ -1139,26 +1234,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   float* s1 = S1.data_ptr<float>();
   float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
   const float M = static_cast<float>(sh.cpg * sh.S);
+  const int64_t nc_grain = std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(C, 1));  // samples per task
   auto fold_pqr = [&] {  // grad_x = P gz + Q (x - mean) + R per (n, c), from S1 and S2
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t g = 0; g < G; ++g) {
-        const float r = pr[n * G + g];
-        float m1 = 0.f, m2 = 0.f;
-        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-          const int64_t nc = n * C + c;
-          const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
-          m1 += gc * s1[nc];
-          m2 += gc * s2[nc] * r;
+    at::parallel_for(0, N, nc_grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t g = 0; g < G; ++g) {
+          const float r = pr[n * G + g];
+          float m1 = 0.f, m2 = 0.f;
+          for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+            const int64_t nc = n * C + c;
+            const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
+            m1 += gc * s1[nc];
+            m2 += gc * s2[nc] * r;
+          }
+          m1 /= M;
+          m2 /= M;
+          for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+            const int64_t nc = n * C + c;
+            P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
+            Q[nc] = -r * r * m2;
+            Rr[nc] = -r * m1;
+          }
         }
-        m1 /= M;
-        m2 /= M;
-        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-          const int64_t nc = n * C + c;
-          P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
-          Q[nc] = -r * r * m2;
-          Rr[nc] = -r * m1;
-        }
-      }
+    });
   };
   bool done = false;
 #if FASTDIFF_AVX512
@@ -1197,15 +1295,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor gw32 = at::zeros({C}, S1.options()), gb32 = at::zeros({C}, S1.options());
   at::Tensor gs32 = at::empty({N, C}, S1.options());
   float *gwp = gw32.data_ptr<float>(), *gbp = gb32.data_ptr<float>(), *gsp = gs32.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t nc = n * C + c;
-      const float xs = s2[nc] * pr[n * G + c / sh.cpg];
-      const float one_s = 1.f + s.at(n, c, 0.f);
-      gwp[c] += one_s * xs;
-      gbp[c] += one_s * s1[nc];
-      gsp[nc] = xs * w.at(c, 1.f) + s1[nc] * b.at(c, 0.f);
-    }
+  // parallel over channel ranges (each channel's sums over n stay in order: deterministic)
+  at::parallel_for(0, C, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(N, 1)), [&](int64_t c0,
+                                                                                                int64_t c1) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = c0, g = c0 / sh.cpg, k = c0 % sh.cpg; c < c1; ++c, k = k + 1 == sh.cpg ? (++g, 0) : k + 1) {
+        const int64_t nc = n * C + c;
+        const float xs = s2[nc] * pr[n * G + g];
+        const float one_s = 1.f + s.at(n, c, 0.f);
+        gwp[c] += one_s * xs;
+        gbp[c] += one_s * s1[nc];
+        gsp[nc] = xs * w.at(c, 1.f) + s1[nc] * b.at(c, 0.f);
+      }
+  });
   auto empty = [&] { return at::empty({0}, x.options()); };  // distinct tensors: outputs must not alias
   at::Tensor g_w = weight.has_value() ? gw32.to(weight->scalar_type()) : empty();
   at::Tensor g_b = bias.has_value() ? gb32.to(bias->scalar_type()) : empty();
