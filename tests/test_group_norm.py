@@ -141,12 +141,14 @@ def test_outputs_of_32_mib_and_more(channels_last):
 
 # Groups of many statistics chunks (16384 values: 8 chunks of 2048 on the CPU), once per (n, group) task
 # (N * G >= 4 threads) and once per channel, with an offset 1e5 times the spread and outliers at each
-# channel's start, where the chunks' own pivots are taken.
+# channel's start, where the chunks' own pivots are taken; and small maps (8x8: one task per sample in
+# channels-last; 3x5: rows shorter than a vector in channels-first).
 @pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("N", [1, 4], ids=["per-channel", "per-group"])
-def test_statistics_with_offset_and_outliers(backend, device, channels_last, N):
-    x, p = make_inputs((N, 8, 64, 64), 2, torch.float32, device, channels_last=channels_last, mean=100.0,
+@pytest.mark.parametrize("shape", [(1, 8, 64, 64), (4, 8, 64, 64), (4, 8, 8, 8), (4, 8, 3, 5)],
+                         ids=["per-channel", "per-group", "8x8", "3x5"])
+def test_statistics_with_offset_and_outliers(backend, device, channels_last, shape):
+    x, p = make_inputs(shape, 2, torch.float32, device, channels_last=channels_last, mean=100.0,
                        spread=0.001)
     x[:, :, 0, :3] += torch.tensor([0.5, -0.3, 0.2], device=device)  # 500, 300, 200 times the spread
     y = ops.group_norm(x, 2, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"], activation="silu",
@@ -157,14 +159,18 @@ def test_statistics_with_offset_and_outliers(backend, device, channels_last, N):
 
 
 # Many small (n, group) blocks, where the CPU kernel claims several blocks at a time and applies rows shorter than
-# 64 values across their boundaries (apply_short_rows in csrc/cpu/group_norm.cpp): no spatial dims (one value per
-# channel; 10.5 MB, so y is also streamed), 3x3 and 7x9 maps (partial vectors inside and across rows), 4x4 maps of
-# 40-channel groups. Against float64, with every gradient, and bit-identical on one thread and two.
+# 64 values across their boundaries (apply_short_rows in csrc/cpu/group_norm.cpp; backward_short_rows below 16):
+# no spatial dims (one value per channel; 10.5 MB, so y is also streamed), 3x3 and 7x9 maps (partial vectors inside
+# and across rows), 4x4 maps of 40-channel groups; channels-last, the same maps run one task per sample. Against
+# float64, with every gradient, and bit-identical on one thread and two.
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,G", [((2048, 1280), 32), ((96, 64, 3, 3), 32), ((5, 48, 7, 9), 16),
                                      ((16, 1280, 4, 4), 32)], ids=["0d-streamed", "3x3", "7x9", "4x4"])
-def test_many_short_rows(shape, G):
-    x, p = make_inputs(shape, G, torch.float32, "cpu", mean=3.0, spread=2.0)
+def test_many_short_rows(shape, G, channels_last):
+    if channels_last and len(shape) < 3:
+        pytest.skip("no spatial dims: one layout only")
+    x, p = make_inputs(shape, G, torch.float32, "cpu", mean=3.0, spread=2.0, channels_last=channels_last)
     leaves = [t.detach().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
     y = ops.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu",
                        backend="cpu")

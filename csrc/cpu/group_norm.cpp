@@ -329,9 +329,9 @@ inline __m512 param16(const Param& p, int64_t off, int64_t stride, __mmask16 m, 
 }
 
 // gn_fold for the cpg channels c0 .. of sample n, 16 at a time, with the group's rstd r and mean mu in the pivot's
-// frame: out receives a, b (b - a mu), and -log2(e) times each, cpg values each (apply_short_rows's p).
+// frame: a_out, b_out receive a and b - a mu, ua_out, ub_out (when not null) -log2(e) times each, cpg values each.
 inline void fold_block(const Param& w, const Param& b, const Param& s, const Param& t, int64_t n, int64_t c0,
-                       int64_t cpg, float r, float mu, float* out) {
+                       int64_t cpg, float r, float mu, float* a_out, float* b_out, float* ua_out, float* ub_out) {
   const __m512 vr = _mm512_set1_ps(r), vmu = _mm512_set1_ps(mu), nl2e = _mm512_set1_ps(-kLog2e);
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < cpg; i += 16) {
@@ -341,10 +341,12 @@ inline void fold_block(const Param& w, const Param& b, const Param& s, const Par
     const __m512 a = _mm512_mul_ps(_mm512_mul_ps(vr, param16(w, c * w.s0, w.s0, m, 1.f)), k);
     const __m512 b0 = _mm512_fmadd_ps(param16(b, c * b.s0, b.s0, m, 0.f), k, param16(t, n * t.s0 + c * t.s1, t.s1, m, 0.f));
     const __m512 bb = _mm512_fnmadd_ps(a, vmu, b0);
-    _mm512_mask_storeu_ps(out + i, m, a);
-    _mm512_mask_storeu_ps(out + cpg + i, m, bb);
-    _mm512_mask_storeu_ps(out + 2 * cpg + i, m, _mm512_mul_ps(a, nl2e));
-    _mm512_mask_storeu_ps(out + 3 * cpg + i, m, _mm512_mul_ps(bb, nl2e));
+    _mm512_mask_storeu_ps(a_out + i, m, a);
+    _mm512_mask_storeu_ps(b_out + i, m, bb);
+    if (ua_out != nullptr) {
+      _mm512_mask_storeu_ps(ua_out + i, m, _mm512_mul_ps(a, nl2e));
+      _mm512_mask_storeu_ps(ub_out + i, m, _mm512_mul_ps(bb, nl2e));
+    }
   }
 }
 #endif
@@ -591,6 +593,35 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
   });
 }
 
+#if FASTDIFF_AVX512
+// y = act(a[c] (x - K[c]) + b[c]) over rows r0 .. r1 - 1 of one sample's channels-last rows of C values (x, y: its
+// row 0). Sweeps of up to 8 rows: along the channels, each 16 channels' parameters (with the SiLU's -log2(e)
+// multiples) are loaded once for the 8 rows, so memory is read and written as 8 sequential streams. stream: full
+// vectors of y by non-temporal stores (the caller fences).
+template <typename T, bool kSilu>
+inline void apply_cl_rows(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const float* a, const float* bb,
+                          const float* K, bool stream) {
+  for (int64_t b = r0; b < r1; b += 8) {
+    const int64_t e = std::min(r1, b + 8);
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 m = lane_mask(C - c);
+      const __m512 va = load16(a + c, m), vb = load16(bb + c, m), vk = load16(K + c, m);
+      const __m512 ua = _mm512_mul_ps(va, _mm512_set1_ps(-kLog2e)), ub = _mm512_mul_ps(vb, _mm512_set1_ps(-kLog2e));
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t off = row * C + c;
+        const __m512 d = _mm512_sub_ps(load16(x + off, m), vk);
+        const __m512 z = _mm512_fmadd_ps(va, d, vb);
+        const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
+        if (stream)
+          store16<true>(y + off, out, m);
+        else
+          store16(y + off, out, m);
+      }
+    }
+  }
+}
+#endif
+
 // y = act(A[n,c] (x - K[n,c]) + B[n,c])
 // stream: write fp32 y with non-temporal stores (see group_norm_cpu).
 template <typename T, bool kSilu>
@@ -608,28 +639,12 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
   }
 #if FASTDIFF_AVX512
   {
-    // Sweeps of up to 8 rows of one n (which share A, B, K): along the channels, each 16 channels' parameters
-    // (with the SiLU's -log2(e) multiples) are loaded once for the 8 rows, so memory is read and written as 8
-    // sequential streams.
+    // parallel over rows, each task's rows split at the samples' boundaries
     at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
       while (b < e) {
-        const int64_t n = b / S, r1 = std::min({e, (n + 1) * S, b + 8});  // rows b .. r1 - 1, all of sample n
-        const float *a = A + n * C, *bb = B + n * C, *K = Kc + n * C;
-        for (int64_t c = 0; c < C; c += 16) {
-          const __mmask16 m = lane_mask(C - c);
-          const __m512 va = load16(a + c, m), vb = load16(bb + c, m), vk = load16(K + c, m);
-          const __m512 ua = _mm512_mul_ps(va, _mm512_set1_ps(-kLog2e)), ub = _mm512_mul_ps(vb, _mm512_set1_ps(-kLog2e));
-          for (int64_t row = b; row < r1; ++row) {
-            const int64_t off = row * C + c;
-            const __m512 d = _mm512_sub_ps(load16(x + off, m), vk);
-            const __m512 z = _mm512_fmadd_ps(va, d, vb);
-            const __m512 out = kSilu ? silu16(z, _mm512_fmadd_ps(ua, d, ub)) : z;
-            if (stream)
-              store16<true>(y + off, out, m);
-            else
-              store16(y + off, out, m);
-          }
-        }
+        const int64_t n = b / S, r1 = std::min(e, (n + 1) * S);  // rows b .. r1 - 1, all of sample n
+        apply_cl_rows<T, kSilu>(x + n * S * C, y + n * S * C, b - n * S, r1 - n * S, C, A + n * C, B + n * C,
+                                Kc + n * C, stream);
         b = r1;
       }
       if (stream) _mm_sfence();
@@ -750,7 +765,7 @@ void backward_short_rows(const float* gy, const float* x, float* gx, const float
         }
     }
   });
-  fold();
+  at::parallel_for(0, sh.N, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(sh.C, 1)), fold);
   at::parallel_for(0, chunks, grain, [&](int64_t cb, int64_t ce) {
     alignas(64) float buf[5][kExpand];
     for (int64_t ch = cb; ch < ce; ++ch) {
@@ -770,7 +785,7 @@ void backward_short_rows(const float* gy, const float* x, float* gx, const float
   });
 }
 
-// fold() turns S1, S2 into P, Q, Rr between the two passes.
+// fold(n0, n1) turns S1, S2 of samples n0 .. n1 - 1 into their P, Q, Rr between the two passes.
 template <bool kSilu, typename Fold>
 void backward_f32_avx512(const float* gy, const float* x, float* gx, const float* A, const float* B,
                          const float* Kc, const float* mean_c, const float* P, const float* Q, const float* Rr,
@@ -778,6 +793,9 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const float* gz = kSilu ? gx : gy;  // what the apply pass reads
   auto bc = [](float v) { return _mm512_set1_ps(v); };
+  auto fold_all = [&] {
+    at::parallel_for(0, N, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(C, 1)), fold);
+  };
   if (sh.layout == Layout::kChannelsFirst && S < 16) {
     backward_short_rows<kSilu>(gy, x, gx, A, B, Kc, mean_c, P, Q, Rr, sh, S1, S2, fold);
     return;
@@ -796,12 +814,51 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
         S2[row] = _mm512_reduce_add_ps(s2);
       }
     });
-    fold();
+    fold_all();
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row)
         for (int64_t i = 0; i < S; i += 16)
           bwd_apply16(lane_mask(S - i), x + row * S + i, gz + row * S + i, gx + row * S + i, bc(P[row]), bc(Q[row]),
                       bc(Rr[row]), bc(Kc[row]), bc(mean_c[row]));
+    });
+    return;
+  }
+  // Channels-last, maps of up to kOnePassRows positions (8 x 8 and smaller): one task per sample for both passes
+  // and the fold between them (the sample's rows are re-read from L1/L2), one parallel region for the call.
+  if (S <= kOnePassRows && N >= at::get_num_threads()) {
+    at::parallel_for(0, N, std::max<int64_t>(1, kClaimValues / (S * C)), [&](int64_t n0, int64_t n1) {
+      std::vector<float> u(2 * C);  // -log2(e) A, -log2(e) B of the sample
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t nc0 = n * C;
+        for_vectors(C, [&](int64_t c, __mmask16 m) {
+          _mm512_mask_storeu_ps(u.data() + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, A + nc0 + c), bc(-kLog2e)));
+          _mm512_mask_storeu_ps(u.data() + C + c, m,
+                                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, B + nc0 + c), bc(-kLog2e)));
+        });
+        std::fill(S1 + nc0, S1 + nc0 + C, 0.f);
+        std::fill(S2 + nc0, S2 + nc0 + C, 0.f);
+        for (int64_t r = 0; r < S; ++r)
+          for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            const __mmask16 m = lane_mask(C - c0);
+            const int64_t o = nc0 + c0, off = (n * S + r) * C + c0;
+            __m512 s1 = _mm512_maskz_loadu_ps(m, S1 + o), s2 = _mm512_maskz_loadu_ps(m, S2 + o);
+            bwd_sums16<kSilu>(m, x + off, gy + off, gx + off, _mm512_maskz_loadu_ps(m, A + o),
+                              _mm512_maskz_loadu_ps(m, B + o), _mm512_maskz_loadu_ps(m, u.data() + c0),
+                              _mm512_maskz_loadu_ps(m, u.data() + C + c0), _mm512_maskz_loadu_ps(m, Kc + o),
+                              _mm512_maskz_loadu_ps(m, mean_c + o), s1, s2);
+            _mm512_mask_storeu_ps(S1 + o, m, s1);
+            _mm512_mask_storeu_ps(S2 + o, m, s2);
+          }
+        fold(n, n + 1);
+        for (int64_t r = 0; r < S; ++r)
+          for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            const __mmask16 m = lane_mask(C - c0);
+            const int64_t o = nc0 + c0, off = (n * S + r) * C + c0;
+            bwd_apply16(m, x + off, gz + off, gx + off, _mm512_maskz_loadu_ps(m, P + o),
+                        _mm512_maskz_loadu_ps(m, Q + o), _mm512_maskz_loadu_ps(m, Rr + o),
+                        _mm512_maskz_loadu_ps(m, Kc + o), _mm512_maskz_loadu_ps(m, mean_c + o));
+          }
+      }
     });
     return;
   }
@@ -848,7 +905,7 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
       }
     }
   }
-  fold();
+  fold_all();
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t nC = (row / S) * C;
@@ -992,6 +1049,23 @@ void group_pivots(const T* x, const Shape& sh, float* Kc) {
       const float K = sh.S > 0 ? static_cast<float>(x[idx]) : 0.f;
       for (int64_t c = c0; c < c0 + sh.cpg; ++c) Kc[n * sh.C + c] = K;
     }
+}
+
+// A group's mean (in its pivot's frame) and rstd from its cpg channels' means and M2s, each over S values: the
+// mean of the channel means, then M2 = sum M2_c + S sum (mu_c - mu)^2 (the two-pass form of Chan's merge for
+// equal counts, no division per channel).
+inline void group_stats(const float* cmu, const float* cq, int64_t cpg, float S, double eps, float& mu_out,
+                        float& rstd_out) {
+  float mu = 0.f, q = 0.f, dev = 0.f;
+  for (int64_t c = 0; c < cpg; ++c) mu += cmu[c];
+  mu /= static_cast<float>(cpg);
+  for (int64_t c = 0; c < cpg; ++c) {
+    const float d = cmu[c] - mu;
+    q += cq[c];
+    dev += d * d;
+  }
+  mu_out = mu;
+  rstd_out = 1.f / std::sqrt(std::max((q + S * dev) / (S * static_cast<float>(cpg)), 0.f) + static_cast<float>(eps));
 }
 
 // (A, B) per (n, c) for z = A (x - K) + B, from the group mean in K's frame (mrel) and rstd:
@@ -1142,7 +1216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
             pr[ng] = r;
 #if FASTDIFF_AVX512
             if (short_rows) {
-              fold_block(w, b, s, t, n, c0, cpg, r, mu, ab.data());
+              float* o = ab.data();
+              fold_block(w, b, s, t, n, c0, cpg, r, mu, o, o + cpg, o + 2 * cpg, o + 3 * cpg);
               short_fn(base, py + (base - px), cpg, S, ab.data(), K, next);
               continue;
             }
@@ -1164,6 +1239,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     });
     return {y, mean, rstd};
   }
+#if FASTDIFF_AVX512
+  if (sh.layout == Layout::kChannelsLast && sh.S <= kOnePassRows && N >= at::get_num_threads()) {
+    // Channels-last maps of up to kOnePassRows positions (8 x 8 and smaller): one task per sample, whose S rows
+    // of C values are read for their statistics (one rows_stats chunk) and again, from L1/L2, to apply; one
+    // parallel region for the whole call, and no per-(n, c) arrays beyond the task's own.
+    const int64_t cpg = sh.cpg, S = sh.S;
+    const bool stream = stream_output(x);
+    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
+      const scalar_t* px = x.const_data_ptr<scalar_t>();
+      scalar_t* py = y.data_ptr<scalar_t>();
+      auto apply_rows = act_code == 1 ? apply_cl_rows<scalar_t, true> : apply_cl_rows<scalar_t, false>;
+      at::parallel_for(0, N, std::max<int64_t>(1, kClaimValues / (S * C)), [&](int64_t n0, int64_t n1) {
+        std::vector<float> buf(5 * C);
+        float *K = buf.data(), *cmu = K + C, *cq = cmu + C, *a = cq + C, *bb = a + C;
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t* p = px + n * S * C;
+          for (int64_t g = 0; g < G; ++g)
+            std::fill(K + g * cpg, K + (g + 1) * cpg, static_cast<float>(p[g * cpg]));  // pivots: row 0's values
+          rows_stats(p, S, C, K, cmu, cq);
+          for (int64_t g = 0; g < G; ++g) {
+            float mu, r;
+            group_stats(cmu + g * cpg, cq + g * cpg, cpg, static_cast<float>(S), eps, mu, r);
+            pm[n * G + g] = K[g * cpg] + mu;
+            pr[n * G + g] = r;
+            fold_block(w, b, s, t, n, g * cpg, cpg, r, mu, a + g * cpg, bb + g * cpg, nullptr, nullptr);
+          }
+          apply_rows(p, py + n * S * C, 0, S, C, a, bb, K, stream);
+        }
+        if (stream) _mm_sfence();
+      });
+    });
+    return {y, mean, rstd};
+  }
+#endif
   std::vector<float> cmean(N * C), cm2(N * C), A(N * C), B(N * C), mean_c(N * C), Kc(N * C), mrel(N * G);
   FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
     group_pivots<scalar_t>(x.const_data_ptr<scalar_t>(), sh, Kc.data());
@@ -1172,22 +1281,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
   const float S = static_cast<float>(sh.S);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
-      // the group's channels all count S values: mean of the channel means, then M2 = sum M2_c + S sum (mu_c -
-      // mu)^2 (the two-pass form of Chan's merge for equal counts, no division per channel)
-      const float* cmu = cmean.data() + n * C + g * sh.cpg;
-      const float* cq = cm2.data() + n * C + g * sh.cpg;
-      float mu = 0.f, q = 0.f, dev = 0.f;
-      for (int64_t c = 0; c < sh.cpg; ++c) mu += cmu[c];
-      mu /= static_cast<float>(sh.cpg);
-      for (int64_t c = 0; c < sh.cpg; ++c) {
-        const float d = cmu[c] - mu;
-        q += cq[c];
-        dev += d * d;
-      }
-      const float m2 = q + S * dev;
+      float mu, r;
+      group_stats(cmean.data() + n * C + g * sh.cpg, cm2.data() + n * C + g * sh.cpg, sh.cpg, S, eps, mu, r);
       mrel[n * G + g] = mu;
       pm[n * G + g] = Kc[n * C + g * sh.cpg] + mu;
-      pr[n * G + g] = 1.f / std::sqrt(std::max(m2 / (S * static_cast<float>(sh.cpg)), 0.f) + static_cast<float>(eps));
+      pr[n * G + g] = r;
     }
   fold(sh, mrel.data(), pr, w, b, s, t, A.data(), B.data(), mean_c.data());
   FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
@@ -1235,28 +1333,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
   const float M = static_cast<float>(sh.cpg * sh.S);
   const int64_t nc_grain = std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(C, 1));  // samples per task
-  auto fold_pqr = [&] {  // grad_x = P gz + Q (x - mean) + R per (n, c), from S1 and S2
-    at::parallel_for(0, N, nc_grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t g = 0; g < G; ++g) {
-          const float r = pr[n * G + g];
-          float m1 = 0.f, m2 = 0.f;
-          for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-            const int64_t nc = n * C + c;
-            const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
-            m1 += gc * s1[nc];
-            m2 += gc * s2[nc] * r;
-          }
-          m1 /= M;
-          m2 /= M;
-          for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-            const int64_t nc = n * C + c;
-            P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
-            Q[nc] = -r * r * m2;
-            Rr[nc] = -r * m1;
-          }
+  // grad_x = P gz + Q (x - mean) + R per (n, c), from S1 and S2, for samples n0 .. n1 - 1
+  auto fold_pqr = [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float r = pr[n * G + g];
+        float m1 = 0.f, m2 = 0.f;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          const int64_t nc = n * C + c;
+          const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
+          m1 += gc * s1[nc];
+          m2 += gc * s2[nc] * r;
         }
-    });
+        m1 /= M;
+        m2 /= M;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          const int64_t nc = n * C + c;
+          P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
+          Q[nc] = -r * r * m2;
+          Rr[nc] = -r * m1;
+        }
+      }
   };
   bool done = false;
 #if FASTDIFF_AVX512
@@ -1281,7 +1378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
            mean_c.data(), sh, s1, s2);
       });
     }
-    fold_pqr();
+    at::parallel_for(0, N, nc_grain, fold_pqr);
     if (x.numel() > 0) {
       FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
         auto fn = act_code == 1 ? backward_apply<scalar_t, true> : backward_apply<scalar_t, false>;
