@@ -1083,6 +1083,12 @@ void fold(const Shape& sh, const float* mrel, const float* rstd, const Param& w,
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < sh.G; ++g) {
         const int64_t ng = n * sh.G + g;
+#if FASTDIFF_AVX512
+        const int64_t o = n * sh.C + g * sh.cpg;
+        fold_block(w, b, s, t, n, g * sh.cpg, sh.cpg, rstd[ng], mrel[ng], A + o, B + o, nullptr, nullptr);
+        std::fill(mean_c + o, mean_c + o + sh.cpg, mrel[ng]);
+        continue;
+#endif
         for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
           const int64_t nc = n * sh.C + c;
           gn_fold(0.f, rstd[ng], w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), A[nc], B[nc]);
@@ -1343,6 +1349,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < G; ++g) {
         const float r = pr[n * G + g];
+#if FASTDIFF_AVX512
+        {  // the same sums and products, 16 channels at a time (sums added lane-wise, then across lanes)
+          const int64_t c0 = g * sh.cpg, o = n * C + c0;
+          __m512 v1 = _mm512_setzero_ps(), v2 = _mm512_setzero_ps();
+          for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
+            const int64_t c = c0 + i;
+            const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f),
+                                            _mm512_add_ps(_mm512_set1_ps(1.f), param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f)));
+            v1 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s1 + o + i), v1);
+            v2 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s2 + o + i), v2);
+            _mm512_mask_storeu_ps(P.data() + o + i, m, _mm512_mul_ps(_mm512_set1_ps(r), gc));
+          });
+          const float m1 = _mm512_reduce_add_ps(v1) / M, m2 = _mm512_reduce_add_ps(v2) * r / M;
+          std::fill(Q.begin() + o, Q.begin() + o + sh.cpg, -r * r * m2);
+          std::fill(Rr.begin() + o, Rr.begin() + o + sh.cpg, -r * m1);
+          continue;
+        }
+#endif
         float m1 = 0.f, m2 = 0.f;
         for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
           const int64_t nc = n * C + c;
@@ -1398,6 +1422,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor gs32 = at::empty({N, C}, S1.options());
   float *gwp = gw32.data_ptr<float>(), *gbp = gb32.data_ptr<float>(), *gsp = gs32.data_ptr<float>();
   // parallel over channel ranges (each channel's sums over n stay in order: deterministic)
+#if FASTDIFF_AVX512
+  // 16 channels of one group at a time (groups split across tasks, whole)
+  at::parallel_for(0, G, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(N * sh.cpg, 1)), [&](int64_t g0,
+                                                                                                       int64_t g1) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = g0; g < g1; ++g) {
+        const __m512 r = _mm512_set1_ps(pr[n * G + g]);
+        for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
+          const int64_t c = g * sh.cpg + i, nc = n * C + c;
+          const __m512 xs = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s2 + nc), r);
+          const __m512 v1 = _mm512_maskz_loadu_ps(m, s1 + nc);
+          const __m512 one_s = _mm512_add_ps(_mm512_set1_ps(1.f), param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f));
+          _mm512_mask_storeu_ps(gwp + c, m, _mm512_fmadd_ps(one_s, xs, _mm512_maskz_loadu_ps(m, gwp + c)));
+          _mm512_mask_storeu_ps(gbp + c, m, _mm512_fmadd_ps(one_s, v1, _mm512_maskz_loadu_ps(m, gbp + c)));
+          _mm512_mask_storeu_ps(gsp + nc, m,
+                                _mm512_fmadd_ps(xs, param16(w, c * w.s0, w.s0, m, 1.f),
+                                                _mm512_mul_ps(v1, param16(b, c * b.s0, b.s0, m, 0.f))));
+        });
+      }
+  });
+#else
   at::parallel_for(0, C, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(N, 1)), [&](int64_t c0,
                                                                                                 int64_t c1) {
     for (int64_t n = 0; n < N; ++n)
@@ -1410,6 +1455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
         gsp[nc] = xs * w.at(c, 1.f) + s1[nc] * b.at(c, 0.f);
       }
   });
+#endif
   auto empty = [&] { return at::empty({0}, x.options()); };  // distinct tensors: outputs must not alias
   at::Tensor g_w = weight.has_value() ? gw32.to(weight->scalar_type()) : empty();
   at::Tensor g_b = bias.has_value() ? gb32.to(bias->scalar_type()) : empty();
