@@ -92,9 +92,11 @@ _CHOICES: dict = {}
 def choose_elementwise(op: str, backend: str, x: torch.Tensor, has_triton_ops: bool) -> str:
     """`pick` for an op whose kernels take x of any KERNEL_DTYPES on its device (group_norm, sampler_step),
     cached on everything the answer depends on (the op, the resolved backend name, x's device and dtype, and
-    TRITON_INTERPRET), so a call in a sampling loop does not rebuild the availability table."""
+    TRITON_INTERPRET where Triton could be picked: "auto" never picks it for a CPU tensor), so a call in a sampling
+    loop does not rebuild the availability table (nor, on the CPU, read the environment: ~1 us a call)."""
     name = _backend.resolve(backend)
-    key = (op, name, x.device, x.dtype, _backend.triton_interpret())
+    interp = _backend.triton_interpret() if name == "triton" or x.device.type != "cpu" else None
+    key = (op, name, x.device, x.dtype, interp)
     got = _CHOICES.get(key)
     if got is None:
         got = pick(name, x.device, x.dtype, available=elementwise_availability(x, has_triton_ops),
