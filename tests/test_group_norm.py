@@ -231,7 +231,9 @@ def test_channels_last_wide_rows(backend, device):
     ((3, 20, 7, 9), 2, True, False, None),
     ((2, 8, 3, 4, 5), 4, False, True, "silu"),
     ((2, 12, 17), 3, True, True, None),
-], ids=["ada-silu", "affine", "3d-ada-silu", "1d-ada"])
+    ((64, 40, 2, 3), 4, True, True, "silu"),   # CPU: rows of 6 values (backward_short_rows)
+    ((2, 40, 12, 12), 4, True, True, "silu"),  # CPU channels-last: 144 rows, over one task per sample
+], ids=["ada-silu", "affine", "3d-ada-silu", "1d-ada", "2x3-ada-silu", "12x12-ada-silu"])
 def test_backward(backend, device, dtype, channels_last, shape, G, affine, ada, act):
     x, p = make_inputs(shape, G, dtype, device, affine=affine, ada=ada, channels_last=channels_last)
     leaves = {"x": x, **p}

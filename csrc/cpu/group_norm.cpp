@@ -679,48 +679,60 @@ void apply(const T* x, T* y, const float* A, const float* B, const float* Kc, co
 }
 
 #if FASTDIFF_AVX512
-// fp32 backward with AVX-512, both passes. The sums pass forms gz = gy act'(a (x - K) + b) once and, with SiLU,
-// keeps it in gx, so the apply pass (gx = P gz + Q ((x - K) - mean) + R) reads it back instead of evaluating the
-// SiLU's derivative again. Channels-first rows are one (n, c) each; channels-last works on tiles of rows with
-// 16 channels' parameters and sums held in registers.
-// gz for 16 values (kSilu: also stored to gz_out) given d = x - K; adds gz and gz (d - mu) to s1, s2.
-template <bool kSilu>
-inline void bwd_sums16(__mmask16 m, const float* x, const float* gy, float* gz_out, __m512 a, __m512 b, __m512 ua,
-                       __m512 ub, __m512 k, __m512 mu, __m512& s1, __m512& s2) {
-  const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x), k);
-  __m512 gz = _mm512_maskz_loadu_ps(m, gy);
+// The backward with AVX-512, both passes, fp32, fp16 and bf16 (the math in fp32). The sums pass forms
+// gz = gy act'(a (x - K) + b); in fp32 with SiLU it keeps gz in gx, so the apply pass
+// (gx = P gz + Q ((x - K) - mean) + R) reads it back instead of evaluating the SiLU's derivative again; fp16 and
+// bf16 evaluate it again in the apply pass (gz rounded to 16 bits in between would lose digits). Channels-first
+// rows are one (n, c) each; channels-last works on tiles of rows with 16 channels' parameters and sums held in
+// registers.
+// gz for 16 values (fp32 with kSilu: also stored to gz_out) given d = x - K; adds gz and gz (d - mu) to s1, s2.
+template <bool kSilu, typename T>
+inline void bwd_sums16(__mmask16 m, const T* x, const T* gy, T* gz_out, __m512 a, __m512 b, __m512 ua, __m512 ub,
+                       __m512 k, __m512 mu, __m512& s1, __m512& s2) {
+  const __m512 d = _mm512_sub_ps(load16(x, m), k);
+  __m512 gz = load16(gy, m);
   if constexpr (kSilu) {
     gz = _mm512_mul_ps(gz, silu_grad16(_mm512_fmadd_ps(a, d, b), _mm512_fmadd_ps(ua, d, ub)));
-    _mm512_mask_storeu_ps(gz_out, m, gz);
+    if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(gz_out, m, gz);
   }
   s1 = _mm512_add_ps(s1, gz);
   s2 = _mm512_fmadd_ps(gz, _mm512_maskz_sub_ps(m, d, mu), s2);
 }
 
-inline void bwd_apply16(__mmask16 m, const float* x, const float* gz, float* gx, __m512 p, __m512 q, __m512 r,
-                        __m512 k, __m512 mu) {
-  const __m512 c = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x), k), mu);
-  _mm512_mask_storeu_ps(gx, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, gz), _mm512_fmadd_ps(q, c, r)));
+// gx = P gz + Q ((x - K) - mu) + R for 16 values: gz read back from gx (fp32 with SiLU), taken from gy (no
+// activation), or formed again from gy, x and a, b, ua, ub (fp16/bf16 with SiLU).
+template <bool kSilu, typename T>
+inline void bwd_apply16(__mmask16 m, const T* x, const T* gy, T* gx, __m512 p, __m512 q, __m512 r, __m512 k,
+                        __m512 mu, __m512 a, __m512 b, __m512 ua, __m512 ub) {
+  const __m512 d = _mm512_sub_ps(load16(x, m), k);
+  __m512 g;
+  if constexpr (kSilu && std::is_same_v<T, float>) {
+    g = _mm512_maskz_loadu_ps(m, gx);
+  } else {
+    g = load16(gy, m);
+    if constexpr (kSilu) g = _mm512_mul_ps(g, silu_grad16(_mm512_fmadd_ps(a, d, b), _mm512_fmadd_ps(ua, d, ub)));
+  }
+  store16(gx, _mm512_fmadd_ps(p, g, _mm512_fmadd_ps(q, _mm512_sub_ps(d, mu), r)), m);
 }
 
 // Channels-first rows of up to this many values take backward_short_rows (measured on Zen 4 against the per-row
 // loops: 1x2 1.22x, 2x2 1.15x, 2x3 1.06-1.09x, 1x8 1.03x, 3x3 0.88-0.95x, 3x5 0.80-0.84x).
 constexpr int64_t kShortRowBackward = 8;
 
-// The channels-first fp32 backward for rows of up to 8 values (maps of 1x1 to 2x4, or no spatial dims): the
-// same two passes as backward_f32_avx512's, but each runs one vector loop across the row boundaries, on the
+// The channels-first backward for rows of up to 8 values (maps of 1x1 to 2x4, or no spatial dims): the
+// same two passes as backward_avx512's, but each runs one vector loop across the row boundaries, on the
 // per-row parameters themselves where S = 1, else on them broadcast over each row's S values into L1 buffers
 // (kExpand values at a time); the sums pass writes gz and gz (d - mu) per value and adds each row's S of them in
 // order afterwards (S = 1: they are the sums).
-template <bool kSilu, typename Fold>
-void backward_short_rows(const float* gy, const float* x, float* gx, const float* A, const float* B,
-                         const float* Kc, const float* mean_c, const float* P, const float* Q, const float* Rr,
-                         const Shape& sh, float* S1, float* S2, Fold&& fold) {
+template <bool kSilu, typename T, typename Fold>
+void backward_short_rows(const T* gy, const T* x, T* gx, const float* A, const float* B, const float* Kc,
+                         const float* mean_c, const float* P, const float* Q, const float* Rr, const Shape& sh,
+                         float* S1, float* S2, Fold&& fold) {
+  constexpr bool kRecompute = kSilu && !std::is_same_v<T, float>;  // the apply pass forms gz again
   const int64_t rows = sh.N * sh.C, S = sh.S;
   const int64_t per = std::max<int64_t>(1, kExpand / S);  // rows per chunk
   const int64_t chunks = (rows + per - 1) / per;
   const int64_t grain = std::max<int64_t>(1, kClaimValues / (per * S));
-  const float* gz = kSilu ? gx : gy;  // what the apply pass reads
   const __m512 nl2e = _mm512_set1_ps(-kLog2e);
   // ptr[j] for this chunk: the per-row array src[j] + r0 itself (S = 1), or it broadcast into buf[j]
   auto params = [&](int64_t r0, int64_t r1, int count, const float* const* src, float (*buf)[kExpand],
@@ -748,12 +760,12 @@ void backward_short_rows(const float* gy, const float* x, float* gx, const float
       float* o2 = S == 1 ? S2 + r0 : t2;
       for_vectors(n, [&](int64_t i, __mmask16 m) {
         const __m512 a = _mm512_maskz_loadu_ps(m, p[0] + i), b = _mm512_maskz_loadu_ps(m, p[1] + i);
-        const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + o + i), _mm512_maskz_loadu_ps(m, p[2] + i));
-        __m512 g = _mm512_maskz_loadu_ps(m, gy + o + i);
+        const __m512 d = _mm512_maskz_sub_ps(m, load16(x + o + i, m), _mm512_maskz_loadu_ps(m, p[2] + i));
+        __m512 g = load16(gy + o + i, m);
         if constexpr (kSilu) {
           g = _mm512_mul_ps(g, silu_grad16(_mm512_fmadd_ps(a, d, b),
                                            _mm512_fmadd_ps(_mm512_mul_ps(a, nl2e), d, _mm512_mul_ps(b, nl2e))));
-          _mm512_mask_storeu_ps(gx + o + i, m, g);
+          if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(gx + o + i, m, g);
         }
         _mm512_mask_storeu_ps(o1 + i, m, g);
         _mm512_mask_storeu_ps(o2 + i, m, _mm512_mul_ps(g, _mm512_sub_ps(d, _mm512_maskz_loadu_ps(m, p[3] + i))));
@@ -772,31 +784,33 @@ void backward_short_rows(const float* gy, const float* x, float* gx, const float
   });
   at::parallel_for(0, sh.N, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(sh.C, 1)), fold);
   at::parallel_for(0, chunks, grain, [&](int64_t cb, int64_t ce) {
-    alignas(64) float buf[5][kExpand];
+    alignas(64) float buf[7][kExpand];
     for (int64_t ch = cb; ch < ce; ++ch) {
       const int64_t r0 = ch * per, r1 = std::min(rows, r0 + per), o = r0 * S, n = (r1 - r0) * S;
-      const float* src[5] = {P, Q, Rr, Kc, mean_c};
-      const float* p[5];
-      params(r0, r1, 5, src, buf, p);
+      const float* src[7] = {P, Q, Rr, Kc, mean_c, A, B};
+      const float* p[7];
+      params(r0, r1, kRecompute ? 7 : 5, src, buf, p);
       for_vectors(n, [&](int64_t i, __mmask16 m) {
-        const __m512 c = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + o + i), _mm512_maskz_loadu_ps(m, p[3] + i)),
-                                       _mm512_maskz_loadu_ps(m, p[4] + i));
-        const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p[0] + i), _mm512_maskz_loadu_ps(m, gz + o + i),
-                                         _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p[1] + i), c,
-                                                         _mm512_maskz_loadu_ps(m, p[2] + i)));
-        _mm512_mask_storeu_ps(gx + o + i, m, v);
+        __m512 a = _mm512_setzero_ps(), b = a;
+        if constexpr (kRecompute) {
+          a = _mm512_maskz_loadu_ps(m, p[5] + i);
+          b = _mm512_maskz_loadu_ps(m, p[6] + i);
+        }
+        bwd_apply16<kSilu>(m, x + o + i, gy + o + i, gx + o + i, _mm512_maskz_loadu_ps(m, p[0] + i),
+                           _mm512_maskz_loadu_ps(m, p[1] + i), _mm512_maskz_loadu_ps(m, p[2] + i),
+                           _mm512_maskz_loadu_ps(m, p[3] + i), _mm512_maskz_loadu_ps(m, p[4] + i), a, b,
+                           _mm512_mul_ps(a, nl2e), _mm512_mul_ps(b, nl2e));
       });
     }
   });
 }
 
 // fold(n0, n1) turns S1, S2 of samples n0 .. n1 - 1 into their P, Q, Rr between the two passes.
-template <bool kSilu, typename Fold>
-void backward_f32_avx512(const float* gy, const float* x, float* gx, const float* A, const float* B,
-                         const float* Kc, const float* mean_c, const float* P, const float* Q, const float* Rr,
-                         const Shape& sh, float* S1, float* S2, Fold&& fold) {
+template <bool kSilu, typename T, typename Fold>
+void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float* B, const float* Kc,
+                     const float* mean_c, const float* P, const float* Q, const float* Rr, const Shape& sh,
+                     float* S1, float* S2, Fold&& fold) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
-  const float* gz = kSilu ? gx : gy;  // what the apply pass reads
   auto bc = [](float v) { return _mm512_set1_ps(v); };
   auto fold_all = [&] {
     at::parallel_for(0, N, std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(C, 1)), fold);
@@ -823,8 +837,9 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row)
         for (int64_t i = 0; i < S; i += 16)
-          bwd_apply16(lane_mask(S - i), x + row * S + i, gz + row * S + i, gx + row * S + i, bc(P[row]), bc(Q[row]),
-                      bc(Rr[row]), bc(Kc[row]), bc(mean_c[row]));
+          bwd_apply16<kSilu>(lane_mask(S - i), x + row * S + i, gy + row * S + i, gx + row * S + i, bc(P[row]),
+                             bc(Q[row]), bc(Rr[row]), bc(Kc[row]), bc(mean_c[row]), bc(A[row]), bc(B[row]),
+                             bc(-A[row] * kLog2e), bc(-B[row] * kLog2e));
     });
     return;
   }
@@ -859,9 +874,11 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
           for (int64_t c0 = 0; c0 < C; c0 += 16) {
             const __mmask16 m = lane_mask(C - c0);
             const int64_t o = nc0 + c0, off = (n * S + r) * C + c0;
-            bwd_apply16(m, x + off, gz + off, gx + off, _mm512_maskz_loadu_ps(m, P + o),
-                        _mm512_maskz_loadu_ps(m, Q + o), _mm512_maskz_loadu_ps(m, Rr + o),
-                        _mm512_maskz_loadu_ps(m, Kc + o), _mm512_maskz_loadu_ps(m, mean_c + o));
+            bwd_apply16<kSilu>(m, x + off, gy + off, gx + off, _mm512_maskz_loadu_ps(m, P + o),
+                               _mm512_maskz_loadu_ps(m, Q + o), _mm512_maskz_loadu_ps(m, Rr + o),
+                               _mm512_maskz_loadu_ps(m, Kc + o), _mm512_maskz_loadu_ps(m, mean_c + o),
+                               _mm512_maskz_loadu_ps(m, A + o), _mm512_maskz_loadu_ps(m, B + o),
+                               _mm512_maskz_loadu_ps(m, u.data() + c0), _mm512_maskz_loadu_ps(m, u.data() + C + c0));
           }
       }
     });
@@ -869,7 +886,7 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
   }
   // Channels-last: per (n, chunk of R rows) partial sums per channel, rows in memory order (16 channels per
   // vector, parameters and partials from L1), added in chunk order.
-  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(float))));
+  const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(float))));  // fp32 rows
   const int64_t nchunk = (S + R - 1) / R;
   std::vector<float> p1(N * nchunk * C), p2(N * nchunk * C), UA(N * C), UB(N * C);
   for (int64_t i = 0; i < N * C; ++i) {
@@ -917,9 +934,11 @@ void backward_f32_avx512(const float* gy, const float* x, float* gx, const float
       for (int64_t c0 = 0; c0 < C; c0 += 16) {
         const __mmask16 m = lane_mask(C - c0);
         const int64_t o = nC + c0, off = row * C + c0;
-        bwd_apply16(m, x + off, gz + off, gx + off, _mm512_maskz_loadu_ps(m, P + o), _mm512_maskz_loadu_ps(m, Q + o),
-                    _mm512_maskz_loadu_ps(m, Rr + o), _mm512_maskz_loadu_ps(m, Kc + o),
-                    _mm512_maskz_loadu_ps(m, mean_c + o));
+        bwd_apply16<kSilu>(m, x + off, gy + off, gx + off, _mm512_maskz_loadu_ps(m, P + o),
+                           _mm512_maskz_loadu_ps(m, Q + o), _mm512_maskz_loadu_ps(m, Rr + o),
+                           _mm512_maskz_loadu_ps(m, Kc + o), _mm512_maskz_loadu_ps(m, mean_c + o),
+                           _mm512_maskz_loadu_ps(m, A + o), _mm512_maskz_loadu_ps(m, B + o),
+                           _mm512_maskz_loadu_ps(m, UA.data() + o), _mm512_maskz_loadu_ps(m, UB.data() + o));
       }
     }
   });
@@ -1386,16 +1405,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   };
   bool done = false;
 #if FASTDIFF_AVX512
-  if (x.numel() > 0 && x.scalar_type() == at::kFloat) {
-    const float* pgy = grad_y.const_data_ptr<float>();
-    const float* px = x.const_data_ptr<float>();
-    float* pgx = gx.data_ptr<float>();
-    if (act_code == 1)
-      backward_f32_avx512<true>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
-                                Rr.data(), sh, s1, s2, fold_pqr);
-    else
-      backward_f32_avx512<false>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
-                                 Rr.data(), sh, s1, s2, fold_pqr);
+  if (x.numel() > 0) {
+    FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_backward_cpu", [&] {
+      const scalar_t* pgy = grad_y.const_data_ptr<scalar_t>();
+      const scalar_t* px = x.const_data_ptr<scalar_t>();
+      scalar_t* pgx = gx.data_ptr<scalar_t>();
+      if (act_code == 1)
+        backward_avx512<true>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
+                              Rr.data(), sh, s1, s2, fold_pqr);
+      else
+        backward_avx512<false>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
+                               Rr.data(), sh, s1, s2, fold_pqr);
+    });
     done = true;
   }
 #endif
