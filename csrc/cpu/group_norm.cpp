@@ -340,7 +340,8 @@ inline void fold_block(const Param& w, const Param& b, const Param& s, const Par
     const int64_t c = c0 + i;
     const __m512 k = _mm512_add_ps(one, param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f));
     const __m512 a = _mm512_mul_ps(_mm512_mul_ps(vr, param16(w, c * w.s0, w.s0, m, 1.f)), k);
-    const __m512 b0 = _mm512_fmadd_ps(param16(b, c * b.s0, b.s0, m, 0.f), k, param16(t, n * t.s0 + c * t.s1, t.s1, m, 0.f));
+    const __m512 b0 =
+        _mm512_fmadd_ps(param16(b, c * b.s0, b.s0, m, 0.f), k, param16(t, n * t.s0 + c * t.s1, t.s1, m, 0.f));
     const __m512 bb = _mm512_fnmadd_ps(a, vmu, b0);
     _mm512_mask_storeu_ps(a_out + i, m, a);
     _mm512_mask_storeu_ps(b_out + i, m, bb);
@@ -1374,8 +1375,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
           __m512 v1 = _mm512_setzero_ps(), v2 = _mm512_setzero_ps();
           for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
             const int64_t c = c0 + i;
-            const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f),
-                                            _mm512_add_ps(_mm512_set1_ps(1.f), param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f)));
+            const __m512 sv = param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f);
+            const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f), _mm512_add_ps(_mm512_set1_ps(1.f), sv));
             v1 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s1 + o + i), v1);
             v2 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s2 + o + i), v2);
             _mm512_mask_storeu_ps(P.data() + o + i, m, _mm512_mul_ps(_mm512_set1_ps(r), gc));

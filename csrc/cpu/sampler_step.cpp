@@ -73,7 +73,8 @@ inline void sincos_2pi(float t, float& c, float& s) {
   const float th = 6.283185307179586f * (t - 0.25f * q);
   const float z = th * th;
   const float sp = th + th * z * (-1.6666654611E-1f + z * (8.3321608736E-3f + z * -1.9515295891E-4f));
-  const float cp = 1.f - 0.5f * z + z * z * (4.166664568298827E-2f + z * (-1.388731625493765E-3f + z * 2.443315711809948E-5f));
+  const float cp =
+      1.f - 0.5f * z + z * z * (4.166664568298827E-2f + z * (-1.388731625493765E-3f + z * 2.443315711809948E-5f));
   const int qi = static_cast<int>(q);
   // rotate by qi quarter turns: odd turns swap (c, s) -> (-s, c); turns 2 and 3 negate both (arithmetic selects)
   const float odd = static_cast<float>(qi & 1), sign = 1.f - static_cast<float>(qi & 2);
@@ -308,8 +309,9 @@ void sampler_step_check(const at::Tensor& x, const at::Tensor& model_output, con
 
 namespace {
 
-at::Tensor sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output, const c10::optional<at::Tensor>& uncond,
-                            double guidance_scale, const at::Tensor& table, const at::Tensor& step,
+at::Tensor sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
+                            const c10::optional<at::Tensor>& uncond, double guidance_scale, const at::Tensor& table,
+                            const at::Tensor& step,
                             const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& x0_buf,
                             const c10::optional<at::Tensor>& var_values, const c10::optional<at::Tensor>& thresh,
                             int64_t seed, int64_t var_mode, int64_t clip_mode, double clip_range, bool stochastic) {
