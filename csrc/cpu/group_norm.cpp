@@ -142,13 +142,13 @@ inline void apply_vec(const T* x, T* y, int64_t n, const float* a, const float* 
   if (i < n) step(i, lane_mask(n - i));
 }
 
-// Channel rows shorter than this (S values) are applied by apply_short_rows, not one call per row (measured on
-// Zen 4 against one call per row: 3x3 1.55x, 4x4 1.34x, 5x5 1.19x, 4x8 1.08x, 6x6 even, 7x9 0.83x, 8x8 0.8-0.9x).
-constexpr int64_t kShortRow = 33;
+// Channel rows shorter than this (S values) are applied by apply_short_rows, not by the per-block row loop
+// (measured on Zen 4 against that loop: 1x1 1.48x, 2x2 1.08x, 3x3 0.90-0.94x, 4x4 0.84-0.94x, 5x5 0.68x).
+constexpr int64_t kShortRow = 5;
 constexpr int64_t kExpand = 1024;  // values per expanded chunk of apply_short_rows (4 x 4 KB of parameters, in L1)
 
 // y = act(a[r] (x - K) + b[r]) over `rows` contiguous channel rows of S < kShortRow values each (one (n, group)
-// block of a channels-first input with a small map, 1x1 to 5x5, or no spatial dims at all): a call per row would
+// block of a channels-first input with a small map, 1x1 to 2x2, or no spatial dims at all): a call per row would
 // cost more than its few values, so one vector loop runs across the row boundaries, on the parameters themselves
 // where S = 1, else on each row's parameters broadcast over its S values into L1 buffers, kExpand values at a
 // time. p: a, b, ua = -log2(e) a, ub = -log2(e) b, `rows` values each.
@@ -1228,7 +1228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
 #endif
       at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks + batch - 1) / batch), 1,
                        [&](int64_t, int64_t) {
-        std::vector<float> ab(short_rows ? 4 * cpg : 0);  // the block's a, b, ua, ub for apply_short_rows
+        std::vector<float> ab(4 * cpg);  // the block's a, b (and for apply_short_rows ua, ub)
         int64_t b0 = counter.fetch_add(batch);
         while (b0 < blocks) {
           const int64_t b1 = std::min(blocks, b0 + batch);
@@ -1250,6 +1250,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
               float* o = ab.data();
               fold_block(w, b, s, t, n, c0, cpg, r, mu, o, o + cpg, o + 2 * cpg, o + 3 * cpg);
               short_fn(base, py + (base - px), cpg, S, ab.data(), K, next);
+              continue;
+            }
+            {
+              // one call of the inlined row loop per block (a call per row through a function pointer cost ~10%
+              // at 8 x 8 maps)
+              float* o = ab.data();
+              fold_block(w, b, s, t, n, c0, cpg, r, mu, o, o + cpg, nullptr, nullptr);
+              scalar_t* yb = py + (base - px);
+              auto rows = [&](auto silu_c, auto stream_c) {
+                for (int64_t i = 0; i < cpg; ++i)
+                  apply_vec<decltype(silu_c)::value, false, decltype(stream_c)::value>(
+                      base + i * S, yb + i * S, S, o + i, o + cpg + i, K, next ? next + i * S : nullptr);
+              };
+              using T_ = std::true_type;
+              using F_ = std::false_type;
+              if (act_code == 1)
+                stream ? rows(T_{}, T_{}) : rows(T_{}, F_{});
+              else
+                stream ? rows(F_{}, T_{}) : rows(F_{}, F_{});
               continue;
             }
 #endif
