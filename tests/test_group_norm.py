@@ -52,6 +52,25 @@ def ref_fp64(x, G, p, activation, eps=1e-5):
                                 shift=p.get("shift"), activation=activation, compute_dtype=torch.float64)
 
 
+def check_forward_and_grads(x, p, G, backend):
+    """fp32 AdaGN+SiLU forward and all five gradients against float64: returns (y, gy, gradients)."""
+    leaves = [t.detach().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
+    y = ops.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu",
+                       backend=backend)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.group_norm(leaves64[0], G, *leaves64[1:3], scale=leaves64[3], shift=leaves64[4],
+                               activation="silu")
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(ref, leaves64, gy.double())
+    for name, g, w in zip(("x", "weight", "bias", "scale", "shift"), got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-3 * max(1.0, w.abs().max().item()), rtol=1e-3,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    return y, gy, got
+
+
 SHAPES = [
     ((2, 320, 64, 64), 32),  # SD 1.5 first level: 10 channels per group
     ((3, 20, 7, 9), 2),      # odd spatial
@@ -170,20 +189,7 @@ def test_statistics_with_offset_and_outliers(backend, device, channels_last, sha
     ids=["0d-streamed", "2x3", "1x3", "4x4", "7x9", "2x3-nhwc", "7x9-nhwc", "4x4-nhwc"])
 def test_many_short_rows(shape, G, channels_last):
     x, p = make_inputs(shape, G, torch.float32, "cpu", mean=3.0, spread=2.0, channels_last=channels_last)
-    leaves = [t.detach().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
-    y = ops.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu",
-                       backend="cpu")
-    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    ref = reference.group_norm(leaves64[0], G, *leaves64[1:3], scale=leaves64[3], shift=leaves64[4],
-                               activation="silu")
-    atol, rtol = TOL[torch.float32]
-    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
-    gy = torch.randn_like(y)
-    got = torch.autograd.grad(y, leaves, gy)
-    want = torch.autograd.grad(ref, leaves64, gy.double())
-    for name, g, w in zip(("x", "weight", "bias", "scale", "shift"), got, want):
-        torch.testing.assert_close(g.double(), w, atol=1e-3 * max(1.0, w.abs().max().item()), rtol=1e-3,
-                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    y, gy, got = check_forward_and_grads(x, p, G, "cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -205,22 +211,8 @@ def test_many_short_rows(shape, G, channels_last):
 @pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
 def test_channels_last_wide_rows(backend, device):
     x, p = make_inputs((2, 1048, 10, 15), 8, torch.float32, device, channels_last=True, mean=10.0, spread=0.5)
-    leaves = [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]
-    leaves = [t.detach().requires_grad_(True) for t in leaves]
-    y = ops.group_norm(leaves[0], 8, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu",
-                       backend=backend)
+    y, _, _ = check_forward_and_grads(x, p, 8, backend)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    ref = reference.group_norm(leaves64[0], 8, *leaves64[1:3], scale=leaves64[3], shift=leaves64[4],
-                               activation="silu")
-    atol, rtol = TOL[torch.float32]
-    torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
-    gy = torch.randn_like(y)
-    got = torch.autograd.grad(y, leaves, gy)
-    want = torch.autograd.grad(ref, leaves64, gy.double())
-    for name, g, w in zip(("x", "weight", "bias", "scale", "shift"), got, want):
-        torch.testing.assert_close(g.double(), w, atol=1e-3 * max(1.0, w.abs().max().item()), rtol=1e-3,
-                                   msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("backend,device", _backends())
