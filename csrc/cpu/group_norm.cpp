@@ -1107,14 +1107,14 @@ void fold(const Shape& sh, const float* mrel, const float* rstd, const Param& w,
         const int64_t o = n * sh.C + g * sh.cpg;
         fold_block(w, b, s, t, n, g * sh.cpg, sh.cpg, rstd[ng], mrel[ng], A + o, B + o, nullptr, nullptr);
         std::fill(mean_c + o, mean_c + o + sh.cpg, mrel[ng]);
-        continue;
-#endif
+#else
         for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
           const int64_t nc = n * sh.C + c;
           gn_fold(0.f, rstd[ng], w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), A[nc], B[nc]);
           B[nc] -= A[nc] * mrel[ng];
           mean_c[nc] = mrel[ng];
         }
+#endif
       }
   });
 }
@@ -1203,11 +1203,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     // task is prefetched into L2 for its statistics (memory-bound).
     // Blocks are handed out from a shared counter, a batch of up to kClaimValues values at a time and at least
     // eight batches per thread (one block where blocks are large; many 1x1 or 4x4 ones, where a claim per block
-    // would cost more than the block): on
-    // a machine shared with other work, a thread slowed down leaves its blocks to the others instead of holding
-    // up the call. A thread claims its next batch before it works on the current one, so it knows what to
-    // prefetch. A block is computed the same way whichever thread takes it, so results stay bit-identical run
-    // to run. Rows shorter than kShortRow are applied across their boundaries (apply_short_rows).
+    // would cost more than the block): on a machine shared with other work, a thread slowed down leaves its
+    // blocks to the others instead of holding up the call. A thread claims its next batch before it works on the
+    // current one, so it knows what to prefetch. A block is computed the same way whichever thread takes it, so
+    // results stay bit-identical run to run. With AVX-512 a block's channels are folded 16 at a time and its rows
+    // applied in one inlined loop (a call per row through a function pointer cost 15-25% at 8 x 8 maps); rows
+    // shorter than kShortRow are applied across their boundaries (apply_short_rows).
     const int64_t cpg = sh.cpg, S = sh.S, blocks = N * G;
     const int64_t batch = std::max<int64_t>(
         1, std::min(kClaimValues / std::max<int64_t>(1, cpg * S), blocks / (8 * at::get_num_threads())));
@@ -1222,13 +1223,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
       const scalar_t* px = x.const_data_ptr<scalar_t>();
       scalar_t* py = y.data_ptr<scalar_t>();
       auto block = [&](int64_t ng) { return px + ((ng / G) * C + (ng % G) * cpg) * S; };
-      auto fn = apply_row_fn<scalar_t>(act_code == 1, stream);
 #if FASTDIFF_AVX512
       auto short_fn = apply_short_rows_fn<scalar_t>(act_code == 1, stream);
+#else
+      auto fn = apply_row_fn<scalar_t>(act_code == 1, stream);
 #endif
       at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks + batch - 1) / batch), 1,
                        [&](int64_t, int64_t) {
+#if FASTDIFF_AVX512
         std::vector<float> ab(4 * cpg);  // the block's a, b (and for apply_short_rows ua, ub)
+#endif
         int64_t b0 = counter.fetch_add(batch);
         while (b0 < blocks) {
           const int64_t b1 = std::min(blocks, b0 + batch);
@@ -1246,32 +1250,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
             pm[ng] = K + mu;
             pr[ng] = r;
 #if FASTDIFF_AVX512
+            float* o = ab.data();  // a, b, and (short rows) ua, ub
+            fold_block(w, b, s, t, n, c0, cpg, r, mu, o, o + cpg, short_rows ? o + 2 * cpg : nullptr,
+                       short_rows ? o + 3 * cpg : nullptr);
+            scalar_t* yb = py + (base - px);
             if (short_rows) {
-              float* o = ab.data();
-              fold_block(w, b, s, t, n, c0, cpg, r, mu, o, o + cpg, o + 2 * cpg, o + 3 * cpg);
-              short_fn(base, py + (base - px), cpg, S, ab.data(), K, next);
+              short_fn(base, yb, cpg, S, o, K, next);
               continue;
             }
-            {
-              // one call of the inlined row loop per block (a call per row through a function pointer cost 15-25%
-              // at 8 x 8 maps)
-              float* o = ab.data();
-              fold_block(w, b, s, t, n, c0, cpg, r, mu, o, o + cpg, nullptr, nullptr);
-              scalar_t* yb = py + (base - px);
-              auto rows = [&](auto silu_c, auto stream_c) {
-                for (int64_t i = 0; i < cpg; ++i)
-                  apply_vec<decltype(silu_c)::value, false, decltype(stream_c)::value>(
-                      base + i * S, yb + i * S, S, o + i, o + cpg + i, K, next ? next + i * S : nullptr);
-              };
-              using T_ = std::true_type;
-              using F_ = std::false_type;
-              if (act_code == 1)
-                stream ? rows(T_{}, T_{}) : rows(T_{}, F_{});
-              else
-                stream ? rows(F_{}, T_{}) : rows(F_{}, F_{});
-              continue;
-            }
-#endif
+            auto rows = [&](auto silu_c, auto stream_c) {
+              for (int64_t i = 0; i < cpg; ++i)
+                apply_vec<decltype(silu_c)::value, false, decltype(stream_c)::value>(
+                    base + i * S, yb + i * S, S, o + i, o + cpg + i, K, next ? next + i * S : nullptr);
+            };
+            using T_ = std::true_type;
+            using F_ = std::false_type;
+            if (act_code == 1)
+              stream ? rows(T_{}, T_{}) : rows(T_{}, F_{});
+            else
+              stream ? rows(F_{}, T_{}) : rows(F_{}, F_{});
+#else
             for (int64_t c = c0; c < c0 + cpg; ++c) {
               float a, bb;
               gn_fold(0.f, r, w.at(c, 1.f), b.at(c, 0.f), s.at(n, c, 0.f), t.at(n, c, 0.f), a, bb);
@@ -1279,6 +1277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
               const int64_t nc = n * C + c;
               fn(px + nc * S, py + nc * S, S, a, bb, K, next ? next + (c - c0) * S : nullptr);
             }
+#endif
           }
           b0 = following;
         }
@@ -1389,23 +1388,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
       for (int64_t g = 0; g < G; ++g) {
         const float r = pr[n * G + g];
 #if FASTDIFF_AVX512
-        {  // the same sums and products, 16 channels at a time (sums added lane-wise, then across lanes)
-          const int64_t c0 = g * sh.cpg, o = n * C + c0;
-          __m512 v1 = _mm512_setzero_ps(), v2 = _mm512_setzero_ps();
-          for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
-            const int64_t c = c0 + i;
-            const __m512 sv = param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f);
-            const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f), _mm512_add_ps(_mm512_set1_ps(1.f), sv));
-            v1 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s1 + o + i), v1);
-            v2 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s2 + o + i), v2);
-            _mm512_mask_storeu_ps(P.data() + o + i, m, _mm512_mul_ps(_mm512_set1_ps(r), gc));
-          });
-          const float m1 = _mm512_reduce_add_ps(v1) / M, m2 = _mm512_reduce_add_ps(v2) * r / M;
-          std::fill(Q.begin() + o, Q.begin() + o + sh.cpg, -r * r * m2);
-          std::fill(Rr.begin() + o, Rr.begin() + o + sh.cpg, -r * m1);
-          continue;
-        }
-#endif
+        // 16 channels at a time (sums added lane-wise, then across lanes)
+        const int64_t c0 = g * sh.cpg, o = n * C + c0;
+        __m512 v1 = _mm512_setzero_ps(), v2 = _mm512_setzero_ps();
+        for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
+          const int64_t c = c0 + i;
+          const __m512 sv = param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f);
+          const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f), _mm512_add_ps(_mm512_set1_ps(1.f), sv));
+          v1 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s1 + o + i), v1);
+          v2 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s2 + o + i), v2);
+          _mm512_mask_storeu_ps(P.data() + o + i, m, _mm512_mul_ps(_mm512_set1_ps(r), gc));
+        });
+        const float m1 = _mm512_reduce_add_ps(v1) / M, m2 = _mm512_reduce_add_ps(v2) * r / M;
+        std::fill(Q.data() + o, Q.data() + o + sh.cpg, -r * r * m2);
+        std::fill(Rr.data() + o, Rr.data() + o + sh.cpg, -r * m1);
+#else
         float m1 = 0.f, m2 = 0.f;
         for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
           const int64_t nc = n * C + c;
@@ -1421,6 +1418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
           Q[nc] = -r * r * m2;
           Rr[nc] = -r * m1;
         }
+#endif
       }
   };
   bool done = false;
