@@ -8,9 +8,12 @@
 //   64 < D ≤ 128  kBlockM 128 (8 warps), kBlockN 32   70 KB, ≤ 128 registers: 2 CTAs/SM (kBlockN 64 spills at 128)
 //   128 < D ≤ 160 kBlockM  64 (4 warps), kBlockN 64   107 KB, ~175 registers: 2 CTAs/SM
 //   160 < D ≤ 256 kBlockM  64 (4 warps), kBlockN 32   101 KB (fits the A100's 163 KB), ~225 registers: 2 CTAs/SM
+// GPUs that let a block opt in to less than 107 KB (sm86, sm89, sm120: 99 KB) run 128 < D ≤ 160 with kBlockN 32
+// (63 KB) instead.
 // kBlockM 128 halves the K/V traffic from L2 against 64 (each CTA reads all of K and V of its head); the buckets
 // with wide rows take 64 to stay in registers.
 #include <limits>
+#include <mutex>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -29,6 +32,7 @@ using attn::FwdParams;
 using Cfg64 = FwdConfig<64, 8, 64, 2>;
 using Cfg128 = FwdConfig<128, 8, 32, 2>;
 using Cfg160 = FwdConfig<160, 4, 64, 2>;
+using Cfg160Small = FwdConfig<160, 4, 32, 2>;  // where a block may not have Cfg160's shared memory
 using Cfg256 = FwdConfig<256, 4, 32, 1>;
 
 template <typename T, typename Cfg>
@@ -36,14 +40,17 @@ void launch(const FwdParams& p, int B, int device, cudaStream_t stream) {
   auto kernel = attn::attention_fwd_kernel<T, Cfg>;
   constexpr int smem = Cfg::kSmemBytes;
   if (smem > 48 * 1024) {
-    // The opt-in above 48 KB is per device; set it once per device for this instantiation.
-    static bool done[64] = {};
-    if (device >= 64 || !done[device]) {
+    // The opt-in above 48 KB is per device; set it once per device for this instantiation (once_flag: host
+    // threads may launch on the same device at once). Devices past the 64th set it on every call.
+    static std::once_flag done[64];
+    auto set = [&] {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      if (device < 64) done[device] = true;
-    }
+    };
+    if (device < 64) std::call_once(done[device], set);
+    else set();
   }
-  const dim3 grid((p.Sq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.H, B);
+  // (Sq - 1) / kBlockM + 1, not (Sq + kBlockM - 1) / kBlockM: no int overflow for Sq near 2^31
+  const dim3 grid(static_cast<unsigned>((p.Sq - 1) / Cfg::kBlockM + 1), p.H, B);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -99,17 +106,20 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_, const at
   const int device = q.get_device();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int b = static_cast<int>(B);
+  const bool big_smem = prop->sharedMemPerBlockOptin >= static_cast<size_t>(Cfg160::kSmemBytes);
   if (dtype == at::kHalf) {
     using T = __half;
     if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
     else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
-    else if (D <= 160) launch<T, Cfg160>(p, b, device, stream);
+    else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
+    else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
     else launch<T, Cfg256>(p, b, device, stream);
   } else {
     using T = __nv_bfloat16;
     if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
     else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
-    else if (D <= 160) launch<T, Cfg160>(p, b, device, stream);
+    else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
+    else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
     else launch<T, Cfg256>(p, b, device, stream);
   }
   return {out, lse};

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
   const int v_row = (((lane >> 3) & 1) << 3) + (lane & 7);
   const int v_col = (lane >> 4) << 3;
 
-  const int n_blocks = (p.Skv + kBlockN - 1) / kBlockN;
+  const int n_blocks = (p.Skv - 1) / kBlockN + 1;  // Skv >= 1; no overflow near 2^31
   for (int j = 0; j < n_blocks; ++j) {
     const int stage = j & 1;
     if (j + 1 < n_blocks) {
