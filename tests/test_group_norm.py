@@ -378,9 +378,8 @@ def test_half_precision_rounds_like_torch(dtype, channels_last, shape, G):
         torch.testing.assert_close(y, y32.to(dtype), atol=atol, rtol=rtol, equal_nan=True)
 
 
-@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
-def test_opcheck_cpu():
-    x, p = make_inputs((2, 8, 3, 5), 4, torch.float32, "cpu")
+def _opcheck_forward_and_backward(device, dtype):
+    x, p = make_inputs((2, 8, 3, 5), 4, dtype, device)
     for t in (x, *p.values()):
         t.requires_grad_(True)
     args = (x, 4, p["weight"], p["bias"], p["scale"], p["shift"], 1e-5, "silu")
@@ -389,18 +388,26 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.fastdiff.group_norm, (xl, 4, None, None, None, None, 1e-5, "none"))
     y, mean, rstd = torch.ops.fastdiff.group_norm(*args)
     gy = torch.randn_like(y)
+    d = {k: v.detach() for k, v in p.items()}
+    # two absent parameters: their (0,) gradients must be distinct tensors (outputs may not alias)
     torch.library.opcheck(torch.ops.fastdiff.group_norm_backward,
-                          (gy, x.detach(), mean.detach(), rstd.detach(), 4, p["weight"].detach(), None, p["scale"].detach(), None,
+                          (gy, x.detach(), mean.detach(), rstd.detach(), 4, d["weight"], None, d["scale"], None,
                            "silu"))
+    # scale and shift as transposed (N, C) views: the fake kernel must predict the real gradients' strides
+    st, tt = d["scale"].t().contiguous().t(), d["shift"].t().contiguous().t()
+    assert st.stride() != d["scale"].stride()
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_backward,
+                          (gy, x.detach(), mean.detach(), rstd.detach(), 4, d["weight"], d["bias"], st, tt, "silu"))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_opcheck_cpu():
+    _opcheck_forward_and_backward("cpu", torch.float32)
 
 
 @pytest.mark.cuda
 def test_opcheck_cuda():
-    x, p = make_inputs((2, 8, 3, 5), 4, torch.float16, "cuda")
-    for t in (x, *p.values()):
-        t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.fastdiff.group_norm, (x, 4, p["weight"], p["bias"], p["scale"], p["shift"],
-                                                          1e-5, "silu"))
+    _opcheck_forward_and_backward("cuda", torch.float16)
 
 
 def test_module_is_drop_in():

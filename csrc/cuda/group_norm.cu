@@ -1327,7 +1327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor grad_y = grad_y_in.strides() == x.strides() ? grad_y_in : at::empty_like(x).copy_(grad_y_in);
   at::Tensor mean = mean_in.to(at::kFloat).contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
   at::Tensor gx = at::empty_like(x);
-  at::Tensor empty = at::empty({0}, x.options());
+  // an absent parameter's gradient: a new (0,) tensor each time (outputs must not alias one another)
+  auto empty = [&] { return at::empty({0}, x.options()); };
 
   if (x.numel() == 0) {  // nothing to reduce: the CPU file's parameter-gradient math on zero sums
     const int64_t cpg = C / G;
@@ -1335,9 +1336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
     at::Tensor w = param_f32(weight), b = param_f32(bias), s = param_f32(scale);
     at::Tensor xhat_sum = S2 * rstd.reshape({N, G}).repeat_interleave(cpg, 1);
     at::Tensor one_s = s.defined() ? 1 + s : at::ones({N, C}, S1.options());
-    at::Tensor g_w = weight.has_value() ? (one_s * xhat_sum).sum(0).to(weight->scalar_type()) : empty;
-    at::Tensor g_b = bias.has_value() ? (one_s * S1).sum(0).to(bias->scalar_type()) : empty;
-    at::Tensor g_s = empty, g_t = empty;
+    at::Tensor g_w = weight.has_value() ? (one_s * xhat_sum).sum(0).to(weight->scalar_type()) : empty();
+    at::Tensor g_b = bias.has_value() ? (one_s * S1).sum(0).to(bias->scalar_type()) : empty();
+    at::Tensor g_s = empty(), g_t = empty();
     if (scale.has_value()) {
       at::Tensor h = w.defined() ? xhat_sum * w : xhat_sum;
       if (b.defined()) h = h + S1 * b;
@@ -1355,10 +1356,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   float* part = scratch.data_ptr<float>();
   float* coef = part + 2 * p.nck;
   float* gwb = need_wb ? coef + kNumCoef * NC : nullptr;
-  at::Tensor g_w = weight.has_value() ? at::empty({C}, weight->options()) : empty;
-  at::Tensor g_b = bias.has_value() ? at::empty({C}, bias->options()) : empty;
-  at::Tensor g_s = scale.has_value() ? at::empty({N, C}, scale->options()) : empty;
-  at::Tensor g_t = shift.has_value() ? at::empty({N, C}, shift->options()) : empty;
+  at::Tensor g_w = weight.has_value() ? at::empty({C}, weight->options()) : empty();
+  at::Tensor g_b = bias.has_value() ? at::empty({C}, bias->options()) : empty();
+  at::Tensor g_s = scale.has_value() ? at::empty({N, C}, scale->options()) : empty();
+  at::Tensor g_t = shift.has_value() ? at::empty({N, C}, shift->options()) : empty();
   auto out = [](const c10::optional<at::Tensor>& param, at::Tensor& t, const char* name) -> ParamOut {
     return param.has_value() ? ParamOut{t.data_ptr(), dtype_code(t.scalar_type(), name)} : ParamOut{nullptr, kAbsent};
   };

@@ -28,7 +28,8 @@ def _fake_forward(x, num_groups, weight, bias, scale, shift, eps, activation):
 
 def _fake_backward(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation):
     def g(p):
-        return x.new_empty((0,)) if p is None else torch.empty_like(p)
+        # every kernel returns parameter gradients contiguous, whatever the parameter's strides
+        return x.new_empty((0,)) if p is None else p.new_empty(p.shape)
 
     return torch.empty_like(x), g(weight), g(bias), g(scale), g(shift)
 
