@@ -275,6 +275,19 @@ def test_float64_on_the_torch_backend():
         sampler_step(x, torch.randn_like(x), _table(2, "cpu"), 0, backend="cpu")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_x0_buf_laid_out_unlike_x_is_refused_not_copied(backend):
+    _skip_unavailable(backend)
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    m = torch.randn_like(x)
+    buf = torch.zeros(2, 3, 4, 5)  # NCHW: a copy in x's layout would be updated, this buffer left stale
+    with pytest.raises(ValueError, match="^x0_buf: must be laid out like x"):
+        sampler_step(x, m, _table(3, "cpu"), 0, x0_buf=buf, backend=backend)
+    good = torch.zeros_like(x)
+    sampler_step(x, m, _table(3, "cpu"), 0, x0_buf=good, backend=backend)
+    assert good.abs().sum() > 0  # the kernel wrote x0 into the caller's buffer
+
+
 def test_bad_arguments():
     x = torch.randn(2, 3, 4)
     m = torch.randn_like(x)
@@ -303,6 +316,11 @@ def test_bad_arguments():
         sampler_step(x, m, t, 0, var_mode="learned")
     with pytest.raises(TypeError, match="^x0_buf:"):
         sampler_step(x, m, t, 0, x0_buf=x.double())
+    # x0_buf is written in place: never copied into x's layout, never shared between samples
+    with pytest.raises(ValueError, match="^x0_buf: must be laid out like x"):
+        sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x).transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="^x0_buf: must be laid out like x"):
+        sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x[:1]).expand_as(x))
     with pytest.raises(ValueError, match="^clip_range:"):
         sampler_step(x, m, t, 0, clip="clip", clip_range=0)
     with pytest.raises(TypeError, match="^seed:"):

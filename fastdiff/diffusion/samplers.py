@@ -105,6 +105,7 @@ class Sampler:
         self._device = torch.device("cpu")
         self._seed = None
         self._x0_buf = None
+        self._x0_key = None  # x's shape, dtype, device and strides when _x0_buf was made
         self._fast = None  # the validated plan of the last step call, reused while its inputs look the same
 
     # -- configuration ---------------------------------------------------------------------------------------------
@@ -315,11 +316,12 @@ class Sampler:
         return s.clamp(1.0, float(self.config["sample_max_value"]))
 
     def _x0_buffer(self, x):
-        b = self._x0_buf
-        if b is None or b.shape != x.shape or b.dtype != x.dtype or b.device != x.device or b.stride() != x.stride():
-            b = torch.zeros_like(x)
-            self._x0_buf = b
-        return b
+        # kept while x keeps its shape, dtype, device and strides; compared by x's, not the buffer's (for an x that
+        # is not dense, zeros_like(x) has other strides than x, and the buffer must survive from step to step)
+        key = (x.shape, x.dtype, x.device, x.stride())
+        if self._x0_buf is None or self._x0_key != key:
+            self._x0_buf, self._x0_key = torch.zeros_like(x), key
+        return self._x0_buf
 
     def step(self, model_output, i, x, *, uncond=None, guidance_scale=1.0, noise=None, generator=None,
              backend="auto", classifier_grad=None, classifier_scale=1.0):

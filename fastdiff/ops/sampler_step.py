@@ -76,7 +76,10 @@ def _like_rows(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(t)
 
 
-def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True):
+def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True, inplace: bool = False):
+    """t checked against x (shape, device, dtype: cast to x's unless cast=False) and laid out like x's rows (a copy
+    if it is not). inplace: t is written by the kernel, so it is never copied or cast: a layout unlike x's, or
+    samples that overlap in memory, raise instead."""
     if t is None:
         return None
     check_tensor(t, name, dtypes=None)
@@ -85,9 +88,16 @@ def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True):
     if t.device != x.device:
         raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got {t.device}")
     if t.dtype != x.dtype:
-        if not cast:
+        if not cast or inplace:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
         t = t.to(x.dtype)
+    if inplace:
+        per_sample = t[0].numel() if t.shape[0] else 0
+        if not all(t.shape[d] == 1 or t.stride(d) == x.stride(d) for d in range(1, x.dim())) or (
+                t.shape[0] > 1 and t.stride(0) < per_sample):
+            raise ValueError(f"{name}: must be laid out like x, one sample after another without overlap (it is "
+                             f"updated in place); got strides {t.stride()} for x's {x.stride()}")
+        return t
     return _like_rows(t, x)
 
 
@@ -154,10 +164,7 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
     uncond = _check_same(uncond, "uncond", x)
     noise = _check_same(noise, "noise", x)
     var_values = _check_same(var_values, "var_values", x)
-    x0_buf = _check_same(x0_buf, "x0_buf", x, cast=False)
-    if x0_buf is not None and not all(x0_buf.shape[d] == 1 or x0_buf.stride(d) == x.stride(d)
-                                      for d in range(1, x.dim())):
-        raise ValueError("x0_buf: must be laid out like x (it is updated in place)")
+    x0_buf = _check_same(x0_buf, "x0_buf", x, inplace=True)
     if var_mode != "fixed" and var_values is None:
         raise ValueError(f"var_values: required when var_mode is {var_mode!r}")
     if clip == "threshold":
