@@ -337,6 +337,37 @@ def test_dpmsolverpp_latents_kept_in_a_view(backend):
     assert big[:, 0].abs().sum() == 0 and big[:, 4].abs().sum() == 0
 
 
+_VIEWS = {  # latents whose strides differ from the step's (dense) output: x is re-laid out after step 0
+    "channel_slice": lambda x: torch.cat([x, torch.full_like(x, 7.0)], 1)[:, : x.shape[1]],
+    "batch_slice": lambda x: torch.stack([x, torch.full_like(x, 7.0)], 1).flatten(0, 1)[::2],
+    "expanded": lambda x: x[:1].expand_as(x),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("view", list(_VIEWS))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
+    # step 0 gets a view, step 1 the op's dense output: x's strides change within the run, and the multistep
+    # buffer must carry step 0's x0 over (a zeroed buffer made the 2nd-order update read x0_prev = 0)
+    if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
+        pytest.skip("the C++ extension is not built")
+    n = 6
+    x = _VIEWS[view](_x((batch, 3, 6, 6)))
+    dense = torch.empty(x.shape).copy_(x)  # not x.contiguous(): a batch-1 view with an odd batch stride "is" contiguous
+    want = _run(DPMSolverPPSampler(num_train_timesteps=T_TRAIN), dense, n, backend=backend)
+    got = _run(DPMSolverPPSampler(num_train_timesteps=T_TRAIN), x, n, backend=backend)
+    # (batch 1, channel slice: one dense sample, which the fused kernels keep as laid out and the torch one not)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    s = DPMSolverPPSampler(num_train_timesteps=T_TRAIN)
+    _run(s, x, 2, backend=backend)
+    assert s._x0_buf.abs().sum() > 0
+    b2 = _run(s, x[:1].contiguous() * 0 + 1, 2, backend=backend)[-1]  # a new shape is a new run: a fresh buffer
+    torch.testing.assert_close(b2, _run(DPMSolverPPSampler(num_train_timesteps=T_TRAIN), torch.ones_like(x[:1]), 2,
+                                        backend=backend)[-1])
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {}), (DDIMSampler, {"eta": 1.0, "thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True})])

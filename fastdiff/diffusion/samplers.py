@@ -22,7 +22,7 @@ import torch
 
 from fastdiff import _backend, ops
 from fastdiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
-from fastdiff.ops.sampler_step import (CLIP_MODES, TABLE_WIDTH, VAR_MODES, _signed64, choose_backend,
+from fastdiff.ops.sampler_step import (CLIP_MODES, TABLE_WIDTH, VAR_MODES, _dense_rows, _signed64, choose_backend,
                                        step_tensor)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -316,12 +316,20 @@ class Sampler:
         return s.clamp(1.0, float(self.config["sample_max_value"]))
 
     def _x0_buffer(self, x):
-        # kept while x keeps its shape, dtype, device and strides; compared by x's, not the buffer's (for an x that
-        # is not dense, zeros_like(x) has other strides than x, and the buffer must survive from step to step)
+        # The buffer holds x0_prev from step to step. A new shape, dtype or device is a new run (its step 0 is first
+        # order and never reads x0_prev): a zeroed buffer. New strides alone are the same run with x laid out anew
+        # (a view such as big[:, :4], big[::2] or an expanded noise at step 0, then the op's dense output at step
+        # 1): the values must survive, in a buffer laid out as the op lays out x (it makes a non-dense x contiguous
+        # and requires x0_buf laid out like that x). Keyed by x's strides, not the buffer's, which can differ.
         key = (x.shape, x.dtype, x.device, x.stride())
-        if self._x0_buf is None or self._x0_key != key:
-            self._x0_buf, self._x0_key = torch.zeros_like(x), key
-        return self._x0_buf
+        old = self._x0_buf
+        if old is not None and self._x0_key == key:
+            return old
+        new = torch.zeros_like(x) if _dense_rows(x) else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        if old is not None and self._x0_key[:3] == key[:3]:
+            new.copy_(old)
+        self._x0_buf, self._x0_key = new, key
+        return new
 
     def step(self, model_output, i, x, *, uncond=None, guidance_scale=1.0, noise=None, generator=None,
              backend="auto", classifier_grad=None, classifier_scale=1.0):
