@@ -598,6 +598,30 @@ def test_dynamic_thresholding_matches_torch_quantile():
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
 
 
+def test_step_refuses_the_timestep_for_the_index():
+    # diffusers' loop passes the timestep t where fastdiff takes the step index i: a tensor t was clamped by the
+    # kernel to the last step (every step silently ran as the last one); an int t out of range already raised
+    x, m = _x(), eps_model(_x(), 50)
+    s = DDIMSampler(num_train_timesteps=T_TRAIN).set_timesteps(5, seed=0)
+    for t in s.timesteps:  # views of sampler.timesteps
+        with pytest.raises(TypeError, match="^i: .*step index"):
+            s.step(m, t, x)
+    with pytest.raises(TypeError, match="^i: .*step index"):
+        s.timestep(s.timesteps[1:2])
+    e = EulerSampler(num_train_timesteps=T_TRAIN).set_timesteps(5)
+    with pytest.raises(TypeError, match="^i: .*step index"):
+        e.scale_model_input(x, e.timesteps[0])
+    # a CPU tensor that is not sampler.timesteps: read and checked like an int (no device sync on the CPU)
+    with pytest.raises(ValueError, match="^i: step index 80 out of range"):
+        s.step(m, torch.tensor(80), x)
+    with pytest.raises(TypeError, match="^i:"):
+        s.step(m, torch.tensor(1.0), x)
+    for i in (0, 3, -1, -5):
+        torch.testing.assert_close(s.step(m, torch.tensor(i), x), s.step(m, i, x), atol=0, rtol=0)
+    assert torch.equal(s.step(m, torch.tensor([2]), x), s.step(m, 2, x))
+    assert torch.equal(s.step(m, s._steps[4], x), s.step(m, 4, x))  # the sampler's own step tensors
+
+
 # --- configs --------------------------------------------------------------------------------------------------------
 
 def test_from_config():

@@ -253,11 +253,24 @@ class Sampler:
         kernel reads; a Python int indexes a precomputed arange (no host-to-device copy)."""
         self._require()
         if isinstance(i, torch.Tensor):
-            return step_tensor(i, self._device)
+            # diffusers' loop passes the timestep t (`for t in scheduler.timesteps`); the kernel would clamp it to
+            # the last row and run every step as the last one. A tensor from sampler.timesteps is refused; a CPU
+            # tensor is read (free, no device sync) and checked like an int; a device tensor (the CUDA-graph loop's
+            # step index) can't be read without a sync and goes to the kernel as it is.
+            if _shares_storage(i, self.timesteps):
+                raise TypeError("i: got a timestep from sampler.timesteps: pass the step index i "
+                                "(for i, t in enumerate(sampler.timesteps)), not the timestep t")
+            if i.device.type != "cpu":
+                return step_tensor(i, self._device)
+            if i.numel() != 1 or i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool:
+                raise TypeError(f"i: expected an int or a one-element integer tensor, got {i.dtype} of shape "
+                                f"{tuple(i.shape)}")
+            i = int(i)
         if not _is_int(i):
             raise TypeError(f"i: expected an int or a one-element integer tensor, got {type(i).__name__}")
         if not -self.num_inference_steps <= i < self.num_inference_steps:
-            raise ValueError(f"i: step index {i} out of range for {self.num_inference_steps} steps")
+            raise ValueError(f"i: step index {i} out of range for {self.num_inference_steps} steps (pass the step "
+                             f"index i, not the timestep t)")
         return self._step_list[int(i)]
 
     def timestep(self, i) -> torch.Tensor:
@@ -455,6 +468,17 @@ class Sampler:
 
     def _acp(self) -> np.ndarray:
         return self.schedule.alphas_cumprod.double().numpy()
+
+
+def _shares_storage(a: torch.Tensor, b) -> bool:
+    """Whether a is (a view of) b's memory: compares storage pointers only, no device read."""
+    if not isinstance(b, torch.Tensor) or a.device != b.device:
+        return False
+    try:
+        pa, pb = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional): nothing to compare
+        return False
+    return pa != 0 and pa == pb
 
 
 def _call_key(x, model_output, u, uncond_given: bool, g1: bool, backend: str) -> tuple:
