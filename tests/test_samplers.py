@@ -622,6 +622,23 @@ def test_step_refuses_the_timestep_for_the_index():
     assert torch.equal(s.step(m, s._steps[4], x), s.step(m, 4, x))  # the sampler's own step tensors
 
 
+def test_device_spelled_without_or_with_an_index():
+    # set_timesteps(n, device="cuda") kept torch.device("cuda"), which is != x.device (cuda:0): every step raised.
+    # Shown on the CPU with the other spelling, "cpu:0" (x.device is "cpu")
+    x = _x()
+    want = _run(DDIMSampler(num_train_timesteps=T_TRAIN), x, 3)[-1]
+    s = DDIMSampler(num_train_timesteps=T_TRAIN)
+    s.set_timesteps(3, device="cpu:0", seed=0)
+    assert s.device == x.device
+    for i in range(3):
+        x = s.step(eps_model(x, s.timesteps[i]), i, x)
+    torch.testing.assert_close(x, want, atol=0, rtol=0)
+    s2 = DPMSolverPPSampler(num_train_timesteps=T_TRAIN).to(torch.device("cpu", 0))
+    assert s2.device == torch.device("cpu")
+    out = sample(eps_model, s2, (1, 3, 4, 4), num_inference_steps=3, device="cpu:0", seed=0, progress=False)
+    assert out.device == torch.device("cpu") and torch.isfinite(out).all()
+
+
 # --- configs --------------------------------------------------------------------------------------------------------
 
 def test_from_config():

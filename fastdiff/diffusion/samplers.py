@@ -43,6 +43,15 @@ _THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sa
 _CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
 
 
+def _canonical_device(device) -> torch.device:
+    """`device` as tensors report it: "cuda" is cuda:<current device>, "cpu:0" is cpu. A sampler compares x.device
+    with its own, and torch.device("cuda") != torch.device("cuda:0")."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return torch.empty(0, device=device).device
+
+
 def _is_int(v):
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -165,7 +174,7 @@ class Sampler:
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
         n = int(num_inference_steps)
         if device is not None:
-            self._device = torch.device(device)
+            self._device = _canonical_device(device)
         plan = self._plan(n)
         rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
         rows[:, : plan["rows"].shape[1]] = plan["rows"]
@@ -188,6 +197,7 @@ class Sampler:
         plan = self._plan_host
         self.timesteps = torch.as_tensor(plan["timesteps"]).to(device)
         self._table = torch.tensor(self._table_np, dtype=torch.float32, device=device)
+        self._device = self._table.device  # as x.device will read (an index on CUDA)
         self._steps = torch.arange(self.num_inference_steps, dtype=torch.int64, device=device)
         self._step_list = list(self._steps.unbind(0))  # 0-d views, one per step: step(i) indexes a list
         self._fast = None
@@ -204,7 +214,7 @@ class Sampler:
 
     def to(self, device):
         """Move the step tables (and the sampler's state) to `device`."""
-        self._device = torch.device(device)
+        self._device = _canonical_device(device)
         if self.num_inference_steps is not None:
             self._to_device(self._device)
             self._x0_buf = None

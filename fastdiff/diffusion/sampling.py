@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from fastdiff.diffusion.guidance import classifier_grad
-from fastdiff.diffusion.samplers import Sampler
+from fastdiff.diffusion.samplers import Sampler, _canonical_device
 
 
 def _progress(it, enabled: bool, total: int):
@@ -102,7 +102,7 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
 
     model = _as_sampling_model(model)
     mdev, mdtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else (mdev or sampler.device)
+    device = _canonical_device(device) if device is not None else (mdev or sampler.device)
     dtype = dtype or mdtype or torch.float32
     if num_inference_steps is not None:
         sampler.set_timesteps(num_inference_steps, device=device)
