@@ -579,6 +579,22 @@ def test_classifier_guidance():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pred", ["v_prediction", "sample"])
+def test_classifier_guidance_at_a_zero_snr_step(pred):
+    # trailing spacing on a zero-terminal-SNR schedule starts at alpha = 0, where the score-form coefficient was
+    # infinite: the whole sample came out NaN. Pure noise carries no information about y: that step is unguided
+    s = DDIMSampler(num_train_timesteps=T_TRAIN, rescale_betas_zero_snr=True, prediction_type=pred,
+                    timestep_spacing="trailing", clip_sample=False).set_timesteps(4)
+    x, g = _x(), _x(seed=5)
+    m = eps_model(x, 99)
+    torch.testing.assert_close(s.step(m, 0, x, classifier_grad=g, classifier_scale=2.0), s.step(m, 0, x))
+    guided = s.step(m, 1, x, classifier_grad=g, classifier_scale=2.0)
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, s.step(m, 1, x))
+    out = sample(lambda x, t, y=None: 0.3 * x, s, (2, 3, 4, 4), y=torch.tensor([0, 2]), seed=0, progress=False,
+                 classifier=lambda x, t: x.mean((2, 3)), classifier_scale=1.0)
+    assert torch.isfinite(out).all()
+
+
 def test_dynamic_thresholding_matches_torch_quantile():
     s = DDIMSampler(num_train_timesteps=T_TRAIN, thresholding=True, sample_max_value=3.0,
                     dynamic_thresholding_ratio=0.9).set_timesteps(5)

@@ -203,9 +203,14 @@ class Sampler:
         self._fast = None
         alpha, sigma = plan["alpha"], plan["sigma"]
         # classifier guidance, score form: m += k * s * grad, with k such that eps shifts by -sigma s grad
-        with np.errstate(divide="ignore"):  # a zero-SNR step (alpha = 0) has no finite shift for these two
+        with np.errstate(divide="ignore", invalid="ignore"):
             k = {"epsilon": -sigma, "sample": sigma**2 / alpha,
                  "v_prediction": -sigma / alpha}[self.config["prediction_type"]]
+        # A zero-SNR step (alpha = 0, rescale_betas_zero_snr) has no finite shift for "sample" and "v_prediction":
+        # the shifted x0 = (x - sigma eps') / alpha is undefined. x_t there is pure noise, independent of x0 and so
+        # of y: p(y | x_t) = p(y), the true guidance gradient is 0 and a classifier's gradient carries no
+        # information. The step is taken unguided (k = 0) rather than turning the whole sample into NaN.
+        k = np.where(np.isfinite(k), k, 0.0)
         self._cg_k = torch.tensor(k, dtype=torch.float32, device=device)
         self._in_div = (torch.tensor(plan["in_div"], dtype=torch.float32, device=device)
                         if plan.get("in_div") is not None else None)
