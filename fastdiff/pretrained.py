@@ -86,10 +86,16 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
             train = json.load(f).get("train_config", {})
     except (OSError, ValueError):
         train = {}
-    if train.get("beta_schedule") in ("linear", "cosine"):
-        opts["beta_schedule"] = "squaredcos_cap_v2" if train["beta_schedule"] == "cosine" else "linear"
-    if train.get("num_train_timesteps"):
-        opts["num_train_timesteps"] = int(train["num_train_timesteps"])
+    if train:
+        # the very betas training used (fastdiff.training rescales "linear" to T steps as ADM does, which the
+        # sampler's beta_start/beta_end defaults do not), so sampler and training agree for every schedule and T
+        from fastdiff.training.losses import _make_schedule
+
+        kind = train.get("beta_schedule", "linear")
+        T = int(train.get("num_train_timesteps", 1000))
+        opts["num_train_timesteps"] = T
+        opts["trained_betas"] = _make_schedule(kind, T).betas
+        opts["beta_schedule"] = "squaredcos_cap_v2" if kind == "cosine" else kind
     target = train.get("target")
     if target:
         opts["prediction_type"] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[target]

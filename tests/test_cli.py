@@ -130,6 +130,36 @@ def test_train_then_resume_then_sample(tmp_path, capsys):
     assert np.load(out)["samples"].shape == (10, 1, 16, 16)
 
 
+def _tiny_run(tmp_path, name, out_channels=1, autoencoder=None, **config):
+    """A one-step class-conditional run on 8x8 greyscale data (or in `autoencoder`'s latent space)."""
+    import torch
+
+    from fastdiff.models import UNet
+    from fastdiff.training import TensorImageDataset, Trainer
+
+    torch.manual_seed(0)
+    data = TensorImageDataset(torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 3)
+    ch, size = (1, 8) if autoencoder is None else (autoencoder.latent_channels, 8 // autoencoder.downsample_factor)
+    unet = UNet(size, ch, 8, out_channels * ch, 1, (), channel_mult=(1, 2), num_classes=3, learn_null_class=True,
+                num_groups=4)
+    kw = {"autoencoder": autoencoder} if autoencoder is not None else {}
+    trainer = Trainer(unet, data, steps=1, batch_size=4, out_dir=str(tmp_path / name), **kw, **config)
+    trainer.train()
+    return str(tmp_path / name), trainer
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sampler_schedule_is_the_training_schedule(tmp_path, schedule):
+    # training rescales "linear" betas to T steps (ADM); the sampler of a T=100 run must use the same betas
+    import torch
+
+    d, trainer = _tiny_run(tmp_path, "run", num_train_timesteps=100, beta_schedule=schedule)
+    for name in ("ddpm", "ddim", "euler", "dpmsolver++"):
+        s = pretrained.make_sampler(name, checkpoint=d)
+        assert s.schedule.num_train_timesteps == 100
+        torch.testing.assert_close(s.schedule.alphas_cumprod, trainer.schedule.alphas_cumprod, rtol=0, atol=0)
+
+
 def test_eval_quick(capsys, tmp_path):
     js = tmp_path / "e.json"
     assert cli.main(["eval", "--quick", "--n", "3", "--steps", "4", "--quiet", "--json", str(js)]) == 0
