@@ -783,6 +783,30 @@ def test_matches_diffusers(name, cls, cfg, n):
         _close(a, b, 5e-4)
 
 
+def test_dpmsolverpp_trailing_clipped_runs_fewer_steps():
+    # trailing spacing cut short by lambda_min_clipped leaves fewer timesteps than asked: diffusers runs those, and
+    # set_timesteps failed with a numpy broadcast error
+    cfg = {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -3.0, "timestep_spacing": "trailing"}
+    s = DPMSolverPPSampler(**cfg).set_timesteps(50)
+    lam = torch.log(s.schedule.alphas_cumprod.sqrt()) - torch.log((1 - s.schedule.alphas_cumprod).sqrt())
+    last_t = 1000 - int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(-3.0)))
+    ts = np.arange(last_t, 0, -1000 / 50).round().astype(np.int64) - 1
+    assert len(ts) == 49 and s.num_inference_steps == 49 and s.timesteps.tolist() == ts.tolist()
+    assert len(s.sigmas) == 50 and s._table.shape[0] == 49
+    x = _x((2, 3, 8, 8))
+    got, xi = [], x.clone()
+    for i in range(s.num_inference_steps):
+        xi = s.step(eps_model(s.scale_model_input(xi, i), s.timesteps[i]), i, xi)
+        got.append(xi)
+    assert torch.isfinite(got[-1]).all()
+    if HAS_DIFFUSERS:
+        ds = dsched.DPMSolverMultistepScheduler(**cfg)
+        want = _diffusers_run(ds, 50, x.clone(), None)
+        assert len(want) == 49
+        for a, b in zip(got, want):
+            _close(a, b, 5e-4)
+
+
 # --- the sampling loop ------------------------------------------------------------------------------------------------
 
 class TinyModel(torch.nn.Module):

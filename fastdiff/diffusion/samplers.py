@@ -176,6 +176,12 @@ class Sampler:
         if device is not None:
             self._device = _canonical_device(device)
         plan = self._plan(n)
+        # the plan may hold fewer steps than asked (DPM-Solver++: trailing spacing cut short by lambda_min_clipped);
+        # as diffusers, num_inference_steps and timesteps are then those of the steps actually run
+        n = len(plan["timesteps"])
+        if n == 0:
+            raise ValueError(f"num_inference_steps: the sampler's options leave no step to run for "
+                             f"{num_inference_steps} steps")
         rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
         rows[:, : plan["rows"].shape[1]] = plan["rows"]
         if not np.isfinite(rows).all():
