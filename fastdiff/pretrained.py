@@ -71,8 +71,21 @@ def load(checkpoint: str | None = None, device="cpu", ema: bool = True) -> torch
     return model.float().eval()
 
 
+def _learns_sigma(model=None, meta_model: dict | None = None) -> bool:
+    """Whether a model predicts its variances too (Improved DDPM: out_channels = 2 x in_channels)."""
+    if model is not None:
+        cin, cout = getattr(model, "in_channels", None), getattr(model, "out_channels", None)
+    else:
+        cfg = (meta_model or {}).get("config", {})
+        cin, cout = cfg.get("in_channels"), cfg.get("out_channels")
+    return cin is not None and cout == 2 * cin
+
+
 def make_sampler(name: str, model=None, checkpoint: str | None = None):
-    """A sampler by name (ddpm, ddim, euler, dpmsolver++) on the schedule the model was trained with."""
+    """A sampler by name (ddpm, ddim, euler, dpmsolver++) on the schedule the model was trained with. For a model
+    with learned variances (out_channels = 2 x in_channels) DDPM samples with them (variance_type
+    "learned_range", Improved DDPM's) and DPM-Solver++ accepts and drops them (as diffusers does); DDIM and Euler
+    take only the mean channels, which :func:`generate` passes them."""
     import json
 
     from fastdiff.diffusion import SAMPLERS
@@ -83,9 +96,10 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
     d = checkpoint_dir(checkpoint)
     try:
         with open(os.path.join(d, "checkpoint.json")) as f:
-            train = json.load(f).get("train_config", {})
+            meta = json.load(f)
     except (OSError, ValueError):
-        train = {}
+        meta = {}
+    train = meta.get("train_config", {})
     if train:
         # the very betas training used (fastdiff.training rescales "linear" to T steps as ADM does, which the
         # sampler's beta_start/beta_end defaults do not), so sampler and training agree for every schedule and T
@@ -99,6 +113,8 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
     target = train.get("target")
     if target:
         opts["prediction_type"] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[target]
+    if name in ("ddpm", "dpmsolver++") and _learns_sigma(model, meta.get("model")):
+        opts["variance_type"] = "learned_range"
     return SAMPLERS[name](**opts)
 
 
@@ -131,8 +147,13 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
         model = model.to(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
+    # a model with learned variances gives 2C channels; a sampler that does not read them gets the C mean ones
+    C = model.in_channels
+    mean_only = _learns_sigma(model) and sampler.config.get("variance_type") not in ("learned", "learned_range")
+
     def net(x, t, **kw):
-        return model(x.contiguous(memory_format=fmt), t, **kw)
+        out = model(x.contiguous(memory_format=fmt), t, **kw)
+        return out[:, :C] if mean_only else out
 
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
     N = len(labels)

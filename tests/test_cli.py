@@ -160,6 +160,38 @@ def test_sampler_schedule_is_the_training_schedule(tmp_path, schedule):
         torch.testing.assert_close(s.schedule.alphas_cumprod, trainer.schedule.alphas_cumprod, rtol=0, atol=0)
 
 
+def test_sample_learned_variances(tmp_path, capsys):
+    # a --learn-sigma checkpoint (out_channels = 2 x in_channels) samples with every sampler: DDPM reads the
+    # variance channels (learned_range); DDIM, Euler and DPM-Solver++ give what its C mean channels alone give
+    import torch
+
+    d, trainer = _tiny_run(tmp_path, "run", out_channels=2)
+    model = pretrained.load(d)
+    assert pretrained.make_sampler("ddpm", checkpoint=d).config["variance_type"] == "learned_range"
+    assert pretrained.make_sampler("dpmsolver++", model).config["variance_type"] == "learned_range"
+
+    class MeanOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.in_channels, self.out_channels = m, m.in_channels, m.in_channels
+            self.image_size, self.num_classes, self.null_class_id = m.image_size, m.num_classes, m.null_class_id
+
+        def forward(self, x, t, **kw):
+            return self.m(x, t, **kw)[:, :self.in_channels]
+
+    for name in ("ddpm", "ddim", "euler", "dpmsolver++"):
+        for guidance in (1.0, 2.0):
+            kw = dict(sampler=name, steps=3, guidance=guidance, classes=[0, 2], n=2, checkpoint=d)
+            x, y, _ = pretrained.generate(model, **kw)
+            assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and y.tolist() == [0, 0, 2, 2]
+            if name != "ddpm":
+                torch.testing.assert_close(x, pretrained.generate(MeanOnly(model), **kw)[0], rtol=0, atol=0)
+    out = tmp_path / "x.npz"
+    assert cli.main(["sample", "--checkpoint", d, "--sampler", "ddpm", "--steps", "2", "--n", "1", "--out", str(out),
+                     "--quiet"]) == 0
+    assert np.load(out)["samples"].shape == (3, 1, 8, 8)
+
+
 def test_eval_quick(capsys, tmp_path):
     js = tmp_path / "e.json"
     assert cli.main(["eval", "--quick", "--n", "3", "--steps", "4", "--quiet", "--json", str(js)]) == 0
