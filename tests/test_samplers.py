@@ -710,6 +710,38 @@ def test_sampler_errors():
         s.step(x, 0, x, uncond=x, guidance_scale="high")
 
 
+def test_config_edits_take_effect_at_set_timesteps():
+    # the README: change config and call set_timesteps again. Schedule options were ignored (the schedule was built
+    # once) and edits were not checked (a typo ran as another option, solver_order=3 as 2)
+    x, m = _x(), eps_model(_x(), 50)
+
+    def first_step(s):
+        return s.set_timesteps(5, seed=0).step(m, 0, x)
+
+    edits = [{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+             {"num_train_timesteps": 50}, {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+             {"trained_betas": np.linspace(0.001, 0.03, T_TRAIN).tolist()}]
+    for edit in edits:
+        s = DDIMSampler(num_train_timesteps=T_TRAIN)
+        first_step(s)
+        s.config.update(edit)
+        fresh = DDIMSampler(**{"num_train_timesteps": T_TRAIN, **edit})
+        a, b = first_step(s), first_step(fresh)
+        assert s.timesteps.tolist() == fresh.timesteps.tolist(), edit
+        torch.testing.assert_close(s.schedule.alphas_cumprod, fresh.schedule.alphas_cumprod, atol=0, rtol=0)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    bad = [(DDIMSampler, "prediction_type", "v-prediction", ValueError), (DDIMSampler, "timestep_spacing", "trailng",
+           ValueError), (DPMSolverPPSampler, "solver_order", 3, ValueError), (DDIMSampler, "beta_start", 2.0,
+           ValueError), (DDIMSampler, "beta_schedule", "cosine", ValueError), (DDIMSampler, "etaa", 0.5, TypeError)]
+    for cls, k, v, err in bad:
+        s = cls(num_train_timesteps=T_TRAIN).set_timesteps(4)
+        before = s.timesteps.clone()
+        s.config[k] = v
+        with pytest.raises(err, match=f"^{k}:"):
+            s.set_timesteps(6)
+        assert torch.equal(s.timesteps, before) and s.num_inference_steps == 4
+
+
 # --- diffusers ------------------------------------------------------------------------------------------------------
 
 def _diffusers_run(sched, n, x, gen, learned=False):

@@ -39,6 +39,8 @@ _COMMON = {
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
 }
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "rescale_betas_zero_snr")
 _THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
 _CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
 
@@ -99,16 +101,13 @@ class Sampler:
     _multistep = False
 
     def __init__(self, **options):
-        unknown = sorted(set(options) - set(self._options))
-        if unknown:
-            raise TypeError(f"{unknown[0]}: not an option of {type(self).__name__} (options: "
-                            f"{', '.join(self._options)})")
+        self._check_options(options)
         cfg = dict(self._options)
         cfg.update(options)
-        self.config = cfg
         self._validate(cfg)
-        self.schedule = NoiseSchedule(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"],
-                                      cfg["beta_schedule"], cfg["trained_betas"], cfg["rescale_betas_zero_snr"])
+        self.config = cfg
+        self._schedule_key = None
+        self._build_schedule()
         self.num_inference_steps = None
         self.timesteps = None
         self._device = torch.device("cpu")
@@ -135,6 +134,23 @@ class Sampler:
                 raise ValueError(f"config: {k}={v!r} is not supported by {cls.__name__} (only {cls._fixed[k]!r})")
         opts.update(overrides)
         return cls(**opts)
+
+    def _check_options(self, options):
+        unknown = sorted(set(options) - set(self._options))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an option of {type(self).__name__} (options: "
+                            f"{', '.join(self._options)})")
+
+    def _build_schedule(self):
+        """(Re)build the noise schedule when an option it is made from differs from those it was built with."""
+        cfg = self.config
+        tb = cfg["trained_betas"]
+        key = tuple(cfg[k] for k in _SCHEDULE_KEYS if k != "trained_betas") + (
+            None if tb is None else tuple(np.asarray(tb, dtype=np.float64).ravel().tolist()),)
+        if key != self._schedule_key:
+            self.schedule = NoiseSchedule(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"],
+                                          cfg["beta_schedule"], tb, cfg["rescale_betas_zero_snr"])
+            self._schedule_key = key
 
     def _validate(self, cfg):
         if cfg["beta_schedule"] not in BETA_SCHEDULES and cfg["trained_betas"] is None:
@@ -173,6 +189,14 @@ class Sampler:
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
         n = int(num_inference_steps)
+        # config edits take effect here: checked as the constructor checks options, the schedule rebuilt if one
+        # of its options changed (nothing is changed if a check fails)
+        missing = [k for k in self._options if k not in self.config]
+        if missing:
+            raise TypeError(f"{missing[0]}: missing from config (an option of {type(self).__name__})")
+        self._check_options(self.config)
+        self._validate(self.config)
+        self._build_schedule()
         if device is not None:
             self._device = _canonical_device(device)
         plan = self._plan(n)
