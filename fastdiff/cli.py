@@ -108,6 +108,7 @@ def _classes(s):
 
 
 def _load_checkpoint(path, device):
+    """(the U-Net, the autoencoder that decodes its latents or None for a pixel-space model)."""
     from fastdiff import pretrained
 
     d = pretrained.checkpoint_dir(path)
@@ -120,7 +121,11 @@ def _load_checkpoint(path, device):
         raise CLIError(f"checkpoint {d!r}: holds a {type(model).__name__}, not a diffusion U-Net")
     if model.num_classes is None:
         raise CLIError(f"checkpoint {d!r}: the model is not class-conditional (sample and eval need one)")
-    return model
+    autoencoder = pretrained.load_autoencoder(path, device=device)  # latent diffusion: decode the samples with it
+    if autoencoder is not None and autoencoder.latent_channels != model.in_channels:
+        raise CLIError(f"checkpoint {d!r}: its autoencoder's latents have {autoencoder.latent_channels} channels, "
+                       f"the U-Net's {model.in_channels}")
+    return model, autoencoder
 
 
 def _sampling_setup(args):
@@ -144,17 +149,17 @@ def _cmd_sample(args):
     if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
         raise CLIError(f"--out: no such directory: {os.path.dirname(out)!r}")
     device, dtype = _sampling_setup(args)
-    model = _load_checkpoint(args.checkpoint, device)
+    model, autoencoder = _load_checkpoint(args.checkpoint, device)
     classes = args.classes if args.classes is not None else list(range(model.num_classes))
     n_total = len(classes) * args.n
     if args.warmup:  # the same shapes once untimed: CUDA-graph capture, cuDNN/Triton autotuning, allocator
         pretrained.generate(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance, classes=classes,
                             n=args.n, seed=args.seed, dtype=dtype, device=device, batch_size=args.batch_size,
-                            checkpoint=args.checkpoint)
+                            checkpoint=args.checkpoint, autoencoder=autoencoder)
     x, y, sec = pretrained.generate(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                     classes=classes, n=args.n, seed=args.seed, dtype=dtype, device=device,
                                     batch_size=args.batch_size, progress=not args.quiet,
-                                    checkpoint=args.checkpoint)
+                                    checkpoint=args.checkpoint, autoencoder=autoencoder)
     if ext == ".npz":
         np.savez_compressed(out, samples=x.numpy(), labels=y.numpy(),
                             images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
@@ -168,11 +173,11 @@ def _cmd_sample(args):
 
 
 def _cmd_eval(args):
-    from fastdiff import evaluation
+    from fastdiff import evaluation, pretrained
 
     device, dtype = _sampling_setup(args)
-    model = _load_checkpoint(args.checkpoint, device)
-    if model.num_classes != 10 or model.image_size != 16 or model.in_channels != 1:
+    model, autoencoder = _load_checkpoint(args.checkpoint, device)
+    if model.num_classes != 10 or pretrained.image_shape(model, autoencoder) != (1, 16, 16):
         raise CLIError("eval scores digits models: a class-conditional 16x16 greyscale model of 10 classes")
     clf = evaluation.load_classifier()
     n = args.n if args.n is not None else (10 if args.quick else 50)
@@ -189,7 +194,7 @@ def _cmd_eval(args):
     for sampler, steps, guidance in settings:
         r = evaluation.evaluate(model, sampler=sampler, steps=steps, guidance=guidance, n_per_class=n,
                                 seed=args.seed, dtype=dtype, device=device, batch_size=args.batch_size, clf=clf,
-                                progress=not args.quiet, checkpoint=args.checkpoint)
+                                progress=not args.quiet, checkpoint=args.checkpoint, autoencoder=autoencoder)
         rows.append(r)
         print(f"{sampler:<12} {steps:>5} {guidance:>8g} {r['n']:>7} {r['accuracy']:>8.1%} {r['fd']:>8.2f} "
               f"{r['n'] / r['sampling_s']:>7.1f}", flush=True)

@@ -159,9 +159,11 @@ def floor(clf=None) -> dict:
 
 
 def evaluate(model, *, sampler="dpmsolver++", steps=20, guidance=1.0, n_per_class=50, seed=0,
-             dtype=torch.float32, device=None, batch_size=None, clf=None, progress=False, checkpoint=None) -> dict:
+             dtype=torch.float32, device=None, batch_size=None, clf=None, progress=False, checkpoint=None,
+             autoencoder="auto") -> dict:
     """Sample n_per_class of each digit and score them: accuracy on the requested class, FD to the held-out
-    split. Returns a dict (sampler, steps, guidance, n, accuracy, fd, seconds)."""
+    split (a latent-diffusion model's samples decoded by `autoencoder`, as in :func:`fastdiff.pretrained.generate`).
+    Returns a dict (sampler, steps, guidance, n, accuracy, fd, seconds)."""
     from fastdiff.pretrained import generate
 
     clf = clf or load_classifier()
@@ -169,7 +171,7 @@ def evaluate(model, *, sampler="dpmsolver++", steps=20, guidance=1.0, n_per_clas
     t0 = time.perf_counter()
     x, y, sec = generate(model, sampler=sampler, steps=steps, guidance=guidance, classes=range(10), n=n_per_class,
                          seed=seed, dtype=dtype, device=device, batch_size=batch_size, progress=progress,
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, autoencoder=autoencoder)
     f, pred = features_and_predictions(clf, x)
     return {"sampler": sampler, "steps": steps, "guidance": guidance, "n": len(x),
             "accuracy": float((pred == y).float().mean()), "fd": frechet_distance(f, f_te),

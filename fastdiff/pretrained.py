@@ -71,6 +71,30 @@ def load(checkpoint: str | None = None, device="cpu", ema: bool = True) -> torch
     return model.float().eval()
 
 
+def load_autoencoder(checkpoint: str | None = None, device="cpu"):
+    """The autoencoder a latent-diffusion checkpoint was trained with (saved inside it; fp32, eval mode), or None
+    for a pixel-space checkpoint (the bundled one is)."""
+    from fastdiff.training.checkpoint import load_autoencoder as _load
+
+    d = checkpoint_dir(checkpoint)
+    try:
+        ae = _load(d, device=device)
+    except (KeyError, RuntimeError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"checkpoint: cannot read {d!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return None if ae is None else ae.float().eval()
+
+
+def image_shape(model, autoencoder=None) -> tuple:
+    """(C, H, W) of the images `model` generates: its own sample shape, or its latents decoded by `autoencoder`."""
+    size, ch = model.image_size, model.in_channels
+    if autoencoder is None:
+        return (ch, size, size)
+    f = autoencoder.downsample_factor
+    return (autoencoder.out_channels, size * f, size * f)
+
+
 def _learns_sigma(model=None, meta_model: dict | None = None) -> bool:
     """Whether a model predicts its variances too (Improved DDPM: out_channels = 2 x in_channels)."""
     if model is not None:
@@ -120,11 +144,16 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
 
 def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float = 1.0, classes=range(10),
              n: int = 8, seed: int = 0, dtype=torch.float32, device=None, batch_size: int | None = None,
-             progress: bool = False, checkpoint: str | None = None, channels_last: bool | None = None):
+             progress: bool = False, checkpoint: str | None = None, channels_last: bool | None = None,
+             autoencoder="auto"):
     """n samples of each class in `classes`, class-major: returns (x in [-1, 1] float32 on the CPU, labels,
     seconds spent sampling). On a GPU the model runs in `dtype` with channels_last activations, the fused sampler
     step and the CUDA-graph loop of fastdiff.sample; guidance != 1 is classifier-free guidance against the model's
-    null class."""
+    null class.
+
+    autoencoder: a latent-diffusion model's samples are latents, which this decodes (``from_latent``, in the
+    seconds) into images: "auto" uses the autoencoder saved in `checkpoint` (none when checkpoint is None or a
+    pixel-space run), None decodes nothing, or pass an AutoencoderKL."""
     import fastdiff
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -140,6 +169,15 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     null = getattr(model, "null_class_id", None)
     if guidance != 1.0 and null is None:
         raise ValueError("guidance: this model has no null class (trained without --cfg-dropout)")
+    if isinstance(autoencoder, str):
+        if autoencoder != "auto":
+            raise ValueError(f"autoencoder: expected 'auto', None or an autoencoder, got {autoencoder!r}")
+        autoencoder = load_autoencoder(checkpoint, device) if checkpoint is not None else None
+    if autoencoder is not None:
+        if getattr(autoencoder, "latent_channels", None) != model.in_channels:
+            raise ValueError(f"autoencoder: its latents have {getattr(autoencoder, 'latent_channels', None)} "
+                             f"channels, the model samples {model.in_channels}")
+        autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
     if channels_last is None:
         channels_last = device.type == "cuda"
     model = model.to(device=device, dtype=dtype)
@@ -168,6 +206,9 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
             kw["uncond_y"] = torch.full_like(y, null)
         x = fastdiff.sample(net, sampler, (len(y), ch, size, size), seed=seed + k, dtype=dtype,
                             num_inference_steps=steps, device=device, progress=progress, **kw)
+        if autoencoder is not None:
+            with torch.no_grad():
+                x = autoencoder.from_latent(x)
         out.append(x.float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -192,6 +192,46 @@ def test_sample_learned_variances(tmp_path, capsys):
     assert np.load(out)["samples"].shape == (3, 1, 8, 8)
 
 
+def test_sample_latent_diffusion_decodes(tmp_path, capsys):
+    # a latent-diffusion run (4x4x4 latents of 1x8x8 images): sample and generate decode the latents with the
+    # autoencoder saved in the checkpoint, instead of writing the latents as images
+    import torch
+    from PIL import Image
+
+    import fastdiff
+    from fastdiff.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(in_channels=1, latent_channels=4, model_channels=8, channel_mult=(1, 2), num_groups=4,
+                       scale_factor=0.7)
+    d, trainer = _tiny_run(tmp_path, "ldm", autoencoder=ae)
+    model = pretrained.load(d)
+    assert model.in_channels == 4 and model.image_size == 4
+    dec = pretrained.load_autoencoder(d)
+    assert dec.scale_factor == 0.7 and pretrained.load_autoencoder(None) is None
+    assert pretrained.image_shape(model, dec) == (1, 8, 8)
+
+    x, y, _ = pretrained.generate(model, sampler="ddim", steps=2, classes=[0, 1, 2], n=1, checkpoint=d)
+    assert x.shape == (3, 1, 8, 8)
+    sampler = pretrained.make_sampler("ddim", model, d)
+    z = fastdiff.sample(model, sampler, (3, 4, 4, 4), y=y, seed=0, num_inference_steps=2, device="cpu",
+                        dtype=torch.float32, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(x, dec.from_latent(z).clamp(-1, 1))
+    z2, _, _ = pretrained.generate(model, sampler="ddim", steps=2, classes=[0, 1, 2], n=1, checkpoint=d,
+                                   autoencoder=None)
+    assert z2.shape == (3, 4, 4, 4)  # autoencoder=None: the latents themselves
+
+    out = tmp_path / "x.npz"
+    assert cli.main(["sample", "--checkpoint", d, "--steps", "2", "--n", "1", "--out", str(out), "--quiet"]) == 0
+    assert np.load(out)["samples"].shape == (3, 1, 8, 8) and np.load(out)["images"].shape == (3, 1, 8, 8)
+    png = tmp_path / "x.png"
+    assert cli.main(["sample", "--checkpoint", d, "--steps", "2", "--n", "1", "--out", str(png), "--quiet",
+                     "--scale", "1"]) == 0
+    with Image.open(png) as im:
+        assert im.size == (1 * (8 + 2) + 2, 3 * (8 + 2) + 2)
+
+
 def test_eval_quick(capsys, tmp_path):
     js = tmp_path / "e.json"
     assert cli.main(["eval", "--quick", "--n", "3", "--steps", "4", "--quiet", "--json", str(js)]) == 0
