@@ -839,6 +839,19 @@ def test_dpmsolverpp_trailing_clipped_runs_fewer_steps():
             _close(a, b, 5e-4)
 
 
+@pytest.mark.parametrize("n", [8, 25])
+def test_dpmsolverpp_karras_cosine_timesteps(n):
+    # with squaredcos_cap_v2, t(sigma) is truncated, not rounded; diffusers interpolates in float32 log sigmas and
+    # gets t(sigma_max) = 998.99999996 -> 998, where float64 logs gave 999.0 -> 999 (the model saw t = 999 at step 0)
+    s = DPMSolverPPSampler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True).set_timesteps(n)
+    assert s.timesteps[0].item() == 998
+    if HAS_DIFFUSERS:  # (diffusers' own loop can't run this plan: its repeated timesteps confuse its step counter)
+        ds = dsched.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+        ds.set_timesteps(n)
+        assert s.timesteps.tolist() == ds.timesteps.tolist()
+        np.testing.assert_allclose(s.sigmas, ds.sigmas.numpy(), rtol=1e-6)
+
+
 # --- the sampling loop ------------------------------------------------------------------------------------------------
 
 class TinyModel(torch.nn.Module):

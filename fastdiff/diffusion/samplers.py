@@ -711,7 +711,9 @@ class EulerSampler(Sampler):
         else:
             ts = np.arange(T, 0, -T / n).round().copy().astype(np.float32) - 1
         train_sigmas, acp = self._train_sigmas()
-        log_sigmas = np.log(train_sigmas)
+        # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
+        # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
+        log_sigmas = np.log(train_sigmas.astype(np.float32))
         sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
         if cfg["use_karras_sigmas"]:
             smin = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
@@ -805,7 +807,9 @@ class DPMSolverPPSampler(Sampler):
         else:
             ts = np.arange(last_t, 0, -T / n).round().copy().astype(np.int64) - 1
         train_sigmas = (((1 - acp_t) / acp_t) ** 0.5).numpy().astype(np.float64)
-        log_sigmas = np.log(train_sigmas)
+        # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
+        # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
+        log_sigmas = np.log(train_sigmas.astype(np.float32))
         if cfg["use_karras_sigmas"]:
             flipped = np.flip(train_sigmas).copy()
             sigmas = _karras(flipped[-1].item(), flipped[0].item(), n)
