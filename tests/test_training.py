@@ -323,6 +323,40 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(v, before[k])
 
 
+def test_new_trainer_refuses_to_replace_a_run(tmp_path):
+    # a fresh Trainer pointed at a folder holding a run used to replace it at its first save (deleting the old
+    # tensors file); now only a trainer resumed from that folder may write there
+    data = synthetic()
+    d = str(tmp_path / "run")
+    Trainer(tiny_unet(), data, batch_size=4, out_dir=d).train(3)
+    before = {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)}
+    assert sorted(before) == ["checkpoint.json", "ckpt-000000003.safetensors"]
+    fresh = Trainer(tiny_unet(), data, batch_size=4, save_every=1, out_dir=d)
+    with pytest.raises(ValueError, match=r"out_dir: .*run' already holds a training run at step 3.*from_checkpoint"):
+        fresh.train(2)
+    assert fresh.step == 0  # refused before any work
+    with pytest.raises(ValueError, match="out_dir: .*already holds"):
+        fresh.save()
+    with pytest.raises(ValueError, match="directory: .*already holds"):
+        Trainer(tiny_unet(), data, batch_size=4).save(d)
+    assert {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)} == before  # intact
+
+    # resuming is how to continue: from_checkpoint, or resume() on a trainer built with that out_dir
+    back = Trainer.from_checkpoint(d, data)
+    back.train(4)
+    assert ckpt.load_meta(d)["step"] == 4
+    again = Trainer(tiny_unet(), data, batch_size=4, out_dir=d).resume()
+    again.train(5)
+    again.save()  # its own run: saving twice is fine
+    assert ckpt.load_meta(d)["step"] == 5
+    # a resumed run may not write into another run's folder either
+    other = str(tmp_path / "other")
+    Trainer(tiny_unet(), data, batch_size=4, out_dir=other).train(1)
+    with pytest.raises(ValueError, match="out_dir: .*other' already holds"):
+        Trainer.from_checkpoint(d, data, out_dir=other).train(6)
+    assert ckpt.load_meta(other)["step"] == 1
+
+
 def test_resume_checks_the_model(tmp_path):
     data = synthetic()
     Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path)).train(1)

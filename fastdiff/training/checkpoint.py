@@ -93,6 +93,12 @@ def exists(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, JSON_NAME))
 
 
+def load_meta(directory: str) -> dict:
+    """The JSON meta of the checkpoint in `directory` (without reading its tensors)."""
+    with open(os.path.join(directory, JSON_NAME)) as f:
+        return json.load(f)
+
+
 def load(directory: str, device="cpu") -> tuple[dict, dict]:
     """(tensors, meta) of the checkpoint in `directory`."""
     path = os.path.join(directory, JSON_NAME)

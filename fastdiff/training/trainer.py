@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -122,7 +123,9 @@ class Trainer:
 
     dataset: items (image in [-1, 1], label) -- :func:`fastdiff.training.data.digits`, ``ImageFolder``, ...
     config: a :class:`TrainConfig`; keyword overrides (``lr=...``) are applied on top.
-    out_dir: where checkpoints go (``save()``, every ``save_every`` steps, and at the end of ``train()``).
+    out_dir: where checkpoints go (``save()``, every ``save_every`` steps, and at the end of ``train()``). A folder
+        that already holds a checkpoint is written only by a trainer resumed from it (``from_checkpoint`` or
+        ``resume()``): any other raises ValueError rather than replace that run.
     schedule: an object with betas, alphas_cumprod, num_train_timesteps (default: ``config.beta_schedule``).
     autoencoder: an AutoencoderKL to train in its latent space (frozen; latents are scale_factor * z).
     context_fn: for models with cross-attention, labels (N,) -> context (N, S, context_dim).
@@ -166,6 +169,7 @@ class Trainer:
         self.history: list[dict] = []
         self._pending: list[dict] = []
         self._perm_cache: dict = {}
+        self._own_dirs: set = set()  # folders whose checkpoint is this run's (resumed from or saved to)
 
     # -- checks --------------------------------------------------------------------------------------------------
 
@@ -347,6 +351,8 @@ class Trainer:
         (metrics averaged over the window) every ``log_every`` steps; a partial window stays pending, and is saved
         with a checkpoint, so an interrupted and resumed run logs the same rows as an uninterrupted one."""
         steps = self.config.steps if steps is None else steps
+        if self.out_dir:  # before any work: the first save would replace another run
+            self._check_out_dir(self.out_dir, "out_dir")
         t0 = time.perf_counter()
         bar = None
         if progress and self.rank == 0 and self.step < steps:
@@ -412,13 +418,31 @@ class Trainer:
             meta["autoencoder"] = {"class": type(self.autoencoder).__name__, "config": self.autoencoder.config}
         return tensors, meta
 
+    def _check_out_dir(self, directory: str, name: str):
+        """Refuse to write into a folder holding a checkpoint of another run: ckpt.save would replace it and delete
+        its tensors file."""
+        if os.path.abspath(directory) in self._own_dirs or not ckpt.exists(directory):
+            return
+        try:
+            step = f" at step {ckpt.load_meta(directory).get('step')}"
+        except (OSError, ValueError):
+            step = ""
+        raise ValueError(f"{name}: {directory!r} already holds a training run{step}; this trainer was not resumed "
+                         f"from it, and saving would replace that run. Resume it (Trainer.from_checkpoint("
+                         f"{directory!r}, dataset) or trainer.resume()), or choose another {name}")
+
     def save(self, directory: str | None = None) -> str | None:
-        """Write a checkpoint (rank 0 writes; every process must call it). Returns the JSON path on rank 0."""
+        """Write a checkpoint (rank 0 writes; every process must call it). Returns the JSON path on rank 0. Refuses
+        (ValueError) a folder that holds another run's checkpoint: see ``out_dir``."""
+        name = "directory" if directory else "out_dir"
         directory = directory or self.out_dir
         if directory is None:
             raise ValueError("directory: no out_dir was given to the trainer; pass one")
+        if self.rank == 0:  # the other ranks would see rank 0's fresh checkpoint; train() checked them all
+            self._check_out_dir(directory, name)
         tensors, meta = self.state_tensors()
         path = ckpt.save(directory, tensors, meta) if self.rank == 0 else None
+        self._own_dirs.add(os.path.abspath(directory))
         if self.world > 1:
             dist.barrier()
         return path
@@ -462,6 +486,7 @@ class Trainer:
         if sampler_state:
             self.sampler.load_state_dict(sampler_state)
         self.step = int(meta["step"])
+        self._own_dirs.add(os.path.abspath(directory))
         self.history = list(meta.get("history", []))
         self._pending = [{k: torch.tensor(v, dtype=torch.float64) for k, v in m.items()}
                          for m in meta.get("pending_log", [])]
