@@ -357,6 +357,18 @@ def test_new_trainer_refuses_to_replace_a_run(tmp_path):
     assert ckpt.load_meta(other)["step"] == 1
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_get_the_umask_mode(tmp_path, umask):
+    # mkstemp's 0600 used to survive the atomic rename: checkpoints were unreadable to the group whatever the umask
+    old = os.umask(umask)
+    try:
+        Trainer(tiny_unet(), synthetic(), batch_size=4, out_dir=str(tmp_path)).train(1)
+    finally:
+        os.umask(old)
+    modes = {f: os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)}
+    assert modes == {"checkpoint.json": 0o666 & ~umask, "ckpt-000000001.safetensors": 0o666 & ~umask}, modes
+
+
 def test_resume_checks_the_model(tmp_path):
     data = synthetic()
     Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path)).train(1)

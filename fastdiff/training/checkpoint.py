@@ -49,6 +49,12 @@ def atomic_write(path: str, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600 (and a writer may recreate it so), which os.replace keeps: give it the mode
+        # open() would, 0666 & ~umask, so a checkpoint is as readable as its owner's other files (the group's, on
+        # a shared machine). Reading the umask means setting it: set it straight back.
+        umask = os.umask(0o077)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
