@@ -59,6 +59,8 @@ def test_bad_arguments(argv, needle, capsys):
     (["sample", "--device", "nonsense"], "device"),
     (["eval", "--checkpoint", "/no/such/run"], "/no/such/run"),
     (["train", "--dataset", "/no/such/folder", "--out", "/tmp/unused-fastdiff-run"], "--dataset"),
+    # the rescaled linear betas' limit, named by what the user set (it used to blame beta_end, never set)
+    (["train", "--num-timesteps", "10", "--out", "unused-run"], "--num-timesteps"),
 ])
 def test_bad_inputs_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -424,6 +424,29 @@ def test_trainer_rejects_bad_setups():
         Trainer(tiny_unet(), data, cfg_dropout=1.5)
 
 
+@pytest.mark.parametrize("kw, error, needle", [
+    (dict(lambda_vlb=-1.0), ValueError, "lambda_vlb"),
+    (dict(lambda_vlb=float("nan")), ValueError, "lambda_vlb"),
+    (dict(kl_weight=-5.0), ValueError, "kl_weight"),
+    (dict(kl_weight=float("inf")), ValueError, "kl_weight"),
+    (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="1e-3"), TypeError, "lr"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=True), TypeError, "seed"),
+    # T <= 20 with the linear schedule: the rescaled beta_end 0.02*1000/T reaches 1; the user set T, not beta_end
+    (dict(num_train_timesteps=10), ValueError, "num_train_timesteps: .*needs T > 20"),
+    (dict(num_train_timesteps=20), ValueError, "num_train_timesteps"),
+])
+def test_config_rejects_bad_values(kw, error, needle):
+    from fastdiff.training import TrainConfig
+
+    with pytest.raises(error, match=needle):
+        TrainConfig(**kw).validate()
+    TrainConfig(lambda_vlb=0.0, kl_weight=0.0, seed=-3, num_train_timesteps=21).validate()  # the edges are fine
+    TrainConfig(beta_schedule="cosine", num_train_timesteps=10).validate()
+
+
 def test_classifier_autoencoder_and_latent_training(tmp_path):
     data = synthetic(channels=3)
     torch.manual_seed(0)

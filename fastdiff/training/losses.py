@@ -30,6 +30,9 @@ def _make_schedule(kind: str = "linear", num_train_timesteps: int = 1000):
         raise ValueError(f"num_train_timesteps: expected a positive int, got {num_train_timesteps!r}")
     if kind == "linear":
         scale = 1000.0 / T
+        if not scale * 0.02 < 1:  # beta_end reaches 1: name what the user set, not the derived beta_end
+            raise ValueError(f"num_train_timesteps: the 'linear' schedule (betas 1e-4 to 0.02 rescaled by 1000/T) "
+                             f"needs T > 20 (--num-timesteps), got {T}")
         return NoiseSchedule(T, beta_start=scale * 1e-4, beta_end=scale * 0.02, beta_schedule="linear")
     return NoiseSchedule(T, beta_schedule="squaredcos_cap_v2" if kind == "cosine" else kind)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import sys
 import time
@@ -68,8 +69,19 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        def real(name, positive):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise ValueError(f"{name}: expected a finite {'positive' if positive else 'non-negative'} float, "
+                                 f"got {v!r}")
+
+        real("lr", positive=True)
+        real("lambda_vlb", positive=False)  # a negative weight would maximise L_vlb
+        real("kl_weight", positive=False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise TypeError(f"seed: expected an int, got {type(self.seed).__name__} {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -86,6 +98,7 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma: expected None or a positive float, got {self.min_snr_gamma!r}")
         if self.beta_schedule not in ("linear", "cosine"):
             raise ValueError(f"beta_schedule: expected 'linear' or 'cosine', got {self.beta_schedule!r}")
+        _make_schedule(self.beta_schedule, self.num_train_timesteps)  # the schedule's own limits on T
         return self
 
 
