@@ -183,7 +183,7 @@ def bench_step(args, device, rows):
             if not args.no_compile:
                 cf2 = torch.compile(ef)
                 fns["compile"] = lambda cf2=cf2: cf2(x, c, u, p)
-            dpm._x0_buf = p.clone()
+            dpm._x0_buf, dpm._x0_key = p.clone(), (x.shape, x.dtype, x.device, x.stride())  # x0_prev = p
             for b in backends:
                 fns[f"fastdiff-{b}"] = lambda b=b: dpm.step(c, i_dpm, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
             _record(rows, "dpmpp-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=6 * numel * size)
