@@ -952,6 +952,13 @@ def test_sample_errors():
     with pytest.raises(ValueError, match="^classifier:"):
         sample(model, s, (1, 3, 4, 4), classifier=lambda x, t: x, classifier_scale=1.0, num_inference_steps=2,
                progress=False)
+    # a classifier without a scale, or a scale without a classifier, would silently sample unguided
+    with pytest.raises(ValueError, match="^classifier_scale:"):
+        sample(model, s, (1, 3, 4, 4), y=torch.tensor([1]), classifier=lambda x, t: x.mean((2, 3)),
+               num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="^classifier:"):
+        sample(model, s, (1, 3, 4, 4), y=torch.tensor([1]), classifier_scale=2.0, num_inference_steps=2,
+               progress=False)
     with pytest.raises(ValueError, match="^cuda_graph:"):
         sample(model, s, (1, 3, 4, 4), cuda_graph=True, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="^y:"):

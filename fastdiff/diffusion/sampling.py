@@ -93,7 +93,12 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         raise ValueError("uncond_context: given without context")
     if uncond_y is not None and y is None:
         raise ValueError("uncond_y: given without y")
-    use_classifier = classifier is not None and classifier_scale != 0.0
+    if classifier is not None and classifier_scale == 0.0:
+        raise ValueError("classifier_scale: a classifier was given with classifier_scale 0 (no guidance); pass "
+                         "classifier_scale > 0 to guide with it, or leave the classifier out")
+    if classifier is None and classifier_scale != 0.0:
+        raise ValueError(f"classifier: classifier_scale is {classifier_scale} but no classifier was given")
+    use_classifier = classifier is not None
     if use_classifier and y is None:
         raise ValueError("classifier: classifier guidance needs the class labels y")
     for name, t in (("y", y), ("uncond_y", uncond_y), ("context", context), ("uncond_context", uncond_context)):
