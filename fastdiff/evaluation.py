@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -136,19 +137,21 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
 
 
-_REF_CACHE: dict = {}
+_REF_CACHE = weakref.WeakKeyDictionary()  # classifier -> (its weights' versions, features)
 
 
 def reference_features(clf):
-    """Features of the training and held-out splits (cached per classifier)."""
+    """Features of the training and held-out splits (cached per classifier while its weights are unchanged)."""
     from fastdiff.training.data import digits
 
-    key = id(clf)
-    if key not in _REF_CACHE:
+    versions = tuple((p.data_ptr(), p._version) for p in clf.parameters())
+    hit = _REF_CACHE.get(clf)
+    if hit is None or hit[0] != versions:
         tr, te = digits(16, split="train"), digits(16, split="test")
-        _REF_CACHE[key] = (features_and_predictions(clf, tr.images)[0], features_and_predictions(clf, te.images)[0],
-                           accuracy(clf, te.images, te.labels))
-    return _REF_CACHE[key]
+        hit = (versions, (features_and_predictions(clf, tr.images)[0], features_and_predictions(clf, te.images)[0],
+                          accuracy(clf, te.images, te.labels)))
+        _REF_CACHE[clf] = hit
+    return hit[1]
 
 
 def floor(clf=None) -> dict:

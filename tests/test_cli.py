@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 import fastdiff
@@ -281,3 +282,16 @@ def test_info_says_which_cpu_kernels():
         return
     if "avx512f" not in flags.split():  # an AVX-512 build would not even load here
         assert info["cpu_kernels"] == "portable"
+
+
+def test_reference_features_follow_the_classifier_weights():
+    # cached per classifier: a retrained (in-place updated) or a new classifier never gets stale features
+    from fastdiff import evaluation
+
+    clf = evaluation.load_classifier()
+    a = evaluation.reference_features(clf)
+    assert evaluation.reference_features(clf)[0] is a[0]  # cached while the weights are unchanged
+    with torch.no_grad():
+        next(clf.parameters()).mul_(0.5)
+    b = evaluation.reference_features(clf)
+    assert not np.allclose(a[0], b[0])
