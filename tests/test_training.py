@@ -554,3 +554,20 @@ def test_ddp_two_processes_match_one(tmp_path):
     for k, w in single["weights"].items():
         torch.testing.assert_close(ddp["weights"][k], w, atol=1e-6, rtol=1e-5, msg=k)
     assert ddp["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=1e-5)
+
+
+def test_fit_scale_factor_without_ema_is_deterministic_and_leaves_train_mode():
+    # no EMA: the fit runs on the trained model itself, which must not use dropout (the global RNG) while fitting
+    data = synthetic(channels=3)
+    torch.manual_seed(0)
+    ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4, dropout=0.5)
+    at = AutoencoderTrainer(ae, data, batch_size=6, ema_decay=None)
+    assert at.ema is None and ae.training
+    torch.manual_seed(1)
+    a = at.fit_scale_factor()
+    torch.manual_seed(2)
+    b = at.fit_scale_factor()
+    assert a == b and ae.training
+    state = torch.random.get_rng_state()
+    at.fit_scale_factor()
+    assert torch.equal(state, torch.random.get_rng_state())

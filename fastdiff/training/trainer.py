@@ -589,11 +589,17 @@ class AutoencoderTrainer(Trainer):
         idx = torch.randperm(len(self.dataset), generator=_generator(self.config.seed, 3))[:n]
         gen = _generator(self.config.seed, 4)  # not the global RNG: fitting must not perturb a resumable run
         zs = []
-        for chunk in idx.split(self.config.batch_size):
-            x, _ = fetch(self.dataset, chunk)
-            noise = torch.randn((len(chunk),) + model.latent_shape(x.shape), generator=gen)
-            with self._autocast():
-                zs.append(model.encode(x.to(self.device)).sample(noise=noise).float().cpu())
+        was_training = model.training
+        model.eval()  # no dropout (it would draw from the global RNG, and fit on perturbed latents), no graph
+        try:
+            with torch.no_grad():
+                for chunk in idx.split(self.config.batch_size):
+                    x, _ = fetch(self.dataset, chunk)
+                    noise = torch.randn((len(chunk),) + model.latent_shape(x.shape), generator=gen)
+                    with self._autocast():
+                        zs.append(model.encode(x.to(self.device)).sample(noise=noise).float().cpu())
+        finally:
+            model.train(was_training)
         scale = 1.0 / float(torch.cat(zs).std())
         for m in (self.model, self.ema):
             if m is not None:
