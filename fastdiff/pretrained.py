@@ -147,7 +147,8 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
              progress: bool = False, checkpoint: str | None = None, channels_last: bool | None = None,
              autoencoder="auto"):
     """n samples of each class in `classes`, class-major: returns (x in [-1, 1] float32 on the CPU, labels,
-    seconds spent sampling). On a GPU the model runs in `dtype` with channels_last activations, the fused sampler
+    seconds spent sampling). The model is moved to `device` and `dtype` in place (as Module.to does) and sampled in
+    eval mode (its training mode is restored after). On a GPU it runs with channels_last activations, the fused sampler
     step and the CUDA-graph loop of fastdiff.sample; guidance != 1 is classifier-free guidance against the model's
     null class.
 
@@ -198,21 +199,26 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     bs = batch_size or N
     size, ch = model.image_size, model.in_channels
     out = []
-    t0 = time.perf_counter()
-    for k, start in enumerate(range(0, N, bs)):
-        y = labels[start:start + bs].to(device)
-        kw = dict(y=y, guidance_scale=float(guidance))
-        if guidance != 1.0:
-            kw["uncond_y"] = torch.full_like(y, null)
-        x = fastdiff.sample(net, sampler, (len(y), ch, size, size), seed=seed + k, dtype=dtype,
-                            num_inference_steps=steps, device=device, progress=progress, **kw)
-        if autoencoder is not None:
-            with torch.no_grad():
-                x = autoencoder.from_latent(x)
-        out.append(x.float().cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    was_training = model.training
+    model.eval()  # sampled without dropout even when handed a model in training mode; its mode is restored
+    try:
+        t0 = time.perf_counter()
+        for k, start in enumerate(range(0, N, bs)):
+            y = labels[start:start + bs].to(device)
+            kw = dict(y=y, guidance_scale=float(guidance))
+            if guidance != 1.0:
+                kw["uncond_y"] = torch.full_like(y, null)
+            x = fastdiff.sample(net, sampler, (len(y), ch, size, size), seed=seed + k, dtype=dtype,
+                                num_inference_steps=steps, device=device, progress=progress, **kw)
+            if autoencoder is not None:
+                with torch.no_grad():
+                    x = autoencoder.from_latent(x)
+            out.append(x.float().cpu())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
     return torch.cat(out).clamp(-1, 1), labels, seconds
 
 

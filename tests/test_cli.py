@@ -295,3 +295,23 @@ def test_reference_features_follow_the_classifier_weights():
         next(clf.parameters()).mul_(0.5)
     b = evaluation.reference_features(clf)
     assert not np.allclose(a[0], b[0])
+
+
+def test_generate_samples_in_eval_mode_and_restores_the_mode():
+    # a model handed over in training mode (e.g. mid-training) is sampled without dropout, then left as it was
+    import copy
+
+    from fastdiff.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(8, 1, 8, 1, 1, (), channel_mult=(1, 2), num_classes=3, learn_null_class=True, num_groups=4,
+                dropout=0.5)
+    with torch.no_grad():  # weights that make dropout matter
+        for p in unet.parameters():
+            p.normal_(0, 0.2)
+    ref = copy.deepcopy(unet).eval()
+    unet.train()
+    kw = dict(sampler="ddim", steps=3, classes=[0, 1], n=1, seed=3)
+    x = pretrained.generate(unet, **kw)[0]
+    assert unet.training
+    torch.testing.assert_close(x, pretrained.generate(ref, **kw)[0], rtol=0, atol=0)
