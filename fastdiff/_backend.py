@@ -1,7 +1,6 @@
 """Backend names, what is present, and the global/default backend (``fastdiff.set_backend``)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
@@ -62,9 +61,10 @@ def get_backend() -> str:
     return getattr(_state, "backend", "auto")
 
 
-class set_backend(contextlib.ContextDecorator):
+class set_backend:
     """Switch every fused layer's default backend: ``fastdiff.set_backend("torch")`` sets it globally (for this
-    thread); ``with fastdiff.set_backend("torch"): ...`` sets it for the block and restores it after.
+    thread); ``with fastdiff.set_backend("torch"): ...`` sets it for the block and restores it after;
+    ``@fastdiff.set_backend("torch")`` on a function sets it for each call of the function only.
 
     Backends: ``auto`` (fastest present for the tensor's device), ``cuda``, ``triton``, ``cpu`` and ``torch``
     (the eager reference). An op called with an explicit ``backend=`` other than ``"auto"`` ignores this.
@@ -72,8 +72,21 @@ class set_backend(contextlib.ContextDecorator):
 
     def __init__(self, name: str):
         check_backend(name)
+        self._name = name
         self._prev = get_backend()
         _state.backend = name
+
+    def __call__(self, func):
+        # used as a decorator: undo the global switch __init__ made, and switch for each call instead
+        _state.backend = self._prev
+        name = self._name
+
+        @functools.wraps(func)
+        def scoped(*args, **kwargs):
+            with set_backend(name):
+                return func(*args, **kwargs)
+
+        return scoped
 
     def __enter__(self):
         return self

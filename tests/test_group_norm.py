@@ -510,6 +510,22 @@ def test_set_backend_switches_and_restores():
         fastdiff.set_backend("tpu")
 
 
+def test_set_backend_as_a_decorator_switches_for_each_call():
+    from fastdiff.ops.group_norm import choose_backend
+
+    x = torch.randn(2, 8, 4, 4)
+
+    @fastdiff.set_backend("torch")
+    def reference():
+        return fastdiff.get_backend(), choose_backend(x)
+
+    assert fastdiff.get_backend() == "auto"  # decorating switches nothing
+    for _ in range(3):  # every call, not only the first
+        assert reference() == ("torch", "torch")
+        assert fastdiff.get_backend() == "auto"
+    assert reference.__name__ == "reference"
+
+
 def test_channels_last_helper():
     x = torch.randn(2, 8, 4, 5).to(memory_format=torch.channels_last)
     assert is_channels_last(x) and not is_channels_last(x.contiguous())
