@@ -158,6 +158,26 @@ def test_load_state_dict_after_patch(models):
                                    atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["unet_cond", "vae"])
+def test_unpatch_keeps_weights_assigned_after_patch(models, name):
+    # load_state_dict(assign=True) (or accelerate / to_empty) replaces the Parameter objects of the fused
+    # layers: unpatch must put back the original layers holding those, not the weights from before the patch
+    make, run, _ = CASES[name]
+    src = copy.deepcopy(models[name])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # weights unlike the fresh model's
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = make().eval()
+    fdd.patch(model)
+    model.load_state_dict(src.state_dict(), assign=True)
+    fdd.unpatch(model)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    a = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, a), run(src, a), atol=0, rtol=0)
+
+
 def test_attention_mask_falls_back(models):
     model = copy.deepcopy(models["unet_cond"])
     attn = model.down_blocks[0].attentions[0].transformer_blocks[0].attn2

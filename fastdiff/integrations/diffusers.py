@@ -209,7 +209,24 @@ def _named_parents(model):
 def _swap(parent, name, new, undo):
     old = getattr(parent, name)
     setattr(parent, name, new)
-    undo.append(lambda: setattr(parent, name, old))
+
+    def restore():
+        cur = getattr(parent, name)
+        if cur is new:
+            # what the swapped-in module holds now goes back with the original: parameters and buffers replaced
+            # since the patch (load_state_dict(assign=True), to_empty, accelerate's offloading) and the mode
+            for pname, p in list(old.named_parameters(recurse=False)):
+                q = getattr(new, pname, None)
+                if isinstance(q, torch.nn.Parameter) and q is not p:
+                    setattr(old, pname, q)
+            for bname, b in list(old.named_buffers(recurse=False)):
+                q = getattr(new, bname, None)
+                if isinstance(q, torch.Tensor) and q is not b:
+                    setattr(old, bname, q)
+            old.train(new.training)
+        setattr(parent, name, old)
+
+    undo.append(restore)
 
 
 def _fused_group_norm_like(norm: torch.nn.GroupNorm, activation):
