@@ -327,5 +327,7 @@ def test_bad_arguments():
         sampler_step(x, m, t, 0, seed=1.5)
     with pytest.raises(TypeError, match="^guidance_scale:"):
         sampler_step(x, m, t, 0, guidance_scale="7")
+    with pytest.raises(ValueError, match="^uncond:"):  # a guidance scale without uncond would be ignored
+        sampler_step(x, m, t, 0, guidance_scale=7.0)
     with pytest.raises(ValueError, match="^backend:"):
         sampler_step(x, m, t, 0, backend="fast")
