@@ -68,14 +68,19 @@ def _cmd_bench(args):
     all_rows = []
     for label, mod, extra in _bench_plan(args.op):
         # compile_="auto": every module compiles unless told not to, except that the U-Net module skips the
-        # minutes-long Inductor compiles of its models in a CPU quick run
+        # minutes-long Inductor compiles of its models in a CPU quick run.
+        # --out FILE: the modules write nothing, this run's rows of every module go to FILE once at the end (each
+        # module writing FILE in turn left only the last module's rows); no --out: each writes its own file.
         rows, out = mod.run(device=args.device, quick=args.quick, compile_=False if args.no_compile else "auto",
-                            out=None if args.out is None else args.out, **extra)
+                            out=None if args.out is None else "", **extra)
         all_rows += rows
         print(f"\n## {label}\n")
         print(_bench.format_table(rows))
         if out:
             print(f"\nwrote {len(rows)} rows to {out}")
+    if args.out:
+        _bench.write_rows(all_rows, args.out)
+        print(f"\nwrote {len(all_rows)} rows to {args.out}")
     if old_rows is not None:
         from fastdiff.benchmarks import report
 
@@ -272,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a short run with a few shapes")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
-    s.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>/<op>.json; '' for none)")
+    s.add_argument("--out", default=None,
+                   help="one JSON file for all of this run's rows (default: each op's own file, "
+                        "benchmarks/results/<device>/<op>.json; '' writes none)")
     s.add_argument("--compare", metavar="OLD.json", default=None,
                    help="print the change against a stored run (a results file or folder); exit 1 on a regression")
     s.add_argument("--threshold", type=float, default=0.05, help="--compare's regression threshold (default 0.05)")

@@ -158,3 +158,28 @@ def test_cli_bench_subprocess():
                        check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "| group_norm |" in p.stdout and "wrote" not in p.stdout
+
+
+def test_cli_bench_out_file_keeps_every_module_rows(monkeypatch, tmp_path, capsys):
+    """`fastdiff bench --out FILE` with every op: FILE holds the rows of every module, not only the last one's
+    (each module used to be handed FILE and overwrite it in turn)."""
+    from fastdiff import _bench
+
+    class Fake:  # writes `out` as the real modules do
+        def __init__(self, op):
+            self.op = op
+
+        def run(self, out=None, **kw):
+            rows = [dict(op=self.op, case="c", shape=[1], dtype="float32", layout=None, provider="eager",
+                         device="cpu", median_ms=1.0, p20_ms=1.0, p80_ms=1.0)]
+            if out:
+                _bench.write_rows(rows, out)
+            return rows, out
+
+    plan = [(op, Fake(op), {}) for op in ("group_norm", "attention", "sampler_step", "unet_step")]
+    monkeypatch.setattr(cli, "_bench_plan", lambda op: plan)
+    path = tmp_path / "all.json"
+    assert cli.main(["bench", "--quick", "--no-compile", "--device", "cpu", "--out", str(path)]) == 0
+    assert sorted(r["op"] for r in json.loads(path.read_text())) == ["attention", "group_norm", "sampler_step",
+                                                                      "unet_step"]
+    assert capsys.readouterr().out.count(f"wrote 4 rows to {path}") == 1
