@@ -6,8 +6,10 @@
     python benchmarks/run_all.py --compare benchmarks/results/<device>/   # and flag regressions over 5%
     python benchmarks/run_all.py --report-only   # REPORT.md and plots from the folder's files, nothing run
 
-Rows go to benchmarks/results/<device-slug>/<module>.json (group_norm, attention, sampler_step, unet), the
-report to REPORT.md and *.png in the same folder. The folder is named after the device (on the CPU with the
+Rows go to benchmarks/results/<device-slug>/<name>.json (group_norm, attention, sampler_step, and unet_step and
+sampling for the U-Net module), merged into what the folder holds: a run replaces only the rows it measures again
+(same op, case, shape, dtype, layout, provider and device), so `--op unet_step` or a --quick run keeps the other
+rows. The report goes to REPORT.md and *.png in the same folder. The folder is named after the device (on the CPU with the
 thread count: a CPU --quick run uses one thread unless --threads says otherwise). Commit the folder with the
 commit the rows name in `commit`.
 
@@ -29,11 +31,11 @@ import torch  # noqa: E402
 from fastdiff import _bench  # noqa: E402
 from fastdiff.benchmarks import report  # noqa: E402
 
-# (label, module, file, extra run() kwargs)
+# (label, module, file (None: one file per op, <op>.json), extra run() kwargs)
 SUITE = [("group_norm", "group_norm", "group_norm.json", {}),
          ("attention", "attention", "attention.json", {}),
          ("sampler_step", "sampler", "sampler_step.json", {}),
-         ("unet", "unet", "unet.json", {})]
+         ("unet", "unet", None, {})]
 OP_TO_LABEL = {"group_norm": "group_norm", "attention": "attention", "sampler_step": "sampler_step",
                "unet_step": "unet", "sampling": "unet", "unet": "unet"}
 
@@ -87,7 +89,10 @@ def main(argv=None):
         mod = importlib.import_module(f"fastdiff.benchmarks.{mod_name}")
         t0 = time.perf_counter()
         print(f"\n## {label} (compile: {compile_})", flush=True)
-        rows, path = mod.run(device=device, quick=a.quick, compile_=compile_, out=os.path.join(out_dir, fname), **kw)
+        rows, path = mod.run(device=device, quick=a.quick, compile_=compile_,
+                             out=os.path.join(out_dir, fname) if fname else "", **kw)
+        if fname is None:
+            path = ", ".join(_bench.write_rows_by_op(rows, out_dir))
         print(f"   {len(rows)} rows -> {path} in {time.perf_counter() - t0:.0f} s", flush=True)
         all_rows += rows
 

@@ -231,13 +231,66 @@ def results_dir(device: torch.device) -> str:
     return os.path.join(root, device_slug(torch.device(device)))
 
 
-def write_rows(rows: list, path: str):
-    """Write rows as a JSON list, atomically (write to a temporary file, then rename)."""
+# What one row measured: a later row with the same values is a newer measurement of the same thing.
+ROW_KEY = ("op", "case", "shape", "dtype", "layout", "provider", "device", "unit")
+
+
+class ResultsFileError(ValueError):
+    """An existing results file that is not a JSON list of rows (or {"rows": [...]}): left as it is."""
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list) else v for v in (row.get(k) for k in ROW_KEY))
+
+
+def merge_rows(old: list, new: list) -> list:
+    """old's rows with those that new measured again (same row_key) replaced in place by new's, then new's other
+    rows: a run of some cases (one op of a module, a --quick run's few shapes) keeps the rows of all the others."""
+    fresh = {}
+    for r in new:
+        fresh.setdefault(row_key(r), []).append(r)
+    merged, done = [], set()
+    for r in old:
+        k = row_key(r)
+        if k not in fresh:
+            merged.append(r)
+        elif k not in done:
+            merged += fresh[k]
+            done.add(k)
+    return merged + [r for r in new if row_key(r) not in done]
+
+
+def write_rows(rows: list, path: str, merge: bool = True):
+    """Write rows as a JSON list, atomically (write to a temporary file, then rename). merge: an existing file keeps
+    its rows but those these rows measure again (merge_rows); merge=False replaces the file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = rows
+    if merge and os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ResultsFileError(f"{path}: not a readable results file, not overwritten ({e})") from None
+        if isinstance(old, dict) and isinstance(old.get("rows"), list):
+            data = dict(old, rows=merge_rows(old["rows"], rows))
+        elif isinstance(old, list):
+            data = merge_rows(old, rows)
+        else:
+            raise ResultsFileError(f"{path}: expected a JSON list of rows or {{'rows': [...]}}, not overwritten")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+def write_rows_by_op(rows: list, folder: str) -> list:
+    """Each op's rows merged into folder/<op>.json; returns the paths written."""
+    paths = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        path = os.path.join(folder, f"{op}.json")
+        write_rows([r for r in rows if r["op"] == op], path)
+        paths.append(path)
+    return paths
 
 
 def format_table(rows: list, baseline: str = "eager") -> str:

@@ -71,15 +71,21 @@ def _cmd_bench(args):
         # minutes-long Inductor compiles of its models in a CPU quick run.
         # --out FILE: the modules write nothing, this run's rows of every module go to FILE once at the end (each
         # module writing FILE in turn left only the last module's rows); no --out: each writes its own file.
-        rows, out = mod.run(device=args.device, quick=args.quick, compile_=False if args.no_compile else "auto",
-                            out=None if args.out is None else "", **extra)
+        try:
+            rows, out = mod.run(device=args.device, quick=args.quick, compile_=False if args.no_compile else "auto",
+                                out=None if args.out is None else "", **extra)
+        except _bench.ResultsFileError as e:
+            raise CLIError(str(e)) from None
         all_rows += rows
         print(f"\n## {label}\n")
         print(_bench.format_table(rows))
         if out:
             print(f"\nwrote {len(rows)} rows to {out}")
     if args.out:
-        _bench.write_rows(all_rows, args.out)
+        try:
+            _bench.write_rows(all_rows, args.out)
+        except _bench.ResultsFileError as e:
+            raise CLIError(str(e)) from None
         print(f"\nwrote {len(all_rows)} rows to {args.out}")
     if old_rows is not None:
         from fastdiff.benchmarks import report
@@ -272,13 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_info)
 
-    s = sub.add_parser("bench", help="benchmark the fused ops against eager PyTorch and torch.compile")
+    s = sub.add_parser("bench", help="benchmark the fused ops against eager PyTorch and torch.compile",
+                       description="Benchmark the fused ops against eager PyTorch and torch.compile. Each op's rows "
+                                   "go to benchmarks/results/<device>/<op>.json (or --out), merged into what the "
+                                   "file holds: a run replaces only the rows it measures again (same op, case, "
+                                   "shape, dtype, layout, provider and device), so --op unet_step keeps the "
+                                   "sampling rows and a --quick run keeps the rows of cases it does not run.")
     s.add_argument("--op", choices=BENCH_OPS, help="one op (default: all)")
     s.add_argument("--quick", action="store_true", help="a short run with a few shapes")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     s.add_argument("--out", default=None,
-                   help="one JSON file for all of this run's rows (default: each op's own file, "
+                   help="one JSON file for all of this run's rows, merged into it (default: each op's own file, "
                         "benchmarks/results/<device>/<op>.json; '' writes none)")
     s.add_argument("--compare", metavar="OLD.json", default=None,
                    help="print the change against a stored run (a results file or folder); exit 1 on a regression")

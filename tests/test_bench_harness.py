@@ -71,3 +71,36 @@ def test_cpu_rows_record_the_warm_heap():
         assert env["cpu_heap"].startswith("glibc mallopt")
     else:
         assert env["cpu_heap"] is None
+
+
+def test_write_rows_merges_by_row_key(tmp_path):
+    """A run replaces only the rows it measured again (same op, case, shape, dtype, layout, provider, device):
+    `fastdiff bench --op unet_step` used to delete the sampling rows of the same file, a --quick run every other
+    case's rows."""
+    path = tmp_path / "r.json"
+    _bench.write_rows([_row("eager", 3.0), _row("fastdiff-cpu", 1.0), _row("eager", 5.0, case="other")], str(path))
+    _bench.write_rows([_row("fastdiff-cpu", 0.5), _row("fastdiff-cpu", 2.0, op="sampling")], str(path))
+    got = [(r["op"], r["case"], r["provider"], r["median_ms"]) for r in json.loads(path.read_text())]
+    assert got == [("group_norm", "N2 C320 64x64", "eager", 3.0), ("group_norm", "N2 C320 64x64", "fastdiff-cpu", 0.5),
+                   ("group_norm", "other", "eager", 5.0), ("sampling", "N2 C320 64x64", "fastdiff-cpu", 2.0)]
+    _bench.write_rows([_row("eager", 4.0)], str(path), merge=False)
+    assert len(json.loads(path.read_text())) == 1
+    path.write_text(json.dumps({"rows": [_row("eager", 3.0)], "note": "kept"}))  # the other accepted format
+    _bench.write_rows([_row("compile", 2.0)], str(path))
+    data = json.loads(path.read_text())
+    assert data["note"] == "kept" and [r["provider"] for r in data["rows"]] == ["eager", "compile"]
+    path.write_text("{not json")
+    with pytest.raises(_bench.ResultsFileError, match="not overwritten"):
+        _bench.write_rows([_row("eager", 1.0)], str(path))
+    assert path.read_text() == "{not json"
+
+
+def test_report_keeps_the_newest_row_of_a_case(tmp_path):
+    """A folder holding an older file with both U-Net ops (unet.json) and the per-op files newer runs write: the
+    report and --compare use the newest row of each case, whatever the file order."""
+    old, new = dict(_row("eager", 9.0, op="sampling"), date="2026-01-01"), dict(_row("eager", 1.0, op="sampling"),
+                                                                                date="2026-02-01")
+    (tmp_path / "sampling.json").write_text(json.dumps([new]))
+    (tmp_path / "unet.json").write_text(json.dumps([old, _row("eager", 2.0, op="unet_step")]))
+    rows = report.load_rows([str(tmp_path)])
+    assert sorted((r["op"], r["median_ms"]) for r in rows) == [("sampling", 1.0), ("unet_step", 2.0)]

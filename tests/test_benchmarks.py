@@ -183,3 +183,21 @@ def test_cli_bench_out_file_keeps_every_module_rows(monkeypatch, tmp_path, capsy
     assert sorted(r["op"] for r in json.loads(path.read_text())) == ["attention", "group_norm", "sampler_step",
                                                                       "unet_step"]
     assert capsys.readouterr().out.count(f"wrote 4 rows to {path}") == 1
+
+
+def test_cli_bench_unet_ops_write_their_own_files(monkeypatch, tmp_path):
+    """`fastdiff bench --op unet_step` and `--op sampling` write <op>.json each (both used to replace unet.json),
+    and a rerun replaces its own rows without touching the others."""
+    import functools
+
+    from fastdiff import _bench
+
+    monkeypatch.setattr(_bench, "results_dir", lambda device: str(tmp_path))
+    monkeypatch.setattr(unet, "run", functools.partial(unet.run, specs={"adm-micro": MICRO["adm-micro"]},
+                                                       batches=(1,), steps=1, reps=1, diffusers=False, verbose=False))
+    for op in ("unet_step", "sampling", "unet_step"):
+        assert cli.main(["bench", "--op", op, "--quick", "--no-compile", "--device", "cpu"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["sampling.json", "unet_step.json"]
+    for op in ("unet_step", "sampling"):
+        rows = json.loads((tmp_path / f"{op}.json").read_text())
+        assert {r["op"] for r in rows} == {op} and len(rows) == 2  # eager and fastdiff, once each

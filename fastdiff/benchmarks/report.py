@@ -33,7 +33,21 @@ def load_rows(paths) -> list:
             for r in data:
                 if isinstance(r, dict) and "op" in r and "median_ms" in r:
                     rows.append(r)
-    return rows
+    return _newest(rows)
+
+
+def _newest(rows) -> list:
+    """One row per measured thing (_bench.row_key), the newest by `date` (the later one read on a tie), at the place
+    of the first: a folder can hold a case twice, e.g. an older unet.json (both U-Net ops in one file) next to the
+    unet_step.json / sampling.json that newer runs write."""
+    from fastdiff._bench import row_key
+
+    best = OrderedDict()
+    for r in rows:
+        k = row_key(r)
+        if k not in best or str(r.get("date") or "") >= str(best[k].get("date") or ""):
+            best[k] = r
+    return list(best.values())
 
 
 def _group(rows):

@@ -157,7 +157,8 @@ def _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, 
     specs: a dict in model_specs()'s format that replaces the models (the tests pass a smaller one).
     compile_: the torch.compile providers: True, False, or "auto" (the default: on, except in a CPU quick run,
     where Inductor's compiles of even the tiny U-Nets take minutes on a small shared CPU).
-    out: the JSON path (None: benchmarks/results/<device-slug>/unet.json; '' writes nothing).
+    out: the JSON path (None: benchmarks/results/<device-slug>/<op>.json, unet_step.json and sampling.json, and the
+    returned out_path names both; '' writes nothing). Rows are merged into an existing file (_bench.write_rows).
     """
     from fastdiff import set_backend
     from fastdiff.diffusion import DDIMSampler, sample
@@ -297,9 +298,9 @@ def _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, 
                         log(f"  sampling  {case:44s} {row['dtype']:8s} {pname:18s} {row['median_ms']:9.1f} ms "
                             f"{row['images_per_s']:8.3f} img/s  MFU {row['pct_peak']:.1f}%")
             model = dunet = compiled = None  # free before the next model (the lambdas above are done with them)
-    if out is None:
-        out = os.path.join(_bench.results_dir(device), "unet.json")
-    if out:
+    if out is None:  # each op's rows in its own file, merged into what is there (the other op's rows stay)
+        out = ", ".join(_bench.write_rows_by_op(rows, _bench.results_dir(device)))
+    elif out:
         _bench.write_rows(rows, out)
     return rows, out
 
@@ -334,7 +335,8 @@ def _diffusers_loop(unet, x_like, context, steps, device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Writes benchmarks/results/<device>/unet.json (ops unet_step and sampling).")
+                                epilog="Writes benchmarks/results/<device>/unet_step.json and sampling.json, "
+                                       "replacing only the rows it measures again.")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
                    help="repeatable; default fp16+bf16 on a GPU, fp32 on the CPU")
@@ -344,7 +346,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, action="append", help="repeatable; default 1 4 8 (GPU), 1 2 (CPU)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; 5 in CPU quick mode)")
     p.add_argument("--only", choices=["unet_step", "sampling"], help="one of the two ops")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/unet.json); '' none")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/<op>.json); '' none")
     a = p.parse_args(argv)
     dtypes = [getattr(torch, d) for d in a.dtype] if a.dtype else None
     rows, out = run(a.device, dtypes, a.quick, not a.no_compile, a.out, models=a.model, batches=a.batch,
