@@ -42,15 +42,40 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _checkout_root(package_dir: str = _PACKAGE_DIR) -> str | None:
+    """The fastdiff source tree the package is imported from (the folder holding setup.py, fastdiff/ and csrc/),
+    or None for an installed package (site-packages)."""
+    root = os.path.dirname(package_dir)
+    ok = (os.path.basename(package_dir) == "fastdiff" and os.path.isfile(os.path.join(root, "setup.py"))
+          and os.path.isdir(os.path.join(root, "csrc")))
+    return root if ok else None
+
+
+def git_commit(package_dir: str = _PACKAGE_DIR) -> str | None:
+    """The commit of the fastdiff checkout the package runs from ("-dirty" with uncommitted changes), or None when
+    the package is installed: git run from site-packages finds whatever repository encloses it (a project with its
+    venv inside), whose commit says nothing about the fastdiff measured."""
+    return _git_commit(os.path.realpath(package_dir))
+
+
 @functools.lru_cache(None)
-def git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
+def _git_commit(package_dir: str) -> str | None:
+    root = _checkout_root(package_dir)
+    if root is None:
+        return None
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return None  # a source tree without git of its own, inside some other repository
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10)
         # results files a previous run left modified do not make the measured code dirty
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)benchmarks/results"], cwd=here,
+                                ":(top,exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -64,8 +89,11 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from fastdiff import __version__
+
     env = {
         "device": device_name(device),
+        "fastdiff": __version__,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -226,9 +254,11 @@ def make_row(*, op, case, shape, dtype, layout, provider, timing, device, nbytes
     return row
 
 
-def results_dir(device: torch.device) -> str:
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
-    return os.path.join(root, device_slug(torch.device(device)))
+def results_dir(device: torch.device, package_dir: str = _PACKAGE_DIR) -> str:
+    """<checkout>/benchmarks/results/<device-slug> when fastdiff runs from its source tree; for an installed package
+    ./benchmarks/results/<device-slug> under the current directory (never inside site-packages)."""
+    root = _checkout_root(package_dir) or os.getcwd()
+    return os.path.join(root, "benchmarks", "results", device_slug(torch.device(device)))
 
 
 # What one row measured: a later row with the same values is a newer measurement of the same thing.

@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmark the fused ops against eager PyTorch and torch.compile",
                        description="Benchmark the fused ops against eager PyTorch and torch.compile. Each op's rows "
-                                   "go to benchmarks/results/<device>/<op>.json (or --out), merged into what the "
+                                   "go to benchmarks/results/<device>/<op>.json (or --out) in the fastdiff source "
+                                   "checkout, or, for an installed package, under the current directory; "
+                                   "merged into what the "
                                    "file holds: a run replaces only the rows it measures again (same op, case, "
                                    "shape, dtype, layout, provider and device), so --op unet_step keeps the "
                                    "sampling rows and a --quick run keeps the rows of cases it does not run.")

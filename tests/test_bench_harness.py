@@ -104,3 +104,44 @@ def test_report_keeps_the_newest_row_of_a_case(tmp_path):
     (tmp_path / "unet.json").write_text(json.dumps([old, _row("eager", 2.0, op="unet_step")]))
     rows = report.load_rows([str(tmp_path)])
     assert sorted((r["op"], r["median_ms"]) for r in rows) == [("sampling", 1.0), ("unet_step", 2.0)]
+
+
+def test_installed_package_records_no_foreign_commit_and_writes_under_cwd(tmp_path):
+    """fastdiff installed in a venv inside the user's own git repository: rows used to record the user's commit
+    (git run from site-packages finds the enclosing repo) and results went into site-packages. Now: commit None,
+    results under ./benchmarks/results, and every row names fastdiff's version. From the checkout: its commit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proj = tmp_path / "proj"
+    site = proj / ".venv" / "site-packages"
+    shutil.copytree(os.path.join(root, "fastdiff"), site / "fastdiff",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "assets"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=proj, check=True)
+    (proj / "app.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "app.py"], cwd=proj, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "user project"], cwd=proj, check=True)
+    work = proj / "work"
+    work.mkdir()
+    code = ("import json, fastdiff, torch; from fastdiff import _bench; "
+            "print(json.dumps([fastdiff.__file__, _bench.git_commit(), _bench.results_dir('cpu'), "
+            "_bench.environment(torch.device('cpu'))['fastdiff']]))")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    p = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    where, commit, results, version = json.loads(p.stdout.strip().splitlines()[-1])
+    assert where.startswith(str(site))
+    assert commit is None
+    assert results == os.path.join(str(work), "benchmarks", "results", _bench.device_slug(torch.device("cpu")))
+    import fastdiff
+
+    assert version == fastdiff.__version__
+    assert _bench.environment(torch.device("cpu"))["fastdiff"] == fastdiff.__version__
+    assert _bench.results_dir("cpu").startswith(os.path.join(root, "benchmarks", "results"))
+    if subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True
+                      ).stdout.strip() == root:
+        assert _bench.git_commit()  # the checkout's own commit
