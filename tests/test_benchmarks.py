@@ -201,3 +201,27 @@ def test_cli_bench_unet_ops_write_their_own_files(monkeypatch, tmp_path):
     for op in ("unet_step", "sampling"):
         rows = json.loads((tmp_path / f"{op}.json").read_text())
         assert {r["op"] for r in rows} == {op} and len(rows) == 2  # eager and fastdiff, once each
+
+
+def test_flop_count_includes_sdpa_attention_like_fastdiff():
+    """The U-Net benchmark's FLOP count: diffusers' attention (F.scaled_dot_product_attention, whose fused CPU
+    kernel FlopCounterMode counted as 0) counts the same FLOPs as fastdiff's eager attention (two matmuls) for the
+    same attention layer, so the diffusers rows' TFLOP/s and MFU are comparable."""
+    import torch.nn.functional as F
+
+    from fastdiff.nn import Attention
+
+    B, H, S, Sk, D, C, Dc = 1, 2, 64, 7, 32, 64, 16
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    with torch.no_grad():
+        assert unet.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * B * H * S * S * D
+    inner = H * D
+    want = 2 * B * (S * C * inner + 2 * Sk * Dc * inner + inner * C * S) + 4 * B * H * S * Sk * D
+    x, ctx = torch.randn(B, S, C), torch.randn(B, Sk, Dc)
+    fd = Attention(C, context_dim=Dc, heads=H, dim_head=D).eval()
+    with torch.no_grad(), fastdiff.set_backend("torch"):
+        assert unet.count_flops(lambda: fd(x, ctx)) == want
+    diffusers_attention = pytest.importorskip("diffusers.models.attention_processor")
+    da = diffusers_attention.Attention(C, cross_attention_dim=Dc, heads=H, dim_head=D).eval()
+    with torch.no_grad():
+        assert unet.count_flops(lambda: da(x, encoder_hidden_states=ctx)) == want
