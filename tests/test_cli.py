@@ -131,6 +131,14 @@ def test_train_then_resume_then_sample(tmp_path, capsys):
     assert cli.main(["sample", "--checkpoint", str(run), "--n", "1", "--steps", "2", "--out", str(out),
                      "--quiet"]) == 0
     assert np.load(out)["samples"].shape == (10, 1, 16, 16)
+    # a resume with other training flags, or other data sizes, is refused (it kept its own, silently)
+    before = (run / "checkpoint.json").read_text()
+    assert cli.main(common + ["--steps", "4", "--lr", "0.5", "--save-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 (the run has 0.0002)" in err and "--save-every 1" in err
+    assert cli.main(common + ["--steps", "4", "--image-size", "8"]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert (run / "checkpoint.json").read_text() == before
 
 
 def _tiny_run(tmp_path, name, out_channels=1, autoencoder=None, **config):

@@ -369,6 +369,35 @@ def test_checkpoint_files_get_the_umask_mode(tmp_path, umask):
     assert modes == {"checkpoint.json": 0o666 & ~umask, "ckpt-000000001.safetensors": 0o666 & ~umask}, modes
 
 
+def test_ctrl_c_saves_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path):
+    import signal
+
+    data = synthetic()
+    torch.manual_seed(0)
+    straight = Trainer(_resume_model(), data, **RESUME_CFG)
+    straight.train()
+    expected = _state(straight)
+
+    torch.manual_seed(0)
+    first = Trainer(_resume_model(), data, out_dir=str(tmp_path), **RESUME_CFG)
+    step = first.train_step
+
+    def step_then_ctrl_c():  # Ctrl-C arrives in the middle of step 2 (before its optimizer update)
+        if first.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step()
+
+    first.train_step = step_then_ctrl_c
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 2  # the step finished, then saved
+    resumed = Trainer.from_checkpoint(str(tmp_path), data)
+    resumed.train()
+    _assert_same(_state(resumed), expected)
+
+
 def test_resume_checks_the_model(tmp_path):
     data = synthetic()
     Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path)).train(1)

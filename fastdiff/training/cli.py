@@ -99,11 +99,61 @@ def _build_model(args, task, data_shape, num_classes):
                 learn_null_class=class_cond and args.cfg_dropout > 0, **common)
 
 
+# TrainConfig field -> the flag that sets it (where the names differ)
+_FLAG_OF = {"ema_decay": "--ema", "grad_clip": "--grad-clip", "num_train_timesteps": "--num-timesteps"}
+
+
+def _config_from_args(args):
+    from fastdiff.training.trainer import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, ema_decay=args.ema or None, precision=args.precision,
+        grad_clip=args.grad_clip or None, cfg_dropout=args.cfg_dropout, target=args.target,
+        lambda_vlb=args.lambda_vlb, timestep_sampler=args.timestep_sampler, min_snr_gamma=args.min_snr_gamma,
+        beta_schedule=args.beta_schedule, num_train_timesteps=args.num_timesteps, kl_weight=args.kl_weight,
+        seed=args.seed, log_every=args.log_every, save_every=args.save_every)
+
+
+def _check_resume(args, trainer, dataset):
+    """A resumed run keeps its own configuration: a training flag given with another value than the checkpoint's,
+    or data of another size than the model's, is refused rather than silently dropped or mixed in. (Re-running
+    the run's own command, flags included, resumes it.)"""
+    import dataclasses
+
+    from fastdiff.training.data import fetch
+
+    defaults = add_train_arguments(argparse.ArgumentParser()).parse_args(["--out", "-"])
+    want = _config_from_args(args)
+    differ = []
+    for f in dataclasses.fields(want):
+        if f.name == "steps":
+            continue
+        flag = _FLAG_OF.get(f.name, "--" + f.name.replace("_", "-"))
+        dest = flag[2:].replace("-", "_")
+        given = getattr(args, dest, None) != getattr(defaults, dest, None)
+        if given and getattr(want, f.name) != getattr(trainer.config, f.name):
+            differ.append(f"{flag} {getattr(args, dest)} (the run has {getattr(trainer.config, f.name)})")
+    if differ:
+        raise SystemExit(f"error: {differ[0].split()[0]}: {args.out} holds a run, which resumes with its own "
+                         f"configuration: {'; '.join(differ)}. Drop the flag(s) or train into another --out")
+    model = trainer.model
+    size = getattr(model, "image_size", None)
+    if size is not None and len(dataset):
+        shape = tuple(fetch(dataset, torch.tensor([0]))[0].shape[1:])
+        if trainer.autoencoder is not None:
+            shape = tuple(trainer.autoencoder.latent_shape(shape))
+        if tuple(shape[1:]) != (size,) * (len(shape) - 1):
+            raise SystemExit(f"error: --image-size: {args.out} holds a run on {size}x{size} "
+                             f"{'latents' if trainer.autoencoder is not None else 'images'}, the data gives "
+                             f"{'x'.join(map(str, shape[1:]))} (pass the run's --image-size)")
+
+
 def run_train(args: argparse.Namespace, progress: bool = False):
     """Run the training that parsed `args` describe; returns the trainer."""
     from fastdiff.training import checkpoint as ckpt
     from fastdiff.training.data import fetch, load_dataset
-    from fastdiff.training.trainer import TRAINERS, TrainConfig, init_distributed
+    from fastdiff.training.trainer import TRAINERS, init_distributed
 
     rank, world, local_rank = init_distributed()
     device = torch.device(args.device) if args.device else (
@@ -114,6 +164,7 @@ def run_train(args: argparse.Namespace, progress: bool = False):
     trainer_cls = TRAINERS[args.task]
     if ckpt.exists(args.out):
         trainer = trainer_cls.from_checkpoint(args.out, dataset, device=device, verbose=verbose)
+        _check_resume(args, trainer, dataset)
         trainer.config.steps = args.steps
         if verbose:
             print(f"resuming {args.out} at step {trainer.step} (its model and training configuration are used)",
@@ -124,13 +175,7 @@ def run_train(args: argparse.Namespace, progress: bool = False):
         if autoencoder is not None:
             shape = autoencoder.latent_shape(shape)
         model = _build_model(args, args.task, shape, getattr(dataset, "num_classes", 0))
-        config = TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, ema_decay=args.ema or None, precision=args.precision,
-            grad_clip=args.grad_clip or None, cfg_dropout=args.cfg_dropout, target=args.target,
-            lambda_vlb=args.lambda_vlb, timestep_sampler=args.timestep_sampler, min_snr_gamma=args.min_snr_gamma,
-            beta_schedule=args.beta_schedule, num_train_timesteps=args.num_timesteps, kl_weight=args.kl_weight,
-            seed=args.seed, log_every=args.log_every, save_every=args.save_every)
+        config = _config_from_args(args)
         kwargs = {"autoencoder": autoencoder} if autoencoder is not None else {}
         trainer = trainer_cls(model.to(device), dataset, config, out_dir=args.out, device=device, verbose=verbose,
                               **kwargs)

@@ -18,7 +18,9 @@ import dataclasses
 import math
 import numbers
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -376,12 +378,37 @@ class Trainer:
             except ImportError:  # progress bars are a nicety
                 pass
         self._bar = bar
-        while self.step < steps:
-            self.train_step()
-            if bar is not None:
-                bar.update(1)
-            if self.out_dir and self.config.save_every and self.step % self.config.save_every == 0:
-                self.save()
+        saved, interrupted, installed = self.step, [], False
+        if self.world == 1 and threading.current_thread() is threading.main_thread():
+            # Ctrl-C finishes the step in progress, saves (when out_dir is set) and then raises KeyboardInterrupt,
+            # so the checkpoint is a step boundary and resumes bit for bit; a second Ctrl-C interrupts at once.
+            def on_sigint(signum, frame):
+                interrupted.append(signum)
+                signal.signal(signal.SIGINT, prev)
+
+            prev = signal.getsignal(signal.SIGINT)
+            prev = signal.default_int_handler if prev is None else prev  # (a handler not set from Python)
+            signal.signal(signal.SIGINT, on_sigint)
+            installed = True
+        try:
+            while self.step < steps:
+                self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                if self.out_dir and self.config.save_every and self.step % self.config.save_every == 0:
+                    self.save()
+                    saved = self.step
+                if interrupted:
+                    if bar is not None:
+                        bar.close()
+                    if self.out_dir and self.step > saved:
+                        self.save()
+                        if self.verbose:
+                            print(f"interrupted: saved step {self.step} to {self.out_dir}", file=sys.stderr)
+                    raise KeyboardInterrupt
+        finally:
+            if installed:
+                signal.signal(signal.SIGINT, prev)
         if bar is not None:
             bar.close()
         self._bar = None
