@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -159,8 +160,12 @@ def _cmd_sample(args):
         raise CLIError(f"--out: expected a .png or .npz file name, got {out!r}")
     if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
         raise CLIError(f"--out: no such directory: {os.path.dirname(out)!r}")
+    if not math.isfinite(args.guidance):
+        raise CLIError(f"--guidance: expected a finite number, got {args.guidance}")
     device, dtype = _sampling_setup(args)
     model, autoencoder = _load_checkpoint(args.checkpoint, device)
+    if args.guidance != 1.0 and getattr(model, "null_class_id", None) is None:
+        raise CLIError("--guidance: this model has no null class (trained without --cfg-dropout): pass --guidance 1")
     classes = args.classes if args.classes is not None else list(range(model.num_classes))
     n_total = len(classes) * args.n
     if args.warmup:  # the same shapes once untimed: CUDA-graph capture, cuDNN/Triton autotuning, allocator
@@ -172,8 +177,9 @@ def _cmd_sample(args):
                                     batch_size=args.batch_size, progress=not args.quiet,
                                     checkpoint=args.checkpoint, autoencoder=autoencoder)
     if ext == ".npz":
-        np.savez_compressed(out, samples=x.numpy(), labels=y.numpy(),
-                            images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+        with open(out, "wb") as f:  # a file object: numpy would add ".npz" to a name ending in ".NPZ"
+            np.savez_compressed(f, samples=x.numpy(), labels=y.numpy(),
+                                images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
     else:
         pretrained.save_grid(x, rows=len(classes), path=out, scale=args.scale)
     name = "bundled digits model" if args.checkpoint is None else args.checkpoint
@@ -186,6 +192,10 @@ def _cmd_sample(args):
 def _cmd_eval(args):
     from fastdiff import evaluation, pretrained
 
+    if args.json and os.path.dirname(args.json) and not os.path.isdir(os.path.dirname(args.json)):
+        raise CLIError(f"--json: no such directory: {os.path.dirname(args.json)!r}")
+    if not math.isfinite(args.guidance):
+        raise CLIError(f"--guidance: expected a finite number, got {args.guidance}")
     device, dtype = _sampling_setup(args)
     model, autoencoder = _load_checkpoint(args.checkpoint, device)
     if model.num_classes != 10 or pretrained.image_shape(model, autoencoder) != (1, 16, 16):
@@ -197,6 +207,11 @@ def _cmd_eval(args):
     else:
         steps = args.steps if args.steps is not None else (10 if args.quick else 20)
         settings = [(args.sampler, steps, args.guidance)]
+    if getattr(model, "null_class_id", None) is None and any(g != 1.0 for _, _, g in settings):
+        # before any sampling: the guided rows would fail after the unguided ones had run
+        raise CLIError("--guidance" + (" / --table" if args.table else "") + ": this model has no null class "
+                       "(trained without --cfg-dropout), so it can only be sampled at guidance 1"
+                       + ("" if args.table else ": pass --guidance 1"))
     fl = evaluation.floor(clf)
     rows = []
     print(f"classifier: held-out accuracy {fl['accuracy']:.2%}; floor FD(train {fl['n']} vs held-out "
@@ -223,6 +238,8 @@ def _cmd_train(args):
         raise CLIError(f"--dataset: {args.dataset!r} is neither 'digits' nor a folder of images")
     if args.steps < 0:
         raise CLIError(f"--steps: expected a non-negative int, got {args.steps}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out: {args.out!r} is a file; expected a checkpoint directory")
     try:
         run_train(args, progress=True)
     except SystemExit as e:  # run_train's own argument errors
@@ -343,7 +360,10 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except BrokenPipeError:  # the reader went away (`fastdiff info --json | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         msg = f"{e.strerror}: {e.filename}" if e.strerror else str(e).splitlines()[0]
         print(f"fastdiff {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ def test_bad_argument_subprocess_one_line():
     (["sample", "--classes", "a,b"], "--classes"),
     (["nosuchcommand"], "invalid choice"),
     (["train"], "--out"),
+    (["train", "--image-size", "0", "--out", "unused-run"], "--image-size"),  # was silently the default
 ])
 def test_bad_arguments(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -62,9 +63,14 @@ def test_bad_arguments(argv, needle, capsys):
     (["train", "--dataset", "/no/such/folder", "--out", "/tmp/unused-fastdiff-run"], "--dataset"),
     # the rescaled linear betas' limit, named by what the user set (it used to blame beta_end, never set)
     (["train", "--num-timesteps", "10", "--out", "unused-run"], "--num-timesteps"),
+    # refused before any sampling or training (they used to fail after it, or write NaN samples)
+    (["sample", "--guidance", "nan", "--out", "x.npz"], "--guidance"),
+    (["eval", "--json", "/no/such/dir/r.json"], "--json"),
+    (["train", "--out", "a_file", "--steps", "1"], "--out"),
 ])
 def test_bad_inputs_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -323,3 +329,10 @@ def test_generate_samples_in_eval_mode_and_restores_the_mode():
     x = pretrained.generate(unet, **kw)[0]
     assert unet.training
     torch.testing.assert_close(x, pretrained.generate(ref, **kw)[0], rtol=0, atol=0)
+
+
+def test_sample_npz_name_kept(tmp_path, capsys):
+    out = tmp_path / "S.NPZ"  # numpy alone would write S.NPZ.npz
+    assert cli.main(["sample", "--n", "1", "--classes", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file() and not (tmp_path / "S.NPZ.npz").exists()
+    assert np.load(out)["samples"].shape == (1, 1, 16, 16)

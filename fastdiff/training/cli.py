@@ -20,13 +20,24 @@ def _ints(s: str) -> tuple:
     return tuple(int(v) for v in s.split(",") if v.strip()) if s else ()
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {s!r}")
+    return v
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a = parser.add_argument
     a("--task", choices=("diffusion", "classifier", "autoencoder"), default="diffusion",
       help="what to train: the diffusion U-Net, the noisy classifier, or the KL autoencoder (default: diffusion)")
     a("--dataset", default="digits", help="'digits' (scikit-learn's 8x8 digits), 'digits:train' / 'digits:test' (its "
       "fixed 80/20 split) or a folder of images")
-    a("--image-size", type=int, default=None, help="training resolution (default: 16 for digits, else 64)")
+    a("--image-size", type=_positive_int, default=None,
+      help="training resolution (default: 16 for digits, else 64)")
     a("--channels", type=int, choices=(1, 3), default=None, help="image folders: 1 (greyscale) or 3 (RGB)")
     a("--out", required=True, help="checkpoint directory; resumes when it holds a checkpoint")
     a("--steps", type=int, default=2000, help="train until this step (default: 2000)")
@@ -159,7 +170,8 @@ def run_train(args: argparse.Namespace, progress: bool = False):
     device = torch.device(args.device) if args.device else (
         torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
     verbose = not args.quiet and rank == 0
-    image_size = args.image_size or (16 if args.dataset.startswith("digits") else 64)
+    image_size = args.image_size if args.image_size is not None else (
+        16 if args.dataset.startswith("digits") else 64)
     dataset = load_dataset(args.dataset, image_size, args.channels)
     trainer_cls = TRAINERS[args.task]
     if ckpt.exists(args.out):
