@@ -67,6 +67,7 @@ def test_bad_arguments(argv, needle, capsys):
     (["sample", "--guidance", "nan", "--out", "x.npz"], "--guidance"),
     (["eval", "--json", "/no/such/dir/r.json"], "--json"),
     (["train", "--out", "a_file", "--steps", "1"], "--out"),
+    (["train", "--device", "bogus", "--out", "unused-run"], "--device"),
 ])
 def test_bad_inputs_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -336,3 +337,10 @@ def test_sample_npz_name_kept(tmp_path, capsys):
     assert cli.main(["sample", "--n", "1", "--classes", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 0
     assert out.is_file() and not (tmp_path / "S.NPZ.npz").exists()
     assert np.load(out)["samples"].shape == (1, 1, 16, 16)
+
+
+def test_train_refuses_a_unet_run_as_autoencoder(tmp_path, capsys):
+    d, _ = _tiny_run(tmp_path, "unet")
+    assert cli.main(["train", "--autoencoder", d, "--out", str(tmp_path / "ldm"), "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--autoencoder" in err and "Traceback" not in err

@@ -167,8 +167,15 @@ def run_train(args: argparse.Namespace, progress: bool = False):
     from fastdiff.training.trainer import TRAINERS, init_distributed
 
     rank, world, local_rank = init_distributed()
-    device = torch.device(args.device) if args.device else (
-        torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    if args.device:
+        from fastdiff.pretrained import resolve_device
+
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:
+            raise SystemExit(f"error: --{e}") from None
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     verbose = not args.quiet and rank == 0
     image_size = args.image_size if args.image_size is not None else (
         16 if args.dataset.startswith("digits") else 64)
@@ -183,6 +190,9 @@ def run_train(args: argparse.Namespace, progress: bool = False):
                   file=sys.stderr)
     else:
         autoencoder = ckpt.load_model(args.autoencoder, device=device) if args.autoencoder else None
+        if autoencoder is not None and not hasattr(autoencoder, "latent_shape"):
+            raise SystemExit(f"error: --autoencoder: {args.autoencoder!r} holds a {type(autoencoder).__name__}, not "
+                             "an autoencoder (train one with --task autoencoder)")
         shape = tuple(fetch(dataset, torch.tensor([0]))[0].shape[1:])
         if autoencoder is not None:
             shape = autoencoder.latent_shape(shape)
