@@ -269,15 +269,19 @@ def _resume_model():
     return tiny_unet(num_classes=3, learn_null_class=True, out_channels=2, dropout=0.2)
 
 
-def test_checkpoint_resume_reproduces_the_state(tmp_path):
-    data = synthetic()
+def _straight_state_and_first_trainer(data, out_dir):
+    """The state of an uninterrupted RESUME_CFG run, and a fresh trainer of the same run writing to out_dir."""
     torch.manual_seed(0)
     straight = Trainer(_resume_model(), data, **RESUME_CFG)
     straight.train()
     expected = _state(straight)
-
     torch.manual_seed(0)
-    first = Trainer(_resume_model(), data, out_dir=str(tmp_path), **RESUME_CFG)
+    return expected, Trainer(_resume_model(), data, out_dir=out_dir, **RESUME_CFG)
+
+
+def test_checkpoint_resume_reproduces_the_state(tmp_path):
+    data = synthetic()
+    expected, first = _straight_state_and_first_trainer(data, str(tmp_path))
     first.train(3)  # saves at the end
     torch.manual_seed(999)  # the resumed run must not depend on the state of this process
     resumed = Trainer.from_checkpoint(str(tmp_path), data)
@@ -373,13 +377,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path):
     import signal
 
     data = synthetic()
-    torch.manual_seed(0)
-    straight = Trainer(_resume_model(), data, **RESUME_CFG)
-    straight.train()
-    expected = _state(straight)
-
-    torch.manual_seed(0)
-    first = Trainer(_resume_model(), data, out_dir=str(tmp_path), **RESUME_CFG)
+    expected, first = _straight_state_and_first_trainer(data, str(tmp_path))
     step = first.train_step
 
     def step_then_ctrl_c():  # Ctrl-C arrives in the middle of step 2 (before its optimizer update)
