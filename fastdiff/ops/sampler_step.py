@@ -76,9 +76,9 @@ def _like_rows(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(t)
 
 
-def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True, inplace: bool = False):
-    """t checked against x (shape, device, dtype: cast to x's unless cast=False) and laid out like x's rows (a copy
-    if it is not). inplace: t is written by the kernel, so it is never copied or cast: a layout unlike x's, or
+def _check_same(t, name: str, x: torch.Tensor, *, inplace: bool = False):
+    """t checked against x (shape, device, dtype: cast to x's) and laid out like x's rows (a copy if it is not).
+    inplace: t is written by the kernel, so it is never copied or cast: a layout unlike x's, or
     samples that overlap in memory, raise instead."""
     if t is None:
         return None
@@ -88,7 +88,7 @@ def _check_same(t, name: str, x: torch.Tensor, *, cast: bool = True, inplace: bo
     if t.device != x.device:
         raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got {t.device}")
     if t.dtype != x.dtype:
-        if not cast or inplace:
+        if inplace:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
         t = t.to(x.dtype)
     if inplace:

@@ -14,20 +14,12 @@ import sys
 
 import torch
 
+from fastdiff.cli import _positive_int
+
 
 def _ints(s: str) -> tuple:
     s = s.strip()
     return tuple(int(v) for v in s.split(",") if v.strip()) if s else ()
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {s!r}")
-    return v
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
