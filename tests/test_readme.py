@@ -239,3 +239,40 @@ def test_readme_prose_signatures():
     text = README.read_text()
     _same_signature(_signature_of_text(text, "`fastdiff.sample"), fastdiff.sample)
     _same_signature(_signature_of_text(text, "`step"), DDIMSampler.step)
+
+
+def _command_lines():
+    """The `fastdiff ...` and `python -m fastdiff.training ...` command lines of the README's code blocks."""
+    lines, in_block = [], False
+    for n, line in enumerate(README.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        cmd = line.split("#", 1)[0].strip().removeprefix("$ ")
+        if in_block and re.match(r"(fastdiff [a-z]|python -m fastdiff\.|torchrun .*-m fastdiff\.)", cmd):
+            lines.append((n, cmd))
+    return lines
+
+
+def test_readme_command_lines_parse():
+    """Every command line the README shows parses with the real argument parser (flags renamed or dropped fail)."""
+    import argparse
+    import shlex
+
+    from fastdiff.cli import build_parser
+    from fastdiff.training.cli import add_train_arguments
+
+    lines = _command_lines()
+    assert len(lines) >= 10
+    for n, cmd in lines:
+        argv = shlex.split(cmd)
+        if argv[0] == "fastdiff":
+            parser, args = build_parser(), argv[1:]
+        else:
+            parser, args = add_train_arguments(argparse.ArgumentParser()), argv[argv.index("fastdiff.training") + 1:]
+        parser.exit = parser.error = lambda *a, **k: pytest.fail(f"README line {n}: {cmd!r} does not parse: {a}")
+        for action in parser._actions:  # the subcommands' parsers too
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    sub.exit = sub.error = parser.error
+        parser.parse_args(args)
