@@ -579,6 +579,19 @@ def test_classifier_guidance():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_classifier_grad_refuses_non_integer_labels():
+    # float labels were cast to int64 inside gather: 1.7 silently guided toward class 1
+    x = _x()
+
+    def classifier(x, t):
+        return x.mean((2, 3))
+
+    for y in (torch.tensor([1.7, 0.0]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="^y: "):
+            classifier_grad(classifier, x, torch.zeros(2), y)
+    assert classifier_grad(classifier, x, torch.zeros(2), torch.tensor([1, 0], dtype=torch.int32)).shape == x.shape
+
+
 @pytest.mark.parametrize("pred", ["v_prediction", "sample"])
 def test_classifier_guidance_at_a_zero_snr_step(pred):
     # trailing spacing on a zero-terminal-SNR schedule starts at alpha = 0, where the score-form coefficient was

@@ -24,6 +24,8 @@ def classifier_grad(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
     """
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y: expected an (N,) = ({x.shape[0]},) tensor of class labels")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y: expected integer class labels, got {y.dtype}")  # gather would truncate 1.7 to 1
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = classifier(x_in, t)

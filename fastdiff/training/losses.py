@@ -1,7 +1,8 @@
 """Diffusion training objectives (DDPM, Improved DDPM, min-SNR) and the variational bound in bits per dimension.
 
 Everything takes a *schedule*: any object with ``betas`` and ``alphas_cumprod`` (1-D float tensors of length T)
-and ``num_train_timesteps`` (T). The per-timestep coefficients are derived from them once, in float64, and
+and ``num_train_timesteps`` (T). The per-timestep coefficients are derived from alphas_cumprod once, in float64
+(the betas as 1 - ab_t / ab_{t-1}, so that the posterior is the one of the marginals x_t is drawn from), and
 gathered per sample in float32.
 
 Conventions: data x0 in [-1, 1]; the model maps (x_t, t, **model_kwargs) to its prediction of the target
@@ -48,6 +49,12 @@ class _Coefs:
             raise ValueError(f"schedule: betas and alphas_cumprod must be 1-D of length num_train_timesteps={T}, "
                              f"got {tuple(b.shape)} and {tuple(ab.shape)}")
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        # The posterior and the variances use the betas of the marginals x_t is drawn from (q_sample):
+        # 1 - ab_t / ab_{t-1}, as diffusers' DDPM step (and fastdiff's) does. The schedule's own betas disagree with
+        # its float32 alphas_cumprod by the rounding of 1 - ab_t, which is large where ab_t is near 1: with cosine
+        # T=4000, 1 - ab_0 is 0.3% above beta_0, so the t=0 decoder mean was 0.997 x0 (an exact model's L_0 1.6x
+        # improved-diffusion's).
+        b = 1 - ab / ab_prev
         post_var = b * (1 - ab_prev) / (1 - ab)
         c = {
             "sqrt_ab": ab.sqrt(), "sqrt_1mab": (1 - ab).sqrt(), "log_1mab": torch.log(1 - ab),
@@ -82,9 +89,27 @@ def coefs(schedule, device) -> _Coefs:
     return hit[1]
 
 
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_timesteps(t, batch: int, T: int):
+    """t: one integer timestep per sample, in [0, T). The range is checked on CPU tensors only (a device tensor's
+    check would sync); out of range, a negative t would otherwise silently index from the end (t = -1 is T - 1)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t: expected a tensor of integer timesteps, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:  # uint8 / bool would index as a mask, floats not at all
+        raise TypeError(f"t: expected an integer tensor (int64), got {t.dtype}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"t: expected shape ({batch},), one timestep per sample, got {tuple(t.shape)}")
+    if t.device.type == "cpu" and batch and (int(t.min()) < 0 or int(t.max()) >= T):
+        raise ValueError(f"t: timesteps must lie in [0, {T - 1}] (num_train_timesteps={T}), got "
+                         f"{int(t.min())} .. {int(t.max())}")
+
+
 def q_sample(schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise."""
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise; t: (N,) integer timesteps in [0, T)."""
     c = coefs(schedule, x0.device)
+    _check_timesteps(t, x0.shape[0], c.T)
     return c("sqrt_ab", t, x0.dim()) * x0 + c("sqrt_1mab", t, x0.dim()) * noise
 
 
@@ -163,7 +188,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, target: str) -> torch.Tensor
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for each prediction target."""
     clipped = snr.clamp(max=gamma)
     if target == "eps":
-        return clipped / snr
+        # min(snr, gamma) / snr -> 1 as snr -> 0: a zero-terminal-SNR step weighs 1, not 0 / 0 = NaN
+        return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
     if target == "x0":
         return clipped
     return clipped / (snr + 1)
