@@ -9,6 +9,7 @@ embedding is passed down. Nothing here branches on tensor values (CUDA graphs, `
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ def zero_(module: nn.Module) -> nn.Module:
 
 
 def check_groups(channels: int, num_groups: int, where: str):
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
     if channels % num_groups:
         raise ValueError(f"num_groups: {num_groups} groups do not divide the {channels} channels of {where}; "
                          f"pick model_channels / channel_mult so that every width is a multiple of num_groups")
@@ -152,11 +155,16 @@ class AttentionBlock(nn.Module):
                  context_dim: int | None = None):
         super().__init__()
         if num_head_channels == -1:
+            if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+                raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
             if channels % num_heads:
                 raise ValueError(f"num_heads: {num_heads} heads do not divide the {channels} channels of an "
                                  f"attention block")
             heads = num_heads
         else:
+            if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, int) or num_head_channels <= 0:
+                raise ValueError(f"num_head_channels: expected -1 (use num_heads) or a positive int, "
+                                 f"got {num_head_channels!r}")
             if channels % num_head_channels:
                 raise ValueError(f"num_head_channels: {num_head_channels} does not divide the {channels} channels "
                                  f"of an attention block")
@@ -236,12 +244,13 @@ def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, chann
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if isinstance(num_res_blocks, bool) or not isinstance(num_res_blocks, int) or num_res_blocks < 1:
         raise ValueError(f"num_res_blocks: expected a positive int, got {num_res_blocks!r}")
-    if len(channel_mult) == 0 or any(not m > 0 for m in channel_mult):
+    if len(channel_mult) == 0 or any(isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0
+                                     for m in channel_mult):
         raise ValueError(f"channel_mult: expected a non-empty sequence of positive numbers, got {channel_mult!r}")
     if image_size % 2 ** (len(channel_mult) - 1):
         raise ValueError(f"image_size: {image_size} must be divisible by 2**{len(channel_mult) - 1} "
                          f"({len(channel_mult)} levels in channel_mult)")
-    if not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
 
 
@@ -262,7 +271,8 @@ def prepare_timesteps(timesteps, x: torch.Tensor) -> torch.Tensor:
     """(N,) or scalar timesteps (tensor or number) -> an (N,) tensor on x's device. No host sync."""
     N = x.shape[0]
     if not isinstance(timesteps, torch.Tensor):
-        if isinstance(timesteps, bool) or not isinstance(timesteps, (int, float)):
+        # numbers.Real: numpy scalars (np.int64 from a timestep array, np.float32) are numbers too
+        if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Real):
             raise TypeError(f"timesteps: expected a tensor of shape ({N},) or a number, got {type(timesteps).__name__}")
         return torch.full((N,), float(timesteps), device=x.device)
     if timesteps.is_complex() or timesteps.dtype == torch.bool:

@@ -6,11 +6,21 @@ back. A U-Net trains and samples on ``scale_factor * z`` so the latents have abo
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from fastdiff.models._blocks import ConfigMixin, Downsample, ResBlock, Upsample, check_groups, check_image, jsonable
 from fastdiff.nn import GroupNorm, SpatialSelfAttention
+
+
+def _check_scale_factor(value) -> float:
+    # from_latent divides by it: 0, inf or NaN would turn every decoded latent into inf/NaN
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"scale_factor: expected a finite non-zero number (1 / std of the latents), got {value!r}")
+    return float(value)
 
 
 class DiagonalGaussian:
@@ -27,6 +37,10 @@ class DiagonalGaussian:
         """mean + std * noise; noise drawn from `generator` (on the mean's device) unless given."""
         if noise is None:
             noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        elif not isinstance(noise, torch.Tensor) or noise.shape != self.mean.shape:
+            # a (1, ...) or (C, h, w) noise would broadcast: every sample of the batch drawn with the same noise
+            raise ValueError(f"noise: expected a tensor of the latent's shape {tuple(self.mean.shape)}, got "
+                             f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
@@ -118,6 +132,11 @@ class AutoencoderKL(ConfigMixin, nn.Module):
                  channel_mult=(1, 2, 4), num_res_blocks: int = 1, out_channels: int | None = None,
                  num_groups: int = 32, mid_attention: bool = True, dropout: float = 0.0, scale_factor: float = 1.0):
         super().__init__()
+        channel_mult = tuple(channel_mult)
+        if not channel_mult or any(isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m)
+                                   or m <= 0 or m != int(m) for m in channel_mult):
+            # int(1.5) would silently build another model than asked for
+            raise ValueError(f"channel_mult: expected a non-empty sequence of positive ints, got {channel_mult!r}")
         channel_mult = tuple(int(m) for m in channel_mult)
         out_channels = in_channels if out_channels is None else out_channels
         for name, v in (("in_channels", in_channels), ("latent_channels", latent_channels),
@@ -125,14 +144,13 @@ class AutoencoderKL(ConfigMixin, nn.Module):
                         ("num_res_blocks", num_res_blocks)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if not channel_mult or min(channel_mult) <= 0:
-            raise ValueError(f"channel_mult: expected a non-empty sequence of positive ints, got {channel_mult!r}")
         for m in channel_mult:
             check_groups(model_channels * m, num_groups, "the autoencoder")
         self.config = jsonable(dict(
             in_channels=in_channels, latent_channels=latent_channels, model_channels=model_channels,
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, out_channels=out_channels,
-            num_groups=num_groups, mid_attention=mid_attention, dropout=dropout, scale_factor=float(scale_factor)))
+            num_groups=num_groups, mid_attention=mid_attention, dropout=dropout,
+            scale_factor=_check_scale_factor(scale_factor)))
         self.in_channels, self.out_channels, self.latent_channels = in_channels, out_channels, latent_channels
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         args = dict(model_channels=model_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
@@ -149,7 +167,7 @@ class AutoencoderKL(ConfigMixin, nn.Module):
 
     @scale_factor.setter
     def scale_factor(self, value: float):
-        self.config["scale_factor"] = float(value)
+        self.config["scale_factor"] = _check_scale_factor(value)
 
     def latent_shape(self, image_shape) -> tuple:
         """(C, H, W) of an image -> (latent_channels, H / f, W / f)."""

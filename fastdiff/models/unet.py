@@ -65,6 +65,10 @@ class UNet(ConfigMixin, nn.Module):
             raise ValueError(f"context_dim: expected None or a positive int, got {context_dim!r}")
         if num_head_channels == -1 and (not isinstance(num_heads, int) or num_heads <= 0):
             raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+        if num_heads_upsample != -1 and (isinstance(num_heads_upsample, bool)
+                                         or not isinstance(num_heads_upsample, int) or num_heads_upsample <= 0):
+            raise ValueError(f"num_heads_upsample: expected -1 (num_heads) or a positive int, "
+                             f"got {num_heads_upsample!r}")
         self.config = jsonable(dict(
             image_size=image_size, in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
             num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,

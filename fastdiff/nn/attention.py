@@ -135,7 +135,10 @@ class SpatialSelfAttention(torch.nn.Module):
             y = self.proj_out(o)  # (N, HW, C) = channels_last (N, C, H, W) memory
             return x + y.view(n, hh, ww, c).permute(0, 3, 1, 2)
         # NCHW: the projection as W · oᵀ gives (N, C, HW) channel-first directly, the transpose folded into the GEMM.
-        y = torch.matmul(self.proj_out.weight, o.transpose(1, 2)) + self.proj_out.bias[:, None]
+        y = torch.matmul(self.proj_out.weight, o.transpose(1, 2))
+        # the bias in y's dtype: under autocast the matmul is low precision but the bias stays fp32, and adding it
+        # as is would promote the block's output to fp32 (the channels_last path's Linear keeps the low precision)
+        y = y + self.proj_out.bias.to(y.dtype)[:, None]
         return x + y.view(n, c, hh, ww)
 
     def extra_repr(self):

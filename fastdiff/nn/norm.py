@@ -21,17 +21,27 @@ class GroupNorm(torch.nn.GroupNorm):
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
-                 dtype=None, activation=None):
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+                 dtype=None, activation=None, *, bias: bool = True):
+        # bias=False (an affine weight without a bias) is a keyword of newer torch.nn.GroupNorm; passed on only when
+        # asked for, so a torch without it still builds the default module.
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype,
+                         **({} if bias else {"bias": False}))
         self.activation = _check_activation(activation)
 
     def forward(self, x, scale=None, shift=None):
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # Under autocast x arrives in the low-precision dtype while weight/bias stay fp32 (and scale/shift may
-            # come from an fp32 path): the fused op takes one dtype, accumulates in fp32 whatever it is, and
-            # returns x's dtype -- what autocast wants of a norm, without the round trip through fp32 memory.
-            weight, bias, scale, shift = (None if t is None else t.to(x.dtype) for t in (weight, bias, scale, shift))
+        # The fused op takes one dtype. torch.nn.GroupNorm takes fp16/bf16 inputs with fp32 parameters (a norm kept
+        # in fp32 in a half model, or autocast, where x arrives in the low-precision dtype and the parameters stay
+        # fp32), so the C-sized parameters are cast to x's dtype: statistics are fp32 whatever it is, and the
+        # output is in x's dtype -- what autocast wants of a norm, without the round trip through fp32 memory.
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            if weight is not None and weight.dtype != x.dtype:
+                weight = weight.to(x.dtype)
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            if torch.is_autocast_enabled(x.device.type):
+                # scale/shift may come from an fp32 path (an embedding projection) under autocast
+                scale, shift = (None if t is None else t.to(x.dtype) for t in (scale, shift))
         return ops.group_norm(x, self.num_groups, weight, bias, self.eps, scale=scale, shift=shift,
                               activation=self.activation)
 
@@ -51,12 +61,17 @@ class AdaGroupNorm(torch.nn.Module):
     def __init__(self, num_groups: int, num_channels: int, emb_dim: int, activation="silu", eps: float = 1e-5,
                  affine: bool = True, emb_activation="silu", device=None, dtype=None):
         super().__init__()
+        if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim <= 0:
+            raise ValueError(f"emb_dim: expected a positive int, got {emb_dim!r}")
         self.norm = GroupNorm(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype,
                               activation=activation)
         self.emb_activation = _check_activation(emb_activation)
         self.linear = torch.nn.Linear(emb_dim, 2 * num_channels, device=device, dtype=dtype)
 
     def forward(self, x, emb):
+        if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
+            raise TypeError(f"emb: expected a floating-point tensor, got "
+                            f"{emb.dtype if isinstance(emb, torch.Tensor) else type(emb).__name__}")
         if emb.dim() != 2 or emb.shape[0] != x.shape[0] or emb.shape[1] != self.linear.in_features:
             raise ValueError(f"emb: expected shape ({x.shape[0]}, {self.linear.in_features}), got {tuple(emb.shape)}")
         if self.emb_activation == "silu":

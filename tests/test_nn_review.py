@@ -1,0 +1,150 @@
+"""fastdiff.nn and fastdiff.models as a user dropping them into a model meets them: torch.nn.GroupNorm's own
+arguments and dtype rules, and bad constructor arguments refused with an error that names them."""
+import inspect
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.models import AutoencoderKL, DiagonalGaussian, NoisyClassifier, UNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HAS_BIAS_KW = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
+
+
+@pytest.mark.skipif(not HAS_BIAS_KW, reason="this torch.nn.GroupNorm has no bias keyword")
+def test_group_norm_bias_false_like_torch():
+    ref = torch.nn.GroupNorm(4, 16, bias=False)
+    with torch.no_grad():
+        ref.weight.normal_()
+    m = fastdiff.nn.GroupNorm(4, 16, bias=False)
+    assert m.bias is None and set(m.state_dict()) == set(ref.state_dict()) == {"weight"}
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 5, 3)
+    torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert repr(m) == repr(ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_half_input_with_fp32_parameters_like_torch(dtype, channels_last):
+    # torch.nn.GroupNorm takes a half input with fp32 parameters (a norm kept in fp32 in a half model, as
+    # mixed-precision recipes do); the drop-in raised TypeError "weight: expected dtype ..." outside autocast.
+    ref = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 6, 5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = m(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(y, torch.nn.functional.silu(ref(x)), atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.dtype == torch.float32
+    assert m.bias.grad is not None and m.bias.grad.dtype == torch.float32
+
+
+def _tiny_unet(**kw):
+    args = dict(image_size=16, in_channels=2, model_channels=8, out_channels=2, num_res_blocks=1,
+                attention_resolutions=(8,), channel_mult=(1, 2), num_groups=4)
+    args.update(kw)
+    return UNet(**args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_head_channels=0), "num_head_channels"),
+    (dict(num_head_channels=-2), "num_head_channels"),
+    (dict(num_heads_upsample=0), "num_heads_upsample"),
+    (dict(num_groups=0), "num_groups"),
+    (dict(dropout=None), "dropout"),
+    (dict(channel_mult=("1", "2")), "channel_mult"),
+], ids=["head_channels_0", "head_channels_-2", "heads_upsample_0", "groups_0", "dropout_none", "mult_str"])
+def test_unet_bad_arguments_name_themselves(kw, match):
+    # these used to escape as ZeroDivisionError / a bare TypeError, or blame num_heads for num_head_channels
+    with pytest.raises(ValueError, match=f"^{match}:"):
+        _tiny_unet(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_heads=0), "num_heads"),
+    (dict(num_head_channels=0), "num_head_channels"),
+    (dict(num_groups=0), "num_groups"),
+], ids=["heads_0", "head_channels_0", "groups_0"])
+def test_classifier_bad_arguments_name_themselves(kw, match):
+    args = dict(channel_mult=(1, 2), num_groups=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=f"^{match}:"):
+        NoisyClassifier(16, 2, 8, 5, 1, (8,), **args)
+
+
+def test_autoencoder_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="^num_groups:"):
+        AutoencoderKL(3, 4, 8, (1, 2), num_groups=0)
+    # int(1.5) == 1 silently built a narrower model than asked for
+    with pytest.raises(ValueError, match="^channel_mult:"):
+        AutoencoderKL(3, 4, 8, (1, 1.5), num_groups=4)
+    assert AutoencoderKL(3, 4, 8, (1, 2.0), num_groups=4).config["channel_mult"] == [1, 2]
+    for bad in (0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="^scale_factor:"):
+            AutoencoderKL(3, 4, 8, (1, 2), num_groups=4, scale_factor=bad)
+    ae = AutoencoderKL(3, 4, 8, (1, 2), num_groups=4, scale_factor=0.5)
+    with pytest.raises(ValueError, match="^scale_factor:"):
+        ae.scale_factor = 0.0  # from_latent would divide by it: every decoded image inf/NaN
+    assert ae.scale_factor == 0.5
+
+
+def test_posterior_sample_refuses_noise_that_would_broadcast():
+    post = DiagonalGaussian(torch.randn(2, 8, 4, 4))
+    noise = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(post.sample(noise=noise), post.mean + post.std * noise)
+    # a (1, C, h, w) noise broadcast: both samples of the batch got the same draw
+    with pytest.raises(ValueError, match=r"^noise: .*\(2, 4, 4, 4\)"):
+        post.sample(noise=noise[:1])
+    with pytest.raises(ValueError, match="^noise:"):
+        post.sample(noise=noise[0])
+
+
+def test_ada_group_norm_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="^emb_dim:"):
+        fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=0)  # was accepted: a Linear(0, 32) whose scale/shift is its bias
+    ada = fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=8)
+    x = torch.randn(2, 16, 3, 3)
+    with pytest.raises(TypeError, match="^emb:"):
+        ada(x, torch.ones(2, 8, dtype=torch.long))  # was NotImplementedError from silu
+    with pytest.raises(TypeError, match="^emb:"):
+        ada(x, [[0.0] * 8] * 2)  # was AttributeError
+
+
+def test_spatial_self_attention_autocast_keeps_the_low_precision_in_both_formats():
+    # the NCHW path added the fp32 bias to the autocast (bf16) matmul: its output was promoted to fp32 (twice the
+    # activation memory downstream) while the channels_last path's output stayed bf16
+    blk = fastdiff.nn.SpatialSelfAttention(32, num_heads=2, num_groups=8)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 32, 5, 3).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = blk(x)
+        y_cl = blk(x.to(memory_format=torch.channels_last))
+    assert y.dtype == y_cl.dtype == torch.bfloat16
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), y_cl.float(), atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        want = blk(x.float())
+    torch.testing.assert_close(y.float(), want, atol=6e-2, rtol=6e-2)
+
+
+def test_unet_takes_numpy_scalar_timesteps():
+    np = pytest.importorskip("numpy")
+    m = _tiny_unet().eval()
+    x = torch.randn(2, 2, 16, 16)
+    with torch.no_grad():
+        want = m(x, 7)
+        for t in (np.int64(7), np.float32(7.0)):  # "expected a tensor or a number": numpy's are numbers too
+            torch.testing.assert_close(m(x, t), want)
+    with pytest.raises(TypeError, match="^timesteps:"):
+        m(x, np.bool_(True))
