@@ -148,3 +148,15 @@ def test_unet_takes_numpy_scalar_timesteps():
             torch.testing.assert_close(m(x, t), want)
     with pytest.raises(TypeError, match="^timesteps:"):
         m(x, np.bool_(True))
+
+
+def test_modules_run_on_meta_tensors_like_torch():
+    # shape inference on the meta device (e.g. a model built under torch.device("meta")): torch.nn.GroupNorm runs
+    # there; fastdiff's GroupNorm raised from its autocast query ("unknown device type for autocast")
+    with torch.device("meta"):
+        x = torch.randn(2, 32, 8, 8)
+        assert fastdiff.nn.GroupNorm(8, 32, activation="silu")(x).shape == x.shape
+        assert fastdiff.nn.AdaGroupNorm(8, 32, emb_dim=16)(x, torch.randn(2, 16)).shape == x.shape
+        unet = UNet(image_size=8, in_channels=32, model_channels=32, out_channels=32, num_res_blocks=1,
+                    attention_resolutions=(4,), channel_mult=(1, 2), num_head_channels=16)
+        assert unet(x, torch.tensor([3, 5])).device.type == "meta"

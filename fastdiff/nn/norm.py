@@ -39,7 +39,7 @@ class GroupNorm(torch.nn.GroupNorm):
                 weight = weight.to(x.dtype)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-            if torch.is_autocast_enabled(x.device.type):
+            if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: no autocast state
                 # scale/shift may come from an fp32 path (an embedding projection) under autocast
                 scale, shift = (None if t is None else t.to(x.dtype) for t in (scale, shift))
         return ops.group_norm(x, self.num_groups, weight, bias, self.eps, scale=scale, shift=shift,
