@@ -150,6 +150,18 @@ def test_unet_takes_numpy_scalar_timesteps():
         m(x, np.bool_(True))
 
 
+def test_unet_broadcasts_one_timestep_like_diffusers():
+    # diffusers' U-Nets expand a (1,) timestep over the batch (t[None], timesteps[i:i + 1]); it was a ValueError
+    m = _tiny_unet().eval()
+    x = torch.randn(3, 2, 16, 16)
+    with torch.no_grad():
+        want = m(x, torch.tensor([7, 7, 7]))
+        torch.testing.assert_close(m(x, torch.tensor([7])), want)
+        torch.testing.assert_close(m(x, torch.tensor(7.0)), want)
+    with pytest.raises(ValueError, match=r"^timesteps: expected shape \(3,\)"):
+        m(x, torch.tensor([7, 7]))
+
+
 def test_modules_run_on_meta_tensors_like_torch():
     # shape inference on the meta device (e.g. a model built under torch.device("meta")): torch.nn.GroupNorm runs
     # there; fastdiff's GroupNorm raised from its autocast query ("unknown device type for autocast")

@@ -268,7 +268,8 @@ def check_image(x, in_channels: int, multiple: int, name: str = "x"):
 
 
 def prepare_timesteps(timesteps, x: torch.Tensor) -> torch.Tensor:
-    """(N,) or scalar timesteps (tensor or number) -> an (N,) tensor on x's device. No host sync."""
+    """(N,), (1,) or scalar timesteps (tensor or number) -> an (N,) tensor on x's device. No host sync. A (1,)
+    tensor is broadcast over the batch, as diffusers' U-Nets do (``t[None]`` or ``timesteps[i:i + 1]``)."""
     N = x.shape[0]
     if not isinstance(timesteps, torch.Tensor):
         # numbers.Real: numpy scalars (np.int64 from a timestep array, np.float32) are numbers too
@@ -277,10 +278,10 @@ def prepare_timesteps(timesteps, x: torch.Tensor) -> torch.Tensor:
         return torch.full((N,), float(timesteps), device=x.device)
     if timesteps.is_complex() or timesteps.dtype == torch.bool:
         raise TypeError(f"timesteps: expected an integer or floating-point tensor, got {timesteps.dtype}")
-    if timesteps.dim() == 0:
+    if timesteps.dim() == 0 or (timesteps.shape == (1,) and N != 1):
         timesteps = timesteps.reshape(1).expand(N)
     elif timesteps.shape != (N,):
-        raise ValueError(f"timesteps: expected shape ({N},) (one per sample of x) or a scalar, "
+        raise ValueError(f"timesteps: expected shape ({N},) (one per sample of x), (1,) or a scalar, "
                          f"got {tuple(timesteps.shape)}")
     return timesteps.to(x.device)
 
