@@ -26,12 +26,16 @@ def classifier_grad(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
         raise ValueError(f"y: expected an (N,) = ({x.shape[0]},) tensor of class labels")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"y: expected integer class labels, got {y.dtype}")  # gather would truncate 1.7 to 1
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
+    # autograd on, also inside torch.inference_mode() (which forbids it): x is cloned outside inference mode, so
+    # the classifier's graph holds no inference tensor; the gradient is a normal tensor.
+    with torch.inference_mode(False), torch.enable_grad():
+        x_in = x.detach().clone().requires_grad_(True)
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            t = t.clone()
         logits = classifier(x_in, t)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError("classifier: expected classifier(x, t) to return logits of shape (N, num_classes)")
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        selected = log_probs.gather(1, y.reshape(-1, 1).to(device=log_probs.device, dtype=torch.int64))
+        selected = log_probs.gather(1, y.reshape(-1, 1).to(device=log_probs.device, dtype=torch.int64).clone())
         (grad,) = torch.autograd.grad(selected.sum(), x_in)
     return grad.to(x.dtype)
