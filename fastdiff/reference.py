@@ -40,7 +40,7 @@ def attention(q, k, v, scale=None, *, compute_dtype=None):
     """
     out_dtype = q.dtype
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # an empty head dim: the output is empty anyway
     if compute_dtype is not None:
         q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale

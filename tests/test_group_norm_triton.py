@@ -174,6 +174,20 @@ def test_large_mean_small_spread(monkeypatch, channels_last):
         _check_close(g, g_ref, 5e-3, f"grad_{name}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_overflowing_variance_is_not_clamped_to_zero(monkeypatch, channels_last):
+    """|x| ~ 1e20 in fp32: the squares overflow. The first tile's Chan term delta^2 * na * f was inf * 0 = NaN,
+    which the merge's max(var, 0) turned into a variance of 0: rstd = 1/sqrt(eps) and a finite y of ~3e22,
+    silently. Now the variance is inf and rstd 0, as torch's NCHW group_norm (y = the affine's bias)."""
+    monkeypatch.setattr(tgn, "_MAX_BLOCK_S", 4)  # several tiles, so later tiles' merge terms overflow too
+    monkeypatch.setattr(tgn, "_CL_BLOCK_C", 2)
+    x, w, b, _, _, _ = _inputs((2, 4, 3, 3), torch.float32, channels_last, "wb", spread=1e20)
+    y, mean, rstd = OPS.group_norm_triton(x, 2, w, b, None, None, EPS, "none")
+    assert torch.equal(rstd, torch.zeros_like(rstd))
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x.contiguous(), 2, w, b, EPS))
+    torch.testing.assert_close(y, b.view(1, 4, 1, 1).expand_as(y))
+
+
 @pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0), (0, 8)])
 def test_empty(shape):
     """N = 0 returns without launching; an empty spatial extent gives mean 0 and rstd 1/sqrt(eps), like the

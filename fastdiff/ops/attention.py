@@ -67,12 +67,32 @@ def _backward_math(grad_out, q, k, v, out, lse, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """The math backward's gradients, tied to what they depend on so that differentiating them raises (as the
+    Triton backward op, which has no autograd formula, does): differentiated as torch ops they would treat the
+    saved lse as a constant and give a silently wrong second derivative."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *deps):
+        return dq, dk, dv
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fastdiff attention: no double backward (a gradient of its gradient) on the fused "
+                           "backends; use backend=\"torch\" for that")
+
+
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if q.device.type == "cuda" and _HAS_TRITON_OPS:
         dq, dk, dv = torch.ops.fastdiff.attention_backward_triton(grad_out, q, k, v, out, lse, ctx.scale)
     else:
-        dq, dk, dv = _backward_math(grad_out, q, k, v, out, lse, ctx.scale)
+        with torch.no_grad():
+            dq, dk, dv = _backward_math(grad_out, q, k, v, out, lse, ctx.scale)
+        if torch.is_grad_enabled():  # create_graph=True
+            deps = [t for t in (grad_out, q, k, v) if t.requires_grad]
+            if deps:
+                dq, dk, dv = _NoDoubleBackward.apply(dq, dk, dv, *deps)
     keep = ctx.needs_input_grad
     return dq if keep[0] else None, dk if keep[1] else None, dv if keep[2] else None, None
 
@@ -118,6 +138,8 @@ def _check(q, k, v, scale):
         raise ValueError(f"v: expected {k.shape[2]} keys/values like k, got shape {tuple(v.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale: expected None or a float, got {type(scale).__name__}")
+    if scale is not None and scale != scale:  # NaN: SDPA (the cpu backend) returns zeros, the others NaN
+        raise ValueError(f"scale: expected a number, got {scale!r}")
 
 
 def _fused_problem(q):
@@ -191,7 +213,10 @@ def attention(q, k, v, *, scale=None, backend="auto"):
     """
     _check(q, k, v, scale)
     name = choose_backend(q, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale is None:  # D ** -0.5; any scale for an empty head dim (the output is empty), as SDPA
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    else:
+        scale = float(scale)
     if name == "torch":
         return reference.attention(q, k, v, scale)
     if name == "cpu":

@@ -106,15 +106,29 @@ def _fwd_tile(acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, sk_n, sv_n, start_
 
 
 @triton.jit
+def _tile_and_bh(S, BLOCK: tl.constexpr, GRID_1D: tl.constexpr):
+    """(tile, b·h) of this program. The grid is (tiles, B·H), or, when B·H exceeds CUDA's gridDim.y limit of 65535
+    (video models' temporal attention: batch = frames' pixels, e.g. 2·64·64 sequences × 8 heads), 1-D with the
+    tiles of each (batch, head) in a row, the same order. Only then: the division costs the D = 160 forward a
+    spill on sm80/86."""
+    if GRID_1D:
+        pid = tl.program_id(0)
+        nt = tl.cdiv(S, BLOCK)
+        return pid % nt, pid // nt
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m,
               H, SQ, SKV, qk_scale,
-              D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+              D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              GRID_1D: tl.constexpr):
     HAS_B: tl.constexpr = DB > 0
     MASK_A: tl.constexpr = DA > D
     DBB: tl.constexpr = DB if DB > 0 else 16  # a shape for the unused tail accumulator when there is no tail
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_bh(SQ, BM, GRID_1D)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * sq_b + h * sq_h
@@ -158,12 +172,12 @@ def _attn_fwd(Q, K, V, O, LSE,
 
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, so_b, so_h, so_m, sd_b, sd_h, sd_m, H, SQ,
-                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr):
+                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr,
+                    GRID_1D: tl.constexpr):
     """delta = rowsum(dO ∘ O) in fp32, (B, H, Sq) contiguous."""
     HAS_B: tl.constexpr = DB > 0
     MASK_A: tl.constexpr = DA > D
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_bh(SQ, BM, GRID_1D)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -188,13 +202,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_m,
                    sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
                    H, SQ, SKV, sm_scale, qk_scale,
-                   D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   GRID_1D: tl.constexpr):
     """One key tile: dV = Σ pᵀ dO and dK = scale · Σ dSᵀ q over every query tile (the transposed products)."""
     HAS_B: tl.constexpr = DB > 0
     MASK_A: tl.constexpr = DA > D
     DBB: tl.constexpr = DB if DB > 0 else 16
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n, bh = _tile_and_bh(SKV, BN, GRID_1D)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * sq_b + h * sq_h
@@ -298,13 +312,13 @@ def _dq_tile(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, sk_n, sv
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_m, sdq_b, sdq_h, sdq_m,
                  H, SQ, SKV, sm_scale, qk_scale,
-                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 GRID_1D: tl.constexpr):
     """One query tile: dQ = scale · Σ dS k over every key tile."""
     HAS_B: tl.constexpr = DB > 0
     MASK_A: tl.constexpr = DA > D
     DBB: tl.constexpr = DB if DB > 0 else 16
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_bh(SQ, BM, GRID_1D)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * sq_b + h * sq_h
@@ -427,6 +441,15 @@ def empty_bhsd(t: torch.Tensor, s: int, d: int, dtype=None) -> torch.Tensor:
     return torch.empty((b, h, s, d), dtype=dtype, device=t.device)
 
 
+_MAX_GRID_Y = 65535  # CUDA's gridDim.y (and .z) limit
+
+
+def _grid(s: int, block: int, bh: int):
+    """(grid, GRID_1D) for cdiv(s, block) tiles of each of bh (batch, head) pairs: see _tile_and_bh."""
+    tiles = triton.cdiv(s, block)
+    return ((tiles * bh,), True) if bh > _MAX_GRID_Y else ((tiles, bh), False)
+
+
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -457,10 +480,11 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return out, lse
     da, db = split_head_dim(D)
     cfg = _fwd_config(D, SQ, SKV, B * H, q.device)
-    grid = (triton.cdiv(SQ, cfg["BM"]), B * H)
+    grid, grid_1d = _grid(SQ, cfg["BM"], B * H)
     wrap_triton(_attn_fwd)[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, SQ, SKV, scale * LOG2E,
-        D=D, DA=da, DB=db, BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        D=D, DA=da, DB=db, BM=cfg["BM"], BN=cfg["BN"], GRID_1D=grid_1d, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -485,17 +509,21 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     cfg = _bwd_config(D, SQ, SKV, B * H, q.device)
     common = {"D": D, "DA": da, "DB": db}
     delta = torch.empty((B, H, SQ), dtype=torch.float32, device=q.device)
-    wrap_triton(_attn_bwd_delta)[(triton.cdiv(SQ, cfg["BMD"]), B * H)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), H, SQ, BM=cfg["BMD"], num_warps=4, **common)
+    grid, grid_1d = _grid(SQ, cfg["BMD"], B * H)
+    wrap_triton(_attn_bwd_delta)[grid](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), H, SQ, BM=cfg["BMD"], GRID_1D=grid_1d,
+        num_warps=4, **common)
     qk_scale = scale * LOG2E
-    wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(SKV, cfg["BN1"]), B * H)](
+    grid, grid_1d = _grid(SKV, cfg["BN1"], B * H)
+    wrap_triton(_attn_bwd_dkdv)[grid](
         q, k, v, grad_out, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dk), *_strides(dv), H, SQ, SKV, scale, qk_scale, BM=cfg["BM1"], BN=cfg["BN1"],
-        num_warps=cfg["w1"], num_stages=cfg["num_stages"], **common)
-    wrap_triton(_attn_bwd_dq)[(triton.cdiv(SQ, cfg["BM2"]), B * H)](
+        GRID_1D=grid_1d, num_warps=cfg["w1"], num_stages=cfg["num_stages"], **common)
+    grid, grid_1d = _grid(SQ, cfg["BM2"], B * H)
+    wrap_triton(_attn_bwd_dq)[grid](
         q, k, v, grad_out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dq), H, SQ, SKV, scale, qk_scale, BM=cfg["BM2"], BN=cfg["BN2"],
-        num_warps=cfg["w2"], num_stages=cfg["num_stages"], **common)
+        GRID_1D=grid_1d, num_warps=cfg["w2"], num_stages=cfg["num_stages"], **common)
     return dq, dk, dv
 
 

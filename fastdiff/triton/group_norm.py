@@ -148,7 +148,9 @@ def _gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, CPG, CHUNK, SPLIT, CHANNEL
         f = nb / (na + nb)
         delta = tmean - mean
         mean += delta * f
-        m2 += tm2 + delta * delta * na * f
+        # (na f) first: for the first tile na = 0 and the term is 0 even where delta * delta overflows (|x| >~ 1e19
+        # in fp32), where inf * 0 = NaN would make the variance NaN, clamped to 0 by the merge (rstd 1/sqrt(eps)).
+        m2 += tm2 + delta * (delta * (na * f))
     out = (n * SPLIT + k).to(tl.int64) * C + c
     tl.store(pmean_ptr + out, mean, mask=cmask)
     tl.store(pm2_ptr + out, m2, mask=cmask)
