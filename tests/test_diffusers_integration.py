@@ -6,10 +6,13 @@ attention with its GroupNorm). For each: patched == unpatched, the replacement c
 state_dict unchanged, torch.compile; and fastdiff.sample over a diffusers U-Net equals a diffusers DDIM loop.
 """
 import copy
+import gc
+import io
 import os
 import subprocess
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -178,6 +181,38 @@ def test_unpatch_keeps_weights_assigned_after_patch(models, name):
         torch.testing.assert_close(run(model, a), run(src, a), atol=0, rtol=0)
 
 
+class _HalfProcessor:
+    """A user's processor (as IP-Adapter or a LoRA loader installs with set_attn_processor): the default one, halved."""
+
+    def __init__(self):
+        self.inner = AttnProcessor()
+
+    def __call__(self, *args, **kwargs):
+        return 0.5 * self.inner(*args, **kwargs)
+
+
+def test_unpatch_keeps_what_was_set_after_patch(models):
+    # processors, modules and forwards that the user sets after patch are theirs: unpatch restores only what patch
+    # put in and is still there (it used to put AttnProcessor2_0 back over an IP-Adapter's processors)
+    model = copy.deepcopy(models["unet_cond"])
+    _, call, _ = CASES["unet_cond"]
+    a = _inputs()
+    fdd.patch(model)
+    model.set_attn_processor(_HalfProcessor())
+    block = model.down_blocks[1].resnets[0]
+    block.forward = types.MethodType(ResnetBlock2D.forward, block)  # e.g. a hook wrapping the forward
+    tr = model.down_blocks[0].attentions[0]
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-3)
+    norm.load_state_dict(tr.norm.state_dict())
+    tr.norm = norm
+    with torch.no_grad():
+        ref = call(model, a)
+        fdd.unpatch(model)
+        assert all(isinstance(p, _HalfProcessor) for p in model.attn_processors.values())
+        assert tr.norm is norm and block.__dict__["forward"].__func__ is ResnetBlock2D.forward
+        torch.testing.assert_close(call(model, a), ref, atol=2e-5, rtol=1e-4)
+
+
 def test_attention_mask_falls_back(models):
     model = copy.deepcopy(models["unet_cond"])
     attn = model.down_blocks[0].attentions[0].transformer_blocks[0].attn2
@@ -221,9 +256,50 @@ def test_resnet_output_scale_factor_and_up_down():
         with torch.no_grad():
             ref = block(x, temb)
             assert fdd.patch(block) == 2
-            assert isinstance(block.__dict__["forward"], types.MethodType)
+            assert block.__dict__["forward"].func is fdd._resnet_forward
             torch.testing.assert_close(block(x, temb), ref, atol=2e-5, rtol=1e-4)
             fdd.unpatch(block)
+
+
+@pytest.mark.parametrize("make", [_unet_cond, lambda: ResnetBlock2D(in_channels=16, temb_channels=8, groups=4)])
+def test_dropped_patched_model_is_freed(make):
+    # _UNDO holds the model weakly, but its undo steps held the model itself (the parent of conv_norm_out, or the
+    # patched block as the model): a patched model dropped without unpatch was never freed
+    model = make()
+    assert fdd.patch(model) > 0
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_patched_model_pickles(models):
+    # the module docstring promises pickling untouched: torch.save of a patched model failed on the bound method
+    # the resnet blocks' forward was ("'ResnetBlock2D' object has no attribute '_resnet_forward'" on load)
+    model = copy.deepcopy(models["unet2d_scale_shift"])
+    _, call, _ = CASES["unet2d_scale_shift"]
+    a = _inputs()
+    fdd.patch(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    block = loaded.down_blocks[0].resnets[0]
+    assert block.__dict__["forward"].func is fdd._resnet_forward and block.__dict__["forward"].args[0] is block
+    with torch.no_grad():
+        torch.testing.assert_close(call(loaded, a), call(model, a), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"skip_time_act": True}])
+def test_resnet_without_its_time_embedding_fails_as_diffusers(kw):
+    # a time-conditioned block called with temb=None: diffusers fails; the fused forward ran it unconditioned
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, **kw).eval()
+    x = torch.randn(1, 16, 4, 4)
+    with pytest.raises((TypeError, AttributeError)):
+        block(x, None)
+    fdd.patch(block)
+    with pytest.raises((TypeError, AttributeError)):
+        block(x, None)
 
 
 @pytest.mark.parametrize("name", ["unet_cond", "vae"])
@@ -294,6 +370,19 @@ def test_sample_with_class_labels(models):
     assert fdd.sampling_model(plain) is plain
     with pytest.raises(TypeError, match="context"):
         m(x, t, context=torch.randn(2, 7, 16))
+
+
+def test_sample_refuses_labels_a_unet_would_ignore(models):
+    # UNet2DConditionModel accepts class_labels without a class embedding and drops them: y (and guidance on
+    # uncond_y) would silently do nothing
+    unet = models["unet_cond"]
+    assert unet.class_embedding is None
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.randn(1, 7, 16)
+    with pytest.raises(TypeError, match="y: UNet2DConditionModel"):
+        fdd.sampling_model(unet)(x, t, y=torch.tensor([1]), context=ctx)
+    with pytest.raises(TypeError, match="class_labels"):
+        fastdiff.sample(unet, DDIMSampler(), (1, 4, 16, 16), context=ctx, y=torch.tensor([3]),
+                        uncond_y=torch.tensor([0]), guidance_scale=7.5, num_inference_steps=1, seed=0, progress=False)
 
 
 def test_fastdiff_imports_without_diffusers():

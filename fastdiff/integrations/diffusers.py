@@ -8,7 +8,8 @@ What :func:`patch` replaces (each counts one in its return value), keeping every
 state_dict keys and tensors are unchanged, so weights load the same before and after):
 
 * ``ResnetBlock2D`` (SiLU nonlinearity, ``nn.GroupNorm`` norms, time_embedding_norm "default" or "scale_shift"):
-  the instance's ``forward`` is replaced by a bound method that runs norm1+SiLU as one fused GroupNorm, and norm2
+  the instance's ``forward`` is replaced by ``functools.partial(_resnet_forward, block)`` (picklable, unlike a
+  bound method of a function the class lacks), which runs norm1+SiLU as one fused GroupNorm, and norm2
   with the time embedding's AdaGN ``(1 + scale) * h + shift`` and the SiLU as another (2 per block). Blocks with
   another activation or norm, or a subclass with its own forward, keep theirs.
 * ``Attention`` modules whose processor is diffusers' default (``AttnProcessor2_0`` or ``AttnProcessor``): the
@@ -29,8 +30,8 @@ Needs diffusers (``pip install fastdiff[diffusers]``); ``import fastdiff`` does 
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 import weakref
 
 import torch
@@ -96,7 +97,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor = self.downsample(input_tensor)
         h = self.downsample(h)
     h = self.conv1(h)
-    if self.time_emb_proj is not None and temb is not None:
+    if self.time_emb_proj is not None:  # temb=None fails here, as in diffusers (not run without the embedding)
         if not self.skip_time_act:
             temb = F.silu(temb)
         temb = self.time_emb_proj(temb)
@@ -209,24 +210,46 @@ def _named_parents(model):
 def _swap(parent, name, new, undo):
     old = getattr(parent, name)
     setattr(parent, name, new)
+    # weak references to the modules in the tree (parent may be the model, the key of _UNDO: a strong one would
+    # keep a dropped model alive); the original `old`, out of the tree now, is held here
+    parent_ref, new_ref = weakref.ref(parent), weakref.ref(new)
 
     def restore():
-        cur = getattr(parent, name)
-        if cur is new:
-            # what the swapped-in module holds now goes back with the original: parameters and buffers replaced
-            # since the patch (load_state_dict(assign=True), to_empty, accelerate's offloading) and the mode
-            for pname, p in list(old.named_parameters(recurse=False)):
-                q = getattr(new, pname, None)
-                if isinstance(q, torch.nn.Parameter) and q is not p:
-                    setattr(old, pname, q)
-            for bname, b in list(old.named_buffers(recurse=False)):
-                q = getattr(new, bname, None)
-                if isinstance(q, torch.Tensor) and q is not b:
-                    setattr(old, bname, q)
-            old.train(new.training)
+        parent, new = parent_ref(), new_ref()
+        if parent is None or new is None or getattr(parent, name, None) is not new:
+            return  # replaced since the patch (by the user): theirs stays
+        # what the swapped-in module holds now goes back with the original: parameters and buffers replaced
+        # since the patch (load_state_dict(assign=True), to_empty, accelerate's offloading) and the mode
+        for pname, p in list(old.named_parameters(recurse=False)):
+            q = getattr(new, pname, None)
+            if isinstance(q, torch.nn.Parameter) and q is not p:
+                setattr(old, pname, q)
+        for bname, b in list(old.named_buffers(recurse=False)):
+            q = getattr(new, bname, None)
+            if isinstance(q, torch.Tensor) and q is not b:
+                setattr(old, bname, q)
+        old.train(new.training)
         setattr(parent, name, old)
 
     undo.append(restore)
+
+
+def _has_fused_forward(m) -> bool:
+    f = m.__dict__.get("forward")
+    return isinstance(f, functools.partial) and f.func is _resnet_forward and len(f.args) == 1 and f.args[0] is m
+
+
+def _restore_forward(m_ref):
+    m = m_ref()
+    if m is not None and _has_fused_forward(m):  # a forward set since the patch (a hook) is the user's: kept
+        del m.__dict__["forward"]
+
+
+def _restore_processor(m_ref, proc, ours):
+    m = m_ref()
+    # a processor set since the patch (set_attn_processor: IP-Adapter, LoRA, fused QKV) is the user's: kept
+    if m is not None and m.processor is ours:
+        m.set_processor(proc)
 
 
 def _fused_group_norm_like(norm: torch.nn.GroupNorm, activation):
@@ -249,12 +272,11 @@ def patch(model: torch.nn.Module) -> int:
 
     for m in model.modules():
         if _resnet_supported(m):
-            m.forward = types.MethodType(_resnet_forward, m)
-            undo.append(lambda m=m: m.__dict__.pop("forward", None))
+            m.forward = functools.partial(_resnet_forward, m)
+            undo.append(functools.partial(_restore_forward, weakref.ref(m)))
             handled.update((id(m.norm1), id(m.norm2)))
             count += 2
-        elif isinstance(m, ResnetBlock2D) and isinstance(m.__dict__.get("forward"), types.MethodType) \
-                and m.__dict__["forward"].__func__ is _resnet_forward:
+        elif isinstance(m, ResnetBlock2D) and _has_fused_forward(m):
             handled.update((id(m.norm1), id(m.norm2)))  # patched before
 
     for m in model.modules():
@@ -264,8 +286,8 @@ def patch(model: torch.nn.Module) -> int:
         if isinstance(proc, FastdiffAttnProcessor):
             handled.add(id(m.group_norm))
         elif type(proc) in (AttnProcessor2_0, AttnProcessor):
-            m.set_processor(FastdiffAttnProcessor(proc))
-            undo.append(lambda m=m, proc=proc: m.set_processor(proc))
+            m.set_processor(ours := FastdiffAttnProcessor(proc))
+            undo.append(functools.partial(_restore_processor, weakref.ref(m), proc, ours))
             handled.add(id(m.group_norm))
             count += 1
 
@@ -311,7 +333,10 @@ class _SamplingModel(torch.nn.Module):
         params = inspect.signature(target.forward).parameters
         self._return_dict = "return_dict" in params
         self._ctx = "encoder_hidden_states" in params
+        # UNet2DConditionModel takes class_labels whatever its config and ignores them without a class embedding
+        # (class_embed_type and num_class_embeds None): refuse y there, or guidance on labels would silently be none
         self._cls = "class_labels" in params
+        self._no_cls_embedding = getattr(target, "class_embedding", True) is None
 
     def forward(self, x, t, y=None, context=None):
         kw = {}
@@ -320,8 +345,9 @@ class _SamplingModel(torch.nn.Module):
                 raise TypeError(f"context: {type(self.unet).__name__} takes no encoder_hidden_states")
             kw["encoder_hidden_states"] = context
         if y is not None:
-            if not self._cls:
-                raise TypeError(f"y: {type(self.unet).__name__} takes no class_labels")
+            if not self._cls or self._no_cls_embedding:
+                why = " (it has no class embedding)" if self._cls else ""
+                raise TypeError(f"y: {type(self.unet).__name__} takes no class_labels{why}")
             kw["class_labels"] = y
         if self._return_dict:
             kw["return_dict"] = False
