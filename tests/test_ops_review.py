@@ -68,18 +68,19 @@ def test_attention_nan_scale_raises(backend):
 
 
 @pytest.mark.skipif(not fastdiff.info()["cpu_extension"], reason="needs the compiled CPU extension")
-@pytest.mark.xfail(strict=True, reason="csrc/cpu/group_norm.cpp row_stats: sq - sum * rel is inf - inf = NaN when "
-                   "the squares overflow fp32; std::max(NaN, 0.f) keeps the NaN (needs a C++ fix and a rebuild)")
-def test_cpu_group_norm_overflowing_variance_nchw():
-    """|x| ~ 1e20 in fp32: the variance overflows. torch (NCHW) and this op's own channels-last path give
-    rstd = 0 (y = bias); the NCHW path gave rstd = NaN."""
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (1, 4, 64, 80), (2, 64, 40, 40)])  # one chunk; several; CL chunks
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cpu_group_norm_overflowing_variance(shape, fmt):
+    """|x| ~ 1e20 in fp32: the variance overflows to inf, so rstd = 0 and y = bias, as torch's NCHW path gives.
+    The NCHW rows gave rstd = NaN (sq - sum * rel = inf - inf, which std::max(NaN, 0) keeps), and a first Chan
+    merge's d * d * 0 = inf * 0 could do the same."""
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 3, 3) * 1e20
-    _, _, rstd_cl = torch.ops.fastdiff.group_norm(x.to(memory_format=torch.channels_last), 2, None, None, None,
-                                                  None, 1e-5, "none")
-    _, _, rstd = torch.ops.fastdiff.group_norm(x, 2, None, None, None, None, 1e-5, "none")
-    assert torch.equal(rstd_cl, torch.zeros_like(rstd_cl))
-    assert torch.equal(rstd, rstd_cl)
+    C = shape[1]
+    x = (torch.randn(shape) * 1e20).contiguous(memory_format=fmt)
+    w, b = torch.randn(C), torch.randn(C)
+    y, _, rstd = torch.ops.fastdiff.group_norm(x, 2, w, b, None, None, 1e-5, "none")
+    assert torch.equal(rstd, torch.zeros_like(rstd))
+    torch.testing.assert_close(y, b[:, None, None].expand(shape), rtol=0, atol=0)
 
 
 @pytest.mark.triton

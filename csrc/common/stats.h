@@ -22,7 +22,7 @@ FD_HD void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, f
   const float d = meanb - mean;
   const float f = nb / nn;
   mean += d * f;
-  m2 += m2b + d * d * n * f;
+  m2 += m2b + d * (d * (n * f));  // (n f) first: 0 for a first merge (n = 0) even where d * d overflows fp32
   n = nn;
 }
 

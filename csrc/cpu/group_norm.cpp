@@ -471,7 +471,10 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
     }
 #endif
     const float rel = sum / static_cast<float>(len);
-    chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel, std::max(sq - sum * rel, 0.f));
+    // sq = inf (|x| >~ 1e19 in fp32): the M2 is inf, not inf - inf = NaN (std::max keeps a NaN), so rstd is 0
+    // as torch's is
+    chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel,
+               std::isinf(sq) ? sq : std::max(sq - sum * rel, 0.f));
   }
   mean_out = mu;
   m2_out = m2;
@@ -587,7 +590,7 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
         for (int64_t c = 0; c < C; ++c) {
           const float d = pmk[c] - mu[c];
           mu[c] += d * f;
-          m2[c] += pqk[c] + d * d * cnt * f;
+          m2[c] += pqk[c] + d * (d * (cnt * f));  // (cnt f) first: 0 for the first chunk, even where d * d overflows
         }
         cnt = nn;
       }
@@ -894,6 +897,8 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
     UA[i] = -A[i] * kLog2e;
     UB[i] = -B[i] * kLog2e;
   }
+  // Sweeps of up to 8 rows, as apply_cl_rows: each 16 channels' parameters and partial sums are loaded once per
+  // sweep and the rows read as 8 sequential streams. Each channel's sums still add the rows in order.
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
     for (int64_t job = b; job < e; ++job) {
       const int64_t n = job / nchunk, r0 = (job % nchunk) * R, r1 = std::min(S, r0 + R);
@@ -901,18 +906,23 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
       float* o2 = p2.data() + job * C;
       std::fill(o1, o1 + C, 0.f);
       std::fill(o2, o2 + C, 0.f);
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t rb = r0; rb < r1; rb += 8) {
+        const int64_t re = std::min(r1, rb + 8);
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
           const __mmask16 m = lane_mask(C - c0);
-          const int64_t o = n * C + c0, off = (n * S + r) * C + c0;
+          const int64_t o = n * C + c0;
+          const __m512 a = _mm512_maskz_loadu_ps(m, A + o), bb = _mm512_maskz_loadu_ps(m, B + o),
+                       ua = _mm512_maskz_loadu_ps(m, UA.data() + o), ub = _mm512_maskz_loadu_ps(m, UB.data() + o),
+                       k = _mm512_maskz_loadu_ps(m, Kc + o), mu = _mm512_maskz_loadu_ps(m, mean_c + o);
           __m512 s1 = _mm512_maskz_loadu_ps(m, o1 + c0), s2 = _mm512_maskz_loadu_ps(m, o2 + c0);
-          bwd_sums16<kSilu>(m, x + off, gy + off, gx + off, _mm512_maskz_loadu_ps(m, A + o),
-                            _mm512_maskz_loadu_ps(m, B + o), _mm512_maskz_loadu_ps(m, UA.data() + o),
-                            _mm512_maskz_loadu_ps(m, UB.data() + o), _mm512_maskz_loadu_ps(m, Kc + o),
-                            _mm512_maskz_loadu_ps(m, mean_c + o), s1, s2);
+          for (int64_t r = rb; r < re; ++r) {
+            const int64_t off = (n * S + r) * C + c0;
+            bwd_sums16<kSilu>(m, x + off, gy + off, gx + off, a, bb, ua, ub, k, mu, s1, s2);
+          }
           _mm512_mask_storeu_ps(o1 + c0, m, s1);
           _mm512_mask_storeu_ps(o2 + c0, m, s2);
         }
+      }
     }
   });
   for (int64_t n = 0; n < N; ++n) {  // in chunk order per (n, c), vectorised along C
@@ -929,18 +939,24 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
     }
   }
   fold_all();
+  // Sweeps of up to 8 rows of one sample, the 16 channels' parameters loaded once per sweep.
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
-      const int64_t nC = (row / S) * C;
+    for (int64_t rb = b; rb < e;) {
+      const int64_t nC = (rb / S) * C, re = std::min({e, rb + 8, (rb / S + 1) * S});  // rows rb .. re - 1
       for (int64_t c0 = 0; c0 < C; c0 += 16) {
         const __mmask16 m = lane_mask(C - c0);
-        const int64_t o = nC + c0, off = row * C + c0;
-        bwd_apply16<kSilu>(m, x + off, gy + off, gx + off, _mm512_maskz_loadu_ps(m, P + o),
-                           _mm512_maskz_loadu_ps(m, Q + o), _mm512_maskz_loadu_ps(m, Rr + o),
-                           _mm512_maskz_loadu_ps(m, Kc + o), _mm512_maskz_loadu_ps(m, mean_c + o),
-                           _mm512_maskz_loadu_ps(m, A + o), _mm512_maskz_loadu_ps(m, B + o),
-                           _mm512_maskz_loadu_ps(m, UA.data() + o), _mm512_maskz_loadu_ps(m, UB.data() + o));
+        const int64_t o = nC + c0;
+        const __m512 p = _mm512_maskz_loadu_ps(m, P + o), q = _mm512_maskz_loadu_ps(m, Q + o),
+                     r = _mm512_maskz_loadu_ps(m, Rr + o), k = _mm512_maskz_loadu_ps(m, Kc + o),
+                     mu = _mm512_maskz_loadu_ps(m, mean_c + o), a = _mm512_maskz_loadu_ps(m, A + o),
+                     bb = _mm512_maskz_loadu_ps(m, B + o), ua = _mm512_maskz_loadu_ps(m, UA.data() + o),
+                     ub = _mm512_maskz_loadu_ps(m, UB.data() + o);
+        for (int64_t row = rb; row < re; ++row) {
+          const int64_t off = row * C + c0;
+          bwd_apply16<kSilu>(m, x + off, gy + off, gx + off, p, q, r, k, mu, a, bb, ua, ub);
+        }
       }
+      rb = re;
     }
   });
 }
