@@ -526,6 +526,26 @@ def test_set_backend_as_a_decorator_switches_for_each_call():
     assert reference.__name__ == "reference"
 
 
+def test_set_backend_is_per_thread():
+    # as the README says: the choice belongs to the calling thread (like autocast's state)
+    import threading
+
+    seen = {}
+
+    def worker():
+        seen["start"] = fastdiff.get_backend()
+        fastdiff.set_backend("torch")
+        seen["set"] = fastdiff.get_backend()
+
+    with fastdiff.set_backend("cpu"):
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert fastdiff.get_backend() == "cpu"
+    assert seen == {"start": "auto", "set": "torch"}
+    assert fastdiff.get_backend() == "auto"
+
+
 def test_channels_last_helper():
     x = torch.randn(2, 8, 4, 5).to(memory_format=torch.channels_last)
     assert is_channels_last(x) and not is_channels_last(x.contiguous())
