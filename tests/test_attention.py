@@ -507,6 +507,21 @@ def test_gpu_cuda_kernel_lse_unaligned_and_edges():
 
 
 @pytest.mark.cuda
+@needs_cuda_ext
+def test_gpu_cuda_kernel_more_batches_than_grid_z():
+    # B > 65535 (gridDim.z): the launcher splits the batch; the lse of every chunk lands in its place. Expanded k
+    # (batch stride 0) too.
+    B = 65535 + 3
+    q = torch.randn(B, 1, 5, 16, dtype=torch.float16, device="cuda")
+    k = torch.randn(1, 1, 7, 16, dtype=torch.float16, device="cuda").expand(B, 1, 7, 16)
+    v = torch.randn(B, 1, 7, 16, dtype=torch.float16, device="cuda")
+    out, lse = torch.ops.fastdiff.attention(q, k, v, 0.25)
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * 0.25
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.float(), torch.softmax(s, -1) @ v.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.cuda
 def test_gpu_auto_order_and_fp32_fallback():
     q, k, v = make_qkv(1, 2, 64, 64, 64, torch.float16, device="cuda")
     assert attn_mod.choose_backend(q) == _gpu_backends()[0]

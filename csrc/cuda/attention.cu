@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_, const at
               "bfloat16, got ", dtype);
   const int64_t B = q_.size(0), H = q_.size(1), Sq = q_.size(2), D = q_.size(3), Skv = k_.size(2);
   TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 256, "q: head dim must be a multiple of 8 up to 256, got ", D);
-  TORCH_CHECK(B <= 65535 && H <= 65535, "q: at most 65535 batches and heads, got ", q_.sizes());
+  TORCH_CHECK(H <= 65535, "q: at most 65535 heads, got ", q_.sizes());  // gridDim.y; batches go in chunks
   TORCH_CHECK(Sq < (int64_t{1} << 31) && Skv < (int64_t{1} << 31), "q, k: sequences must be shorter than 2^31");
   const c10::cuda::CUDAGuard guard(q_.device());
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -88,11 +88,6 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_, const at
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
 
   FwdParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sm = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sn = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sn = v.stride(2);
@@ -105,22 +100,32 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_, const at
 
   const int device = q.get_device();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int b = static_cast<int>(B);
   const bool big_smem = prop->sharedMemPerBlockOptin >= static_cast<size_t>(Cfg160::kSmemBytes);
-  if (dtype == at::kHalf) {
-    using T = __half;
-    if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
-    else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
-    else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
-    else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
-    else launch<T, Cfg256>(p, b, device, stream);
-  } else {
-    using T = __nv_bfloat16;
-    if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
-    else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
-    else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
-    else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
-    else launch<T, Cfg256>(p, b, device, stream);
+  // The batch is gridDim.z (at most 65535): larger batches (temporal attention over every pixel of a video
+  // latent) run as several launches of up to 65535 batches each, the tensors offset by their batch strides.
+  constexpr int64_t kMaxGridZ = 65535;
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxGridZ) {
+    const int b = static_cast<int>(std::min(kMaxGridZ, B - b0));
+    p.q = q.select(0, b0).data_ptr();
+    p.k = k.select(0, b0).data_ptr();
+    p.v = v.select(0, b0).data_ptr();
+    p.o = out.select(0, b0).data_ptr();
+    p.lse = lse.select(0, b0).data_ptr<float>();
+    if (dtype == at::kHalf) {
+      using T = __half;
+      if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
+      else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
+      else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
+      else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
+      else launch<T, Cfg256>(p, b, device, stream);
+    } else {
+      using T = __nv_bfloat16;
+      if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
+      else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
+      else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
+      else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
+      else launch<T, Cfg256>(p, b, device, stream);
+    }
   }
   return {out, lse};
 }
