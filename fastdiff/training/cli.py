@@ -30,7 +30,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       "fixed 80/20 split) or a folder of images")
     a("--image-size", type=_positive_int, default=None,
       help="training resolution (default: 16 for digits, else 64)")
-    a("--channels", type=int, choices=(1, 3), default=None, help="image folders: 1 (greyscale) or 3 (RGB)")
+    a("--channels", type=int, choices=(1, 3), default=None,
+      help="image folders: 1 (greyscale) or 3 (RGB), whatever the files hold (default: 3)")
     a("--out", required=True, help="checkpoint directory; resumes when it holds a checkpoint")
     a("--steps", type=int, default=2000, help="train until this step (default: 2000)")
     a("--batch-size", type=int, default=32, help="per process (default: 32)")
@@ -98,6 +99,10 @@ def _build_model(args, task, data_shape, num_classes):
     class_cond = bool(num_classes) if args.class_cond is None else args.class_cond
     if class_cond and not num_classes:
         raise SystemExit("error: --class-cond needs a labelled dataset (digits, or a folder with one subfolder a class)")
+    if args.cfg_dropout > 0 and not class_cond:
+        raise SystemExit("error: --cfg-dropout: label dropout needs a class-conditional model, and "
+                         + ("--no-class-cond was given" if num_classes else
+                            f"{args.dataset!r} has no labels (labels need every image in a class subfolder)"))
     return UNet(out_channels=2 * ch if args.learn_sigma else ch, num_classes=num_classes if class_cond else None,
                 learn_null_class=class_cond and args.cfg_dropout > 0, **common)
 

@@ -72,29 +72,49 @@ def digits(image_size: int = 16, split: str | None = None) -> TensorImageDataset
     return TensorImageDataset(x * 2 - 1, y, class_names=[str(i) for i in range(10)])
 
 
-def _load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
-    from PIL import Image
+def _hidden(name: str) -> bool:
+    # dotfiles and dot-folders (.DS_Store, macOS's "._name.png" AppleDouble companions, .thumbnails, .git)
+    # and the __MACOSX folder a zip made on a Mac unpacks: not the dataset's images, often not images at all
+    return name.startswith(".") or name == "__MACOSX"
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        # ADM's centre crop: shrink (box filter) while the short side is >= 2x the target, then resize and crop
-        while min(im.size) >= 2 * image_size:
-            im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
-        scale = image_size / min(im.size)
-        im = im.resize(tuple(max(image_size, round(s * scale)) for s in im.size), resample=Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - image_size) // 2, (h - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+
+def _load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # a camera's EXIF orientation: the image as viewers show it
+            if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+                # 16-bit greyscale: convert("L") would clip at 255 (all above 1/256 of full scale white)
+                im = im.convert("I").point(lambda v: v * (1 / 257))
+            im = im.convert("L" if channels == 1 else "RGB")
+            # ADM's centre crop: shrink (box filter) while the short side is >= 2x the target, then resize
+            # and crop
+            while min(im.size) >= 2 * image_size:
+                im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
+            scale = image_size / min(im.size)
+            im = im.resize(tuple(max(image_size, round(s * scale)) for s in im.size), resample=Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    # PIL's UnidentifiedImageError (not an image), truncated data, bad headers, oversized images: one line
+    # naming the file, not a traceback from inside PIL
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"dataset: cannot read the image {path!r}: {e} (remove or replace the file)") from e
     x = data.reshape(image_size, image_size, channels).permute(2, 0, 1).float()
     return x / 127.5 - 1
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Any folder of images (searched recursively), centre-cropped and resized to image_size x image_size.
+    """Any folder of images (searched recursively, following symlinked folders; hidden files and folders and
+    ``__MACOSX`` skipped), centre-cropped and resized to image_size x image_size.
 
     Labels come from the first-level subfolder names (sorted, numbered from 0) when every image lies in one;
-    otherwise the images are unlabelled (label -1). channels: 3 (RGB) or 1 (greyscale).
+    otherwise the images are unlabelled (label -1); a class folder without images is an error. channels: 3
+    (RGB) or 1 (greyscale), whatever the files hold (alpha dropped, palettes expanded, 16-bit greyscale scaled
+    to 8 bits, EXIF orientation applied). Images are read from disk and decoded each time a batch needs them:
+    nothing is held in memory, and a file that cannot be read raises ValueError naming it when first drawn.
     """
 
     def __init__(self, root: str, image_size: int, channels: int = 3):
@@ -108,14 +128,29 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
         self.root, self.image_size, self.channels = root, image_size, channels
         files = []
-        for d, subdirs, names in os.walk(root):
-            subdirs.sort()
-            files += [os.path.join(d, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        # symlinked folders are followed (a dataset assembled from links to class folders), except a link back
+        # to a folder above it, which would loop
+        for d, subdirs, names in os.walk(root, followlinks=True):
+            real, up = os.path.realpath(d), d
+            while os.path.normpath(up) != os.path.normpath(root):
+                up = os.path.dirname(up)
+                if os.path.realpath(up) == real:
+                    subdirs[:], names = [], []
+                    break
+            subdirs[:] = sorted(n for n in subdirs if not _hidden(n))
+            files += [os.path.join(d, n) for n in sorted(names)
+                      if not _hidden(n) and n.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             raise ValueError(f"dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
         rel = [os.path.relpath(f, root) for f in files]
         if all(os.sep in r for r in rel):
             top = [r.split(os.sep, 1)[0] for r in rel]
+            folders = sorted(n for n in os.listdir(root)
+                             if not _hidden(n) and os.path.isdir(os.path.join(root, n)))
+            empty = sorted(set(folders) - set(top))
+            if empty:  # skipping it would renumber the classes after it once it gets images
+                raise ValueError(f"dataset: the class folder {os.path.join(root, empty[0])!r} holds no "
+                                 f"images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
             self.class_names = sorted(set(top))
             index = {c: i for i, c in enumerate(self.class_names)}
             self.labels = torch.tensor([index[c] for c in top], dtype=torch.long)

@@ -453,10 +453,16 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "history": self.history,
             "pending_log": [{k: float(v) for k, v in m.items()} for m in self._pending],
+            # label i means class_names[i]: kept so a resume (or a sampler elsewhere) uses the same numbering
+            "class_names": self._class_names(),
         }
         if self.autoencoder is not None:
             meta["autoencoder"] = {"class": type(self.autoencoder).__name__, "config": self.autoencoder.config}
         return tensors, meta
+
+    def _class_names(self):
+        names = getattr(self.dataset, "class_names", None)
+        return [str(n) for n in names] if names is not None else None
 
     def _check_out_dir(self, directory: str, name: str):
         """Refuse to write into a folder holding a checkpoint of another run: ckpt.save would replace it and delete
@@ -498,6 +504,14 @@ class Trainer:
         if {k: v for k, v in saved.items() if k != "scale_factor"} != \
                 {k: v for k, v in self.model.config.items() if k != "scale_factor"}:
             raise ValueError(f"checkpoint: its model config {saved} differs from this model's {self.model.config}")
+        saved_names, names = meta.get("class_names"), self._class_names()
+        uses_labels = (self.task == "classifier" or getattr(self.model, "num_classes", None) is not None
+                       or self.context_fn is not None)
+        if uses_labels and saved_names is not None and names is not None and saved_names != names:
+            # the same folder with a class added, removed or renamed numbers its classes differently: resuming
+            # would silently retrain label i on another class
+            raise ValueError(f"dataset: the run was trained on the classes {saved_names}, this dataset has "
+                             f"{names} (a label is a position in the sorted names: it would change meaning)")
         for m in (self.model, self.ema):  # the autoencoder's scale factor is fitted data, not architecture
             if m is not None and "scale_factor" in saved:
                 m.scale_factor = saved["scale_factor"]
