@@ -357,25 +357,31 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "guidance", False) is None:
         args.guidance = args.guidance_default
+    return run_reporting_errors(f"fastdiff {args.command}", lambda: args.func(args))
+
+
+def run_reporting_errors(prog: str, fn) -> int:
+    """fn()'s exit status, a user's error (bad argument, missing file, CLIError) printed as one line naming prog
+    (exit 2) instead of a traceback; FASTDIFF_DEBUG=1 keeps the tracebacks. Shared with python -m fastdiff.training."""
     if os.environ.get("FASTDIFF_DEBUG"):  # full tracebacks for developers
-        return args.func(args) or 0
+        return fn() or 0
     try:
-        return args.func(args) or 0
+        return fn() or 0
     except CLIError as e:
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`fastdiff info --json | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         msg = f"{e.strerror}: {e.filename}" if e.strerror else str(e).splitlines()[0]
-        print(f"fastdiff {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as e:
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -525,6 +525,15 @@ def test_cli_trains_and_resumes(tmp_path):
     assert meta["step"] == 3 and [r["step"] for r in meta["history"]] == [1, 2, 3]
 
 
+def test_module_cli_reports_errors_in_one_line(tmp_path, capsys):
+    # python -m fastdiff.training printed a traceback for a user's error (fastdiff train printed one line)
+    from fastdiff.training.cli import train_main
+
+    assert train_main(["--dataset", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m fastdiff.training: error:") and "missing" in err and "\n" not in err
+
+
 def test_cli_parser_is_reusable():
     import argparse
 

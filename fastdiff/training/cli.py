@@ -215,5 +215,11 @@ def train_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.training",
                                      description="Train a fastdiff U-Net, noisy classifier or autoencoder.")
     add_train_arguments(parser)
-    run_train(parser.parse_args(argv))
-    return 0
+    args = parser.parse_args(argv)
+    from fastdiff.cli import run_reporting_errors  # the same one-line errors as `fastdiff train`
+
+    def run():
+        run_train(args)
+        return 0
+
+    return run_reporting_errors(parser.prog, run)
