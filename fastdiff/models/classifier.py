@@ -91,10 +91,6 @@ class NoisyClassifier(ConfigMixin, nn.Module):
     def log_prob_grad(self, x, timesteps, y) -> torch.Tensor:
         """grad_x log p(y | x_t, t): the classifier-guidance term (ADM's cond_fn without its scale)."""
         check_class_ids(y, x.shape[0], self.out_channels, self.out_channels, None)
-        with torch.inference_mode(False), torch.enable_grad():  # also under inference_mode (see classifier_grad)
-            x_in = x.detach().clone().requires_grad_(True)
-            if isinstance(timesteps, torch.Tensor) and timesteps.is_inference():
-                timesteps = timesteps.clone()
-            logp = F.log_softmax(self(x_in, timesteps).float(), dim=-1)
-            selected = logp.gather(1, y.to(x.device).long()[:, None].clone()).sum()
-            return torch.autograd.grad(selected, x_in)[0]
+        from fastdiff.diffusion.guidance import classifier_grad
+
+        return classifier_grad(self, x, timesteps, y)
