@@ -136,6 +136,19 @@ def test_timestep_spacings():
     assert DDIMSampler().set_timesteps(5).init_noise_sigma == 1.0
 
 
+@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler])
+def test_leading_steps_offset_past_the_last_timestep(cls):
+    # leading spacing adds steps_offset after spacing: with every timestep taken (n = num_train_timesteps) the first
+    # is num_train_timesteps, past the schedule. set_timesteps failed with numpy's IndexError (diffusers fails the
+    # same way at its first step); the option that did it is named in a ValueError
+    s = cls(num_train_timesteps=T_TRAIN, steps_offset=1)
+    with pytest.raises(ValueError, match="^steps_offset:"):
+        s.set_timesteps(T_TRAIN)
+    assert s.set_timesteps(T_TRAIN - 1).timesteps[0].item() == T_TRAIN - 1
+    assert cls(num_train_timesteps=T_TRAIN, steps_offset=1, timestep_spacing="trailing").set_timesteps(T_TRAIN) \
+        .timesteps[0].item() == T_TRAIN - 1
+
+
 # --- each sampler against a plain implementation of its paper's equations -----------------------------------------
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])

@@ -85,7 +85,11 @@ def _discrete_timesteps(spacing: str, T: int, n: int, offset: int) -> np.ndarray
     if spacing == "linspace":
         return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
     if spacing == "leading":
-        return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + offset
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + offset
+        if ts[0] >= T:  # e.g. n = T with steps_offset=1: alphas_cumprod[T] does not exist
+            raise ValueError(f"steps_offset: {offset} puts the first of {n} leading-spaced timesteps at {ts[0]}, past "
+                             f"the last training timestep {T - 1}")
+        return ts
     return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
 
 
