@@ -131,10 +131,10 @@ def _run_sampling(code):
 def _run_diffusers_style_loop(code):
     from fastdiff.diffusion import DDIMSampler
 
-    unet = _tiny_unet(context_dim=32)
+    unet = _tiny_unet(context_dim=32).to(_DEVICE)  # the example runs on "cuda" where there is a GPU
     n = 2
     ns = {"torch": torch, "sampler": DDIMSampler.from_config(_sd_scheduler_config()), "unet": unet, "n": n,
-          "shape": (n, 4, 16, 16), "ctx2": torch.randn(2 * n, 77, 32)}
+          "shape": (n, 4, 16, 16), "ctx2": torch.randn(2 * n, 77, 32, device=_DEVICE)}
     code = _replace(code, "set_timesteps(50,", "set_timesteps(3,")
     with torch.no_grad():
         exec(code.replace('device="cuda"', f'device="{_DEVICE}"'), ns)
