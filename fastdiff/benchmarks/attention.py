@@ -66,7 +66,9 @@ def _with_kernel(sdpa_kernel, backend, q, k, v, scale):
 def providers(device: torch.device, use_compile: bool) -> dict:
     p = {"eager": lambda q, k, v, s: reference.attention(q, k, v, s)}
     if use_compile:
-        p["compile"] = torch.compile(reference.attention)
+        # dynamic=False: a graph specialised to each case, as a user compiling a fixed-shape model gets (by
+        # default Dynamo recompiles the second shape it sees with dynamic sizes, and later cases timed that)
+        p["compile"] = torch.compile(reference.attention, dynamic=False)
     p["sdpa"] = lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, scale=s)
     if device.type == "cuda":
         p.update(_sdpa_backends())
@@ -92,6 +94,8 @@ def _peak_mem_mb(fn, device):
 
 def run_cases(cases, dtypes, device, use_compile=False, reps=None, verbose=True):
     rows = []
+    # one static graph per (case, dtype): past the recompile limit (8) Dynamo would silently run eager code
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     provs = providers(device, use_compile)
     for B, H, Sq, Skv, D, label in cases:
         for dtype in dtypes:
@@ -135,10 +139,10 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
     """The attention benchmark as `fastdiff bench` and benchmarks/run_all.py call it: returns (rows, out_path).
 
     device: "auto" (a GPU when present), "cuda" or "cpu". compile_: True, False or "auto" (on, except in a CPU
-    quick run). quick: on the CPU the QUICK shapes with one thread (the
-    thread count is restored afterwards); on a GPU every shape but the LONG ones. cases: (B, H, Sq, Skv, D, label)
-    tuples that replace the default list (the tests pass tiny ones). out: the JSON path (None: the default under
-    benchmarks/results/<device-slug>/; '' writes nothing).
+    quick run). quick: on the CPU the QUICK shapes, timed with torch's current thread count
+    (benchmarks/run_all.py --quick sets one); on a GPU every shape but the LONG ones. cases: (B, H, Sq, Skv,
+    D, label) tuples that replace the default list (the tests pass tiny ones). out: the JSON path (None: the
+    default under benchmarks/results/<device-slug>/; '' writes nothing).
     """
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     cpu = device.type == "cpu"

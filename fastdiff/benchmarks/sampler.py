@@ -113,6 +113,10 @@ def bench_step(args, device, rows):
     shapes = args.shapes or (SHAPES[:2] if args.quick and device.type == "cpu" else SHAPES)
     timing_kw = dict(flush_l2=device.type == "cuda", min_time_s=0.05 if args.quick else 0.2)
     rounds = 1 if device.type == "cuda" or args.quick else 3
+    # compile: dynamic=False, one graph specialised to each (shape, dtype) as a fixed-shape sampler gets (by
+    # default Dynamo recompiles the second shape of a step function with dynamic sizes, and later shapes timed
+    # that); the limit raised so the 3 shapes x 3 dtypes of a GPU run stay compiled (past it: eager code)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     try:
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     except ImportError:
@@ -141,7 +145,7 @@ def bench_step(args, device, rows):
 
                 fns["diffusers"] = diff_ddim
             if not args.no_compile:
-                cf = torch.compile(eager_ddim(*_ddim_coefs(ddim, i_ddim)))
+                cf = torch.compile(eager_ddim(*_ddim_coefs(ddim, i_ddim)), dynamic=False)
                 fns["compile"] = lambda cf=cf: cf(x, c, u)
             for b in backends:
                 fns[f"fastdiff-{b}"] = lambda b=b: ddim.step(c, i_ddim, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
@@ -160,7 +164,7 @@ def bench_step(args, device, rows):
                 t = dp.timesteps[i_ddim]
                 fns["diffusers"] = lambda dp=dp, t=t: dp.step(u + GUIDANCE * (c - u), t, x, generator=g).prev_sample
             if not args.no_compile:
-                cf3 = torch.compile(ef)
+                cf3 = torch.compile(ef, dynamic=False)
                 fns["compile"] = lambda cf3=cf3: cf3(x, c, u)
             for b in (b for b in backends if b != "torch"):  # the reference's int64 Philox is far off the pace
                 fns[f"fastdiff-{b}"] = lambda b=b: ddpm.step(c, i_ddim, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
@@ -181,7 +185,7 @@ def bench_step(args, device, rows):
 
                 fns["diffusers"] = diff_dpm
             if not args.no_compile:
-                cf2 = torch.compile(ef)
+                cf2 = torch.compile(ef, dynamic=False)
                 fns["compile"] = lambda cf2=cf2: cf2(x, c, u, p)
             dpm._x0_buf, dpm._x0_key = p.clone(), (x.shape, x.dtype, x.device, x.stride())  # x0_prev = p
             for b in backends:
