@@ -64,8 +64,12 @@ def _cmd_bench(args):
 
         try:
             old_rows = report.load_rows([args.compare])
-        except ValueError as e:  # json.JSONDecodeError is a ValueError: one line, exit 2
-            raise CLIError(f"--compare: {args.compare}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON, {} without "rows": one line, exit 2
+            raise CLIError(f"--compare: {args.compare}: not a results file ({type(e).__name__}: {e})") from None
+        if not old_rows:  # it compared nothing and reported "0 regression(s)", exit 0: a CI gate that always passed
+            raise CLIError(f"--compare: {args.compare}: no benchmark rows in it")
+    if args.out:  # checked before the run, not after minutes of benchmarks
+        _check_bench_out(args.out)
     all_rows = []
     for label, mod, extra in _bench_plan(args.op):
         # compile_="auto": every module compiles unless told not to, except that the U-Net module skips the
@@ -99,6 +103,63 @@ def _cmd_bench(args):
     return 0
 
 
+def _check_output_file(flag, path):
+    """Refuse, before any work, an output path that cannot be written (it failed after the sampling / the eval)."""
+    if os.path.isdir(path):
+        raise CLIError(f"{flag}: {path!r} is a directory; expected a file name")
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        raise CLIError(f"{flag}: no such directory: {parent!r}")
+
+
+def _check_bench_out(path):
+    """bench --out: the folders are created (write_rows), but a directory, a file in the way or an existing file
+    that holds no results (write_rows merges into it and refuses those) failed only after the whole run."""
+    if os.path.isdir(path):
+        raise CLIError(f"--out: {path!r} is a directory; expected a JSON file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out: {parent!r} is a file, not a directory")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--out: {path}: not a readable results file, not overwritten ({e})") from None
+        if not isinstance(old, list) and not (isinstance(old, dict) and isinstance(old.get("rows"), list)):
+            raise CLIError(f"--out: {path}: expected a JSON list of rows or {{'rows': [...]}}, not overwritten")
+
+
+def _write_atomically(path, write, mode="wb"):
+    """write(file) into a temporary file beside `path`, then rename it over `path`: an existing file is replaced
+    whole or kept (an interrupted or failed write used to leave it truncated)."""
+    import stat
+    import tempfile
+
+    path = os.path.realpath(path)  # a symlink's target is written, the link kept
+    fd, tmp = tempfile.mkstemp(prefix=".fastdiff-", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        # mkstemp's 0600: the mode an existing file has, else what open() would have given a new one
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 def _positive_int(s):
     try:
         v = int(s)
@@ -116,6 +177,13 @@ def _finite_float(s):
         v = math.nan
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _non_negative_float(s):
+    v = _finite_float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
     return v
 
 
@@ -168,10 +236,10 @@ def _cmd_sample(args):
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".png", ".npz"):
         raise CLIError(f"--out: expected a .png or .npz file name, got {out!r}")
-    if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
-        raise CLIError(f"--out: no such directory: {os.path.dirname(out)!r}")
+    _check_output_file("--out", out)
     device, dtype = _sampling_setup(args)
     model, autoencoder = _load_checkpoint(args.checkpoint, device)
+    _check_model_arguments(args.checkpoint, model, [(args.sampler, args.steps, args.guidance)])
     classes = args.classes if args.classes is not None else list(range(model.num_classes))
     n_total = len(classes) * args.n
     if args.warmup:  # the same shapes once untimed: CUDA-graph capture, cuDNN/Triton autotuning, allocator
@@ -182,12 +250,12 @@ def _cmd_sample(args):
                                     classes=classes, n=args.n, seed=args.seed, dtype=dtype, device=device,
                                     batch_size=args.batch_size, progress=not args.quiet,
                                     checkpoint=args.checkpoint, autoencoder=autoencoder)
-    if ext == ".npz":
-        with open(out, "wb") as f:  # a file object: numpy would add ".npz" to a name ending in ".NPZ"
-            np.savez_compressed(f, samples=x.numpy(), labels=y.numpy(),
-                                images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+    if ext == ".npz":  # a file object: numpy would add ".npz" to a name ending in ".NPZ"
+        _write_atomically(out, lambda f: np.savez_compressed(
+            f, samples=x.numpy(), labels=y.numpy(),
+            images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()))
     else:
-        pretrained.save_grid(x, rows=len(classes), path=out, scale=args.scale)
+        _write_atomically(out, lambda f: pretrained.save_grid(x, rows=len(classes), path=f, scale=args.scale))
     name = "bundled digits model" if args.checkpoint is None else args.checkpoint
     print(f"{n_total} samples ({len(classes)} classes x {args.n}) of the {name} with {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance:g}, {str(dtype).replace('torch.', '')} on {device}: {sec:.2f} s, "
@@ -195,15 +263,38 @@ def _cmd_sample(args):
     return 0
 
 
+def _check_model_arguments(checkpoint, model, settings, table=False):
+    """(sampler, steps, guidance) settings that only the model can judge, refused before any sampling and naming
+    the flag (the library's errors name its own arguments: num_inference_steps, guidance)."""
+    from fastdiff import pretrained
+
+    flag = " / --table" if table else ""
+    T = pretrained.make_sampler("ddim", model, checkpoint).schedule.num_train_timesteps
+    steps = max(s for _, s, _ in settings)
+    if steps > T:
+        raise CLIError(f"--steps{flag}: {steps} steps exceed the {T} timesteps the model was trained with")
+    if getattr(model, "null_class_id", None) is None and any(g != 1.0 for _, _, g in settings):
+        raise CLIError(f"--guidance{flag}: this model has no null class (trained without --cfg-dropout), so it can "
+                       "only be sampled at guidance 1" + ("" if table else ": pass --guidance 1"))
+
+
 def _cmd_eval(args):
     from fastdiff import evaluation, pretrained
 
-    if args.json and os.path.dirname(args.json) and not os.path.isdir(os.path.dirname(args.json)):
-        raise CLIError(f"--json: no such directory: {os.path.dirname(args.json)!r}")
+    if args.json:
+        _check_output_file("--json", args.json)
+    if args.table and (args.sampler_given or args.steps is not None or args.guidance_given):
+        # they were silently ignored: the table's own settings ran
+        raise CLIError("--table runs the README's settings: --sampler, --steps and --guidance do not apply to it")
     device, dtype = _sampling_setup(args)
     model, autoencoder = _load_checkpoint(args.checkpoint, device)
     if model.num_classes != 10 or pretrained.image_shape(model, autoencoder) != (1, 16, 16):
         raise CLIError("eval scores digits models: a class-conditional 16x16 greyscale model of 10 classes")
+    names = pretrained.class_names(args.checkpoint)
+    if names is not None and names != [str(i) for i in range(10)]:
+        # label i must mean digit i: a folder of other classes was scored against the digits classifier silently
+        raise CLIError(f"eval scores digits models: the checkpoint's classes are {', '.join(names)}, not the "
+                       "digits 0-9")
     clf = evaluation.load_classifier()
     n = args.n if args.n is not None else (10 if args.quick else 50)
     if args.table:
@@ -211,11 +302,8 @@ def _cmd_eval(args):
     else:
         steps = args.steps if args.steps is not None else (10 if args.quick else 20)
         settings = [(args.sampler, steps, args.guidance)]
-    if getattr(model, "null_class_id", None) is None and any(g != 1.0 for _, _, g in settings):
-        # before any sampling: the guided rows would fail after the unguided ones had run
-        raise CLIError("--guidance" + (" / --table" if args.table else "") + ": this model has no null class "
-                       "(trained without --cfg-dropout), so it can only be sampled at guidance 1"
-                       + ("" if args.table else ": pass --guidance 1"))
+    # before any sampling: a guided or 1000-step row would fail after the others had run
+    _check_model_arguments(args.checkpoint, model, settings, table=args.table)
     fl = evaluation.floor(clf)
     rows = []
     print(f"classifier: held-out accuracy {fl['accuracy']:.2%}; floor FD(train {fl['n']} vs held-out "
@@ -229,8 +317,8 @@ def _cmd_eval(args):
         print(f"{sampler:<12} {steps:>5} {guidance:>8g} {r['n']:>7} {r['accuracy']:>8.1%} {r['fd']:>8.2f} "
               f"{r['n'] / r['sampling_s']:>7.1f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"floor": fl, "device": str(device), "dtype": str(dtype), "rows": rows}, f, indent=1)
+        _write_atomically(args.json, lambda f: json.dump(
+            {"floor": fl, "device": str(device), "dtype": str(dtype), "rows": rows}, f, indent=1), mode="w")
         print(f"wrote {args.json}")
     return 0
 
@@ -261,7 +349,7 @@ def _cmd_demo(args):
     print(f"fastdiff {info['fastdiff']} on {info['device_name']} (torch {info['torch']}); backends: "
           f"cpu extension={info['cpu_extension']}, cuda extension={info['cuda_extension']}, triton={info['triton']}")
     sample_args = build_parser().parse_args(["sample"])
-    sample_args.guidance = sample_args.guidance_default
+    sample_args.guidance, sample_args.sampler = sample_args.guidance_default, "dpmsolver++"
     _cmd_sample(sample_args)
     ns = argparse.Namespace(op="group_norm", device="auto", quick=True, no_compile=False, out="", compare=None)
     return _cmd_bench(ns)
@@ -272,7 +360,7 @@ def _add_sampling_arguments(s):
 
     s.add_argument("--checkpoint", default=None,
                    help="a training run's folder (or its checkpoint.json); default: the bundled digits model")
-    s.add_argument("--sampler", default="dpmsolver++", choices=list(SAMPLERS), help="default: dpmsolver++")
+    s.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: dpmsolver++")
     s.add_argument("--guidance", type=_finite_float, default=None,
                    help="classifier-free guidance scale, 1 turns it off (default: 2 for sample, 1 for eval)")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
@@ -316,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmarks/results/<device>/<op>.json; '' writes none)")
     s.add_argument("--compare", metavar="OLD.json", default=None,
                    help="print the change against a stored run (a results file or folder); exit 1 on a regression")
-    s.add_argument("--threshold", type=float, default=0.05, help="--compare's regression threshold (default 0.05)")
+    s.add_argument("--threshold", type=_non_negative_float, default=0.05, help="--compare's regression threshold (default 0.05)")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("train", help="train a diffusion U-Net, noisy classifier or autoencoder (resumes from --out)")
@@ -355,8 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "guidance", False) is None:
-        args.guidance = args.guidance_default
+    if hasattr(args, "guidance_default"):  # sample and eval: defaults resolved here, so eval --table sees what was given
+        args.guidance_given, args.sampler_given = args.guidance is not None, args.sampler is not None
+        if args.guidance is None:
+            args.guidance = args.guidance_default
+        if args.sampler is None:
+            args.sampler = "dpmsolver++"
     return run_reporting_errors(f"fastdiff {args.command}", lambda: args.func(args))
 
 
@@ -379,6 +471,15 @@ def run_reporting_errors(prog: str, fn) -> int:
         return 2
     except (ValueError, TypeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU's is plain
+        msg = str(e)
+        if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+                or "can't allocate memory" in msg):
+            raise
+        msg = msg.splitlines()[0] if msg else "the allocator gave up"
+        print(f"{prog}: error: out of memory ({msg[msg.find('you tried'):] if 'you tried' in msg else msg}): "
+              "try a smaller --batch-size", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -27,8 +27,18 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"device: {device!r} is not a device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but torch sees no CUDA device")
+    if dev.type == "cpu":
+        return torch.device("cpu")  # "cpu:0" is the CPU too (safetensors refused to load onto "cpu:0": a traceback)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device: cuda was asked for but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    # another accelerator (mps, xpu: the ops' torch backend) only where torch has it; "meta" holds no data
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"device: {device!r} is not available here (expected auto, cpu, cuda or cuda:N)")
     return dev
 
 
@@ -55,6 +65,20 @@ def checkpoint_dir(checkpoint: str | None) -> str:
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(2, "No such file or directory", checkpoint)
     return checkpoint
+
+
+def class_names(checkpoint: str | None = None) -> list | None:
+    """The class names a checkpoint's label ids stand for (label i is class_names[i]: digits runs save "0".."9", an
+    image folder its subfolders' names), or None where it saved none (the bundled digits model, older runs)."""
+    import json
+
+    d = checkpoint_dir(checkpoint)
+    try:
+        with open(os.path.join(d, "checkpoint.json")) as f:
+            names = json.load(f).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def load(checkpoint: str | None = None, device="cpu", ema: bool = True) -> torch.nn.Module:
@@ -236,4 +260,4 @@ def save_grid(x: torch.Tensor, rows: int, path: str, scale: int = 4, pad: int = 
         grid[:, top:top + H, left:left + W] = img[i]
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     arr = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).contiguous().numpy()
-    Image.fromarray(arr, mode="L" if C == 1 else "RGB").save(path)
+    Image.fromarray(arr, mode="L" if C == 1 else "RGB").save(path, format="PNG")  # a path or a file object

@@ -344,3 +344,120 @@ def test_train_refuses_a_unet_run_as_autoencoder(tmp_path, capsys):
     assert cli.main(["train", "--autoencoder", d, "--out", str(tmp_path / "ldm"), "--steps", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--autoencoder" in err and "Traceback" not in err
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_device_spellings(tmp_path, capsys):
+    # "cpu:0" is the CPU (safetensors refused it: a traceback); meta / mps / xpu where torch has none are refused
+    # naming the argument (meta was a traceback, mps blamed the checkpoint)
+    assert pretrained.resolve_device("cpu:0") == torch.device("cpu")
+    out = tmp_path / "x.npz"
+    assert cli.main(["sample", "--device", "cpu:0", "--n", "1", "--classes", "0", "--steps", "1", "--out", str(out),
+                     "--quiet"]) == 0
+    for dev in ("meta", "xpu") + (() if torch.backends.mps.is_available() else ("mps",)):
+        assert cli.main(["sample", "--device", dev, "--n", "1", "--steps", "1", "--out", str(out), "--quiet"]) == 2
+        _one_line_error(capsys, "device")
+
+
+def test_eval_refuses_a_checkpoint_of_other_classes(tmp_path, capsys):
+    # a 16x16 greyscale run of 10 image-folder classes a..j was scored against the digits classifier, silently
+    from fastdiff.models import UNet
+    from fastdiff.training import TensorImageDataset, Trainer
+
+    torch.manual_seed(0)
+    data = TensorImageDataset(torch.rand(10, 1, 16, 16) * 2 - 1, torch.arange(10), class_names=list("abcdefghij"))
+    unet = UNet(16, 1, 8, 1, 1, (), channel_mult=(1,), num_classes=10, learn_null_class=True, num_groups=4)
+    Trainer(unet, data, steps=1, batch_size=4, out_dir=str(tmp_path / "letters")).train()
+    assert pretrained.class_names(str(tmp_path / "letters")) == list("abcdefghij")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "letters"), "--quick", "--quiet"]) == 2
+    _one_line_error(capsys, "classes are a, b")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Sampling and benchmarking fail the test: the errors below must come before any work."""
+    def fail(*a, **k):
+        raise AssertionError("ran before refusing the arguments")
+
+    monkeypatch.setattr(pretrained, "generate", fail)
+    monkeypatch.setattr(cli, "_bench_plan", fail)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--out", "adir.png"], "--out"),  # IsADirectoryError after the sampling
+    (["eval", "--json", "adir"], "--json"),  # after the whole evaluation (--table: an hour on the CPU)
+    (["bench", "--op", "group_norm", "--out", "adir"], "--out"),  # after the whole benchmark
+    (["bench", "--op", "group_norm", "--out", "a_file/x.json"], "--out"),
+    (["bench", "--op", "group_norm", "--out", "bad.json"], "--out"),  # not a results file: not merged into
+    (["bench", "--op", "group_norm", "--compare", "nokey.json"], "--compare"),  # was a KeyError traceback
+    (["bench", "--op", "group_norm", "--compare", "numbers.json"], "--compare"),  # "0 regression(s)", exit 0
+    (["bench", "--op", "group_norm", "--compare", "adir"], "--compare"),  # an empty folder: the same
+    (["sample", "--steps", "1001", "--n", "1"], "--steps"),  # was "num_inference_steps: ..."
+    (["eval", "--table", "--steps", "3"], "--table"),  # --sampler/--steps/--guidance were silently ignored
+    (["eval", "--table", "--sampler", "ddim"], "--table"),
+    (["eval", "--table", "--guidance", "2"], "--table"),
+])
+def test_refused_before_any_work(argv, needle, capsys, tmp_path, monkeypatch, no_work):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir.png").mkdir()
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "nokey.json").write_text('{"a": 1}')
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    assert cli.main(argv + ["--quiet"] if argv[0] != "bench" else argv) == 2
+    _one_line_error(capsys, needle)
+    assert (tmp_path / "bad.json").read_text() == "{not json"
+
+
+def test_bench_threshold_must_be_a_number(capsys, no_work):
+    # nan made every comparison False: "0 regression(s)", exit 0, whatever the change
+    for t in ("nan", "-0.1"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "--op", "group_norm", "--out", "", "--threshold", t])
+        assert e.value.code == 2
+        _one_line_error(capsys, "--threshold")
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 8000000000000 bytes. Error code 12")
+
+    monkeypatch.setattr(pretrained, "generate", oom)
+    assert cli.main(["sample", "--n", "1000", "--out", str(tmp_path / "x.npz"), "--quiet"]) == 2
+    _one_line_error(capsys, "--batch-size")
+
+    def bug(*a, **k):
+        raise RuntimeError("some other error")
+
+    monkeypatch.setattr(pretrained, "generate", bug)  # anything else is still a traceback (a bug to report)
+    with pytest.raises(RuntimeError):
+        cli.main(["sample", "--n", "1", "--out", str(tmp_path / "x.npz"), "--quiet"])
+
+
+@pytest.mark.parametrize("name", ["old.png", "old.npz"])
+def test_sample_replaces_its_output_whole_or_not_at_all(name, tmp_path, monkeypatch, capsys):
+    # the output was opened (truncated) and then written: a failed or interrupted write lost the old file
+    out = tmp_path / name
+    out.write_bytes(b"previous samples")
+    os.chmod(out, 0o640)
+
+    def broken(*a, **k):
+        (k["path"] if "path" in k else a[0]).write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrained, "save_grid", broken)
+    monkeypatch.setattr(np, "savez_compressed", broken)
+    argv = ["sample", "--n", "1", "--classes", "0", "--steps", "1", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 130
+    assert out.read_bytes() == b"previous samples" and os.listdir(tmp_path) == [name]
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+    assert out.read_bytes()[:4] in (b"\x89PNG", b"PK\x03\x04") and os.stat(out).st_mode & 0o777 == 0o640
+    assert os.listdir(tmp_path) == [name]
