@@ -905,8 +905,8 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
     UA[i] = -A[i] * kLog2e;
     UB[i] = -B[i] * kLog2e;
   }
-  // Sweeps of up to 8 rows, as apply_cl_rows: each 16 channels' parameters and partial sums are loaded once per
-  // sweep and the rows read as 8 sequential streams. Each channel's sums still add the rows in order.
+  // Sweeps of kBwdSweep rows (see there): each 16 channels' parameters and partial sums are loaded once per
+  // sweep. Each channel's sums still add the rows in order, so the result does not depend on the sweep size.
   at::parallel_for(0, N * nchunk, 1, [&](int64_t b, int64_t e) {
     for (int64_t job = b; job < e; ++job) {
       const int64_t n = job / nchunk, r0 = (job % nchunk) * R, r1 = std::min(S, r0 + R);
@@ -951,7 +951,7 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
     }
   }
   fold_all();
-  // Sweeps of up to 8 rows of one sample, the 16 channels' parameters loaded once per sweep.
+  // Sweeps of up to kBwdSweep rows of one sample, the 16 channels' parameters loaded once per sweep.
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
     for (int64_t rb = b; rb < e;) {
       const int64_t nC = (rb / S) * C, re = std::min({e, rb + kBwdSweep, (rb / S + 1) * S});  // rows rb .. re - 1
