@@ -290,27 +290,38 @@ def merge_rows(old: list, new: list) -> list:
     return merged + [r for r in new if row_key(r) not in done]
 
 
+def read_results_file(path: str):
+    """The JSON an existing results file holds (a list of rows, or {"rows": [...]} with other keys), or None where
+    there is no file; ResultsFileError for anything else, which write_rows leaves as it is."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ResultsFileError(f"{path}: not a readable results file, not overwritten ({e})") from None
+    if isinstance(old, list) or (isinstance(old, dict) and isinstance(old.get("rows"), list)):
+        return old
+    raise ResultsFileError(f"{path}: expected a JSON list of rows or {{'rows': [...]}}, not overwritten")
+
+
 def write_rows(rows: list, path: str, merge: bool = True):
-    """Write rows as a JSON list, atomically (write to a temporary file, then rename). merge: an existing file keeps
-    its rows but those these rows measure again (merge_rows); merge=False replaces the file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write rows as a JSON list, atomically (fastdiff._io.atomic_write). merge: an existing file keeps its rows but
+    those these rows measure again (merge_rows); merge=False replaces the file."""
+    from fastdiff._io import atomic_write
+
     data = rows
-    if merge and os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ResultsFileError(f"{path}: not a readable results file, not overwritten ({e})") from None
-        if isinstance(old, dict) and isinstance(old.get("rows"), list):
-            data = dict(old, rows=merge_rows(old["rows"], rows))
-        elif isinstance(old, list):
-            data = merge_rows(old, rows)
-        else:
-            raise ResultsFileError(f"{path}: expected a JSON list of rows or {{'rows': [...]}}, not overwritten")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    old = read_results_file(path) if merge else None
+    if isinstance(old, dict):
+        data = dict(old, rows=merge_rows(old["rows"], rows))
+    elif old is not None:
+        data = merge_rows(old, rows)
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    atomic_write(path, dump)
 
 
 def write_rows_by_op(rows: list, folder: str) -> list:

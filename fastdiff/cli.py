@@ -115,6 +115,8 @@ def _check_output_file(flag, path):
 def _check_bench_out(path):
     """bench --out: the folders are created (write_rows), but a directory, a file in the way or an existing file
     that holds no results (write_rows merges into it and refuses those) failed only after the whole run."""
+    from fastdiff import _bench
+
     if os.path.isdir(path):
         raise CLIError(f"--out: {path!r} is a directory; expected a JSON file name")
     parent = os.path.dirname(os.path.abspath(path))
@@ -122,42 +124,22 @@ def _check_bench_out(path):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise CLIError(f"--out: {parent!r} is a file, not a directory")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CLIError(f"--out: {path}: not a readable results file, not overwritten ({e})") from None
-        if not isinstance(old, list) and not (isinstance(old, dict) and isinstance(old.get("rows"), list)):
-            raise CLIError(f"--out: {path}: expected a JSON list of rows or {{'rows': [...]}}, not overwritten")
+    try:
+        _bench.read_results_file(path)  # what write_rows will merge into
+    except _bench.ResultsFileError as e:
+        raise CLIError(f"--out: {e}") from None
 
 
 def _write_atomically(path, write, mode="wb"):
-    """write(file) into a temporary file beside `path`, then rename it over `path`: an existing file is replaced
-    whole or kept (an interrupted or failed write used to leave it truncated)."""
-    import stat
-    import tempfile
+    """write(file) into a temporary file beside `path`, renamed over it (fastdiff._io.atomic_write): an existing
+    output is replaced whole or kept (an interrupted or failed write used to leave it truncated)."""
+    from fastdiff._io import atomic_write
 
-    path = os.path.realpath(path)  # a symlink's target is written, the link kept
-    fd, tmp = tempfile.mkstemp(prefix=".fastdiff-", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, mode) as f:
+    def to_file(tmp):
+        with open(tmp, mode) as f:
             write(f)
-        # mkstemp's 0600: the mode an existing file has, else what open() would have given a new one
-        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
-
-def _umask():
-    m = os.umask(0)
-    os.umask(m)
-    return m
+    atomic_write(path, to_file)
 
 
 def _positive_int(s):
@@ -348,8 +330,7 @@ def _cmd_demo(args):
     info = fastdiff.info()
     print(f"fastdiff {info['fastdiff']} on {info['device_name']} (torch {info['torch']}); backends: "
           f"cpu extension={info['cpu_extension']}, cuda extension={info['cuda_extension']}, triton={info['triton']}")
-    sample_args = build_parser().parse_args(["sample"])
-    sample_args.guidance, sample_args.sampler = sample_args.guidance_default, "dpmsolver++"
+    sample_args = _resolve_sampling_defaults(build_parser().parse_args(["sample"]))
     _cmd_sample(sample_args)
     ns = argparse.Namespace(op="group_norm", device="auto", quick=True, no_compile=False, out="", compare=None)
     return _cmd_bench(ns)
@@ -443,13 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(args, "guidance_default"):  # sample and eval: defaults resolved here, so eval --table sees what was given
-        args.guidance_given, args.sampler_given = args.guidance is not None, args.sampler is not None
-        if args.guidance is None:
-            args.guidance = args.guidance_default
-        if args.sampler is None:
-            args.sampler = "dpmsolver++"
+    if hasattr(args, "guidance_default"):  # sample and eval
+        _resolve_sampling_defaults(args)
     return run_reporting_errors(f"fastdiff {args.command}", lambda: args.func(args))
+
+
+def _resolve_sampling_defaults(args):
+    """--guidance and --sampler defaults filled in after parsing, noting which were given (eval --table refuses
+    them); returns args."""
+    args.guidance_given, args.sampler_given = args.guidance is not None, args.sampler is not None
+    if args.guidance is None:
+        args.guidance = args.guidance_default
+    if args.sampler is None:
+        args.sampler = "dpmsolver++"
+    return args
 
 
 def run_reporting_errors(prog: str, fn) -> int:

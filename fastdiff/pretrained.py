@@ -70,12 +70,10 @@ def checkpoint_dir(checkpoint: str | None) -> str:
 def class_names(checkpoint: str | None = None) -> list | None:
     """The class names a checkpoint's label ids stand for (label i is class_names[i]: digits runs save "0".."9", an
     image folder its subfolders' names), or None where it saved none (the bundled digits model, older runs)."""
-    import json
+    from fastdiff.training.checkpoint import load_meta
 
-    d = checkpoint_dir(checkpoint)
     try:
-        with open(os.path.join(d, "checkpoint.json")) as f:
-            names = json.load(f).get("class_names")
+        names = load_meta(checkpoint_dir(checkpoint)).get("class_names")
     except (OSError, ValueError, AttributeError):
         return None
     return [str(n) for n in names] if isinstance(names, list) else None

@@ -154,22 +154,10 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, num_head_channels: int, num_groups: int,
                  context_dim: int | None = None):
         super().__init__()
-        if num_head_channels == -1:
-            if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-                raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
-            if channels % num_heads:
-                raise ValueError(f"num_heads: {num_heads} heads do not divide the {channels} channels of an "
-                                 f"attention block")
-            heads = num_heads
-        else:
-            if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, int) or num_head_channels <= 0:
-                raise ValueError(f"num_head_channels: expected -1 (use num_heads) or a positive int, "
-                                 f"got {num_head_channels!r}")
-            if channels % num_head_channels:
-                raise ValueError(f"num_head_channels: {num_head_channels} does not divide the {channels} channels "
-                                 f"of an attention block")
-            heads = channels // num_head_channels
-        self.attn = SpatialSelfAttention(channels, num_heads=heads, num_groups=num_groups)
+        # SpatialSelfAttention resolves (and checks) the heads, naming num_heads / num_head_channels
+        self.attn = SpatialSelfAttention(channels, num_heads=num_heads, num_head_channels=num_head_channels,
+                                         num_groups=num_groups)
+        heads = self.attn.num_heads
         self.cross = None
         if context_dim is not None:
             self.cross = CrossAttention(channels, context_dim, heads, channels // heads, num_groups)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
+
+from fastdiff._io import atomic_write
 
 
 def _safetensors():
@@ -26,43 +27,6 @@ def _safetensors():
 JSON_NAME = "checkpoint.json"
 FORMAT = "fastdiff-checkpoint"
 VERSION = 1
-
-
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write):
-    """Call write(tmp_path), then rename tmp_path over path (same directory, so the rename is atomic)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600 (and a writer may recreate it so), which os.replace keeps: give it the mode
-        # open() would, 0666 & ~umask, so a checkpoint is as readable as its owner's other files (the group's, on
-        # a shared machine). Reading the umask means setting it: set it straight back.
-        umask = os.umask(0o077)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(d)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _plain(tensors: dict) -> dict:
