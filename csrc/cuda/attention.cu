@@ -55,6 +55,16 @@ void launch(const FwdParams& p, int B, int device, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The kernel of q's head-dim bucket (see the table at the top), for element type T.
+template <typename T>
+void launch_bucket(const FwdParams& p, int B, int device, cudaStream_t stream, int64_t D, bool big_smem) {
+  if (D <= 64) launch<T, Cfg64>(p, B, device, stream);
+  else if (D <= 128) launch<T, Cfg128>(p, B, device, stream);
+  else if (D <= 160 && big_smem) launch<T, Cfg160>(p, B, device, stream);
+  else if (D <= 160) launch<T, Cfg160Small>(p, B, device, stream);
+  else launch<T, Cfg256>(p, B, device, stream);
+}
+
 // The kernels read 16-byte chunks: every row must start 16-byte aligned. A view that is not gets a contiguous copy.
 at::Tensor aligned(const at::Tensor& t) {
   bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -111,21 +121,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_, const at
     p.v = v.select(0, b0).data_ptr();
     p.o = out.select(0, b0).data_ptr();
     p.lse = lse.select(0, b0).data_ptr<float>();
-    if (dtype == at::kHalf) {
-      using T = __half;
-      if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
-      else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
-      else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
-      else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
-      else launch<T, Cfg256>(p, b, device, stream);
-    } else {
-      using T = __nv_bfloat16;
-      if (D <= 64) launch<T, Cfg64>(p, b, device, stream);
-      else if (D <= 128) launch<T, Cfg128>(p, b, device, stream);
-      else if (D <= 160 && big_smem) launch<T, Cfg160>(p, b, device, stream);
-      else if (D <= 160) launch<T, Cfg160Small>(p, b, device, stream);
-      else launch<T, Cfg256>(p, b, device, stream);
-    }
+    if (dtype == at::kHalf)
+      launch_bucket<__half>(p, b, device, stream, D, big_smem);
+    else
+      launch_bucket<__nv_bfloat16>(p, b, device, stream, D, big_smem);
   }
   return {out, lse};
 }
