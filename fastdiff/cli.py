@@ -170,13 +170,30 @@ def _non_negative_float(s):
 
 
 def _classes(s):
-    try:
-        v = [int(c) for c in s.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 0,1,7, got {s!r}") from None
+    """--classes as written: ids or class names, resolved against the checkpoint by _resolve_classes."""
+    v = [c.strip() for c in s.split(",") if c.strip()]
     if not v:
-        raise argparse.ArgumentTypeError("expected at least one class id")
+        raise argparse.ArgumentTypeError("expected at least one class id or name")
     return v
+
+
+def _resolve_classes(tokens, num_classes, names):
+    """Class ids for --classes: each token one of the checkpoint's saved class names (an image folder's subfolder
+    names; a name wins over an id written the same way) or an id 0 .. num_classes - 1."""
+    ids = []
+    for tok in tokens:
+        if names is not None and tok in names:
+            ids.append(names.index(tok))
+            continue
+        try:
+            c = int(tok)
+        except ValueError:
+            known = f"one of its class names ({', '.join(names)}) or " if names is not None else ""
+            raise CLIError(f"--classes: {tok!r} is not {known}a class id 0-{num_classes - 1} of this checkpoint") from None
+        if not 0 <= c < num_classes:
+            raise CLIError(f"--classes: {c} is out of range for a model of {num_classes} classes")
+        ids.append(c)
+    return ids
 
 
 def _load_checkpoint(path, device):
@@ -222,7 +239,11 @@ def _cmd_sample(args):
     device, dtype = _sampling_setup(args)
     model, autoencoder = _load_checkpoint(args.checkpoint, device)
     _check_model_arguments(args.checkpoint, model, [(args.sampler, args.steps, args.guidance)])
-    classes = args.classes if args.classes is not None else list(range(model.num_classes))
+    names = pretrained.class_names(args.checkpoint)
+    if names is not None and len(names) != model.num_classes:
+        names = None  # not this model's labels: show ids only
+    classes = (_resolve_classes(args.classes, model.num_classes, names) if args.classes is not None
+               else list(range(model.num_classes)))
     n_total = len(classes) * args.n
     if args.warmup:  # the same shapes once untimed: CUDA-graph capture, cuDNN/Triton autotuning, allocator
         pretrained.generate(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance, classes=classes,
@@ -235,13 +256,16 @@ def _cmd_sample(args):
     if ext == ".npz":  # a file object: numpy would add ".npz" to a name ending in ".NPZ"
         _write_atomically(out, lambda f: np.savez_compressed(
             f, samples=x.numpy(), labels=y.numpy(),
-            images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()))
+            images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(),
+            **({"class_names": np.array(names)} if names is not None else {})))
     else:
         _write_atomically(out, lambda f: pretrained.save_grid(x, rows=len(classes), path=f, scale=args.scale))
     name = "bundled digits model" if args.checkpoint is None else args.checkpoint
     print(f"{n_total} samples ({len(classes)} classes x {args.n}) of the {name} with {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance:g}, {str(dtype).replace('torch.', '')} on {device}: {sec:.2f} s, "
           f"{n_total / sec:.1f} images/s -> {out}")
+    if names is not None and names != [str(i) for i in range(model.num_classes)]:
+        print("rows: " + ", ".join(f"{c} {names[c]}" for c in classes))
     return 0
 
 
@@ -397,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a class-conditional model (default: the bundled digits model) to a PNG grid")
     _add_sampling_arguments(s)
     s.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: 20)")
-    s.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids, a row each (default: all)")
+    s.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids or, for a checkpoint that saved them, class names: a row "
+                   "each (default: all)")
     s.add_argument("--n", type=_positive_int, default=8, help="samples per class (default: 8)")
     s.add_argument("--out", default="samples.png", help="a .png grid (a row per class) or .npz of the raw samples "
                    "(default: samples.png)")

@@ -40,7 +40,7 @@ def test_bad_argument_subprocess_one_line():
     (["sample", "--n", "0"], "--n"),
     (["sample", "--sampler", "nope"], "--sampler"),
     (["sample", "--dtype", "fp8"], "--dtype"),
-    (["sample", "--classes", "a,b"], "--classes"),
+    (["sample", "--classes", ","], "--classes"),
     (["nosuchcommand"], "invalid choice"),
     (["train"], "--out"),
     (["train", "--image-size", "0", "--out", "unused-run"], "--image-size"),  # was silently the default
@@ -58,7 +58,8 @@ def test_bad_arguments(argv, needle, capsys):
     (["sample", "--checkpoint", "/no/such/run"], "/no/such/run"),
     (["sample", "--out", "grid.jpg"], "--out"),
     (["sample", "--out", "/no/such/dir/x.png"], "--out"),
-    (["sample", "--classes", "12", "--n", "1", "--steps", "1"], "classes"),
+    (["sample", "--classes", "12", "--n", "1", "--steps", "1"], "--classes"),
+    (["sample", "--classes", "a,b", "--n", "1", "--steps", "1"], "--classes"),  # the bundled model saved no names
     (["sample", "--device", "nonsense"], "device"),
     (["eval", "--checkpoint", "/no/such/run"], "/no/such/run"),
     (["train", "--dataset", "/no/such/folder", "--out", "/tmp/unused-fastdiff-run"], "--dataset"),
@@ -362,6 +363,30 @@ def test_device_spellings(tmp_path, capsys):
     for dev in ("meta", "xpu") + (() if torch.backends.mps.is_available() else ("mps",)):
         assert cli.main(["sample", "--device", dev, "--n", "1", "--steps", "1", "--out", str(out), "--quiet"]) == 2
         _one_line_error(capsys, "device")
+
+
+def test_sample_by_class_name(tmp_path, capsys):
+    # a run on an image folder saves its subfolders' names: --classes takes them, the output shows and keeps them
+    from fastdiff.models import UNet
+    from fastdiff.training import TensorImageDataset, Trainer
+
+    torch.manual_seed(0)
+    data = TensorImageDataset(torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6) % 3, class_names=["cat", "dog", "7"])
+    unet = UNet(8, 1, 8, 1, 1, (), channel_mult=(1,), num_classes=3, learn_null_class=True, num_groups=4)
+    run = str(tmp_path / "pets")
+    Trainer(unet, data, steps=1, batch_size=3, out_dir=run).train()
+    out = tmp_path / "s.npz"
+    argv = ["sample", "--checkpoint", run, "--n", "1", "--steps", "1", "--guidance", "1", "--out", str(out), "--quiet"]
+    capsys.readouterr()
+    # "7" is class 2's name (a name wins over an id written the same way); 1 is an id
+    assert cli.main(argv + ["--classes", "dog,7,1"]) == 0
+    d = np.load(out)
+    assert d["labels"].tolist() == [1, 2, 1] and d["class_names"].tolist() == ["cat", "dog", "7"]
+    assert "rows: 1 dog, 2 7, 1 dog" in capsys.readouterr().out
+    assert cli.main(argv + ["--classes", "cow"]) == 2
+    _one_line_error(capsys, "--classes: 'cow' is not one of its class names (cat, dog, 7)")
+    assert cli.main(argv + ["--classes", "3"]) == 2
+    _one_line_error(capsys, "out of range")
 
 
 def test_eval_refuses_a_checkpoint_of_other_classes(tmp_path, capsys):
