@@ -565,6 +565,8 @@ def test_channels_last_helper():
     (dict(scale=torch.randn(2, 8, dtype=torch.float16)), TypeError, "scale"),
     (dict(activation="gelu"), ValueError, "activation"),
     (dict(eps=-1.0), ValueError, "eps"),
+    (dict(eps=torch.tensor(1e-5)), TypeError, "^eps:"),  # a type error, not a value error
+    (dict(eps="1e-5"), TypeError, "^eps:"),
     (dict(backend="tpu"), ValueError, "backend"),
     (dict(backend="cuda"), ValueError, "backend"),
 ])

@@ -323,6 +323,12 @@ def test_bad_arguments():
         sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x[:1]).expand_as(x))
     with pytest.raises(ValueError, match="^clip_range:"):
         sampler_step(x, m, t, 0, clip="clip", clip_range=0)
+    with pytest.raises(TypeError, match="^clip_range:"):
+        sampler_step(x, m, t, 0, clip="clip", clip_range="1")
+    # stochastic="no" and stochastic=torch.tensor(False) were taken as truthy: noise added
+    for bad in ("no", torch.tensor(False), 0):
+        with pytest.raises(TypeError, match="^stochastic:"):
+            sampler_step(x, m, t, 0, stochastic=bad)
     with pytest.raises(TypeError, match="^seed:"):
         sampler_step(x, m, t, 0, seed=1.5)
     with pytest.raises(TypeError, match="^guidance_scale:"):

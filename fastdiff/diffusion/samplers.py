@@ -643,7 +643,7 @@ class DDIMSampler(Sampler):
 
     @property
     def _stochastic(self):
-        return self.config["eta"] > 0
+        return bool(self.config["eta"] > 0)
 
     def _plan(self, n):
         T = self.schedule.num_train_timesteps

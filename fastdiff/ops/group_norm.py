@@ -101,7 +101,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     C = x.shape[1]
     if num_groups <= 0 or C % num_groups != 0:
         raise ValueError(f"num_groups: {num_groups} must be positive and divide the {C} channels of x")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # a tensor eps too: the schema takes a float
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    if not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 import torch
 
 from fastdiff import _backend, reference
@@ -156,8 +158,12 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
         raise ValueError(f"clip: expected one of {', '.join(CLIP_MODES)}, got {clip!r}")
     if var_mode not in VAR_MODES:
         raise ValueError(f"var_mode: expected one of {', '.join(VAR_MODES)}, got {var_mode!r}")
-    if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real) or not clip_range > 0:
+    if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real):
+        raise TypeError(f"clip_range: expected a float, got {type(clip_range).__name__}")
+    if not clip_range > 0:
         raise ValueError(f"clip_range: expected a positive float, got {clip_range!r}")
+    if not isinstance(stochastic, (bool, np.bool_)):  # a tensor or a string was taken as truthy
+        raise TypeError(f"stochastic: expected a bool, got {type(stochastic).__name__}")
     seed = _signed64(seed)
     step = step_tensor(step, x.device)
     if not _dense_rows(x):
