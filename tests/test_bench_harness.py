@@ -42,6 +42,27 @@ def test_markdown_speedups(tmp_path):
     assert "3.00x" in md and "1.50x" in md and "group_norm on TestGPU" in md
 
 
+def test_markdown_names_each_run_of_a_merged_table(tmp_path):
+    # a table whose rows came from two runs (an op rerun for some cases) showed the first row's commit and date
+    # as if every figure were from it
+    run1 = [dict(_row(p, t, case="a"), commit="aaa", date="2026-01-01T00:00:0%dZ" % i)
+            for i, (p, t) in enumerate([("eager", 3.0), ("fastdiff-cuda", 1.0)])]
+    run2 = [dict(_row(p, t, case="b"), commit="bbb", date="2026-02-01T00:00:00Z")
+            for p, t in [("eager", 2.0), ("fastdiff-cuda", 1.0)]]
+    run2.append(dict(_row("eager", 2.5, case="a"), commit="bbb", date="2026-02-01T00:00:00Z"))  # case a's eager, rerun
+    md = report.markdown(run1 + run2)
+    assert "Rows from 2 runs" in md
+    assert "1. torch" in md and "commit aaa, 2026-01-01T00:00:01Z\n" in md  # its eager row was replaced
+    assert "2. torch" in md and "commit bbb, 2026-02-01T00:00:00Z" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert lines[0].endswith("| run |")
+    assert lines[1].startswith("| a |") and lines[1].endswith("| 1,2 |")  # eager from run 2, fastdiff from run 1
+    assert lines[2].startswith("| b |") and lines[2].endswith("| 2 |")
+    one = report.markdown(run1)  # one run: the provenance line as before, no run column
+    assert "Rows from" not in one and "run |" not in one
+    assert "commit aaa, 2026-01-01T00:00:00Z to 2026-01-01T00:00:01Z" in one
+
+
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [_row("eager", 3.0), _row("fastdiff-cuda", 1.0), _row("eager", 2.0, case="b"),

@@ -61,14 +61,41 @@ def _group(rows):
     return out
 
 
+_RUN_KEYS = ("torch", "triton", "cuda", "commit", "cpu_heap")
+
+
+def _runs(tab):
+    """The runs a table's rows come from: rows that share versions, commit and CPU heap setting are one run (a
+    run's rows differ in their time stamps only). Returns (each run's provenance line, oldest run first; the run
+    number, from 1, of each row by id)."""
+    runs, dates = OrderedDict(), {}
+    for cell in tab.values():
+        for r in cell.values():
+            k = tuple(str(r.get(key)) for key in _RUN_KEYS)
+            runs.setdefault(k, r)
+            dates.setdefault(k, []).append(str(r.get("date")))
+    order = sorted(runs, key=lambda k: min(dates[k]))
+    number = {k: i for i, k in enumerate(order, 1)}
+    of_row = {id(r): number[tuple(str(r.get(key)) for key in _RUN_KEYS)] for cell in tab.values() for r in cell.values()}
+    lines = []
+    for k in order:
+        r, d = runs[k], sorted(dates[k])
+        when = d[0] if d[0] == d[-1] else f"{d[0]} to {d[-1]}"
+        lines.append(f"torch {r.get('torch')}, triton {r.get('triton')}, CUDA {r.get('cuda')}, commit "
+                     f"{r.get('commit')}, {when}" + (f"; CPU heap: {r['cpu_heap']}" if r.get("cpu_heap") else ""))
+    return lines, of_row
+
+
 def markdown(rows) -> str:
     parts = []
     for (op, device), tab in _group(rows).items():
         providers = list(OrderedDict.fromkeys(p for cell in tab.values() for p in cell))
-        meta = next(iter(next(iter(tab.values())).values()))
-        parts.append(f"### {op} on {device}\n\ntorch {meta.get('torch')}, triton {meta.get('triton')}, "
-                     f"CUDA {meta.get('cuda')}, commit {meta.get('commit')}, {meta.get('date')}"
-                     + (f"; CPU heap: {meta['cpu_heap']}" if meta.get("cpu_heap") else "") + "\n")
+        runs, run_of = _runs(tab)
+        if len(runs) == 1:
+            parts.append(f"### {op} on {device}\n\n{runs[0]}\n")
+        else:  # rows merged from several runs: say which run each line's figures come from
+            parts.append(f"### {op} on {device}\n\nRows from {len(runs)} runs (the `run` column):\n\n"
+                         + "\n".join(f"{i}. {line}" for i, line in enumerate(runs, 1)) + "\n")
         head = ["case", "dtype", "layout"] + [f"{p} ms" for p in providers]
         fast = [p for p in providers if p.startswith("fastdiff")]
         head += [f"{p} vs eager" for p in fast] + [f"{p} vs compile" for p in fast if "compile" in providers]
@@ -76,6 +103,8 @@ def markdown(rows) -> str:
         ips = any("images_per_s" in r for cell in tab.values() for r in cell.values())
         if ips:
             head += [f"{p} img/s" for p in providers]
+        if len(runs) > 1:
+            head.append("run")
         parts.append("| " + " | ".join(head) + " |")
         parts.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
         for (case, dtype, layout), cell in tab.items():
@@ -91,6 +120,8 @@ def markdown(rows) -> str:
             if ips:
                 line += [f"{cell[p]['images_per_s']:.3g}" if p in cell and cell[p].get("images_per_s") else "-"
                          for p in providers]
+            if len(runs) > 1:
+                line.append(",".join(str(n) for n in sorted({run_of[id(r)] for r in cell.values()})))
             parts.append("| " + " | ".join(line) + " |")
         parts.append("")
     return "\n".join(parts)
