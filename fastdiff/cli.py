@@ -361,11 +361,11 @@ def _cmd_demo(args):
 
 
 def _add_sampling_arguments(s):
-    from fastdiff.diffusion import SAMPLERS
+    from fastdiff.pretrained import SAMPLER_NAMES
 
     s.add_argument("--checkpoint", default=None,
                    help="a training run's folder (or its checkpoint.json); default: the bundled digits model")
-    s.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: dpmsolver++")
+    s.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default: dpmsolver++")
     s.add_argument("--guidance", type=_finite_float, default=None,
                    help="classifier-free guidance scale, 1 turns it off (default: 2 for sample, 1 for eval)")
     s.add_argument("--seed", type=int, default=0, help="default: 0")

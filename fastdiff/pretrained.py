@@ -127,18 +127,25 @@ def _learns_sigma(model=None, meta_model: dict | None = None) -> bool:
     return cin is not None and cout == 2 * cin
 
 
+#: the sampler names of make_sampler, generate and the command line's --sampler
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++")
+
+
 def make_sampler(name: str, model=None, checkpoint: str | None = None):
-    """A sampler by name (ddpm, ddim, euler, dpmsolver++) on the schedule the model was trained with. For a model
-    with learned variances (out_channels = 2 x in_channels) DDPM samples with them (variance_type
-    "learned_range", Improved DDPM's) and DPM-Solver++ accepts and drops them (as diffusers does); DDIM and Euler
-    take only the mean channels, which :func:`generate` passes them."""
+    """A sampler by name (one of SAMPLER_NAMES: ddpm, ddim, euler, euler_ancestral, dpmsolver++, sde-dpmsolver++)
+    on the schedule the model was trained with. For a model with learned variances (out_channels = 2 x
+    in_channels) DDPM samples with them (variance_type "learned_range", Improved DDPM's) and DPM-Solver++ accepts
+    and drops them (as diffusers does); DDIM and the Euler samplers take only the mean channels, which
+    :func:`generate` passes them."""
     import json
 
     from fastdiff.diffusion import SAMPLERS
 
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLER_NAMES)}, got {name!r}")
     opts = {}
+    if name == "sde-dpmsolver++":  # DPMSolverPPSampler's SDE form ("DPM++ 2M SDE")
+        name, opts["algorithm_type"] = "dpmsolver++", "sde-dpmsolver++"
     d = checkpoint_dir(checkpoint)
     try:
         with open(os.path.join(d, "checkpoint.json")) as f:

@@ -211,6 +211,27 @@ def test_sample_learned_variances(tmp_path, capsys):
     assert np.load(out)["samples"].shape == (3, 1, 8, 8)
 
 
+def test_generate_restores_the_autoencoder_mode(tmp_path):
+    # generate restored the U-Net's training mode but left a passed autoencoder in eval mode (its dropout off for
+    # the rest of the caller's training); it must still decode in eval mode
+    import torch
+
+    from fastdiff.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(in_channels=1, latent_channels=4, model_channels=8, channel_mult=(1, 2), num_groups=4,
+                       dropout=0.5)
+    d, _ = _tiny_run(tmp_path, "ldm", autoencoder=ae)
+    model = pretrained.load(d)
+    kw = dict(sampler="ddim", steps=2, classes=[0, 1], n=1, checkpoint=d)
+    ae.eval()
+    ref = pretrained.generate(model, autoencoder=ae, **kw)[0]
+    ae.train()
+    x = pretrained.generate(model, autoencoder=ae, **kw)[0]
+    assert ae.training and all(m.training for m in ae.modules())
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)  # decoded without dropout all the same
+
+
 def test_sample_latent_diffusion_decodes(tmp_path, capsys):
     # a latent-diffusion run (4x4x4 latents of 1x8x8 images): sample and generate decode the latents with the
     # autoencoder saved in the checkpoint, instead of writing the latents as images
@@ -363,6 +384,25 @@ def test_device_spellings(tmp_path, capsys):
     for dev in ("meta", "xpu") + (() if torch.backends.mps.is_available() else ("mps",)):
         assert cli.main(["sample", "--device", dev, "--n", "1", "--steps", "1", "--out", str(out), "--quiet"]) == 2
         _one_line_error(capsys, "device")
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++"])
+def test_sample_with_the_stochastic_samplers(name, tmp_path, capsys):
+    from fastdiff.diffusion import DPMSolverPPSampler, EulerAncestralSampler
+
+    s = pretrained.make_sampler(name)
+    assert isinstance(s, EulerAncestralSampler if name == "euler_ancestral" else DPMSolverPPSampler)
+    assert s._stochastic and s.config.get("algorithm_type", "sde-dpmsolver++") == "sde-dpmsolver++"
+    outs = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"s{len(outs)}.npz"
+        assert cli.main(["sample", "--sampler", name, "--classes", "3", "--n", "2", "--steps", "3", "--seed",
+                         str(seed), "--out", str(out), "--quiet"]) == 0
+        outs.append(np.load(out)["samples"])
+    assert name in capsys.readouterr().out
+    assert np.isfinite(outs[0]).all() and np.abs(outs[0]).max() <= 1
+    np.testing.assert_array_equal(outs[0], outs[1])  # the same seed, the same samples
+    assert not np.array_equal(outs[0], outs[2])
 
 
 def test_sample_by_class_name(tmp_path, capsys):

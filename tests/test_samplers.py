@@ -1,5 +1,7 @@
 """fastdiff.diffusion: schedules, samplers against plain implementations of their papers' equations (and against
 diffusers' schedulers when diffusers is installed), guidance, and the sampling loop."""
+import functools
+import inspect
 import math
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerSampler, NoiseSchedule, cfg_combine,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler, NoiseSchedule, cfg_combine,
                                 classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
@@ -383,7 +385,9 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {}), (DDIMSampler, {"eta": 1.0, "thresholding": True}),
-                                    (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True})])
+                                    (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
+                                    (EulerAncestralSampler, {}),
+                                    (DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -720,8 +724,11 @@ def test_from_config():
     assert DPMSolverPPSampler.from_config(Frozen(cfg)).config["beta_end"] == 0.012
     with pytest.raises(TypeError, match="^eta:"):
         DDPMSampler.from_config(cfg, eta=1.0)
+    with pytest.raises(ValueError, match="^algorithm_type:"):  # the noise-prediction forms are not implemented
+        DPMSolverPPSampler.from_config({"algorithm_type": "dpmsolver"})
     with pytest.raises(ValueError, match="^config:"):
-        DPMSolverPPSampler.from_config({"algorithm_type": "sde-dpmsolver++"})
+        DPMSolverPPSampler.from_config({"use_lu_lambdas": True})
+    assert DPMSolverPPSampler.from_config({"algorithm_type": "sde-dpmsolver++"})._stochastic
     with pytest.raises(TypeError, match="^config:"):
         DDIMSampler.from_config([("beta_start", 0.1)])
 
@@ -799,7 +806,8 @@ def _diffusers_run(sched, n, x, gen, learned=False):
         m = eps_model(sched.scale_model_input(x, t), t)
         if learned:
             m = torch.cat([m, torch.tanh(m)], 1)
-        kw = {"generator": gen} if isinstance(sched, dsched.DDPMScheduler) else {}
+        # the stochastic schedulers draw their noise from the generator, as ours does with generator=
+        kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
         x = sched.step(m, t, x, **kw).prev_sample
         out.append(x)
     return out
@@ -841,6 +849,19 @@ DIFFUSERS_CASES = [
                                                          "prediction_type": "v_prediction", "lower_order_final": False}),
     ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"beta_schedule": "squaredcos_cap_v2",
                                                          "lambda_min_clipped": -5.1, "timestep_spacing": "trailing"}),
+    ("EulerAncestralDiscreteScheduler", EulerAncestralSampler, {}),
+    ("EulerAncestralDiscreteScheduler", EulerAncestralSampler, {**SD, "prediction_type": "v_prediction",
+                                                                "timestep_spacing": "trailing",
+                                                                "rescale_betas_zero_snr": True}),
+    ("EulerAncestralDiscreteScheduler", EulerAncestralSampler, {"timestep_spacing": "leading", "steps_offset": 1,
+                                                                "beta_schedule": "squaredcos_cap_v2"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {**SD, "algorithm_type": "sde-dpmsolver++",
+                                                         "use_karras_sigmas": True, "solver_type": "heun",
+                                                         "prediction_type": "v_prediction"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++", "thresholding": True,
+                                                         "final_sigmas_type": "sigma_min", "lower_order_final": False,
+                                                         "timestep_spacing": "trailing", "prediction_type": "sample"}),
 ]
 
 
@@ -923,7 +944,8 @@ class TinyModel(torch.nn.Module):
         return torch.tanh(h)
 
 
-@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, DPMSolverPPSampler])
+@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPPSampler,
+                                 functools.partial(DPMSolverPPSampler, algorithm_type="sde-dpmsolver++")])
 def test_sample_is_reproducible(cls):
     torch.manual_seed(0)
     model = TinyModel()

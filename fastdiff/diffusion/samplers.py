@@ -706,7 +706,7 @@ class EulerSampler(Sampler):
         return (((1 - acp) / acp) ** 0.5).numpy().astype(np.float64), acp.numpy()
 
     def _plan(self, n):
-        cfg = self.config
+        cfg = {**EulerSampler._options, **self.config}  # EulerAncestralSampler has no sigma options: the defaults
         T = self.schedule.num_train_timesteps
         if cfg["timestep_spacing"] == "linspace":
             ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
@@ -755,6 +755,42 @@ class EulerSampler(Sampler):
         return m if self.config["timestep_spacing"] in ("linspace", "trailing") else (m**2 + 1) ** 0.5
 
 
+class EulerAncestralSampler(EulerSampler):
+    """Euler ancestral ("Euler a"), as diffusers' EulerAncestralDiscreteScheduler: the Euler step to sigma_down,
+    then fresh noise of std sigma_up, with sigma_up^2 + sigma_down^2 = sigma_next^2 (k-diffusion's split for eta 1):
+
+        sigma_up = sigma_next sqrt(1 - sigma_next^2 / sigma^2),  sigma_down = sigma_next^2 / sigma
+        x_next = x + (x - x0) / sigma (sigma_down - sigma) + sigma_up z
+
+    Sigmas, timesteps and input scaling are EulerSampler's defaults (no Karras sigmas, a final sigma of 0). The
+    noise z is the in-kernel Philox noise (or `noise` / `generator` given to step): the same seed gives the same
+    samples.
+    """
+
+    _options = {**_COMMON, "timestep_spacing": "linspace"}
+    _fixed = {}
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+
+    @property
+    def _stochastic(self):
+        return True
+
+    def _plan(self, n):
+        plan = super()._plan(n)
+        sig = self._sigmas_np
+        s, s_next = sig[:-1], sig[1:]
+        up = np.sqrt(np.maximum(s_next**2 * (s**2 - s_next**2) / s**2, 0.0))
+        down = np.sqrt(np.maximum(s_next**2 - up**2, 0.0))
+        rows = plan["rows"]
+        ratio = (down - s) / s
+        rows[:, _A] = 1 + ratio
+        rows[:, _C] = -ratio
+        rows[:, _S] = up
+        return plan
+
+
 class DPMSolverPPSampler(Sampler):
     """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, order 1 or 2 ("2M", Algorithm 2), as diffusers'
     DPMSolverMultistepScheduler with algorithm_type="dpmsolver++". With lambda = log(alpha / sigma), h = lambda_t -
@@ -766,16 +802,20 @@ class DPMSolverPPSampler(Sampler):
     x0 lives in a buffer owned by the sampler, which the kernel reads and overwrites in place.
     """
 
-    _options = {**_COMMON, "solver_order": 2, **_THRESHOLDING, "solver_type": "midpoint",
-                "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
-                "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"), "variance_type": None,
-                "timestep_spacing": "linspace"}
-    _fixed = {"algorithm_type": "dpmsolver++", "use_exponential_sigmas": False, "use_beta_sigmas": False,
+    _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
+                "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+                "use_karras_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"),
+                "variance_type": None, "timestep_spacing": "linspace"}
+    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
               "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False}
+    ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
     _multistep = True
 
     def _validate(self, cfg):
         super()._validate(cfg)
+        if cfg["algorithm_type"] not in self.ALGORITHM_TYPES:
+            raise ValueError(f"algorithm_type: expected 'dpmsolver++' or 'sde-dpmsolver++' (the noise-prediction "
+                             f"'dpmsolver' variants are not implemented), got {cfg['algorithm_type']!r}")
         if cfg["solver_order"] not in (1, 2) or isinstance(cfg["solver_order"], bool):
             raise ValueError(f"solver_order: expected 1 or 2 (DPM-Solver++ 2M), got {cfg['solver_order']!r}")
         if cfg["solver_type"] not in ("midpoint", "heun"):
@@ -788,6 +828,10 @@ class DPMSolverPPSampler(Sampler):
     @property
     def order(self) -> int:
         return self.config["solver_order"]
+
+    @property
+    def _stochastic(self):
+        return self.config["algorithm_type"] == "sde-dpmsolver++"
 
     @property
     def _split_channels(self):
@@ -833,17 +877,29 @@ class DPMSolverPPSampler(Sampler):
         lower_final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
         rows = np.zeros((n, 9))
         pred = cfg["prediction_type"]
+        sde = cfg["algorithm_type"] == "sde-dpmsolver++"
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
             rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
             h = lam[i + 1] - lam[i]
+            first = cfg["solver_order"] == 1 or i == 0 or (i == n - 1 and lower_final)
+            r0 = None if first else (lam[i] - lam[i - 1]) / h
+            if sde:  # the SDE form: e^-h in place of 1 on x, 1 - e^-2h in place of 1 - e^-h, noise of variance
+                # sigma_t^2 (1 - e^-2h)
+                phi2 = -np.expm1(-2 * h) if np.isfinite(h) else 1.0  # 1 - e^-2h
+                rows[i, _A] = s_t / s_s * np.exp(-h)
+                rows[i, _C] = a_t * phi2
+                rows[i, _S] = s_t * np.sqrt(phi2)
+                if not first:
+                    k = 0.5 * a_t * phi2 / r0 if cfg["solver_type"] == "midpoint" else a_t * (phi2 / (-2 * h) + 1) / r0
+                    rows[i, _C] += k
+                    rows[i, _D] = -k
+                continue
             phi = np.expm1(-h) if np.isfinite(h) else -1.0  # e^-h - 1
             rows[i, _A] = s_t / s_s
-            first = cfg["solver_order"] == 1 or i == 0 or (i == n - 1 and lower_final)
             if first:
                 rows[i, _C] = -a_t * phi
             else:
-                r0 = (lam[i] - lam[i - 1]) / h
                 if cfg["solver_type"] == "midpoint":
                     k = -0.5 * a_t * phi / r0
                 else:
@@ -854,4 +910,5 @@ class DPMSolverPPSampler(Sampler):
         return {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
 
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "dpmsolver++": DPMSolverPPSampler}
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
+            "dpmsolver++": DPMSolverPPSampler}
