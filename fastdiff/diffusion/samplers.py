@@ -1,4 +1,5 @@
-"""Samplers: DDPM, DDIM, Euler and DPM-Solver++ (2M), each one fused kernel per step and no host sync.
+"""Samplers: DDPM, DDIM, Euler, Euler ancestral and DPM-Solver++ (2M and 2M SDE), each one fused kernel per step
+and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + std z (m the model output after
 classifier-free guidance, x0 = clip(PX x + PM m)). ``set_timesteps`` computes the coefficients of every step once,
@@ -9,7 +10,7 @@ captured in a CUDA graph.
 
 Options are named as in diffusers' scheduler configs, with the defaults of the matching diffusers scheduler, and
 ``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
-DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler).
+DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler).
 """
 from __future__ import annotations
 
@@ -797,6 +798,10 @@ class DPMSolverPPSampler(Sampler):
     lambda_s, r = h_prev / h, D0 = x0_s, D1 = (x0_s - x0_prev) / r:
 
         x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 - alpha_t (e^-h - 1) D1 / 2     (midpoint)
+
+    algorithm_type="sde-dpmsolver++" (DPM++ 2M SDE) takes the SDE form of the same step:
+
+        x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z
 
     First order at the first step and at the last one when lower_order_final applies (as diffusers). The previous
     x0 lives in a buffer owned by the sampler, which the kernel reads and overwrites in place.
