@@ -183,7 +183,8 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
 
     autoencoder: a latent-diffusion model's samples are latents, which this decodes (``from_latent``, in the
     seconds) into images: "auto" uses the autoencoder saved in `checkpoint` (none when checkpoint is None or a
-    pixel-space run), None decodes nothing, or pass an AutoencoderKL."""
+    pixel-space run), None decodes nothing, or pass an AutoencoderKL (moved like the model; it decodes in eval
+    mode, and its mode is restored after)."""
     import fastdiff
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -207,7 +208,8 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
         if getattr(autoencoder, "latent_channels", None) != model.in_channels:
             raise ValueError(f"autoencoder: its latents have {getattr(autoencoder, 'latent_channels', None)} "
                              f"channels, the model samples {model.in_channels}")
-        autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
+        autoencoder = autoencoder.to(device=device, dtype=dtype)
+    ae_was_training = autoencoder is not None and autoencoder.training
     if channels_last is None:
         channels_last = device.type == "cuda"
     model = model.to(device=device, dtype=dtype)
@@ -230,6 +232,8 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     out = []
     was_training = model.training
     model.eval()  # sampled without dropout even when handed a model in training mode; its mode is restored
+    if autoencoder is not None:
+        autoencoder.eval()  # and decoded without it: the autoencoder's mode is restored too
     try:
         t0 = time.perf_counter()
         for k, start in enumerate(range(0, N, bs)):
@@ -248,6 +252,8 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
         seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
+        if autoencoder is not None:
+            autoencoder.train(ae_was_training)
     return torch.cat(out).clamp(-1, 1), labels, seconds
 
 

@@ -133,3 +133,34 @@ def test_bad_timesteps_are_refused(t, error, needle):
         q_sample(s, x0, t, torch.randn_like(x0))
     ok = training_losses(lambda x_t, t: torch.zeros_like(x_t), x0, torch.tensor([0, 5, 99], dtype=torch.int32), s)
     assert ok["loss"].shape == (3,)
+
+
+def test_hybrid_loss_takes_cpu_timesteps_for_device_data():
+    # the timestep samplers return t on the CPU; with learned variances torch.where(t == 0, L_0, KL) then mixed a
+    # CPU condition with device tensors and raised (on a GPU: "Expected all tensors to be on the same device").
+    # The meta device stands in for CUDA here.
+    s = _make_schedule("linear", 100)
+    x0 = torch.empty(3, 1, 4, 4, device="meta")
+    seen = []
+
+    def model(x_t, t):
+        seen.append(t.device)
+        return torch.zeros(3, 2, 4, 4, device="meta")
+
+    terms = training_losses(model, x0, torch.tensor([0, 5, 99]), s, noise=torch.empty_like(x0))
+    assert terms["vb"].device.type == "meta" and terms["loss"].shape == (3,)
+    assert seen == [x0.device]
+    with pytest.raises(ValueError, match=r"^t: .*\[0, 99\]"):  # still checked while on the CPU
+        training_losses(model, x0, torch.tensor([0, 5, 100]), s, noise=torch.empty_like(x0))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4), (1, 4, 4)])
+def test_noise_that_would_broadcast_is_refused(shape):
+    # a (1, C, H, W) noise broadcast over the batch: every sample noised with the same draw, silently
+    s = _make_schedule("linear", 100)
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+    t = torch.tensor([0, 5, 9])
+    with pytest.raises(ValueError, match=r"^noise: .*\(3, 1, 4, 4\)"):
+        training_losses(lambda x_t, t: torch.zeros_like(x_t), x0, t, s, noise=torch.randn(shape))
+    with pytest.raises(ValueError, match="^noise:"):
+        q_sample(s, x0, t, torch.randn(shape))

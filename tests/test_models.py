@@ -357,6 +357,19 @@ def test_autoencoder_shapes_and_posterior():
     assert torch.allclose(DiagonalGaussian(torch.zeros(1, 4, 2, 2)).kl(), torch.zeros(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_posterior_kl_is_fp32_for_low_precision_latents(dtype):
+    # kl() said fp32 but summed the half-precision exp(logvar): fp16 overflowed to inf from logvar > 11 (inside the
+    # clamp), and bf16's rounding of v near 1 swamped v - 1 - logvar (a third of the true KL here)
+    from fastdiff.models import DiagonalGaussian
+
+    g = torch.Generator().manual_seed(0)
+    params = torch.cat([torch.zeros(2, 4, 8, 8), 0.02 * torch.randn(2, 4, 8, 8, generator=g)], 1).to(dtype)
+    params[1, 4:, 0] = 12.0
+    ref = DiagonalGaussian(params.float()).kl()
+    torch.testing.assert_close(DiagonalGaussian(params).kl(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_autoencoder_gradients_backends_formats():
     ae = randomise(tiny_ae(), std=0.1)
     x = torch.randn(2, 3, 16, 16)

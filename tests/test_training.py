@@ -2,6 +2,7 @@
 
 Small models and few steps: the file runs in about a minute or two on a shared 2-core CPU.
 """
+import copy
 import json
 import math
 import os
@@ -506,6 +507,40 @@ def test_classifier_autoencoder_and_latent_training(tmp_path):
         Trainer(tiny_unet(), data, autoencoder=ae2)
 
 
+def test_latent_run_resumes_only_with_its_own_autoencoder(tmp_path):
+    # resumed without its autoencoder a latent run went on in pixel space (3-channel latents fit a 3-channel
+    # U-Net) and the next save dropped the autoencoder from the checkpoint; with another autoencoder it went on on
+    # other latents and the save replaced the run's
+    data = synthetic(channels=3)
+    torch.manual_seed(0)
+    ae = AutoencoderKL(3, latent_channels=3, model_channels=8, channel_mult=(1, 2), num_groups=4, scale_factor=0.7)
+
+    def unet():
+        return UNet(8, 3, 8, 3, 1, (4,), channel_mult=(1, 2), num_groups=4, num_classes=3)
+
+    out = str(tmp_path / "ldm")
+    Trainer(unet(), data, autoencoder=ae, batch_size=4, out_dir=out).train(1)
+    with pytest.raises(ValueError, match="^autoencoder: .*latent space"):
+        Trainer(unet(), data, batch_size=4, out_dir=out).resume()
+    other = copy.deepcopy(ae)
+    other.scale_factor = 0.5
+    with pytest.raises(ValueError, match="^autoencoder: it differs"):
+        Trainer(unet(), data, autoencoder=other, batch_size=4, out_dir=out).resume()
+    other = copy.deepcopy(ae)
+    with torch.no_grad():
+        other.post_quant_conv.bias.add_(1.0)
+    with pytest.raises(ValueError, match="^autoencoder: it differs"):
+        Trainer(unet(), data, autoencoder=other, batch_size=4, out_dir=out).resume()
+    assert load_autoencoder(out).scale_factor == 0.7
+    back = Trainer(unet(), data, autoencoder=copy.deepcopy(ae), batch_size=4, out_dir=out).resume()
+    assert back.step == 1
+    assert Trainer.from_checkpoint(out, data).step == 1
+    pixel = str(tmp_path / "pixel")
+    Trainer(unet(), synthetic(channels=3, size=8), batch_size=4, out_dir=pixel).train(1)
+    with pytest.raises(ValueError, match="^autoencoder: .*pixel space"):
+        Trainer(unet(), data, autoencoder=ae, batch_size=4, out_dir=pixel).resume()
+
+
 # -- command line ----------------------------------------------------------------------------------------------
 
 @needs_sklearn
@@ -607,3 +642,19 @@ def test_fit_scale_factor_without_ema_is_deterministic_and_leaves_train_mode():
     state = torch.random.get_rng_state()
     at.fit_scale_factor()
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_autoencoder_trainer_refuses_other_output_channels():
+    # out_channels=1 on RGB data: |x - x_hat| broadcast the one reconstructed channel over all three, silently
+    ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4, out_channels=1)
+    with pytest.raises(ValueError, match="^model: out_channels=1"):
+        AutoencoderTrainer(ae, synthetic(channels=3), batch_size=6, ema_decay=None)
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, True])
+def test_fit_scale_factor_refuses_a_bad_sample_count(bad):
+    # -1 fitted on all the images but one (idx[:-1]), 0 failed inside torch.cat, 2.5 in randperm's slice
+    ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4)
+    at = AutoencoderTrainer(ae, synthetic(channels=3), batch_size=6, ema_decay=None)
+    with pytest.raises(ValueError, match="^num_samples:"):
+        at.fit_scale_factor(bad)
+    assert ae.scale_factor == 1.0

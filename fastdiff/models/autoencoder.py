@@ -48,8 +48,10 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, summed over the latent's elements (N,), in fp32."""
-        m, v, lv = self.mean.float(), self.var.float(), self.logvar.float()
-        return 0.5 * (m.pow(2) + v - 1.0 - lv).sum(dim=(1, 2, 3))
+        # the variance from the fp32 log-variance, not self.var: in fp16 exp(logvar) overflows from logvar > 11 (the
+        # clamp allows 20), and in bf16 v - 1 - logvar (~ logvar^2 / 2 near 0) drowns in v's rounding
+        m, lv = self.mean.float(), self.logvar.float()
+        return 0.5 * (m.pow(2) + lv.exp() - 1.0 - lv).sum(dim=(1, 2, 3))
 
     def nll(self, z: torch.Tensor) -> torch.Tensor:
         """-log q(z) per sample (N,), in nats."""

@@ -110,6 +110,10 @@ def q_sample(schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise; t: (N,) integer timesteps in [0, T)."""
     c = coefs(schedule, x0.device)
     _check_timesteps(t, x0.shape[0], c.T)
+    if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+        # a (1, C, H, W) or (C, H, W) noise would broadcast: every sample of the batch noised (and scored) alike
+        raise ValueError(f"noise: expected a tensor of x0's shape {tuple(x0.shape)}, got "
+                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     return c("sqrt_ab", t, x0.dim()) * x0 + c("sqrt_1mab", t, x0.dim()) * noise
 
 
@@ -210,7 +214,8 @@ def training_losses(model, x0, t, schedule, *, target: str = "eps", learn_sigma:
     c = coefs(schedule, x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
-    x_t = q_sample(schedule, x0, t, noise)
+    x_t = q_sample(schedule, x0, t, noise)  # checks t while it may still be on the CPU (no sync)
+    t = t.to(x0.device)  # the samplers draw t on the CPU: torch.where in the L_vlb term wants it beside x0
     out = model(x_t, t, **(model_kwargs or {})).float()
     if learn_sigma is None:
         learn_sigma = out.shape[1] == 2 * x0.shape[1]

@@ -512,6 +512,7 @@ class Trainer:
             # would silently retrain label i on another class
             raise ValueError(f"dataset: the run was trained on the classes {saved_names}, this dataset has "
                              f"{names} (a label is a position in the sorted names: it would change meaning)")
+        self._check_resumed_autoencoder(meta.get("autoencoder"), ckpt.prefixed(tensors, "autoencoder."))
         for m in (self.model, self.ema):  # the autoencoder's scale factor is fitted data, not architecture
             if m is not None and "scale_factor" in saved:
                 m.scale_factor = saved["scale_factor"]
@@ -545,6 +546,27 @@ class Trainer:
         self._pending = [{k: torch.tensor(v, dtype=torch.float64) for k, v in m.items()}
                          for m in meta.get("pending_log", [])]
         return self
+
+    def _check_resumed_autoencoder(self, saved_meta, saved_tensors: dict):
+        """A latent run resumes only in its own latent space: without its autoencoder it went on in pixel space (and
+        the next save dropped the autoencoder from the checkpoint); with another one (other weights or scale factor)
+        it went on on other latents, and the next save replaced the run's autoencoder."""
+        ae = self.autoencoder
+        mine = None if ae is None else {"class": type(ae).__name__, "config": ae.config}
+        if saved_meta is None and mine is None:
+            return
+        if saved_meta is None or mine is None:
+            raise ValueError("autoencoder: " + ("the run was trained in pixel space; resume it without an autoencoder"
+                                                if saved_meta is None else
+                                                "the run was trained in an autoencoder's latent space; pass the "
+                                                "autoencoder saved in its checkpoint (Trainer.from_checkpoint does)"))
+        state = ae.state_dict()
+        same = saved_meta == mine and state.keys() == saved_tensors.keys() and all(
+            torch.equal(v.detach().to("cpu", saved_tensors[k].dtype), saved_tensors[k]) for k, v in state.items())
+        if not same:
+            raise ValueError(f"autoencoder: it differs from the one the run was trained with (config "
+                             f"{saved_meta.get('config')}, or its weights); pass the autoencoder saved in the "
+                             f"checkpoint (Trainer.from_checkpoint does)")
 
     @classmethod
     def from_checkpoint(cls, directory: str, dataset, *, device=None, out_dir: str | None = None, **kwargs):
@@ -608,6 +630,9 @@ class AutoencoderTrainer(Trainer):
         ch = self._sample_shape[0]
         if self.model.in_channels != ch:
             raise ValueError(f"model: in_channels={self.model.in_channels} but the data have {ch} channels")
+        if self.model.out_channels != ch:  # |x - x_hat| would broadcast a 1-channel reconstruction over x's channels
+            raise ValueError(f"model: out_channels={self.model.out_channels}; an autoencoder trained to reconstruct "
+                             f"{ch}-channel data must output {ch} channels")
         if self.autoencoder is not None:
             raise ValueError("autoencoder: an autoencoder trainer trains the autoencoder itself; pass it as model")
         if self.config.cfg_dropout:
@@ -625,8 +650,11 @@ class AutoencoderTrainer(Trainer):
     def fit_scale_factor(self, num_samples: int = 512) -> float:
         """scale_factor = 1 / std of the posterior samples on up to num_samples training images (LDM's
         scale-by-std), set on the model and its EMA; returns it."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples <= 0:
+            # a negative count sliced from the end (-1: all images but one), 0 failed in torch.cat
+            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
         model = self.ema if self.ema is not None else self.model
-        n = min(num_samples, len(self.dataset))
+        n = min(int(num_samples), len(self.dataset))
         idx = torch.randperm(len(self.dataset), generator=_generator(self.config.seed, 3))[:n]
         gen = _generator(self.config.seed, 4)  # not the global RNG: fitting must not perturb a resumable run
         zs = []
