@@ -220,6 +220,41 @@ def test_opcheck_triton_op():
 
 @pytest.mark.triton
 @needs_triton
+@pytest.mark.parametrize("backend", ["triton",
+                                     pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda_ext])])
+def test_fused_backends_under_torch_func_and_forward_ad(backend):
+    """The fused ops' autograd (register_autograd) has no forward derivative: torch.func.jvp gave a zero
+    tangent and forward_ad no tangent at all, silently; torch.func.grad raised "... must override the
+    setup_context staticmethod". Differentiated so, the op runs the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    device = torch.device("cuda" if HAS_GPU else "cpu")
+    if not _backend.triton_usable(device):
+        pytest.skip("needs a GPU, or TRITON_INTERPRET=1 to pretend the CPU is a fused-kernel device")
+    q, k, v = make_qkv(1, 2, 5, 7, 16, torch.float16, device=device)
+    tq = torch.randn_like(q)
+
+    def fn(a):
+        return fastdiff.ops.attention(a, k, v, scale=0.3, backend=backend)
+
+    def ref(a):
+        return reference.attention(a.float(), k.float(), v.float(), 0.3)
+
+    want = torch.func.jvp(ref, (q,), (tq,))[1]
+    torch.testing.assert_close(torch.func.jvp(fn, (q,), (tq,))[1].float(), want, atol=1e-2, rtol=1e-2)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fn(fwAD.make_dual(q, tq))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent.float(), want, atol=1e-2, rtol=1e-2)
+    got = torch.func.grad(lambda a: fn(a).float().square().sum())(q)
+    want = torch.func.grad(lambda a: ref(a).square().sum())(q)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+    out = fn(q)  # no transform: the fused kernel still runs (its output is laid out like q, written in full)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.triton
+@needs_triton
 def test_auto_fallback_warns_once(monkeypatch):
     """auto with a case the fused kernels cannot take (head dim 44): the reference, with one warning."""
     if not _backend.triton_usable(torch.device("cpu")):

@@ -497,6 +497,42 @@ def test_double_backward_raises():
         gx.sum().backward()
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_EXT else []))
+def test_torch_func_transforms_like_torch(backend):
+    # torch.nn.GroupNorm works under torch.func's differentiating transforms (per-sample gradients as
+    # vmap(grad(...)), jvp, hessian); the cpu/cuda op's C++ autograd raised "cannot use C++
+    # torch::autograd::Function with functorch transforms" under all of them
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad, hessian, jvp, vmap
+
+    ref = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 16, 3, 2)
+
+    def loss(mod, act):
+        return lambda params, xi: act(functional_call(mod, params, (xi[None],))).square().sum()
+
+    with fastdiff.set_backend(backend):
+        got = vmap(grad(loss(m, lambda t: t)), in_dims=(None, 0))(dict(m.named_parameters()), x)
+        t = torch.randn_like(x)
+        got_jvp = jvp(m, (x,), (t,))[1]
+        got_hess = hessian(lambda a: m(a).sum())(x[:1, :, :1])
+        with fwAD.dual_level():  # forward AD: "jvp is not implemented for the c++ API of custom Function"
+            got_fwad = fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+    silu = torch.nn.functional.silu
+    want = vmap(grad(loss(ref, silu)), in_dims=(None, 0))(dict(ref.named_parameters()), x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_jvp, jvp(lambda a: silu(ref(a)), (x,), (t,))[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_fwad, got_jvp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_hess, hessian(lambda a: silu(ref(a)).sum())(x[:1, :, :1]), atol=1e-4,
+                               rtol=1e-4)
+
+
 def test_set_backend_switches_and_restores():
     x = torch.randn(2, 8, 4, 4)
     assert fastdiff.get_backend() == "auto"

@@ -172,3 +172,50 @@ def test_modules_run_on_meta_tensors_like_torch():
         unet = UNet(image_size=8, in_channels=32, model_channels=32, out_channels=32, num_res_blocks=1,
                     attention_resolutions=(4,), channel_mult=(1, 2), num_head_channels=16)
         assert unet(x, torch.tensor([3, 5])).device.type == "meta"
+
+
+@pytest.mark.parametrize("emb_dtype", ["fp32", "low"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_ada_group_norm_half_input_with_fp32_parameters(dtype, channels_last, emb_dtype):
+    # the fp32 AdaGroupNorm of a half model (a norm kept in fp32, as its GroupNorm and torch.nn.GroupNorm
+    # take): x (and emb, from the half model's embedding MLP) arrive in half; it raised TypeError "scale:
+    # expected dtype torch.float16" (the fp32 projection's scale) or, with a half emb, "mat1 and mat2 must
+    # have the same dtype"
+    ada = fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=8)
+    with torch.no_grad():
+        for p in ada.parameters():
+            p.normal_(0, 0.5)
+    x, emb = torch.randn(2, 16, 6, 5).to(dtype), torch.randn(2, 8)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if emb_dtype == "low":
+        emb = emb.to(dtype)
+    y = ada(x, emb)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    with torch.no_grad():
+        want = ada(x.float(), emb.float())
+    torch.testing.assert_close(y.float(), want, atol=3e-2, rtol=3e-2)
+    y.float().sum().backward()
+    for name, p in ada.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+def test_ada_group_norm_bad_x_names_itself():
+    ada = fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=8)
+    with pytest.raises(TypeError, match="^x:"):
+        ada([[0.0] * 16] * 2, torch.randn(2, 8))  # was AttributeError: 'list' object has no attribute 'shape'
+    with pytest.raises(ValueError, match="^x:"):
+        ada(torch.tensor(1.0), torch.randn(2, 8))  # was IndexError from x.shape[0]
+
+
+def test_attention_modules_bad_inputs_name_themselves():
+    # a non-tensor input escaped as AttributeError ('list' object has no attribute 'dim')
+    attn = fastdiff.nn.Attention(16, context_dim=12, heads=2, dim_head=8)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(TypeError, match="^x:"):
+        attn(x.tolist(), torch.randn(2, 3, 12))
+    with pytest.raises(TypeError, match="^context:"):
+        attn(x, torch.randn(2, 3, 12).tolist())
+    with pytest.raises(TypeError, match="^x:"):
+        fastdiff.nn.SpatialSelfAttention(16, num_heads=2, num_groups=4)(torch.randn(1, 16, 2, 2).tolist())

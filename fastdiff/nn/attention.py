@@ -54,6 +54,10 @@ class Attention(torch.nn.Module):
         self.to_out = torch.nn.Linear(inner, query_dim, **kw)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if context is not None and not isinstance(context, torch.Tensor):
+            raise TypeError(f"context: expected None or a torch.Tensor, got {type(context).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.to_q.in_features:
             raise ValueError(f"x: expected shape (B, S, {self.to_q.in_features}), got {tuple(x.shape)}")
         ctx = x if context is None else context
@@ -117,6 +121,8 @@ class SpatialSelfAttention(torch.nn.Module):
         torch.nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected shape (N, {self.channels}, H, W), got {tuple(x.shape)}")
         n, c, hh, ww = x.shape

@@ -69,12 +69,23 @@ class AdaGroupNorm(torch.nn.Module):
         self.linear = torch.nn.Linear(emb_dim, 2 * num_channels, device=device, dtype=dtype)
 
     def forward(self, x, emb):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"x: expected shape (N, C, *spatial), got {tuple(x.shape)}")
         if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
             raise TypeError(f"emb: expected a floating-point tensor, got "
                             f"{emb.dtype if isinstance(emb, torch.Tensor) else type(emb).__name__}")
         if emb.dim() != 2 or emb.shape[0] != x.shape[0] or emb.shape[1] != self.linear.in_features:
             raise ValueError(f"emb: expected shape ({x.shape[0]}, {self.linear.in_features}), got {tuple(emb.shape)}")
+        # Like the GroupNorm inside it (and torch.nn.GroupNorm), the module takes inputs of another float
+        # dtype than its parameters: a norm kept in fp32 in a half model gets half x and emb. The projection
+        # runs in the module's dtype, and scale/shift go to x's dtype, as GroupNorm casts its weight and bias.
+        if emb.dtype != self.linear.weight.dtype:
+            emb = emb.to(self.linear.weight.dtype)
         if self.emb_activation == "silu":
             emb = torch.nn.functional.silu(emb)
         scale, shift = self.linear(emb).chunk(2, dim=1)
+        if x.is_floating_point() and scale.dtype != x.dtype:
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         return self.norm(x, scale=scale, shift=shift)

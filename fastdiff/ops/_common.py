@@ -4,6 +4,13 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+
+try:  # private torch names (present from torch 2.0 to this day): without them no transform is detected
+    from torch._C import _functorch
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _all_functorch_interpreters
+except ImportError:  # pragma: no cover
+    _functorch = None
 
 from fastdiff import _backend
 
@@ -37,6 +44,25 @@ def check_like(t, name: str, ref: torch.Tensor, shape: tuple, *, dtype=None, dev
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the input's device), got {t.device}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the input's dtype), got {t.dtype}")
+
+
+_AUTODIFF_TRANSFORMS = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp) if _functorch else ()
+
+
+def autodiff_transform_active() -> bool:
+    """Whether the call is differentiated by something the fused ops' registered autograd cannot serve: a
+    torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd, hessian) or forward-mode AD
+    (torch.autograd.forward_ad). The ops then run their eager reference, which has every derivative.
+
+    A C call and an attribute read when neither is active (vmap alone runs the fused ops); never true while
+    torch.compile traces (Dynamo cannot trace the query; AOTAutograd differentiates without torch.func)."""
+    if torch.compiler.is_compiling():
+        return False
+    if getattr(_forward_ad, "_current_level", -1) >= 0:  # inside a forward_ad.dual_level() (a private name)
+        return True
+    if _functorch is None or _functorch.peek_interpreter_stack() is None:
+        return False
+    return any(i.key() in _AUTODIFF_TRANSFORMS for i in _all_functorch_interpreters())
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import check_tensor, warn_once
+from fastdiff.ops._common import autodiff_transform_active, check_tensor, warn_once
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -213,6 +213,11 @@ def attention(q, k, v, *, scale=None, backend="auto"):
     """
     _check(q, k, v, scale)
     name = choose_backend(q, backend)
+    if name in ("cuda", "triton") and autodiff_transform_active():
+        # the fused ops' autograd (torch.library.register_autograd) has no forward derivative -- jvp and
+        # forward_ad got a zero or no tangent, silently -- and torch.func's grad cannot run it; the reference
+        # has every derivative
+        name = "torch"
     if scale is None:  # D ** -0.5; any scale for an empty head dim (the output is empty), as SDPA
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     else:

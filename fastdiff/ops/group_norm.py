@@ -14,8 +14,8 @@ import numbers
 import torch
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import (KERNEL_DTYPES, check_like, check_tensor, choose_elementwise,
-                                  elementwise_availability, kernel_layout)
+from fastdiff.ops._common import (KERNEL_DTYPES, autodiff_transform_active, check_like, check_tensor,
+                                  choose_elementwise, elementwise_availability, kernel_layout)
 
 _ACTIVATIONS = {None: "none", "none": "none", "silu": "silu"}
 _DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -115,6 +115,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     check_like(shift, "shift", x, nc_shape, dtype=dt, device=dev)
 
     name = choose_backend(x, backend)
+    if name != "torch" and autodiff_transform_active():
+        # the C++ op's autograd is a C++ autograd function: torch.func cannot run it ("cannot use C++
+        # torch::autograd::Function with functorch transforms") and it has no forward derivative; the
+        # reference (F.group_norm) has every derivative
+        name = "torch"
     act = _ACTIVATIONS[activation]
     if name == "torch":
         return reference.group_norm(x, num_groups, weight, bias, float(eps), scale=scale, shift=shift,
