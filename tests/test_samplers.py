@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler, NoiseSchedule, cfg_combine,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler, LCMSampler, NoiseSchedule, cfg_combine,
                                 classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
@@ -386,7 +386,7 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
 @pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {}), (DDIMSampler, {"eta": 1.0, "thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
-                                    (EulerAncestralSampler, {}),
+                                    (EulerAncestralSampler, {}), (LCMSampler, {"thresholding": True}),
                                     (DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
@@ -733,6 +733,25 @@ def test_from_config():
         DDIMSampler.from_config([("beta_start", 0.1)])
 
 
+def test_lcm_steps_and_errors():
+    s = LCMSampler().set_timesteps(4)
+    # LCMScheduler's schedule: 4 of the 50 distillation timesteps 19, 39, ..., 999, evenly skipped
+    assert s.timesteps.tolist() == [999, 759, 499, 259]
+    assert LCMSampler(original_inference_steps=10).set_timesteps(10).timesteps.tolist() == list(range(999, 0, -100))
+    with pytest.raises(ValueError, match="^num_inference_steps: 51 exceeds original_inference_steps=50"):
+        LCMSampler().set_timesteps(51)
+    with pytest.raises(ValueError, match="^original_inference_steps:"):
+        LCMSampler(original_inference_steps=0)
+    with pytest.raises(ValueError, match="^timestep_scaling:"):
+        LCMSampler(timestep_scaling=-1.0)
+    # the last step returns the consistency function's output itself: no noise however the seed
+    x, m = _x(), eps_model(_x(), 50)
+    a = s.set_timesteps(4, seed=1).step(m, 3, x)
+    b = s.set_timesteps(4, seed=2).step(m, 3, x)
+    assert torch.equal(a, b) and not torch.equal(s.set_timesteps(4, seed=1).step(m, 0, x),
+                                                 s.set_timesteps(4, seed=2).step(m, 0, x))
+
+
 def test_sampler_errors():
     with pytest.raises(ValueError, match="^prediction_type:"):
         DDIMSampler(prediction_type="noise")
@@ -862,6 +881,11 @@ DIFFUSERS_CASES = [
     ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++", "thresholding": True,
                                                          "final_sigmas_type": "sigma_min", "lower_order_final": False,
                                                          "timestep_spacing": "trailing", "prediction_type": "sample"}),
+    ("LCMScheduler", LCMSampler, {}),
+    ("LCMScheduler", LCMSampler, {"prediction_type": "v_prediction", "original_inference_steps": 30,
+                                  "timestep_scaling": 5.0, "clip_sample": True, "clip_sample_range": 1.5}),
+    ("LCMScheduler", LCMSampler, {"thresholding": True, "prediction_type": "sample", "beta_schedule": "linear",
+                                  "beta_start": 0.0001, "beta_end": 0.02}),
 ]
 
 
@@ -944,7 +968,7 @@ class TinyModel(torch.nn.Module):
         return torch.tanh(h)
 
 
-@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPPSampler,
+@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPPSampler, LCMSampler,
                                  functools.partial(DPMSolverPPSampler, algorithm_type="sde-dpmsolver++")])
 def test_sample_is_reproducible(cls):
     torch.manual_seed(0)

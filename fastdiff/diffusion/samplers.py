@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, Euler, Euler ancestral and DPM-Solver++ (2M and 2M SDE), each one fused kernel per step
-and no host sync.
+"""Samplers: DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ (2M and 2M SDE) and LCM, each one fused kernel per
+step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + std z (m the model output after
 classifier-free guidance, x0 = clip(PX x + PM m)). ``set_timesteps`` computes the coefficients of every step once,
@@ -10,7 +10,7 @@ captured in a CUDA graph.
 
 Options are named as in diffusers' scheduler configs, with the defaults of the matching diffusers scheduler, and
 ``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
-DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler).
+DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler).
 """
 from __future__ import annotations
 
@@ -678,6 +678,60 @@ class DDIMSampler(Sampler):
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
+class LCMSampler(Sampler):
+    """Latent Consistency Model multistep sampling (Luo et al. 2023), as diffusers' LCMScheduler: for few-step
+    models (LCM, LCM-LoRA). At each step the consistency function gives
+
+        denoised = c_skip(t) x + c_out(t) x0,   c_skip = sd^2 / (ts^2 + sd^2),  c_out = ts / sqrt(ts^2 + sd^2)
+
+    (ts = timestep_scaling t, sd = 0.5), and the next step re-noises it to the next timestep,
+    x_prev = sqrt(a_prev) denoised + sqrt(1 - a_prev) z; the last step returns denoised. The timesteps are
+    num_inference_steps evenly skipped ones of the `original_inference_steps` schedule the model was distilled on.
+    Defaults are LCMScheduler's (Stable Diffusion's scaled_linear betas).
+    """
+
+    _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
+                "set_alpha_to_one": True, **_THRESHOLDING, "timestep_scaling": 10.0}
+    _fixed = {}
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        o = cfg["original_inference_steps"]
+        if not _is_int(o) or not 0 < o <= cfg["num_train_timesteps"]:
+            raise ValueError(f"original_inference_steps: expected a positive int up to num_train_timesteps="
+                             f"{cfg['num_train_timesteps']}, got {o!r}")
+        if not _is_real(cfg["timestep_scaling"]) or not cfg["timestep_scaling"] > 0:
+            raise ValueError(f"timestep_scaling: expected a positive float, got {cfg['timestep_scaling']!r}")
+
+    @property
+    def _stochastic(self):
+        return True
+
+    def _plan(self, n):
+        cfg = self.config
+        T, orig = self.schedule.num_train_timesteps, int(cfg["original_inference_steps"])
+        if n > orig:
+            raise ValueError(f"num_inference_steps: {n} exceeds original_inference_steps={orig} (the steps are a "
+                             f"subset of the schedule the model was distilled on)")
+        origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+        ts = origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
+        acp = self._acp()
+        a_t = acp[ts]
+        last = np.arange(n) == n - 1
+        a_p = np.where(last, 1.0, acp[np.append(ts[1:], ts[-1])])  # the last step: denoised itself
+        scaled = ts * float(cfg["timestep_scaling"])
+        c_skip = 0.25 / (scaled**2 + 0.25)
+        c_out = scaled / np.sqrt(scaled**2 + 0.25)
+        alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(cfg["prediction_type"], alpha, sigma)
+        rows[:, _A] = np.sqrt(a_p) * c_skip
+        rows[:, _C] = np.sqrt(a_p) * c_out
+        rows[:, _S] = np.where(last, 0.0, np.sqrt(1 - a_p))
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
+
+
 class EulerSampler(Sampler):
     """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, Algorithm 1 without churn),
     as diffusers' EulerDiscreteScheduler: x lives at scale sqrt(sigma^2 + 1) (init_noise_sigma), the model sees
@@ -916,4 +970,4 @@ class DPMSolverPPSampler(Sampler):
 
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
-            "dpmsolver++": DPMSolverPPSampler}
+            "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler}
