@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fastdiff.models import AutoencoderKL, NoisyClassifier, UNet
 from fastdiff.training import (AutoencoderTrainer, ClassifierTrainer, ImageFolder, ImportanceSampler,
-                               TensorImageDataset, Trainer, UniformSampler, bits_per_dim, digits,
+                               TensorImageDataset, TrainConfig, Trainer, UniformSampler, bits_per_dim, digits,
                                load_autoencoder, load_model, min_snr_weight, q_sample, training_losses)
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.losses import _make_schedule, coefs
@@ -409,6 +409,32 @@ def test_resume_checks_the_model(tmp_path):
         Trainer(tiny_unet(), data).resume(str(tmp_path / "nowhere"))
 
 
+def test_resume_refuses_another_train_config(tmp_path):
+    # resume() kept the given TrainConfig: another lr, target, schedule... went into the resumed run, and the next
+    # save replaced the run's config with it
+    data, out = synthetic(), str(tmp_path)
+    run = dict(batch_size=4, lr=1e-3, target="v", beta_schedule="cosine", num_train_timesteps=50, lambda_vlb=0.01)
+    Trainer(tiny_unet(), data, TrainConfig(steps=1, **run), out_dir=out).train()
+    before = (tmp_path / "checkpoint.json").read_text()
+    for change, needle in [(dict(lr=2e-3), "lr=0.002 (the run has 0.001)"), (dict(target="eps"), "target='eps'"),
+                           (dict(beta_schedule="linear"), "beta_schedule"), (dict(num_train_timesteps=100),
+                                                                            "num_train_timesteps=100"),
+                           (dict(lambda_vlb=0.0), "lambda_vlb"), (dict(precision="bf16"), "precision='bf16'"),
+                           (dict(ema_decay=None), "ema_decay=None (the run has 0.9999)"),
+                           (dict(save_every=1), "save_every")]:
+        with pytest.raises(ValueError, match="^config: .*" + needle.replace("(", r"\(").replace(")", r"\)")):
+            Trainer(tiny_unet(), data, TrainConfig(steps=2, **{**run, **change}), out_dir=out).resume()
+    with pytest.raises(ValueError, match="lr=0.5"):  # a keyword override too
+        Trainer.from_checkpoint(out, data, lr=0.5)
+    assert (tmp_path / "checkpoint.json").read_text() == before
+    resumed = Trainer(tiny_unet(), data, TrainConfig(steps=2, **run), out_dir=out).resume()  # steps may extend it
+    assert resumed.step == 1 and resumed.config.steps == 2
+    resumed.train()
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["train_config"] == {
+        **json.loads(before)["train_config"], "steps": 2}
+    assert Trainer.from_checkpoint(out, data).step == 2
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision(precision):
     torch.manual_seed(0)
@@ -558,6 +584,95 @@ def test_cli_trains_and_resumes(tmp_path):
     assert train_main(argv + ["--steps", "3"]) == 0  # resumes from step 2
     meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
     assert meta["step"] == 3 and [r["step"] for r in meta["history"]] == [1, 2, 3]
+
+
+def _cli_refuses(argv, needle):
+    """train_main(argv) exits with a one-line error naming the flag that `needle` starts with, and holding needle."""
+    from fastdiff.training.cli import train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(argv)
+    flag = needle.split()[0].rstrip(":")
+    assert isinstance(e.value.code, str) and e.value.code.startswith(f"error: {flag}: "), e.value.code
+    assert needle in e.value.code and "\n" not in e.value.code, e.value.code
+
+
+@needs_sklearn
+def test_cli_resume_refuses_other_model_flags(tmp_path):
+    # the model flags (--model-channels, --channel-mult, ...) given on a resume with another value than the run's
+    # were silently ignored: the run went on with its own model
+    from fastdiff.training.cli import train_main
+
+    common = ["--dataset", "digits", "--batch-size", "2", "--quiet", "--device", "cpu", "--steps", "1"]
+    arch = ["--model-channels", "8", "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2"]
+    out = str(tmp_path / "run")
+    argv = common + arch + ["--out", out, "--dropout", "0.1"]
+    assert train_main(argv) == 0
+    before = open(os.path.join(out, "checkpoint.json")).read()
+    for flags, needle in [(["--model-channels", "16"], "--model-channels 16 (the run has 8)"),
+                          (["--channel-mult", "1,2,2"], "--channel-mult 1,2,2 (the run has 1,2)"),
+                          (["--num-res-blocks", "3"], "--num-res-blocks 3 (the run has 1)"),
+                          (["--attention-resolutions", "16"], "--attention-resolutions 16 (the run has 8)"),
+                          (["--num-heads", "2"], "--num-heads 2 (the run has 1)"),
+                          (["--num-head-channels", "4"], "--num-head-channels 4 (the run has -1)"),
+                          (["--num-groups", "8"], "--num-groups 8 (the run has 4)"),
+                          (["--dropout", "0.2"], "--dropout 0.2 (the run has 0.1)"),
+                          (["--no-scale-shift-norm"], "--no-scale-shift-norm (the run has no --no-scale-shift-norm)"),
+                          (["--resblock-updown"], "--resblock-updown"),
+                          (["--learn-sigma"], "--learn-sigma (the run has no --learn-sigma)"),
+                          (["--no-class-cond"], "--no-class-cond (the run has --class-cond)"),
+                          (["--lr", "0.5", "--num-groups", "2"], "--lr 0.5 (the run has 0.0002); --num-groups 2")]:
+        _cli_refuses(argv + flags, needle)
+    assert open(os.path.join(out, "checkpoint.json")).read() == before
+    # the run's own values, given or left at their defaults, resume it
+    assert train_main(argv + ["--attention-resolutions", "8", "--class-cond", "--steps", "2"]) == 0
+    assert train_main(["--dataset", "digits", "--out", out, "--quiet", "--device", "cpu", "--steps", "3"]) == 0
+    assert json.loads(open(os.path.join(out, "checkpoint.json")).read())["step"] == 3
+
+    # the classifier's and the autoencoder's flags too
+    clf = str(tmp_path / "clf")
+    assert train_main(common + arch + ["--task", "classifier", "--out", clf]) == 0
+    _cli_refuses(common + arch + ["--task", "classifier", "--out", clf, "--pool", "adaptive"],
+                 "--pool adaptive (the run has attention)")
+    ae = str(tmp_path / "ae")
+    assert train_main(common + arch + ["--task", "autoencoder", "--out", ae, "--latent-channels", "2"]) == 0
+    _cli_refuses(common + arch + ["--task", "autoencoder", "--out", ae, "--latent-channels", "3"],
+                 "--latent-channels 3 (the run has 2)")
+    _cli_refuses(common + ["--task", "autoencoder", "--out", ae, "--model-channels", "16"],
+                 "--model-channels 16 (the run has 8)")
+
+
+@needs_sklearn
+def test_cli_resume_checks_the_autoencoder_flag(tmp_path):
+    # --autoencoder on a resume was ignored: the run went on with the autoencoder saved in it, whatever was given
+    import shutil
+
+    from fastdiff.training.cli import train_main
+
+    common = ["--dataset", "digits", "--batch-size", "2", "--quiet", "--device", "cpu", "--model-channels", "8",
+              "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2"]
+    ae, ldm, pixel = (str(tmp_path / n) for n in ("ae", "ldm", "pixel"))
+    assert train_main(common + ["--task", "autoencoder", "--out", ae, "--latent-channels", "2", "--steps", "1"]) == 0
+    same = str(tmp_path / "same")
+    shutil.copytree(ae, same)
+    argv = common + ["--out", ldm, "--attention-resolutions", "4", "--steps", "1"]
+    assert train_main(argv + ["--autoencoder", ae]) == 0
+    assert train_main(common + ["--task", "autoencoder", "--out", ae, "--latent-channels", "2", "--steps", "2"]) == 0
+    before = open(os.path.join(ldm, "checkpoint.json")).read()
+    _cli_refuses(argv + ["--steps", "2", "--autoencoder", ae], "--autoencoder: ")  # trained on: other weights
+    scaled = str(tmp_path / "scaled")  # the same weights with another scale factor
+    shutil.copytree(same, scaled)
+    meta = json.loads(open(os.path.join(scaled, "checkpoint.json")).read())
+    meta["model"]["config"]["scale_factor"] *= 2
+    with open(os.path.join(scaled, "checkpoint.json"), "w") as f:
+        json.dump(meta, f)
+    _cli_refuses(argv + ["--steps", "2", "--autoencoder", scaled], "--autoencoder: ")
+    assert open(os.path.join(ldm, "checkpoint.json")).read() == before
+    assert train_main(argv + ["--steps", "2", "--autoencoder", same]) == 0  # the run's own: resumes
+    assert train_main(argv + ["--steps", "3"]) == 0
+    assert json.loads(open(os.path.join(ldm, "checkpoint.json")).read())["step"] == 3
+    assert train_main(common + ["--out", pixel, "--steps", "1"]) == 0
+    _cli_refuses(common + ["--out", pixel, "--steps", "2", "--autoencoder", same], "--autoencoder: ")
 
 
 def test_module_cli_reports_errors_in_one_line(tmp_path, capsys):

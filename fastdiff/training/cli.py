@@ -1,8 +1,8 @@
 """The training command line: ``python -m fastdiff.training --dataset digits --out runs/digits``.
 
 Several processes or GPUs: ``torchrun --nproc_per_node=N -m fastdiff.training ...`` (DDP; --batch-size is per
-process). When --out already holds a checkpoint the run resumes from it (its model and training configuration win;
---steps can extend it).
+process). When --out already holds a checkpoint the run resumes from it, with its own model, autoencoder and training
+configuration: a flag given with another value is refused (--steps can extend the run).
 
 ``add_train_arguments(parser)`` and ``run_train(args)`` are the reusable halves (the ``fastdiff`` console
 command hooks them in); ``train_main(argv)`` is the whole command.
@@ -110,6 +110,34 @@ def _build_model(args, task, data_shape, num_classes):
 # TrainConfig field -> the flag that sets it (where the names differ)
 _FLAG_OF = {"ema_decay": "--ema", "grad_clip": "--grad-clip", "num_train_timesteps": "--num-timesteps"}
 
+# model flags (argparse dests) named as the model config keys they set
+_MODEL_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
+               "num_head_channels", "num_groups", "dropout", "resblock_updown", "pool", "latent_channels")
+
+
+def _run_model_flags(task, config):
+    """The values of the model flags that _build_model turns into a model `config`, for the flags that apply to it
+    (an autoencoder has no attention resolutions, ...)."""
+    run = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in _MODEL_KEYS}
+    if "use_scale_shift_norm" in config:
+        run["no_scale_shift_norm"] = not config["use_scale_shift_norm"]
+    if task == "diffusion":
+        run["learn_sigma"] = config["out_channels"] == 2 * config["in_channels"]
+        run["class_cond"] = config["num_classes"] is not None
+    return run
+
+
+def _text(value) -> str:
+    return (",".join(map(str, value)) or '""') if isinstance(value, tuple) else str(value)
+
+
+def _show(dest, value) -> str:
+    """The flag `dest` with `value`, as spelled on the command line."""
+    flag = "--" + dest.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else ("--no-" + flag[2:] if dest == "class_cond" else f"no {flag}")
+    return f"{flag} {_text(value)}"
+
 
 def _config_from_args(args):
     from fastdiff.training.trainer import TrainConfig
@@ -142,9 +170,28 @@ def _check_resume(args, trainer, dataset):
         given = getattr(args, dest, None) != getattr(defaults, dest, None)
         if given and getattr(want, f.name) != getattr(trainer.config, f.name):
             differ.append(f"{flag} {getattr(args, dest)} (the run has {getattr(trainer.config, f.name)})")
+    for dest, run_value in _run_model_flags(trainer.task, trainer.model.config).items():
+        value = getattr(args, dest)
+        if value != getattr(defaults, dest) and value != run_value:
+            differ.append(f"{_show(dest, value)} (the run has "
+                          f"{_show(dest, run_value) if isinstance(run_value, bool) else _text(run_value)})")
     if differ:
         raise SystemExit(f"error: {differ[0].split()[0]}: {args.out} holds a run, which resumes with its own "
                          f"configuration: {'; '.join(differ)}. Drop the flag(s) or train into another --out")
+    if args.autoencoder:  # the run's own autoencoder (saved in its checkpoint) is the only one it resumes with
+        if trainer.autoencoder is None:
+            raise SystemExit(f"error: --autoencoder: {args.out} holds a pixel-space run, which resumes without an "
+                             "autoencoder. Drop the flag or train into another --out")
+        from fastdiff.training import checkpoint as ckpt
+
+        given = ckpt.load_model(args.autoencoder)
+        try:
+            trainer._check_resumed_autoencoder({"class": type(given).__name__, "config": given.config},
+                                               given.state_dict())
+        except ValueError:
+            raise SystemExit(f"error: --autoencoder: {args.autoencoder} is not the autoencoder (config, scale factor "
+                             f"and weights) that {args.out} holds, which its run resumes with. Drop the flag or "
+                             "train into another --out") from None
     model = trainer.model
     size = getattr(model, "image_size", None)
     if size is not None and len(dataset):

@@ -495,7 +495,9 @@ class Trainer:
 
     def resume(self, directory: str | None = None) -> "Trainer":
         """Load the whole training state (weights, EMA, optimizer, scaler, step, RNG, sampler, history) from a
-        checkpoint of this run: training then continues exactly as if never interrupted."""
+        checkpoint of this run: training then continues exactly as if never interrupted. The trainer must be built
+        as the run was (its model config, its TrainConfig but ``steps``, its autoencoder), else ValueError:
+        ``from_checkpoint`` builds it so."""
         directory = directory or self.out_dir
         tensors, meta = ckpt.load(directory)
         if meta.get("task") != self.task:
@@ -504,6 +506,7 @@ class Trainer:
         if {k: v for k, v in saved.items() if k != "scale_factor"} != \
                 {k: v for k, v in self.model.config.items() if k != "scale_factor"}:
             raise ValueError(f"checkpoint: its model config {saved} differs from this model's {self.model.config}")
+        self._check_resumed_config(meta.get("train_config"), directory)
         saved_names, names = meta.get("class_names"), self._class_names()
         uses_labels = (self.task == "classifier" or getattr(self.model, "num_classes", None) is not None
                        or self.context_fn is not None)
@@ -546,6 +549,21 @@ class Trainer:
         self._pending = [{k: torch.tensor(v, dtype=torch.float64) for k, v in m.items()}
                          for m in meta.get("pending_log", [])]
         return self
+
+    def _check_resumed_config(self, saved: dict | None, directory: str):
+        """A run resumes with its own training configuration: another one went into the resumed run (the schedule,
+        the loss, the optimiser) and the next save replaced the run's. Only ``steps`` may differ: a resume may
+        extend a run (the command line's --steps does)."""
+        if saved is None:
+            return
+        mine = dataclasses.asdict(self.config)
+        differ = [f"{f.name}={mine[f.name]!r} (the run has {saved.get(f.name, f.default)!r})"
+                  for f in dataclasses.fields(TrainConfig)
+                  if f.name != "steps" and mine[f.name] != saved.get(f.name, f.default)]
+        if differ:
+            raise ValueError(f"config: {directory!r} holds a run, which resumes with its own training configuration: "
+                             f"{'; '.join(differ)}. Pass the run's values (Trainer.from_checkpoint does), or train "
+                             f"into another out_dir")
 
     def _check_resumed_autoencoder(self, saved_meta, saved_tensors: dict):
         """A latent run resumes only in its own latent space: without its autoencoder it went on in pixel space (and
