@@ -449,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # which flags were written (a resume refuses one that differs from the run's)
+        from fastdiff.training.cli import given_flags
+
+        args.given_flags = given_flags(sys.argv[1:] if argv is None else argv)
     if hasattr(args, "guidance_default"):  # sample and eval
         _resolve_sampling_defaults(args)
     return run_reporting_errors(f"fastdiff {args.command}", lambda: args.func(args))

@@ -621,8 +621,14 @@ def test_cli_resume_refuses_other_model_flags(tmp_path):
                           (["--resblock-updown"], "--resblock-updown"),
                           (["--learn-sigma"], "--learn-sigma (the run has no --learn-sigma)"),
                           (["--no-class-cond"], "--no-class-cond (the run has --class-cond)"),
-                          (["--lr", "0.5", "--num-groups", "2"], "--lr 0.5 (the run has 0.0002); --num-groups 2")]:
+                          (["--lr", "0.5", "--num-groups", "2"], "--lr 0.5 (the run has 0.0002); --num-groups 2"),
+                          # flags written at their default values are given too (they were taken as not given)
+                          (["--model-channels", "64"], "--model-channels 64 (the run has 8)"),
+                          (["--dropout", "0"], "--dropout 0.0 (the run has 0.1)")]:
         _cli_refuses(argv + flags, needle)
+    from fastdiff import cli  # the `fastdiff train` command line too
+
+    assert cli.main(["train"] + argv + ["--model-channels", "64"]) == 2
     assert open(os.path.join(out, "checkpoint.json")).read() == before
     # the run's own values, given or left at their defaults, resume it
     assert train_main(argv + ["--attention-resolutions", "8", "--class-cond", "--steps", "2"]) == 0

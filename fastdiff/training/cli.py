@@ -151,6 +151,18 @@ def _config_from_args(args):
         seed=args.seed, log_every=args.log_every, save_every=args.save_every)
 
 
+def given_flags(argv) -> set:
+    """The argparse dests of the training flags written in `argv`, whatever their values: a flag written at its
+    default value (``--lr 1e-4`` on a run trained at 1e-3) is still a flag given. run_train reads it from
+    ``args.given_flags`` where the command line sets it; without it, a flag counts as given where its value
+    differs from the default."""
+    probe = add_train_arguments(argparse.ArgumentParser(add_help=False))
+    for a in probe._actions:
+        a.default, a.required = argparse.SUPPRESS, False
+    ns, _ = probe.parse_known_args(list(argv))
+    return set(vars(ns))
+
+
 def _check_resume(args, trainer, dataset):
     """A resumed run keeps its own configuration: a training flag given with another value than the checkpoint's,
     or data of another size than the model's, is refused rather than silently dropped or mixed in. (Re-running
@@ -160,6 +172,11 @@ def _check_resume(args, trainer, dataset):
     from fastdiff.training.data import fetch
 
     defaults = add_train_arguments(argparse.ArgumentParser()).parse_args(["--out", "-"])
+    typed = getattr(args, "given_flags", None)
+
+    def given(dest):
+        return dest in typed if typed is not None else getattr(args, dest, None) != getattr(defaults, dest, None)
+
     want = _config_from_args(args)
     differ = []
     for f in dataclasses.fields(want):
@@ -167,12 +184,11 @@ def _check_resume(args, trainer, dataset):
             continue
         flag = _FLAG_OF.get(f.name, "--" + f.name.replace("_", "-"))
         dest = flag[2:].replace("-", "_")
-        given = getattr(args, dest, None) != getattr(defaults, dest, None)
-        if given and getattr(want, f.name) != getattr(trainer.config, f.name):
+        if given(dest) and getattr(want, f.name) != getattr(trainer.config, f.name):
             differ.append(f"{flag} {getattr(args, dest)} (the run has {getattr(trainer.config, f.name)})")
     for dest, run_value in _run_model_flags(trainer.task, trainer.model.config).items():
         value = getattr(args, dest)
-        if value != getattr(defaults, dest) and value != run_value:
+        if given(dest) and value != run_value:
             differ.append(f"{_show(dest, value)} (the run has "
                           f"{_show(dest, run_value) if isinstance(run_value, bool) else _text(run_value)})")
     if differ:
@@ -263,6 +279,7 @@ def train_main(argv=None) -> int:
                                      description="Train a fastdiff U-Net, noisy classifier or autoencoder.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
+    args.given_flags = given_flags(sys.argv[1:] if argv is None else argv)
     from fastdiff.cli import run_reporting_errors  # the same one-line errors as `fastdiff train`
 
     def run():
