@@ -2,7 +2,7 @@
 
 Environment:
   FASTDIFF_BUILD_CUDA=0/1   force the CUDA half off/on (default: on when torch.version.cuda and nvcc exist)
-  FASTDIFF_CUDA_ARCHS       e.g. "8.0;9.0a+PTX" (default: the visible GPU's arch, else "8.0;9.0a+PTX")
+  FASTDIFF_CUDA_ARCHS       e.g. "8.0;9.0+PTX" (default: the visible GPU's arch, else "8.0;9.0+PTX")
   FASTDIFF_CPU_FLAGS        extra flags for the C++ kernels (default: AVX2/FMA/F16C when this CPU has them)
   FASTDIFF_DEBUG=1          -O0 -g, and nvcc -lineinfo
 """
@@ -60,7 +60,9 @@ def _cuda_archs(torch):
             return f"{major}.{minor}{suffix}+PTX"
     except Exception:
         pass
-    return "8.0;9.0a+PTX"
+    # no GPU to ask: SASS for sm_80 (runs on every 8.x GPU) and sm_90, and compute_90 PTX that the driver JITs for
+    # newer GPUs (Blackwell). No kernel uses an sm_90a-only instruction, and 9.0a PTX would run on sm_90 only.
+    return "8.0;9.0+PTX"
 
 
 def _extensions():
