@@ -765,6 +765,36 @@ def test_fit_scale_factor_without_ema_is_deterministic_and_leaves_train_mode():
     assert torch.equal(state, torch.random.get_rng_state())
 
 
+def test_every_autoencoder_checkpoint_has_a_fitted_scale_factor(tmp_path):
+    # the scale factor was fitted only at the end of `fastdiff train --task autoencoder`: a periodic checkpoint, or
+    # the one Ctrl-C writes, held 1.0, and latent diffusion on it trained on unscaled latents without a word
+    data = synthetic(channels=3)
+
+    def trainer(out):
+        torch.manual_seed(0)
+        ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4)
+        return AutoencoderTrainer(ae, data, batch_size=6, lr=2e-3, save_every=2, out_dir=str(tmp_path / out))
+
+    at = trainer("ae")
+    at.train(2)  # the periodic save at step 2 (and train()'s final one: the same weights, not fitted again)
+    s2 = load_model(str(tmp_path / "ae")).scale_factor
+    probe = trainer("probe")
+    probe.ema.load_state_dict(at.ema.state_dict())
+    probe.step = at.step
+    assert s2 != 1.0 and s2 == probe.fit_scale_factor()  # fitted to the step-2 weights
+    at.train(3)
+    s3 = load_model(str(tmp_path / "ae")).scale_factor
+    assert s3 != s2 and at.model.scale_factor == s3
+    # fitting at a save does not touch the training: the run resumed at step 3 ends as an uninterrupted one does
+    straight = trainer("straight")
+    straight.train(4)
+    resumed = AutoencoderTrainer.from_checkpoint(str(tmp_path / "ae"), data)
+    resumed.train(4)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.model.scale_factor == straight.model.scale_factor
+
+
 def test_autoencoder_trainer_refuses_other_output_channels():
     # out_channels=1 on RGB data: |x - x_hat| broadcast the one reconstructed channel over all three, silently
     ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4, out_channels=1)

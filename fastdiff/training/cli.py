@@ -267,8 +267,7 @@ def run_train(args: argparse.Namespace, progress: bool = False):
                   f"{world} process(es) on {device}", file=sys.stderr)
     trainer.train(progress=progress and verbose)
     if args.task == "autoencoder":
-        scale = trainer.fit_scale_factor()
-        trainer.save()
+        scale = trainer.model.scale_factor  # fitted by train()'s final save (AutoencoderTrainer.save)
         if verbose:
             print(f"latent scale factor: {scale:.5g}", file=sys.stderr)
     return trainer

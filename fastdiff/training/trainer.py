@@ -639,10 +639,18 @@ class ClassifierTrainer(Trainer):
 
 class AutoencoderTrainer(Trainer):
     """Trains a :class:`fastdiff.models.AutoencoderKL`: loss = mean |x - x_hat| + kl_weight * KL / (elements of x)
-    (LDM's objective divided by the pixel count, without its perceptual and adversarial terms). After training,
-    :meth:`fit_scale_factor` sets the latent scale factor from data."""
+    (LDM's objective divided by the pixel count, without its perceptual and adversarial terms).
+    :meth:`fit_scale_factor` sets the latent scale factor from data, and every :meth:`save` fits it first where the
+    weights changed since the last fit: each checkpoint of the run (a periodic one, the one Ctrl-C writes) holds a
+    scale factor fitted to its own weights, ready for latent diffusion (it was 1.0 until the end of training)."""
 
     task = "autoencoder"
+    _scale_fitted_step = None  # the step whose weights fit_scale_factor last fitted
+
+    def save(self, directory: str | None = None) -> str | None:
+        if self._scale_fitted_step != self.step:
+            self.fit_scale_factor()  # deterministic, and the loss does not read it: a resume stays bit for bit
+        return super().save(directory)
 
     def _check(self):
         ch = self._sample_shape[0]
@@ -691,6 +699,7 @@ class AutoencoderTrainer(Trainer):
         for m in (self.model, self.ema):
             if m is not None:
                 m.scale_factor = scale
+        self._scale_fitted_step = self.step
         return scale
 
 
