@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler, LCMSampler, NoiseSchedule, cfg_combine,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler, LCMSampler, NoiseSchedule, cfg_combine,
                                 classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
@@ -387,6 +387,8 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {}), (DDIMSampler, {"eta": 1.0, "thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
                                     (EulerAncestralSampler, {}), (LCMSampler, {"thresholding": True}),
+                                    (FlowMatchEulerSampler, {"shift": 3.0}),
+                                    (FlowMatchEulerSampler, {"stochastic_sampling": True}),
                                     (DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
@@ -908,6 +910,65 @@ def test_matches_diffusers(name, cls, cfg, n):
         _close(a, b, 5e-4)
 
 
+FLOW_CASES = [({}, None), ({"shift": 3.0}, None), ({"use_dynamic_shifting": True}, 0.8),
+              ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, 1.3),
+              ({"shift": 3.0, "use_karras_sigmas": True}, None), ({"shift": 2.0, "shift_terminal": 0.1}, None),
+              ({"stochastic_sampling": True, "shift": 3.0}, None)]
+
+
+@needs_diffusers
+@pytest.mark.parametrize("cfg,mu", FLOW_CASES)
+@pytest.mark.parametrize("n", [4, 28])
+def test_flow_match_euler_matches_diffusers(cfg, mu, n):
+    ds = dsched.FlowMatchEulerDiscreteScheduler(**cfg)
+    ours = FlowMatchEulerSampler.from_config(ds.config)
+    kw = {} if mu is None else {"mu": mu}
+    ds.set_timesteps(n, **kw)
+    ours.set_timesteps(n, **kw)
+    np.testing.assert_allclose(ours.timesteps.numpy(), ds.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.sigmas, ds.sigmas.numpy(), rtol=1e-6)
+
+    def velocity(x, t):  # a stand-in flow model
+        return torch.tanh(0.7 * x + t.float().reshape(-1, 1, 1, 1) / 1000)
+
+    x = _x((2, 3, 8, 8))
+    want, got = x.clone(), x.clone()
+    g_want, g_got = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for i, t in enumerate(ds.timesteps):
+        want = ds.step(velocity(want, t.expand(2)), t, want, generator=g_want).prev_sample
+        got = ours.step(velocity(got, ours.timestep(i).expand(2)), i, got, generator=g_got)
+        _close(got, want, 1e-5)
+
+
+def test_flow_match_euler_options_and_errors():
+    s = FlowMatchEulerSampler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="^mu:"):  # Flux's resolution-dependent shift is required
+        s.set_timesteps(4)
+    mu = s.calculate_shift(4096)
+    assert mu == pytest.approx(1.15) and s.calculate_shift(256) == pytest.approx(0.5)
+    s.set_timesteps(4, mu=mu)
+    assert s.mu == mu and s.set_timesteps(6).num_inference_steps == 6  # kept for later calls (fastdiff.sample)
+    with pytest.raises(ValueError, match="^mu:"):
+        s.set_timesteps(4, mu=float("nan"))
+    with pytest.raises(ValueError, match="^shift:"):
+        FlowMatchEulerSampler(shift=0)
+    with pytest.raises(ValueError, match="^shift_terminal:"):
+        FlowMatchEulerSampler(shift_terminal=1.0)
+    with pytest.raises(ValueError, match="^config:"):
+        FlowMatchEulerSampler.from_config({"invert_sigmas": True})
+    with pytest.raises(TypeError, match="^beta_schedule:"):  # no VP schedule options
+        FlowMatchEulerSampler(beta_schedule="linear")
+    assert s.calculate_shift(1024) == pytest.approx(0.5 + (1024 - 256) * (1.15 - 0.5) / (4096 - 256))  # Flux's
+    # classifier guidance: the velocity shifts by -sigma / (1 - sigma) s grad; nothing at sigma = 1 (pure noise)
+    f = FlowMatchEulerSampler(shift=3.0).set_timesteps(4, seed=0)
+    x, v = _x(), _x() * 0.5
+    g = torch.ones_like(x)
+    assert torch.equal(f.step(v, 0, x, classifier_grad=g), f.step(v, 0, x))
+    sig = float(f.sigmas[1])
+    torch.testing.assert_close(f.step(v, 1, x, classifier_grad=g, classifier_scale=2.0),
+                               f.step(v - sig / (1 - sig) * 2.0 * g, 1, x))
+
+
 def test_dpmsolverpp_trailing_clipped_runs_fewer_steps():
     # trailing spacing cut short by lambda_min_clipped leaves fewer timesteps than asked: diffusers runs those, and
     # set_timesteps failed with a numpy broadcast error
@@ -969,6 +1030,7 @@ class TinyModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPPSampler, LCMSampler,
+                                 FlowMatchEulerSampler,
                                  functools.partial(DPMSolverPPSampler, algorithm_type="sde-dpmsolver++")])
 def test_sample_is_reproducible(cls):
     torch.manual_seed(0)

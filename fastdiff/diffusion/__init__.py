@@ -1,10 +1,11 @@
 """Noise schedules, samplers, guidance and the sampling loop (one fused kernel per step, no host sync)."""
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverPPSampler,
-                                         EulerAncestralSampler, EulerSampler, LCMSampler, Sampler)
+                                         EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
+                                         LCMSampler, Sampler)
 from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
            "EulerAncestralSampler", "DPMSolverPPSampler",
-           "LCMSampler", "SAMPLERS", "cfg_combine", "classifier_grad", "sample"]
+           "LCMSampler", "FlowMatchEulerSampler", "SAMPLERS", "cfg_combine", "classifier_grad", "sample"]

@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ (2M and 2M SDE) and LCM, each one fused kernel per
-step and no host sync.
+"""Samplers: DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ (2M and 2M SDE), LCM and flow-matching Euler, each
+one fused kernel per step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + std z (m the model output after
 classifier-free guidance, x0 = clip(PX x + PM m)). ``set_timesteps`` computes the coefficients of every step once,
@@ -10,7 +10,8 @@ captured in a CUDA graph.
 
 Options are named as in diffusers' scheduler configs, with the defaults of the matching diffusers scheduler, and
 ``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
-DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler).
+DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler,
+FlowMatchEulerDiscreteScheduler).
 """
 from __future__ import annotations
 
@@ -239,8 +240,8 @@ class Sampler:
         alpha, sigma = plan["alpha"], plan["sigma"]
         # classifier guidance, score form: m += k * s * grad, with k such that eps shifts by -sigma s grad
         with np.errstate(divide="ignore", invalid="ignore"):
-            k = {"epsilon": -sigma, "sample": sigma**2 / alpha,
-                 "v_prediction": -sigma / alpha}[self.config["prediction_type"]]
+            k = plan["cg_k"] if "cg_k" in plan else {"epsilon": -sigma, "sample": sigma**2 / alpha,
+                                                     "v_prediction": -sigma / alpha}[self.config["prediction_type"]]
         # A zero-SNR step (alpha = 0, rescale_betas_zero_snr) has no finite shift for "sample" and "v_prediction":
         # the shifted x0 = (x - sigma eps') / alpha is undefined. x_t there is pure noise, independent of x0 and so
         # of y: p(y | x_t) = p(y), the true guidance gradient is 0 and a classifier's gradient carries no
@@ -969,5 +970,117 @@ class DPMSolverPPSampler(Sampler):
         return {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
 
 
+class FlowMatchEulerSampler(Sampler):
+    """Euler sampling of a rectified-flow / flow-matching model (Stable Diffusion 3, Flux, ...), as diffusers'
+    FlowMatchEulerDiscreteScheduler: x_t = (1 - sigma) x0 + sigma noise, the model predicts the velocity
+    v = noise - x0 at timestep sigma * num_train_timesteps, and
+
+        x_next = x + (sigma_next - sigma) v          (stochastic_sampling: (1 - sigma_next) x0 + sigma_next z)
+
+    The sigmas run from 1 down to the shifted 1 / num_train_timesteps, then 0: shifted by `shift`
+    (sigma' = shift sigma / (1 + (shift - 1) sigma); SD3 uses 3), or, with use_dynamic_shifting (Flux), by the
+    resolution-dependent `mu` that set_timesteps takes (``calculate_shift(image_seq_len)`` gives the pipelines'
+    value), then optionally stretched to `shift_terminal` and/or respaced as Karras sigmas. Classifier-free guidance
+    combines the velocities, as the pipelines do.
+    """
+
+    _options = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False,
+                "stochastic_sampling": False}
+    _fixed = {"invert_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+    def __init__(self, **options):
+        self.mu = None
+        super().__init__(**options)
+
+    def _build_schedule(self):
+        self.schedule = None  # no discrete-time VP schedule: the sigmas are the schedule
+
+    def _validate(self, cfg):
+        T = cfg["num_train_timesteps"]
+        if not _is_int(T) or T < 1:
+            raise ValueError(f"num_train_timesteps: expected a positive int, got {T!r}")
+        for k in ("use_dynamic_shifting", "use_karras_sigmas", "stochastic_sampling"):
+            if not isinstance(cfg[k], (bool, np.bool_)):
+                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+        for k in ("shift", "max_shift"):
+            if not _is_real(cfg[k]) or not cfg[k] > 0:
+                raise ValueError(f"{k}: expected a positive float, got {cfg[k]!r}")
+        if not _is_real(cfg["base_shift"]):
+            raise ValueError(f"base_shift: expected a float, got {cfg['base_shift']!r}")
+        for k in ("base_image_seq_len", "max_image_seq_len"):
+            if not _is_int(cfg[k]) or cfg[k] < 1:
+                raise ValueError(f"{k}: expected a positive int, got {cfg[k]!r}")
+        if cfg["time_shift_type"] not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type: expected 'exponential' or 'linear', got {cfg['time_shift_type']!r}")
+        st = cfg["shift_terminal"]
+        if st is not None and (not _is_real(st) or not 0 <= st < 1):
+            raise ValueError(f"shift_terminal: expected None or a float in [0, 1), got {st!r}")
+
+    def calculate_shift(self, image_seq_len: int) -> float:
+        """The `mu` of use_dynamic_shifting for a sequence of image_seq_len tokens, as the diffusers pipelines
+        compute it: linear from base_shift at base_image_seq_len to max_shift at max_image_seq_len (Flux: 2x2
+        latent patches, so (H / 16) (W / 16) tokens for an H x W image)."""
+        cfg = self.config
+        m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+        return image_seq_len * m + (cfg["base_shift"] - m * cfg["base_image_seq_len"])
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, mu=None):
+        """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
+        shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it)."""
+        if mu is not None:
+            if not _is_real(mu) or not math.isfinite(mu):
+                raise ValueError(f"mu: expected a finite float, got {mu!r}")
+            self.mu = float(mu)
+        return super().set_timesteps(num_inference_steps, device, seed=seed)
+
+    def _sigmas(self, n):
+        cfg = self.config
+        T = cfg["num_train_timesteps"]
+        # sigma_max and sigma_min as diffusers' constructor leaves them (float32; the static shift applied once
+        # there and once more below, as diffusers does)
+        init = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        if not cfg["use_dynamic_shifting"]:
+            init = cfg["shift"] * init / (1 + (cfg["shift"] - 1) * init)
+        smax, smin = init[0].item(), init[-1].item()
+        sig = np.linspace(smax * T, smin * T, n) / T
+        if cfg["use_dynamic_shifting"]:
+            if self.mu is None:
+                raise ValueError("mu: use_dynamic_shifting needs the resolution-dependent shift: "
+                                 "set_timesteps(n, mu=sampler.calculate_shift(image_seq_len)) (or set sampler.mu)")
+            e = math.exp(self.mu) if cfg["time_shift_type"] == "exponential" else self.mu
+            sig = e / (e + (1 / sig - 1))
+        else:
+            sig = cfg["shift"] * sig / (1 + (cfg["shift"] - 1) * sig)
+        if cfg["shift_terminal"]:
+            one_minus = 1 - sig
+            sig = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
+        if cfg["use_karras_sigmas"]:
+            sig = _karras(float(sig[-1]), float(sig[0]), n)
+        return sig.astype(np.float32)
+
+    def _plan(self, n):
+        T = self.config["num_train_timesteps"]
+        s32 = self._sigmas(n)
+        ts = s32 * np.float32(T)
+        sig = np.concatenate([s32, [0.0]]).astype(np.float64)
+        s, s_next = sig[:-1], sig[1:]
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = 1.0, -s  # x0 = x - sigma v
+        if self.config["stochastic_sampling"]:
+            rows[:, _C], rows[:, _S] = 1 - s_next, s_next
+        else:
+            rows[:, _A], rows[:, _B] = 1.0, s_next - s
+        self._sigmas_np = sig
+        with np.errstate(divide="ignore"):
+            cg_k = -s / (1 - s)  # v shifts by -sigma / (1 - sigma) s grad (eps by -sigma s grad); 0 at sigma = 1
+        return {"timesteps": ts.astype(np.float32), "rows": rows, "alpha": 1 - s, "sigma": s, "cg_k": cg_k}
+
+    @property
+    def _stochastic(self):
+        return bool(self.config["stochastic_sampling"])
+
+
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
-            "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler}
+            "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler}
