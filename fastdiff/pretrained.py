@@ -163,6 +163,13 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
         opts["num_train_timesteps"] = T
         opts["trained_betas"] = _make_schedule(kind, T).betas
         opts["beta_schedule"] = "squaredcos_cap_v2" if kind == "cosine" else kind
+        custom = meta.get("schedule")  # a run trained on a schedule= of its own saved its betas
+        if custom is not None:
+            betas = custom["betas"]
+            if not all(0 < b < 1 for b in betas):
+                raise ValueError(f"checkpoint: {d!r} was trained on a custom schedule with a beta of 1 (zero "
+                                 f"terminal SNR): build the sampler for it yourself (e.g. rescale_betas_zero_snr=True)")
+            opts["num_train_timesteps"], opts["trained_betas"] = len(betas), betas
     target = train.get("target")
     if target:
         opts["prediction_type"] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[target]

@@ -809,3 +809,42 @@ def test_fit_scale_factor_refuses_a_bad_sample_count(bad):
     with pytest.raises(ValueError, match="^num_samples:"):
         at.fit_scale_factor(bad)
     assert ae.scale_factor == 1.0
+
+
+def test_custom_schedule_is_saved_resumed_and_sampled(tmp_path):
+    # a schedule= of the trainer's own was not saved: from_checkpoint resumed on the config's schedule (another
+    # one, silently), resume() took any schedule, and a sampler of the checkpoint used the config's betas
+    from fastdiff import pretrained
+    from fastdiff.diffusion import NoiseSchedule
+
+    data = synthetic()
+    custom = NoiseSchedule(200, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+    def run(out, steps, **kw):
+        torch.manual_seed(0)
+        t = Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path / out), **kw)
+        t.train(steps)
+        return t
+
+    straight = run("straight", 2, schedule=custom)
+    run("split", 1, schedule=custom)
+    saved = json.loads((tmp_path / "split" / "checkpoint.json").read_text())["schedule"]
+    assert saved["betas"] == custom.betas.tolist() and saved["alphas_cumprod"] == custom.alphas_cumprod.tolist()
+    with pytest.raises(ValueError, match="^schedule: the run was trained on a custom"):
+        Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path / "split")).resume()
+    back = Trainer.from_checkpoint(str(tmp_path / "split"), data)
+    assert torch.equal(back.schedule.alphas_cumprod, custom.alphas_cumprod) and back.sampler.num_timesteps == 200
+    back.train(2)  # bit for bit the uninterrupted run
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, back.model.state_dict()[k]), k
+    s = pretrained.make_sampler("ddim", back.model, str(tmp_path / "split"))
+    assert s.schedule.num_train_timesteps == 200 and torch.equal(s.schedule.betas, custom.betas)
+    # a run on the config's schedule saves none, and refuses a custom one on resume
+    run("plain", 1)
+    assert "schedule" not in json.loads((tmp_path / "plain" / "checkpoint.json").read_text())
+    with pytest.raises(ValueError, match="^schedule: the run was trained on its TrainConfig"):
+        Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path / "plain"), schedule=custom).resume()
+    # zero terminal SNR (a beta of 1) cannot go to a sampler as trained_betas: a clear error
+    run("zsnr", 1, schedule=NoiseSchedule(200, rescale_betas_zero_snr=True), target="v")
+    with pytest.raises(ValueError, match="^checkpoint: .*zero terminal SNR"):
+        pretrained.make_sampler("ddim", None, str(tmp_path / "zsnr"))

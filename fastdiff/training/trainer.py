@@ -458,7 +458,21 @@ class Trainer:
         }
         if self.autoencoder is not None:
             meta["autoencoder"] = {"class": type(self.autoencoder).__name__, "config": self.autoencoder.config}
+        custom = self._schedule_meta()
+        if custom is not None:
+            meta["schedule"] = custom
         return tensors, meta
+
+    def _schedule_meta(self):
+        """The noise schedule for the checkpoint where it is not the one TrainConfig names (a ``schedule=`` passed
+        to the constructor): its betas and alphas_cumprod, exactly (float32 values as JSON floats), so a resume
+        and a sampler of the checkpoint use the very schedule the run trained on. None for the config's own."""
+        own = _make_schedule(self.config.beta_schedule, self.config.num_train_timesteps)
+        cur = {k: [float(v) for v in torch.as_tensor(getattr(self.schedule, k), dtype=torch.float32).reshape(-1)]
+               for k in ("betas", "alphas_cumprod")}
+        if cur == {k: [float(v) for v in getattr(own, k).reshape(-1)] for k in cur}:
+            return None
+        return cur
 
     def _class_names(self):
         names = getattr(self.dataset, "class_names", None)
@@ -507,6 +521,11 @@ class Trainer:
                 {k: v for k, v in self.model.config.items() if k != "scale_factor"}:
             raise ValueError(f"checkpoint: its model config {saved} differs from this model's {self.model.config}")
         self._check_resumed_config(meta.get("train_config"), directory)
+        if meta.get("schedule") != self._schedule_meta():
+            raise ValueError("schedule: " + ("the run was trained on a custom noise schedule (saved in its checkpoint)"
+                                              if meta.get("schedule") is not None else
+                                              "the run was trained on its TrainConfig's beta_schedule") +
+                             ", this trainer has another; pass the run's schedule (Trainer.from_checkpoint does)")
         saved_names, names = meta.get("class_names"), self._class_names()
         uses_labels = (self.task == "classifier" or getattr(self.model, "num_classes", None) is not None
                        or self.context_fn is not None)
@@ -598,9 +617,21 @@ class Trainer:
             ae = ckpt.build_model(meta["autoencoder"])
             ae.load_state_dict(ckpt.prefixed(tensors, "autoencoder."))
             kwargs["autoencoder"] = ae
+        if meta.get("schedule") is not None and "schedule" not in kwargs:
+            kwargs["schedule"] = SavedSchedule(meta["schedule"])
         trainer = cls(model, dataset, TrainConfig(**meta["train_config"]), out_dir=out_dir or directory,
                       device=device, **kwargs)
         return trainer.resume(directory)
+
+
+class SavedSchedule:
+    """A noise schedule as a checkpoint saved it (``checkpoint.json``'s "schedule": betas and alphas_cumprod):
+    what Trainer and the losses read of a schedule (float32 CPU tensors, num_train_timesteps)."""
+
+    def __init__(self, saved: dict):
+        self.betas = torch.tensor(saved["betas"], dtype=torch.float32)
+        self.alphas_cumprod = torch.tensor(saved["alphas_cumprod"], dtype=torch.float32)
+        self.num_train_timesteps = len(self.betas)
 
 
 class ClassifierTrainer(Trainer):
