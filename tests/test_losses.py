@@ -116,6 +116,23 @@ def test_min_snr_weight_at_zero_terminal_snr():
     assert torch.isfinite(terms["loss"]).all()
 
 
+def test_learned_variances_at_zero_terminal_snr():
+    # target eps with learned variances: the L_vlb term's x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) is NaN at a = 0,
+    # and every batch holding t = T - 1 had a NaN loss, silently; v (and x0) targets are fine there
+    s = NoiseSchedule(100, beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True)
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    t = torch.tensor([50, 99])
+
+    def model(x_t, t):
+        return torch.cat([0.1 * x_t, torch.zeros_like(x_t)], 1)  # mean and variance channels
+
+    with pytest.raises(ValueError, match="^target: 'eps' with learned variances"):
+        training_losses(model, x0, t, s)
+    for target in ("v", "x0"):
+        assert torch.isfinite(training_losses(model, x0, t, s, target=target)["loss"]).all()
+    assert torch.isfinite(training_losses(lambda x_t, t: 0.1 * x_t, x0, t, s)["loss"]).all()  # fixed variances
+
+
 @pytest.mark.parametrize("t,error,needle", [
     (torch.tensor([0, 5, -1]), ValueError, r"\[0, 99\]"),       # used to index from the end: t = 99
     (torch.tensor([0, 5, 100]), ValueError, r"\[0, 99\]"),

@@ -68,6 +68,7 @@ class _Coefs:
         }
         # ADM's "fixed large" variance for models that do not learn it
         c["fixed_log_var"] = torch.log(torch.cat([post_var[1:2], b[1:]]))
+        self.zero_snr = bool(ab[-1] == 0)  # rescale_betas_zero_snr: x0 cannot be had from eps at t = T - 1
         self.T = T
         self.c = {k: v.to(device) for k, v in c.items()}
 
@@ -219,6 +220,9 @@ def training_losses(model, x0, t, schedule, *, target: str = "eps", learn_sigma:
     out = model(x_t, t, **(model_kwargs or {})).float()
     if learn_sigma is None:
         learn_sigma = out.shape[1] == 2 * x0.shape[1]
+    if learn_sigma and target == "eps" and c.zero_snr:  # the L_vlb term's x0 would be inf * 0 = NaN at T - 1
+        raise ValueError("target: 'eps' with learned variances needs a nonzero SNR at every timestep (x0 is "
+                         "(x_t - sqrt(1 - a) eps) / sqrt(a)); this schedule ends at zero SNR: use target 'v' or 'x0'")
     pred, var_values = _split(out, x0.shape[1], learn_sigma)
     x0f, x_tf = x0.float(), x_t.float()
     mse = _mean_flat((_target(c, target, x0f, x_tf, t, noise.float()) - pred) ** 2)
