@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler, LCMSampler, NoiseSchedule, cfg_combine,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler,
+                                FlowMatchEulerSampler, HeunSampler, LCMSampler, NoiseSchedule, cfg_combine,
                                 classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
@@ -50,7 +51,7 @@ def _acp64(T=T_TRAIN, b0=0.0001, b1=0.02):
 def _run(sampler, x, n, *, noises=None, backend="auto", model=eps_model, scale_input=True, seed=0):
     sampler.set_timesteps(n, seed=seed)
     traj = []
-    for i in range(n):
+    for i in range(sampler.num_inference_steps):  # n, but 2n - 1 model calls for Heun
         t = sampler.timesteps[i]
         x_in = sampler.scale_model_input(x, i) if scale_input else x
         x = sampler.step(model(x_in, t), i, x, noise=None if noises is None else noises[i], backend=backend)
@@ -387,7 +388,7 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {}), (DDIMSampler, {"eta": 1.0, "thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
                                     (EulerAncestralSampler, {}), (LCMSampler, {"thresholding": True}),
-                                    (FlowMatchEulerSampler, {"shift": 3.0}),
+                                    (FlowMatchEulerSampler, {"shift": 3.0}), (HeunSampler, {"clip_sample": True}),
                                     (FlowMatchEulerSampler, {"stochastic_sampling": True}),
                                     (DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"})])
 def test_backends_agree_over_a_run(backend, cls, kw):
@@ -735,6 +736,19 @@ def test_from_config():
         DDIMSampler.from_config([("beta_start", 0.1)])
 
 
+def test_heun_steps():
+    # n steps are 2n - 1 model calls (diffusers' timesteps: every one after the first twice); the last is Euler's
+    s = HeunSampler().set_timesteps(3)
+    assert s.num_inference_steps == 5 and s.order == 2 and len(s.sigmas) == 6
+    t = s.timesteps.tolist()
+    assert t[1] == t[2] and t[3] == t[4] and len(set(t)) == 3
+    assert HeunSampler().set_timesteps(1).num_inference_steps == 1
+    x = _x() * s.init_noise_sigma  # a whole run through fastdiff.sample's loop
+    out = sample(lambda x, t: eps_model(x, t), HeunSampler(), (2, 3, 6, 6), num_inference_steps=4, seed=0,
+                 progress=False)
+    assert out.shape == (2, 3, 6, 6) and torch.isfinite(out).all() and x.shape == (2, 3, 6, 6)
+
+
 def test_lcm_steps_and_errors():
     s = LCMSampler().set_timesteps(4)
     # LCMScheduler's schedule: 4 of the 50 distillation timesteps 19, 39, ..., 999, evenly skipped
@@ -837,7 +851,7 @@ def _diffusers_run(sched, n, x, gen, learned=False):
 def _ours_run(s, n, x, gen, learned=False):
     s.set_timesteps(n)
     out = []
-    for i in range(n):
+    for i in range(s.num_inference_steps):  # n, but 2n - 1 model calls for Heun
         m = eps_model(s.scale_model_input(x, i), s.timesteps[i])
         if learned:
             m = torch.cat([m, torch.tanh(m)], 1)
@@ -883,6 +897,11 @@ DIFFUSERS_CASES = [
     ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++", "thresholding": True,
                                                          "final_sigmas_type": "sigma_min", "lower_order_final": False,
                                                          "timestep_spacing": "trailing", "prediction_type": "sample"}),
+    ("HeunDiscreteScheduler", HeunSampler, {}),
+    ("HeunDiscreteScheduler", HeunSampler, {"use_karras_sigmas": True, "beta_schedule": "scaled_linear"}),
+    ("HeunDiscreteScheduler", HeunSampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("HeunDiscreteScheduler", HeunSampler, {"timestep_spacing": "leading", "steps_offset": 1, "clip_sample": True,
+                                            "prediction_type": "sample"}),
     ("LCMScheduler", LCMSampler, {}),
     ("LCMScheduler", LCMSampler, {"prediction_type": "v_prediction", "original_inference_steps": 30,
                                   "timestep_scaling": 5.0, "clip_sample": True, "clip_sample_range": 1.5}),
@@ -1030,7 +1049,7 @@ class TinyModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPPSampler, LCMSampler,
-                                 FlowMatchEulerSampler,
+                                 FlowMatchEulerSampler, HeunSampler,
                                  functools.partial(DPMSolverPPSampler, algorithm_type="sde-dpmsolver++")])
 def test_sample_is_reproducible(cls):
     torch.manual_seed(0)

@@ -847,6 +847,65 @@ class EulerAncestralSampler(EulerSampler):
         return plan
 
 
+class HeunSampler(EulerSampler):
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn), as
+    diffusers' HeunDiscreteScheduler: each step from sigma to sigma_next is an Euler step (the model at sigma), then,
+    unless sigma_next = 0, a correction with the model at sigma_next:
+
+        x_next = x + (sigma_next - sigma) (d(x, sigma) + d(x_euler, sigma_next)) / 2,   d = (x - x0) / sigma
+
+    so n steps take 2n - 1 model evaluations: ``timesteps`` holds 2n - 1 entries (every one after the first
+    twice, as diffusers lists them) and ``num_inference_steps`` counts them. The correction reads the Euler step's
+    x0 from the sampler's buffer and re-derives x from it, so every call is one fused kernel. Sigmas, timesteps and
+    input scaling are EulerSampler's (Karras sigmas optional); defaults are HeunDiscreteScheduler's.
+    """
+
+    _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
+                "clip_sample": False, "clip_sample_range": 1.0, "timestep_spacing": "linspace"}
+    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _multistep = True
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+
+    @property
+    def order(self) -> int:
+        return 2
+
+    def _plan(self, n):
+        base = super()._plan(n)
+        sig, ts = self._sigmas_np, base["timesteps"]  # n + 1 sigmas (the last 0), n timesteps
+        # the calls: step k's Euler part (the model at sig[k]), then its correction (the model at sig[k + 1])
+        # for every k but the last
+        ev = [0]
+        for k in range(1, n):
+            ev += [k, k]
+        rows = np.zeros((2 * n - 1, 9))
+        pred = self.config["prediction_type"]
+        for j, k in enumerate(ev):
+            s_eval = sig[k]
+            if pred == "epsilon":
+                rows[j, _PX], rows[j, _PM] = 1.0, -s_eval
+            elif pred == "sample":
+                rows[j, _PX], rows[j, _PM] = 0.0, 1.0
+            else:
+                rows[j, _PX], rows[j, _PM] = 1 / (s_eval**2 + 1), -s_eval / np.sqrt(s_eval**2 + 1)
+            if j == 0 or j % 2 == 0:  # an Euler step from sig[k] to sig[k + 1]
+                s, sn = sig[k], sig[k + 1]
+                rows[j, _A], rows[j, _C] = sn / s, 1 - sn / s
+            else:  # the correction of the Euler step from sig[k - 1] to sig[k], at x_euler (x re-derived)
+                s, sn = sig[k - 1], sig[k]
+                dt = sn - s
+                rows[j, _A] = 1.0
+                rows[j, _C] = -dt / (2 * sn)
+                rows[j, _D] = dt / sn * (1 + dt / (2 * s)) - dt / (2 * s)
+        s_ev = sig[ev]
+        alpha = 1 / np.sqrt(s_ev**2 + 1)
+        self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]])  # diffusers' 2n sigmas
+        return {"timesteps": ts[ev].astype(np.float32), "rows": rows, "alpha": alpha, "sigma": s_ev * alpha,
+                "in_div": np.sqrt(s_ev**2 + 1)}
+
+
 class DPMSolverPPSampler(Sampler):
     """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, order 1 or 2 ("2M", Algorithm 2), as diffusers'
     DPMSolverMultistepScheduler with algorithm_type="dpmsolver++". With lambda = log(alpha / sigma), h = lambda_t -
@@ -1083,4 +1142,5 @@ class FlowMatchEulerSampler(Sampler):
 
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
-            "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler}
+            "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
+            "heun": HeunSampler}
