@@ -119,7 +119,9 @@ def _run_more_layers(code):
 
 def _run_sampling(code):
     unet = _tiny_unet(context_dim=768)
-    ns = {"pipe": types.SimpleNamespace(scheduler=types.SimpleNamespace(config=_sd_scheduler_config())),
+    # a stand-in for a pipeline's DPMSolverMultistepScheduler (from_scheduler goes by the class name)
+    scheduler = type("DPMSolverMultistepScheduler", (), {"config": _sd_scheduler_config()})()
+    ns = {"pipe": types.SimpleNamespace(scheduler=scheduler),
           "unet": unet, "text_emb": torch.randn(4, 77, 768), "null_emb": torch.randn(4, 77, 768)}
     code = _replace(code, "(4, 4, 64, 64)", "(4, 4, 16, 16)")
     code = _replace(code, "num_inference_steps=25", "num_inference_steps=3, progress=False")

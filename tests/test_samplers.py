@@ -988,6 +988,47 @@ def test_flow_match_euler_options_and_errors():
                                f.step(v - sig / (1 - sig) * 2.0 * g, 1, x))
 
 
+def test_flow_match_euler_degenerate_schedules_raise_naming_the_argument():
+    # FlowMatchEulerSampler has no prediction_type: a schedule with non-finite sigmas raised KeyError('prediction_type')
+    # from set_timesteps' error message. One step with shift_terminal (the one sigma is 1: 1 - sigma is stretched by
+    # 0/0) and a linear time shift with mu = 0 (0 / 0 at sigma = 1) are diffusers' NaN sigmas: both name the argument.
+    with pytest.raises(ValueError, match="^num_inference_steps: shift_terminal"):
+        FlowMatchEulerSampler(shift_terminal=0.1).set_timesteps(1)
+    with pytest.raises(ValueError, match="^num_inference_steps: shift_terminal"):
+        FlowMatchEulerSampler(use_dynamic_shifting=True, shift_terminal=0.1, use_karras_sigmas=True).set_timesteps(
+            1, mu=0.8)
+    with pytest.raises(ValueError, match="^mu:"):
+        FlowMatchEulerSampler(use_dynamic_shifting=True, time_shift_type="linear").set_timesteps(4, mu=0.0)
+    s = FlowMatchEulerSampler(shift_terminal=0.1).set_timesteps(2)  # two steps are fine: 1 -> shift_terminal -> 0
+    assert s.sigmas.tolist() == pytest.approx([1.0, 0.1, 0.0])
+    # the generic non-finite check names num_inference_steps for a sampler without prediction_type too
+    s._sigmas = lambda n: np.full(n, np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match="^num_inference_steps: the schedule gives non-finite"):
+        s.set_timesteps(3)
+
+
+@needs_diffusers
+def test_from_scheduler():
+    from fastdiff.diffusion import from_scheduler
+    from fastdiff.diffusion.samplers import DIFFUSERS_SCHEDULERS
+
+    for name, cls in DIFFUSERS_SCHEDULERS.items():
+        sched = getattr(dsched, name)()
+        s = from_scheduler(sched)
+        assert type(s) is cls and s.config == cls.from_config(sched.config).config, name
+    # a saved scheduler_config.json names its class; overrides apply on top
+    cfg = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.30.0", "algorithm_type":
+           "sde-dpmsolver++", "use_karras_sigmas": True, "beta_schedule": "scaled_linear"}
+    s = from_scheduler(cfg, solver_order=1)
+    assert isinstance(s, DPMSolverPPSampler) and s._stochastic and s.config["solver_order"] == 1
+    with pytest.raises(ValueError, match="^scheduler: PNDMScheduler has no fastdiff sampler"):
+        from_scheduler(dsched.PNDMScheduler())
+    with pytest.raises(ValueError, match="^scheduler: the config does not name its class"):
+        from_scheduler({"beta_start": 0.001})
+    with pytest.raises(TypeError, match="^scheduler:"):
+        from_scheduler("ddim")
+
+
 def test_dpmsolverpp_trailing_clipped_runs_fewer_steps():
     # trailing spacing cut short by lambda_min_clipped leaves fewer timesteps than asked: diffusers runs those, and
     # set_timesteps failed with a numpy broadcast error

@@ -2,10 +2,10 @@
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverPPSampler,
                                          EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
-                                         HeunSampler, LCMSampler, Sampler)
+                                         HeunSampler, LCMSampler, Sampler, from_scheduler)
 from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
-           "EulerAncestralSampler", "DPMSolverPPSampler",
-           "LCMSampler", "FlowMatchEulerSampler", "HeunSampler", "SAMPLERS", "cfg_combine", "classifier_grad", "sample"]
+           "EulerAncestralSampler", "HeunSampler", "DPMSolverPPSampler", "LCMSampler", "FlowMatchEulerSampler",
+           "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

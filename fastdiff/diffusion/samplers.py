@@ -1144,3 +1144,28 @@ class FlowMatchEulerSampler(Sampler):
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler}
+
+#: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
+DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
+                        "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
+                        "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
+                        "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler}
+
+
+def from_scheduler(scheduler, **overrides) -> Sampler:
+    """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
+    `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
+    (scheduler_config.json). A class without a fastdiff sampler (PNDM, UniPC, ...) raises ValueError: pick a
+    sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion configs)."""
+    config = getattr(scheduler, "config", scheduler)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")
+    name = config.get("_class_name") if scheduler is config else type(scheduler).__name__
+    if name is None:
+        raise ValueError("scheduler: the config does not name its class (\"_class_name\"): call a sampler's "
+                         "from_config(config) instead")
+    cls = DIFFUSERS_SCHEDULERS.get(name)
+    if cls is None:
+        raise ValueError(f"scheduler: {name} has no fastdiff sampler (those with one: "
+                         f"{', '.join(DIFFUSERS_SCHEDULERS)}); pick a sampler and call its from_config(config)")
+    return cls.from_config(config, **overrides)
