@@ -969,6 +969,9 @@ def test_flow_match_euler_options_and_errors():
     assert s.mu == mu and s.set_timesteps(6).num_inference_steps == 6  # kept for later calls (fastdiff.sample)
     with pytest.raises(ValueError, match="^mu:"):
         s.set_timesteps(4, mu=float("nan"))
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        s.set_timesteps(0, mu=2.0)
+    assert s.mu == mu  # a refused call changes nothing
     with pytest.raises(ValueError, match="^shift:"):
         FlowMatchEulerSampler(shift=0)
     with pytest.raises(ValueError, match="^shift_terminal:"):

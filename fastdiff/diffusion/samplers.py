@@ -215,8 +215,11 @@ class Sampler:
         rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
         rows[:, : plan["rows"].shape[1]] = plan["rows"]
         if not np.isfinite(rows).all():
-            raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} steps "
-                             f"(prediction_type={self.config['prediction_type']!r} with a zero-SNR step?)")
+            # FlowMatchEulerSampler has no prediction_type
+            hint = (f" (prediction_type={self.config['prediction_type']!r} with a zero-SNR step?)"
+                    if "prediction_type" in self.config else "")
+            raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} "
+                             f"steps{hint}")
         self.num_inference_steps = n
         self._plan_host = plan
         self._timesteps_np = plan["timesteps"]
@@ -1088,11 +1091,16 @@ class FlowMatchEulerSampler(Sampler):
     def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, mu=None):
         """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
         shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it)."""
+        before = self.mu
         if mu is not None:
             if not _is_real(mu) or not math.isfinite(mu):
                 raise ValueError(f"mu: expected a finite float, got {mu!r}")
             self.mu = float(mu)
-        return super().set_timesteps(num_inference_steps, device, seed=seed)
+        try:
+            return super().set_timesteps(num_inference_steps, device, seed=seed)
+        except Exception:
+            self.mu = before  # a refused call changes nothing
+            raise
 
     def _sigmas(self, n):
         cfg = self.config
@@ -1108,11 +1116,17 @@ class FlowMatchEulerSampler(Sampler):
             if self.mu is None:
                 raise ValueError("mu: use_dynamic_shifting needs the resolution-dependent shift: "
                                  "set_timesteps(n, mu=sampler.calculate_shift(image_seq_len)) (or set sampler.mu)")
+            if cfg["time_shift_type"] == "linear" and not self.mu > 0:  # mu / (mu + 1/sigma - 1): 0/0 at 1
+                raise ValueError(f"mu: time_shift_type='linear' needs mu > 0, got {self.mu!r}")
             e = math.exp(self.mu) if cfg["time_shift_type"] == "exponential" else self.mu
             sig = e / (e + (1 / sig - 1))
         else:
             sig = cfg["shift"] * sig / (1 + (cfg["shift"] - 1) * sig)
         if cfg["shift_terminal"]:
+            if n == 1:  # the one sigma is 1: stretching 1 - sigma is 0/0 (diffusers: NaN sigmas)
+                st = cfg["shift_terminal"]
+                raise ValueError(f"num_inference_steps: shift_terminal={st!r} stretches the sigmas to end at "
+                                 f"it, which needs at least 2 steps, got 1")
             one_minus = 1 - sig
             sig = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
         if cfg["use_karras_sigmas"]:
