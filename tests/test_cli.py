@@ -386,13 +386,14 @@ def test_device_spellings(tmp_path, capsys):
         _one_line_error(capsys, "device")
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++"])
-def test_sample_with_the_stochastic_samplers(name, tmp_path, capsys):
-    from fastdiff.diffusion import DPMSolverPPSampler, EulerAncestralSampler
+@pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++", "heun"])
+def test_sample_with_the_new_samplers(name, tmp_path, capsys):
+    from fastdiff.diffusion import DPMSolverPPSampler, EulerAncestralSampler, HeunSampler
 
     s = pretrained.make_sampler(name)
-    assert isinstance(s, EulerAncestralSampler if name == "euler_ancestral" else DPMSolverPPSampler)
-    assert s._stochastic and s.config.get("algorithm_type", "sde-dpmsolver++") == "sde-dpmsolver++"
+    cls = {"euler_ancestral": EulerAncestralSampler, "heun": HeunSampler}.get(name, DPMSolverPPSampler)
+    assert isinstance(s, cls)
+    assert s._stochastic == (name != "heun") and s.config.get("algorithm_type", "sde-dpmsolver++") == "sde-dpmsolver++"
     outs = []
     for seed in (0, 0, 1):
         out = tmp_path / f"s{len(outs)}.npz"
@@ -402,7 +403,7 @@ def test_sample_with_the_stochastic_samplers(name, tmp_path, capsys):
     assert name in capsys.readouterr().out
     assert np.isfinite(outs[0]).all() and np.abs(outs[0]).max() <= 1
     np.testing.assert_array_equal(outs[0], outs[1])  # the same seed, the same samples
-    assert not np.array_equal(outs[0], outs[2])
+    assert not np.array_equal(outs[0], outs[2])  # (another seed: other initial noise)
 
 
 def test_sample_by_class_name(tmp_path, capsys):
