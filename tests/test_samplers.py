@@ -974,6 +974,10 @@ def test_flow_match_euler_options_and_errors():
     assert s.mu == mu  # a refused call changes nothing
     with pytest.raises(ValueError, match="^shift:"):
         FlowMatchEulerSampler(shift=0)
+    # a config may hold None for the dynamic-shifting options where it does not shift dynamically (diffusers takes it)
+    assert FlowMatchEulerSampler.from_config({"shift": 3.0, "base_shift": None, "max_shift": None}).set_timesteps(2)
+    with pytest.raises(ValueError, match="^max_shift:"):
+        FlowMatchEulerSampler(use_dynamic_shifting=True, max_shift=None)
     with pytest.raises(ValueError, match="^shift_terminal:"):
         FlowMatchEulerSampler(shift_terminal=1.0)
     with pytest.raises(ValueError, match="^config:"):

@@ -216,8 +216,8 @@ class Sampler:
         rows[:, : plan["rows"].shape[1]] = plan["rows"]
         if not np.isfinite(rows).all():
             # FlowMatchEulerSampler has no prediction_type
-            hint = (f" (prediction_type={self.config['prediction_type']!r} with a zero-SNR step?)"
-                    if "prediction_type" in self.config else "")
+            hint = (f" (prediction_type={self.config['prediction_type']!r} with a zero-SNR step, or two equal "
+                    f"sigmas in a row?)" if "prediction_type" in self.config else "")
             raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} "
                              f"steps{hint}")
         self.num_inference_steps = n
@@ -1066,14 +1066,16 @@ class FlowMatchEulerSampler(Sampler):
         for k in ("use_dynamic_shifting", "use_karras_sigmas", "stochastic_sampling"):
             if not isinstance(cfg[k], (bool, np.bool_)):
                 raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
-        for k in ("shift", "max_shift"):
-            if not _is_real(cfg[k]) or not cfg[k] > 0:
-                raise ValueError(f"{k}: expected a positive float, got {cfg[k]!r}")
-        if not _is_real(cfg["base_shift"]):
-            raise ValueError(f"base_shift: expected a float, got {cfg['base_shift']!r}")
-        for k in ("base_image_seq_len", "max_image_seq_len"):
-            if not _is_int(cfg[k]) or cfg[k] < 1:
-                raise ValueError(f"{k}: expected a positive int, got {cfg[k]!r}")
+        if not _is_real(cfg["shift"]) or not cfg["shift"] > 0:
+            raise ValueError(f"shift: expected a positive float, got {cfg['shift']!r}")
+        # the dynamic-shifting options: None allowed where unused (diffusers' signature), else checked
+        dyn = cfg["use_dynamic_shifting"]
+        for k, ok, want in (("max_shift", lambda v: _is_real(v) and v > 0, "a positive float"),
+                            ("base_shift", _is_real, "a float"),
+                            ("base_image_seq_len", lambda v: _is_int(v) and v >= 1, "a positive int"),
+                            ("max_image_seq_len", lambda v: _is_int(v) and v >= 1, "a positive int")):
+            if not ok(cfg[k]) and (dyn or cfg[k] is not None):
+                raise ValueError(f"{k}: expected {want}, got {cfg[k]!r}")
         if cfg["time_shift_type"] not in ("exponential", "linear"):
             raise ValueError(f"time_shift_type: expected 'exponential' or 'linear', got {cfg['time_shift_type']!r}")
         st = cfg["shift_terminal"]
@@ -1085,6 +1087,9 @@ class FlowMatchEulerSampler(Sampler):
         compute it: linear from base_shift at base_image_seq_len to max_shift at max_image_seq_len (Flux: 2x2
         latent patches, so (H / 16) (W / 16) tokens for an H x W image)."""
         cfg = self.config
+        if any(cfg[k] is None for k in ("max_shift", "base_shift", "max_image_seq_len", "base_image_seq_len")):
+            raise ValueError("config: calculate_shift needs base_shift, max_shift, base_image_seq_len and "
+                             "max_image_seq_len (some are None)")
         m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
         return image_seq_len * m + (cfg["base_shift"] - m * cfg["base_image_seq_len"])
 
