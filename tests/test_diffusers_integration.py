@@ -393,3 +393,99 @@ def test_fastdiff_imports_without_diffusers():
             "    assert 'fastdiff[diffusers]' in str(e), e\nelse:\n    raise SystemExit('imported')\n")
     r = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def _cfg_loop(call, scheduler, shape, seed, steps, cond, uncond, guidance, init_sigma=1.0):
+    """A diffusers-style loop with classifier-free guidance: call(x, t, kwargs) -> prediction."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * init_sigma
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        c, u = call(x_in, t.expand(shape[0]), cond), call(x_in, t.expand(shape[0]), uncond)
+        x = scheduler.step(u + guidance * (c - u), t, x).prev_sample
+    return x
+
+
+def test_sample_sdxl_style_unet_with_added_cond_kwargs():
+    # SDXL's U-Net needs added_cond_kwargs (pooled text embeddings and size ids), which fastdiff.sample could not
+    # pass: model_kwargs / uncond_model_kwargs carry them, joined for the batched CFG call
+    from diffusers import EulerDiscreteScheduler
+
+    from fastdiff.diffusion import from_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8).eval()
+    g = torch.Generator().manual_seed(2)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    pooled, upooled = torch.randn(2, 12, generator=g), torch.zeros(2, 12)
+    ids = torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)
+    cond = {"encoder_hidden_states": ctx, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+    uncond = {"encoder_hidden_states": uctx, "added_cond_kwargs": {"text_embeds": upooled, "time_ids": ids}}
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with torch.no_grad():
+        ref = _cfg_loop(lambda x, t, kw: unet(x, t, **kw).sample, scheduler, (2, 4, 16, 16), 3, 4, cond, uncond, 5.0,
+                        init_sigma=float(scheduler.init_noise_sigma))
+    calls = []
+    unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    out = fastdiff.sample(unet, from_scheduler(scheduler), (2, 4, 16, 16), context=ctx, uncond_context=uctx,
+                          model_kwargs={"added_cond_kwargs": cond["added_cond_kwargs"]},
+                          uncond_model_kwargs={"added_cond_kwargs": uncond["added_cond_kwargs"]},
+                          guidance_scale=5.0, num_inference_steps=4, seed=3, progress=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert calls == [4] * 4  # one batched call per step
+
+
+def test_sample_sd3_style_transformer_with_flow_matching():
+    # the SD3 / Flux transformers take the timestep after encoder_hidden_states (it was passed second, into
+    # encoder_hidden_states) and need pooled_projections (model_kwargs)
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from fastdiff.diffusion import from_scheduler
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                               pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16).eval()
+    g = torch.Generator().manual_seed(2)
+    ctx, uctx = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    pooled, upooled = torch.randn(2, 12, generator=g), torch.randn(2, 12, generator=g)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with torch.no_grad():
+        ref = _cfg_loop(lambda x, t, kw: tr(x, timestep=t, **kw).sample, scheduler, (2, 4, 8, 8), 5, 4,
+                        {"encoder_hidden_states": ctx, "pooled_projections": pooled},
+                        {"encoder_hidden_states": uctx, "pooled_projections": upooled}, 7.0)
+    out = fastdiff.sample(tr, from_scheduler(scheduler), (2, 4, 8, 8), context=ctx, uncond_context=uctx,
+                          model_kwargs={"pooled_projections": pooled}, uncond_model_kwargs={"pooled_projections": upooled},
+                          guidance_scale=7.0, num_inference_steps=4, seed=5, progress=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_model_kwargs_errors():
+    model = lambda x, t, **kw: x  # noqa: E731
+    s = DDIMSampler()
+    for kw, err, needle in [(dict(model_kwargs=[1]), TypeError, "^model_kwargs:"),
+                            (dict(model_kwargs={"context": 1}), ValueError, "^model_kwargs: 'context'"),
+                            (dict(model_kwargs={"a": 1}, uncond_model_kwargs={"b": 1}), ValueError,
+                             "^uncond_model_kwargs: expected the keys")]:
+        with pytest.raises(err, match=needle):
+            fastdiff.sample(model, s, (1, 3, 4, 4), num_inference_steps=2, progress=False, **kw)
+    # uncond_model_kwargs alone is a condition to guide against; shared values reach both branches unchanged
+    seen = []
+
+    def m(x, t, scale=None, emb=None):
+        seen.append((x.shape[0], scale, None if emb is None else emb.shape[0]))
+        return x * 0.1
+
+    fastdiff.sample(m, s, (2, 3, 4, 4), num_inference_steps=1, guidance_scale=2.0, progress=False,
+                    model_kwargs={"scale": float("0.5"), "emb": torch.ones(2, 3)},
+                    uncond_model_kwargs={"scale": float("0.5"), "emb": torch.zeros(2, 3)})
+    assert seen == [(4, 0.5, 4)]  # equal numbers and per-sample tensors: one batched call
+    seen.clear()
+    fastdiff.sample(m, s, (2, 3, 4, 4), num_inference_steps=1, guidance_scale=2.0, progress=False,
+                    model_kwargs={"scale": 0.5}, uncond_model_kwargs={"scale": 0.7})
+    assert seen == [(2, 0.5, None), (2, 0.7, None)]  # values that differ: a call per branch

@@ -194,6 +194,40 @@ def _run_diffusers_sample(code):
     assert ns["latents"].shape == (1, 4, 16, 16) and torch.isfinite(ns["latents"]).all()
 
 
+def _run_sdxl_sample(code):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8).eval()
+    pipe = types.SimpleNamespace(unet=unet, scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+    ns = {"fastdiff": fastdiff, "pipe": pipe, "prompt_embeds": torch.randn(1, 7, 16),
+          "negative_prompt_embeds": torch.randn(1, 7, 16), "pooled": torch.randn(1, 12),
+          "negative_pooled": torch.zeros(1, 12), "add_time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+    code = _replace(code, "(1, 4, 128, 128)", "(1, 4, 16, 16)")
+    with torch.no_grad():
+        exec(_replace(code, "num_inference_steps=30", "num_inference_steps=2, progress=False"), ns)
+    assert ns["latents"].shape == (1, 4, 16, 16) and torch.isfinite(ns["latents"]).all()
+
+
+def _run_sd3_sample(code):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    torch.manual_seed(0)
+    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                         pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16).eval()
+    pipe = types.SimpleNamespace(transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    ns = {"fastdiff": fastdiff, "pipe": pipe, "prompt_embeds": torch.randn(1, 5, 16),
+          "negative_prompt_embeds": torch.randn(1, 5, 16), "pooled": torch.randn(1, 12),
+          "negative_pooled": torch.randn(1, 12)}
+    code = _replace(code, "(1, 16, 128, 128)", "(1, 4, 8, 8)")
+    with torch.no_grad():
+        exec(_replace(code, "num_inference_steps=28", "num_inference_steps=2, progress=False"), ns)
+    assert ns["latents"].shape == (1, 4, 8, 8) and torch.isfinite(ns["latents"]).all()
+
+
 _RUNNERS = {
     'with fastdiff.set_backend("torch")': _run_set_backend,
     "y = fastdiff.ops.group_norm(": _run_group_norm_signature,
@@ -206,6 +240,8 @@ _RUNNERS = {
     "from fastdiff.training import Trainer": _run_trainer,
     "from fastdiff.integrations.diffusers import patch": _run_diffusers_patch,
     "sampler = fastdiff.diffusion.DDIMSampler.from_config": _run_diffusers_sample,
+    "# SDXL: the U-Net's pooled": _run_sdxl_sample,
+    "# SD3: a flow-matching transformer": _run_sd3_sample,
 }
 
 

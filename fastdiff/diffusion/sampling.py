@@ -39,6 +39,46 @@ def _cat(a, b):
     return None if a is None else torch.cat([a, b])
 
 
+class _NoBatch(Exception):
+    pass
+
+
+def _per_sample(v, N) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == N
+
+
+def _join(c, u, N):
+    """The value for one model call on the conditional and unconditional batches together: per-sample tensors
+    (first dim N) concatenated, dicts joined key by key, a value shared by both branches (the same object, or an
+    equal number or string) passed once; anything else raises _NoBatch (the branches then run as two calls)."""
+    if isinstance(c, dict) and isinstance(u, dict) and c.keys() == u.keys():
+        return {k: _join(c[k], u[k], N) for k in c}
+    if _per_sample(c, N) and _per_sample(u, N) and c.shape[1:] == u.shape[1:] and c.dtype == u.dtype:
+        return torch.cat([c, u])
+    if c is u or (type(c) is type(u) and isinstance(c, (numbers.Number, str, type(None))) and c == u):
+        return c
+    raise _NoBatch
+
+
+def _to_device(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, dict):
+        return {k: _to_device(x, device) for k, x in v.items()}
+    return v
+
+
+def _check_model_kwargs(kw, name):
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise TypeError(f"{name}: expected a dict of keyword arguments for the model, got {type(kw).__name__}")
+    for k in ("y", "context"):
+        if k in kw:
+            raise ValueError(f"{name}: {k!r} has its own argument of fastdiff.sample; pass it there")
+    return dict(kw)
+
+
 def _as_sampling_model(model):
     """A diffusers U-Net (its call signature, its output object) adapted to model(x, t, y=, context=) -> tensor;
     other models as they are. diffusers is imported only when the model comes from it."""
@@ -52,7 +92,8 @@ def _as_sampling_model(model):
 
 def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_context=None, uncond_y=None,
            guidance_scale=1.0, classifier=None, classifier_scale=0.0, seed=None, dtype=None, num_inference_steps=None,
-           device=None, cuda_graph="auto", progress=True, backend="auto"):
+           device=None, cuda_graph="auto", progress=True, backend="auto", model_kwargs=None,
+           uncond_model_kwargs=None):
     """Draw samples of `shape` by running `sampler` over `model`; returns x_0 (a tensor of `shape`).
 
     model(x, t, y=..., context=...) -> prediction (only the keyword arguments given here are passed); t is a (N,)
@@ -61,6 +102,9 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     (guidance_scale != 1) needs uncond_context and/or uncond_y (the "null" conditioning); the two branches run as
     one batched model call when their shapes allow. classifier(x, t) -> logits with classifier_scale > 0 adds
     classifier guidance toward y (eager only: autograd is not captured in a CUDA graph).
+    model_kwargs: more keyword arguments for every model call (e.g. SDXL's ``added_cond_kwargs``, SD3's
+    ``pooled_projections``); uncond_model_kwargs: the unconditional branch's (default: model_kwargs). Tensors whose
+    first dim is the batch size N (also inside dicts) are per-sample: joined like context for the batched call.
     seed: makes the initial noise and the per-step noise reproducible. dtype: of x (default: the model's).
     num_inference_steps: calls sampler.set_timesteps first (else the sampler's current steps are used).
     cuda_graph: "auto" (on for CUDA devices), True or False. progress: a tqdm bar.
@@ -87,8 +131,16 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     N = shape[0]
     use_cfg = guidance_scale != 1.0
-    if use_cfg and uncond_context is None and uncond_y is None:
-        raise ValueError("guidance_scale: classifier-free guidance needs uncond_context and/or uncond_y")
+    extra = _check_model_kwargs(model_kwargs, "model_kwargs")
+    uncond_extra = _check_model_kwargs(uncond_model_kwargs, "uncond_model_kwargs")
+    if uncond_model_kwargs is not None and set(uncond_extra) != set(extra):
+        raise ValueError(f"uncond_model_kwargs: expected the keys of model_kwargs ({', '.join(sorted(extra))}), got "
+                         f"{', '.join(sorted(uncond_extra))}")
+    if uncond_model_kwargs is None:
+        uncond_extra = extra
+    if use_cfg and uncond_context is None and uncond_y is None and uncond_model_kwargs is None:
+        raise ValueError("guidance_scale: classifier-free guidance needs uncond_context, uncond_y and/or "
+                         "uncond_model_kwargs")
     if uncond_context is not None and context is None:
         raise ValueError("uncond_context: given without context")
     if uncond_y is not None and y is None:
@@ -126,15 +178,21 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         return None if t is None else t.to(device)
 
     y, uncond_y, context, uncond_context = mv(y), mv(uncond_y), mv(context), mv(uncond_context)
+    extra = _to_device(extra, device)
+    uncond_extra = extra if uncond_model_kwargs is None else _to_device(uncond_extra, device)
     cond_kw = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
+    cond_kw.update(extra)
     batched = False
     if use_cfg:
         uy = uncond_y if uncond_y is not None else y
         uc = uncond_context if uncond_context is not None else context
         uncond_kw = {k: v for k, v in (("y", uy), ("context", uc)) if v is not None}
-        batched = all(cond_kw[k].shape == uncond_kw[k].shape for k in cond_kw)
-        if batched:
-            both_kw = {k: torch.cat([cond_kw[k], uncond_kw[k]]) for k in cond_kw}
+        uncond_kw.update(uncond_extra)
+        try:
+            both_kw = {k: _join(cond_kw[k], uncond_kw[k], N) for k in cond_kw}
+            batched = True
+        except _NoBatch:
+            batched = False
 
     def one_step(x, i):
         t = sampler.timestep(i).expand(N)

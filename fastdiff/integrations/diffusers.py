@@ -332,14 +332,15 @@ class _SamplingModel(torch.nn.Module):
         target = getattr(unet, "_orig_mod", unet)  # a torch.compile'd U-Net: look at the module it wraps
         params = inspect.signature(target.forward).parameters
         self._return_dict = "return_dict" in params
+        self._timestep_kw = "timestep" in params
         self._ctx = "encoder_hidden_states" in params
         # UNet2DConditionModel takes class_labels whatever its config and ignores them without a class embedding
         # (class_embed_type and num_class_embeds None): refuse y there, or guidance on labels would silently be none
         self._cls = "class_labels" in params
         self._no_cls_embedding = getattr(target, "class_embedding", True) is None
 
-    def forward(self, x, t, y=None, context=None):
-        kw = {}
+    def forward(self, x, t, y=None, context=None, **extra):
+        kw = dict(extra)  # fastdiff.sample's model_kwargs (added_cond_kwargs, pooled_projections, ...)
         if context is not None:
             if not self._ctx:
                 raise TypeError(f"context: {type(self.unet).__name__} takes no encoder_hidden_states")
@@ -351,7 +352,8 @@ class _SamplingModel(torch.nn.Module):
             kw["class_labels"] = y
         if self._return_dict:
             kw["return_dict"] = False
-        out = self.unet(x, t, **kw)
+        # the timestep by name: U-Nets take it second, the SD3 / Flux transformers after encoder_hidden_states
+        out = self.unet(x, timestep=t, **kw) if self._timestep_kw else self.unet(x, t, **kw)
         if isinstance(out, (tuple, list)):
             return out[0]
         return getattr(out, "sample", out)
