@@ -3,6 +3,7 @@
 These check that every benchmark runs and returns rows in the format of shared/ARCHITECTURE.md; they never
 assert a speed (targets are judged from the committed results files).
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -62,7 +63,12 @@ def test_sampler_run():
     rows, _ = sampler.run("cpu", quick=True, compile_=False, out="", verbose=False, shapes=[(1, 4, 8, 8)],
                           loop_steps=2, loop_shape=(1, 4, 8, 8))
     _check_rows(rows, "sampler_step", ["eager"])
-    assert {r["case"].split()[0] for r in rows if r["op"] == "sampler_step"} == {"ddim-cfg", "ddpm-cfg", "dpmpp-cfg"}
+    assert {r["case"].split()[0] for r in rows if r["op"] == "sampler_step"} == {"ddim-cfg", "ddpm-cfg", "dpmpp-cfg",
+                                                                             "flow-cfg"}
+    flow = [r for r in rows if r["case"].startswith("flow-cfg")]
+    provs = {r["provider"] for r in flow}
+    assert "eager" in provs and "fastdiff-torch" in provs
+    assert ("diffusers" in provs) == (importlib.util.find_spec("diffusers") is not None)
     assert any(r["op"] == "sampling" for r in rows)
 
 

@@ -5,8 +5,9 @@ Per-step update (op "sampler_step") on SD latents (4, 4, 64, 64), SDXL-like late
   ddim-cfg:  deterministic DDIM (eta = 0), the common DDIM step
   ddpm-cfg:  ancestral DDPM with x0 clipping: Gaussian noise drawn every step (in the kernel, by Philox)
   dpmpp-cfg: DPM-Solver++ 2M at a second-order step (reads and rewrites the previous x0)
+  flow-cfg:  flow-matching Euler (SD3 / Flux: x + (sigma_next - sigma) v, shift 3) on the guided velocity
 Providers: eager (the step as a user writes it in PyTorch, Python-float coefficients, torch.randn_like),
-diffusers (DDIMScheduler.step / DPMSolverMultistepScheduler.step after the CFG combination, when installed),
+diffusers (the matching scheduler's step after the CFG combination, when installed),
 compile (torch.compile of the eager step), and fastdiff-cuda / fastdiff-triton / fastdiff-cpu / fastdiff-torch.
 GB/s counts the bytes a fused step must move: x, cond, uncond read and x_prev written (+ x0_prev read and
 written for DPM-Solver++); the noise is generated, not read.
@@ -28,7 +29,7 @@ import sys
 import torch
 
 from fastdiff import _bench
-from fastdiff.diffusion import DDIMSampler, DDPMSampler, DPMSolverPPSampler, sample
+from fastdiff.diffusion import DDIMSampler, DDPMSampler, DPMSolverPPSampler, FlowMatchEulerSampler, sample
 from fastdiff.ops.sampler_step import _available
 
 SHAPES = [(4, 4, 64, 64), (8, 4, 96, 96), (16, 3, 256, 256)]
@@ -124,6 +125,7 @@ def bench_step(args, device, rows):
     ddim = DDIMSampler(clip_sample=False).set_timesteps(50, device=device, seed=0)
     ddpm = DDPMSampler().set_timesteps(50, device=device, seed=0)
     dpm = DPMSolverPPSampler().set_timesteps(20, device=device, seed=0)
+    flow = FlowMatchEulerSampler(shift=3.0).set_timesteps(28, device=device, seed=0)
     i_ddim, i_dpm = 10, 5
     for shape in shapes:
         for dtype in dtypes:
@@ -191,6 +193,34 @@ def bench_step(args, device, rows):
             for b in backends:
                 fns[f"fastdiff-{b}"] = lambda b=b: dpm.step(c, i_dpm, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
             _record(rows, "dpmpp-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=6 * numel * size)
+
+            # flow-cfg ---------------------------------------------------------------------------------------------
+            dt = float(flow.sigmas[i_dpm + 1] - flow.sigmas[i_dpm])
+
+            def eager_flow(x, c, u, dt=dt):
+                return x + dt * (u + GUIDANCE * (c - u))
+
+            fns = {"eager": lambda: eager_flow(x, c, u)}
+            try:
+                from diffusers import FlowMatchEulerDiscreteScheduler
+            except ImportError:
+                FlowMatchEulerDiscreteScheduler = None
+            if FlowMatchEulerDiscreteScheduler is not None:
+                fm = FlowMatchEulerDiscreteScheduler(shift=3.0)
+                fm.set_timesteps(28, device=device)
+                t = fm.timesteps[i_dpm]
+
+                def diff_flow(fm=fm, t=t):
+                    fm._step_index = i_dpm
+                    return fm.step(u + GUIDANCE * (c - u), t, x).prev_sample
+
+                fns["diffusers"] = diff_flow
+            if not args.no_compile:
+                cf4 = torch.compile(eager_flow, dynamic=False)
+                fns["compile"] = lambda cf4=cf4: cf4(x, c, u)
+            for b in backends:
+                fns[f"fastdiff-{b}"] = lambda b=b: flow.step(c, i_dpm, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
+            _record(rows, "flow-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=4 * numel * size)
 
 
 class TinyModel(torch.nn.Module):
