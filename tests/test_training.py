@@ -841,10 +841,54 @@ def test_custom_schedule_is_saved_resumed_and_sampled(tmp_path):
     assert s.schedule.num_train_timesteps == 200 and torch.equal(s.schedule.betas, custom.betas)
     # a run on the config's schedule saves none, and refuses a custom one on resume
     run("plain", 1)
-    assert "schedule" not in json.loads((tmp_path / "plain" / "checkpoint.json").read_text())
+    assert json.loads((tmp_path / "plain" / "checkpoint.json").read_text())["schedule"] is None
     with pytest.raises(ValueError, match="^schedule: the run was trained on its TrainConfig"):
         Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path / "plain"), schedule=custom).resume()
     # zero terminal SNR (a beta of 1) cannot go to a sampler as trained_betas: a clear error
     run("zsnr", 1, schedule=NoiseSchedule(200, rescale_betas_zero_snr=True), target="v")
     with pytest.raises(ValueError, match="^checkpoint: .*zero terminal SNR"):
         pretrained.make_sampler("ddim", None, str(tmp_path / "zsnr"))
+
+
+def test_checkpoint_from_before_saved_schedules_resumes_on_its_schedule(tmp_path):
+    # a checkpoint written before schedules were saved has no "schedule": resume() took that as "the config's
+    # schedule" and refused the run's own custom one, the only way such a run could go on (from_checkpoint(...,
+    # schedule=...)), naming the wrong schedule
+    from fastdiff import pretrained
+    from fastdiff.diffusion import NoiseSchedule
+
+    data, out = synthetic(), str(tmp_path / "old")
+    custom = NoiseSchedule(200, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    Trainer(tiny_unet(), data, batch_size=4, out_dir=out, schedule=custom).train(1)
+    meta = json.loads((tmp_path / "old" / "checkpoint.json").read_text())
+    del meta["schedule"]  # as written before today
+    (tmp_path / "old" / "checkpoint.json").write_text(json.dumps(meta))
+    assert pretrained.make_sampler("ddim", None, out).schedule.num_train_timesteps == 1000  # samples, as before
+    back = Trainer.from_checkpoint(out, data, schedule=custom)
+    back.train(2)
+    assert json.loads((tmp_path / "old" / "checkpoint.json").read_text())["schedule"]["betas"] == custom.betas.tolist()
+    assert Trainer.from_checkpoint(out, data).step == 2
+
+
+def test_float64_custom_schedule_resumes_bit_for_bit(tmp_path):
+    # the saved schedule was rounded to float32: a float64 schedule= resumed on other values (not bit for bit)
+    class Schedule64:
+        betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1 - betas, 0)
+        num_train_timesteps = 100
+
+    data = synthetic()
+
+    def run(out, steps):
+        torch.manual_seed(0)
+        t = Trainer(tiny_unet(), data, batch_size=4, out_dir=str(tmp_path / out), schedule=Schedule64())
+        t.train(steps)
+        return t
+
+    straight = run("straight", 2)
+    run("split", 1)
+    back = Trainer.from_checkpoint(str(tmp_path / "split"), data)
+    assert torch.equal(back.schedule.alphas_cumprod, Schedule64.alphas_cumprod)
+    back.train(2)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, back.model.state_dict()[k]), k

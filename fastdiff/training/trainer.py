@@ -458,17 +458,18 @@ class Trainer:
         }
         if self.autoencoder is not None:
             meta["autoencoder"] = {"class": type(self.autoencoder).__name__, "config": self.autoencoder.config}
-        custom = self._schedule_meta()
-        if custom is not None:
-            meta["schedule"] = custom
+        # always written (null: the config's own schedule), so a resume tells a checkpoint of the config's schedule
+        # from an older one that did not record its schedule
+        meta["schedule"] = self._schedule_meta()
         return tensors, meta
 
     def _schedule_meta(self):
         """The noise schedule for the checkpoint where it is not the one TrainConfig names (a ``schedule=`` passed
-        to the constructor): its betas and alphas_cumprod, exactly (float32 values as JSON floats), so a resume
-        and a sampler of the checkpoint use the very schedule the run trained on. None for the config's own."""
+        to the constructor): its betas and alphas_cumprod, exactly (as JSON floats, which hold a float64 schedule's
+        values too), so a resume and a sampler of the checkpoint use the very schedule the run trained on. None for
+        the config's own."""
         own = _make_schedule(self.config.beta_schedule, self.config.num_train_timesteps)
-        cur = {k: [float(v) for v in torch.as_tensor(getattr(self.schedule, k), dtype=torch.float32).reshape(-1)]
+        cur = {k: [float(v) for v in torch.as_tensor(getattr(self.schedule, k)).double().reshape(-1)]
                for k in ("betas", "alphas_cumprod")}
         if cur == {k: [float(v) for v in getattr(own, k).reshape(-1)] for k in cur}:
             return None
@@ -521,7 +522,8 @@ class Trainer:
                 {k: v for k, v in self.model.config.items() if k != "scale_factor"}:
             raise ValueError(f"checkpoint: its model config {saved} differs from this model's {self.model.config}")
         self._check_resumed_config(meta.get("train_config"), directory)
-        if meta.get("schedule") != self._schedule_meta():
+        # (a checkpoint written before schedules were saved has no "schedule": the trainer's is taken as the run's)
+        if "schedule" in meta and meta["schedule"] != self._schedule_meta():
             raise ValueError("schedule: " + ("the run was trained on a custom noise schedule (saved in its checkpoint)"
                                               if meta.get("schedule") is not None else
                                               "the run was trained on its TrainConfig's beta_schedule") +
@@ -626,11 +628,15 @@ class Trainer:
 
 class SavedSchedule:
     """A noise schedule as a checkpoint saved it (``checkpoint.json``'s "schedule": betas and alphas_cumprod):
-    what Trainer and the losses read of a schedule (float32 CPU tensors, num_train_timesteps)."""
+    what Trainer and the losses read of a schedule (CPU tensors, num_train_timesteps)."""
 
     def __init__(self, saved: dict):
-        self.betas = torch.tensor(saved["betas"], dtype=torch.float32)
-        self.alphas_cumprod = torch.tensor(saved["alphas_cumprod"], dtype=torch.float32)
+        def exact(values):  # float32 where that holds the values exactly, else float64 (a float64 schedule's)
+            t = torch.tensor(values, dtype=torch.float64)
+            return t.float() if torch.equal(t.float().double(), t) else t
+
+        self.betas = exact(saved["betas"])
+        self.alphas_cumprod = exact(saved["alphas_cumprod"])
         self.num_train_timesteps = len(self.betas)
 
 
