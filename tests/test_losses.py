@@ -131,6 +131,15 @@ def test_learned_variances_at_zero_terminal_snr():
     for target in ("v", "x0"):
         assert torch.isfinite(training_losses(model, x0, t, s, target=target)["loss"]).all()
     assert torch.isfinite(training_losses(lambda x_t, t: 0.1 * x_t, x0, t, s)["loss"]).all()  # fixed variances
+    # the variational bound too: NaN for every target before (eps: x0; v, x0: the implied eps at T - 1)
+    from fastdiff.training.losses import bits_per_dim
+
+    small = NoiseSchedule(20, beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="^target: 'eps'"):
+        bits_per_dim(model, x0, small)
+    for target in ("v", "x0"):
+        r = bits_per_dim(model, x0, small, target=target, generator=torch.Generator().manual_seed(0))
+        assert all(torch.isfinite(r[k]).all() for k in ("total_bpd", "vb", "mse")), target
 
 
 @pytest.mark.parametrize("t,error,needle", [

@@ -250,6 +250,9 @@ def bits_per_dim(model, x0, schedule, *, target: str = "eps", learn_sigma: bool 
     if target not in TARGETS:
         raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
     c = coefs(schedule, x0.device)
+    if target == "eps" and c.zero_snr:  # x0 from eps at alpha = 0 is inf * 0: the bound would be NaN
+        raise ValueError("target: 'eps' needs a nonzero SNR at every timestep to give x0; this schedule ends at "
+                         "zero SNR: use a 'v' or 'x0' model")
     x0f = x0.float()
     N, n = x0.shape[0], x0.dim()
     vbs, mses = [], []
@@ -265,7 +268,10 @@ def bits_per_dim(model, x0, schedule, *, target: str = "eps", learn_sigma: bool 
         if clip_denoised:
             px0 = px0.clamp(-1, 1)
         vbs.append(_vb_term(c, x0f, x_t, t, px0, _model_log_var(c, var_values, t, n)))
-        eps = (c("sqrt_recip_ab", t, n) * x_t - px0) / c("sqrt_recipm1_ab", t, n)
+        if c.zero_snr and i == c.T - 1:  # x_t is the noise itself there (the formula is inf / inf)
+            eps = x_t
+        else:
+            eps = (c("sqrt_recip_ab", t, n) * x_t - px0) / c("sqrt_recipm1_ab", t, n)
         mses.append(_mean_flat((eps - noise) ** 2))
     vb = torch.stack(vbs[::-1], dim=1)
     mse = torch.stack(mses[::-1], dim=1)
