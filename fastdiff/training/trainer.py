@@ -684,6 +684,11 @@ class AutoencoderTrainer(Trainer):
     task = "autoencoder"
     _scale_fitted_step = None  # the step whose weights fit_scale_factor last fitted
 
+    def resume(self, directory: str | None = None) -> "Trainer":
+        super().resume(directory)
+        self._scale_fitted_step = None  # the loaded weights: fitted again at the next save (an older checkpoint's
+        return self                     # factor may be the unfitted 1.0)
+
     def save(self, directory: str | None = None) -> str | None:
         if self._scale_fitted_step != self.step:
             self.fit_scale_factor()  # deterministic, and the loss does not read it: a resume stays bit for bit
