@@ -795,6 +795,24 @@ def test_every_autoencoder_checkpoint_has_a_fitted_scale_factor(tmp_path):
     assert resumed.model.scale_factor == straight.model.scale_factor
 
 
+def test_autoencoder_resume_refits_at_the_next_save(tmp_path):
+    # a trainer that fitted at step k, resumed from a step-k checkpoint with the unfitted 1.0 (one written before
+    # every save fitted), saved that 1.0 again: the last fit was taken as the loaded weights'
+    torch.manual_seed(0)
+    ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4)
+    at = AutoencoderTrainer(ae, synthetic(channels=3), batch_size=6, out_dir=str(tmp_path / "ae"))
+    at.train(1)
+    fitted = load_model(str(tmp_path / "ae")).scale_factor
+    path = tmp_path / "ae" / "checkpoint.json"
+    meta = json.loads(path.read_text())
+    meta["model"]["config"]["scale_factor"] = 1.0
+    path.write_text(json.dumps(meta))
+    at.resume()
+    assert at.model.scale_factor == 1.0
+    at.save()
+    assert load_model(str(tmp_path / "ae")).scale_factor == fitted != 1.0
+
+
 def test_autoencoder_trainer_refuses_other_output_channels():
     # out_channels=1 on RGB data: |x - x_hat| broadcast the one reconstructed channel over all three, silently
     ae = AutoencoderKL(3, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4, out_channels=1)
