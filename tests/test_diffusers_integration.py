@@ -489,3 +489,77 @@ def test_sample_model_kwargs_errors():
     fastdiff.sample(m, s, (2, 3, 4, 4), num_inference_steps=1, guidance_scale=2.0, progress=False,
                     model_kwargs={"scale": 0.5}, uncond_model_kwargs={"scale": 0.7})
     assert seen == [(2, 0.5, None), (2, 0.7, None)]  # values that differ: a call per branch
+
+
+def test_sample_model_kwargs_tuple_of_per_sample_tensors():
+    # ControlNet-style residuals: a tuple of per-sample tensors, the same for both branches. The tuple went to
+    # the batched CFG call as it was (N rows for a 2N batch): a shape error for N > 1. Joined item by item.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8).eval()
+    g = torch.Generator().manual_seed(2)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    shapes = ((32, 16), (32, 16), (32, 8), (64, 8))  # the down blocks' residuals at 16 x 16
+    down = tuple(torch.randn(2, c, s, s, generator=g) * 0.1 for c, s in shapes)
+    mid = torch.randn(2, 64, 8, 8, generator=g) * 0.1
+    extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with torch.no_grad():
+        ref = _cfg_loop(lambda x, t, kw: unet(x, t, **kw).sample, scheduler, (2, 4, 16, 16), 3, 3,
+                        {"encoder_hidden_states": ctx, **extra}, {"encoder_hidden_states": uctx, **extra},
+                        5.0)
+    calls = []
+    unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    out = fastdiff.sample(unet, DDIMSampler.from_config(scheduler.config), (2, 4, 16, 16), context=ctx,
+                          uncond_context=uctx, model_kwargs=extra, guidance_scale=5.0, num_inference_steps=3,
+                          seed=3, progress=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert calls == [4] * 3  # one batched call per step
+    # lists too, each branch its own: joined item by item, one batched call
+    seen = []
+
+    def m(x, t, embs=None):
+        seen.append((x.shape[0], [e.shape[0] for e in embs]))
+        return x * 0.1
+
+    fastdiff.sample(m, DDIMSampler(), (2, 3, 4, 4), num_inference_steps=1, guidance_scale=2.0, progress=False,
+                    model_kwargs={"embs": [torch.ones(2, 3), torch.ones(2, 5)]},
+                    uncond_model_kwargs={"embs": [torch.zeros(2, 3), torch.zeros(2, 5)]})
+    assert seen == [(4, [4, 4])]
+
+
+def test_sample_model_kwargs_device_move_keeps_shared_values_shared():
+    # a tensor both branches share (Flux-style position ids, not per-sample) goes once to the batched CFG call
+    # only while it is the same object in both: moving each branch's kwargs to the device separately made two
+    # copies (on a GPU, of CPU tensors), and every step ran as two model calls. A tensor whose .to() copies
+    # stands in for the move here.
+    class _Moves(torch.Tensor):
+        def to(self, *args, **kwargs):
+            return torch.Tensor.to(self, *args, **kwargs).as_subclass(torch.Tensor).clone()
+
+    seen = []
+
+    def m(x, t, ids=None, emb=None):
+        seen.append((x.shape[0], ids.shape[0], emb.shape[0]))
+        return x * 0.1
+
+    ids = torch.zeros(7, 3).as_subclass(_Moves)
+    fastdiff.sample(m, DDIMSampler(), (2, 3, 4, 4), num_inference_steps=1, guidance_scale=2.0, progress=False,
+                    model_kwargs={"ids": ids, "emb": torch.ones(2, 5)},
+                    uncond_model_kwargs={"ids": ids, "emb": torch.zeros(2, 5)})
+    assert seen == [(4, 7, 4)]  # one batched call, the shared ids passed once
+
+
+def test_sample_model_kwargs_clashing_with_the_wrapper(models):
+    # encoder_hidden_states in model_kwargs was silently overwritten by context (and class_labels skipped y's check)
+    m = fdd.sampling_model(models["unet_cond"])
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.randn(1, 7, 16)
+    for kw in ({"encoder_hidden_states": ctx}, {"timestep": t}):
+        with pytest.raises(TypeError, match="^model_kwargs: '"):
+            m(x, t, context=ctx, **kw)
+    with torch.no_grad():  # without context, encoder_hidden_states through model_kwargs is the model's own argument
+        torch.testing.assert_close(m(x, t, encoder_hidden_states=ctx), m(x, t, context=ctx))
+

@@ -50,9 +50,12 @@ def _per_sample(v, N) -> bool:
 def _join(c, u, N):
     """The value for one model call on the conditional and unconditional batches together: per-sample tensors
     (first dim N) concatenated, dicts joined key by key, a value shared by both branches (the same object, or an
-    equal number or string) passed once; anything else raises _NoBatch (the branches then run as two calls)."""
+    equal number or string) passed once; anything else raises _NoBatch (the branches then run as two calls).
+    Lists and tuples are joined item by item (ControlNet's residuals: a tuple of per-sample tensors)."""
     if isinstance(c, dict) and isinstance(u, dict) and c.keys() == u.keys():
         return {k: _join(c[k], u[k], N) for k in c}
+    if type(c) in (list, tuple) and type(c) is type(u) and len(c) == len(u):
+        return type(c)(_join(a, b, N) for a, b in zip(c, u))
     if _per_sample(c, N) and _per_sample(u, N) and c.shape[1:] == u.shape[1:] and c.dtype == u.dtype:
         return torch.cat([c, u])
     if c is u or (type(c) is type(u) and isinstance(c, (numbers.Number, str, type(None))) and c == u):
@@ -60,11 +63,17 @@ def _join(c, u, N):
     raise _NoBatch
 
 
-def _to_device(v, device):
+def _to_device(v, device, memo):
+    # memo: id -> moved tensor, so that a tensor shared by both branches stays one object after the move
+    # (_join passes a shared value once only when it is the same object)
     if isinstance(v, torch.Tensor):
-        return v.to(device)
+        if id(v) not in memo:
+            memo[id(v)] = v.to(device)
+        return memo[id(v)]
     if isinstance(v, dict):
-        return {k: _to_device(x, device) for k, x in v.items()}
+        return {k: _to_device(x, device, memo) for k, x in v.items()}
+    if type(v) in (list, tuple):
+        return type(v)(_to_device(x, device, memo) for x in v)
     return v
 
 
@@ -104,7 +113,8 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     classifier guidance toward y (eager only: autograd is not captured in a CUDA graph).
     model_kwargs: more keyword arguments for every model call (e.g. SDXL's ``added_cond_kwargs``, SD3's
     ``pooled_projections``); uncond_model_kwargs: the unconditional branch's (default: model_kwargs). Tensors whose
-    first dim is the batch size N (also inside dicts) are per-sample: joined like context for the batched call.
+    first dim is the batch size N (also inside dicts, lists and tuples) are per-sample: joined like context
+    for the batched call.
     seed: makes the initial noise and the per-step noise reproducible. dtype: of x (default: the model's).
     num_inference_steps: calls sampler.set_timesteps first (else the sampler's current steps are used).
     cuda_graph: "auto" (on for CUDA devices), True or False. progress: a tqdm bar.
@@ -178,8 +188,9 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         return None if t is None else t.to(device)
 
     y, uncond_y, context, uncond_context = mv(y), mv(uncond_y), mv(context), mv(uncond_context)
-    extra = _to_device(extra, device)
-    uncond_extra = extra if uncond_model_kwargs is None else _to_device(uncond_extra, device)
+    memo = {}
+    extra = _to_device(extra, device, memo)
+    uncond_extra = extra if uncond_model_kwargs is None else _to_device(uncond_extra, device, memo)
     cond_kw = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
     cond_kw.update(extra)
     batched = False

@@ -341,6 +341,10 @@ class _SamplingModel(torch.nn.Module):
 
     def forward(self, x, t, y=None, context=None, **extra):
         kw = dict(extra)  # fastdiff.sample's model_kwargs (added_cond_kwargs, pooled_projections, ...)
+        for name, given, ours in (("context", context, "encoder_hidden_states"), ("y", y, "class_labels"),
+                                  ("t", t, "timestep")):
+            if ours in kw and (given is not None or ours == "timestep"):
+                raise TypeError(f"model_kwargs: {ours!r} is what {name} is passed as; give it once, as {name}")
         if context is not None:
             if not self._ctx:
                 raise TypeError(f"context: {type(self.unet).__name__} takes no encoder_hidden_states")
