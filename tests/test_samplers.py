@@ -1036,6 +1036,75 @@ def test_from_scheduler():
         from_scheduler("ddim")
 
 
+IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fixed_small"}),
+                 ("EulerDiscreteScheduler", {}), ("EulerAncestralDiscreteScheduler", {}),
+                 ("HeunDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+                 ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+                 ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0})]
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name,cfg", IMG2IMG_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(IMG2IMG_CASES)])
+@pytest.mark.parametrize("strength", [0.6, 0.25])
+def test_image_to_image_matches_diffusers(name, cfg, strength):
+    # diffusers' img2img recipe: t_start = n - int(n * strength), the schedule from index t_start * order,
+    # x = add_noise(x0, noise, timesteps[t_start * order]) (flow matching: scale_noise), then the remaining steps
+    from fastdiff.diffusion import from_scheduler
+
+    n, shape, seed = 8, (2, 3, 8, 8), 11
+    ds = getattr(dsched, name)(**cfg)
+    x0 = _x(shape).clamp(-1, 1)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    ds.set_timesteps(n)
+    t_start = n - int(n * strength)
+    ts = ds.timesteps[t_start * ds.order:]
+    if hasattr(ds, "set_begin_index"):
+        ds.set_begin_index(t_start * ds.order)
+    flow = name.startswith("FlowMatch")
+    x = start = ds.scale_noise(x0, ts[:1], noise) if flow else ds.add_noise(x0, noise, ts[:1])
+    g = torch.Generator().manual_seed(3)
+    kw = {"generator": g} if "generator" in inspect.signature(ds.step).parameters else {}
+    for t in ts:
+        x_in = x if flow else ds.scale_model_input(x, t)
+        x = ds.step(eps_model(x_in, t), t, x, **kw).prev_sample
+    ours = from_scheduler(ds)
+    ours.set_timesteps(n, begin_index=t_start * ours.order)
+    _close(ours.add_noise(x0, noise, t_start * ours.order), start, 1e-5)
+    if ours._stochastic:  # diffusers' generator noise is not the kernel's: the start only, and a finite run
+        out = sample(lambda x, t: eps_model(x, t), ours, shape, x_init=x0, strength=strength,
+                     num_inference_steps=n, seed=seed, progress=False)
+        assert torch.isfinite(out).all()
+        return
+    out = sample(lambda x, t: eps_model(x, t), ours, shape, x_init=x0, strength=strength, num_inference_steps=n,
+                 seed=seed, progress=False)
+    _close(out, x, 5e-4)
+
+
+def test_image_to_image_arguments():
+    s = DDIMSampler()
+    model = lambda x, t: eps_model(x, t)  # noqa: E731
+    x0 = _x((1, 3, 4, 4))
+    with pytest.raises(ValueError, match="^strength:"):
+        sample(model, s, (1, 3, 4, 4), strength=0.5, num_inference_steps=4, progress=False)  # no x_init
+    with pytest.raises(ValueError, match="^strength:"):
+        sample(model, s, (1, 3, 4, 4), x_init=x0, strength=1.5, num_inference_steps=4, progress=False)
+    with pytest.raises(ValueError, match="^strength: 0.1 of 4 steps leaves no step"):
+        sample(model, s, (1, 3, 4, 4), x_init=x0, strength=0.1, num_inference_steps=4, progress=False)
+    with pytest.raises(ValueError, match="^x_init:"):
+        sample(model, s, (1, 3, 4, 4), x_init=x0[:, :2], strength=0.5, num_inference_steps=4, progress=False)
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        sample(model, s, (1, 3, 4, 4), x_init=x0, strength=0.5, progress=False)
+    calls = []
+    sample(lambda x, t: calls.append(1) or eps_model(x, t), s, (1, 3, 4, 4), x_init=x0, strength=0.5,
+           num_inference_steps=4, progress=False)
+    assert len(calls) == 2  # the last int(4 * 0.5) steps
+    with pytest.raises(ValueError, match="^begin_index: 3 is a correction call"):
+        HeunSampler().set_timesteps(4, begin_index=3)
+    with pytest.raises(ValueError, match="^begin_index: 4 is past"):
+        DDIMSampler().set_timesteps(4, begin_index=4)
+    assert DPMSolverPPSampler().order == 1  # one model call a step, as diffusers' (not solver_order)
+
+
 def test_dpmsolverpp_trailing_clipped_runs_fewer_steps():
     # trailing spacing cut short by lambda_min_clipped leaves fewer timesteps than asked: diffusers runs those, and
     # set_timesteps failed with a numpy broadcast error

@@ -121,6 +121,7 @@ class Sampler:
         self._x0_buf = None
         self._x0_key = None  # x's shape, dtype, device and strides when _x0_buf was made
         self._fast = None  # the validated plan of the last step call, reused while its inputs look the same
+        self._begin_index = 0  # the step a run starts at (set_timesteps' begin_index)
 
     # -- configuration ---------------------------------------------------------------------------------------------
     @classmethod
@@ -188,12 +189,16 @@ class Sampler:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in diff.items())})"
 
     # -- the schedule of a run -------------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None):
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0):
         """Choose `num_inference_steps` steps and move their coefficient table to `device` (default: the sampler's
         device, initially the CPU). `seed` keys the in-kernel noise of stochastic samplers; None draws one from
-        torch's global (CPU) generator, so torch.manual_seed makes runs reproducible."""
+        torch's global (CPU) generator, so torch.manual_seed makes runs reproducible. `begin_index`: the step index
+        a run starts at (image-to-image: x = add_noise(x0, noise, begin_index), then steps begin_index, ...): a
+        multistep sampler takes its first-order step there, as diffusers does at a run's first step."""
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+        if not _is_int(begin_index) or begin_index < 0:
+            raise ValueError(f"begin_index: expected a non-negative int, got {begin_index!r}")
         n = int(num_inference_steps)
         # config edits take effect here: checked as the constructor checks options, the schedule rebuilt if one
         # of its options changed (nothing is changed if a check fails)
@@ -205,13 +210,18 @@ class Sampler:
         self._build_schedule()
         if device is not None:
             self._device = _canonical_device(device)
-        plan = self._plan(n)
+        begin_before, self._begin_index = self._begin_index, int(begin_index)
+        try:
+            plan = self._plan(n)
+        finally:
+            self._begin_index = begin_before
         # the plan may hold fewer steps than asked (DPM-Solver++: trailing spacing cut short by lambda_min_clipped);
         # as diffusers, num_inference_steps and timesteps are then those of the steps actually run
         n = len(plan["timesteps"])
         if n == 0:
             raise ValueError(f"num_inference_steps: the sampler's options leave no step to run for "
                              f"{num_inference_steps} steps")
+        self._check_begin(int(begin_index), n)
         rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
         rows[:, : plan["rows"].shape[1]] = plan["rows"]
         if not np.isfinite(rows).all():
@@ -221,6 +231,7 @@ class Sampler:
             raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} "
                              f"steps{hint}")
         self.num_inference_steps = n
+        self._begin_index = int(begin_index)
         self._plan_host = plan
         self._timesteps_np = plan["timesteps"]
         self._table_np = rows
@@ -293,7 +304,30 @@ class Sampler:
 
     @property
     def order(self) -> int:
+        """Model calls per step, as diffusers' scheduler.order (2 for Heun): image-to-image starts at step index
+        t_start * order."""
         return 1
+
+    def _check_begin(self, begin: int, n: int):
+        if begin >= n:
+            raise ValueError(f"begin_index: {begin} is past the last of the {n} steps")
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
+        """x0 noised to step index i's noise level, in the form the sampler's x has there (diffusers'
+        ``scheduler.add_noise(x0, noise, timesteps[i:i+1])``; flow matching: ``scale_noise``): the start of an
+        image-to-image run of steps i, i+1, ... (``set_timesteps(n, begin_index=i)``)."""
+        self._require()
+        if not isinstance(x0, torch.Tensor) or not isinstance(noise, torch.Tensor):
+            raise TypeError("x0, noise: expected tensors")
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise: expected x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if not _is_int(i) or not 0 <= i < self.num_inference_steps:
+            raise ValueError(f"i: expected a step index in [0, {self.num_inference_steps}), got {i!r}")
+        self._check_begin(int(i), self.num_inference_steps)
+        plan = self._plan_host
+        a, s = float(plan["alpha"][i]), float(plan["sigma"][i])
+        scale = float(plan["in_div"][i]) if plan.get("in_div") is not None else 1.0  # x at scale 1 / alpha (Euler)
+        return ((a * scale) * x0.float() + (s * scale) * noise.to(x0.device).float()).to(x0.dtype)
 
     @property
     def sigmas(self):
@@ -875,6 +909,12 @@ class HeunSampler(EulerSampler):
     def order(self) -> int:
         return 2
 
+    def _check_begin(self, begin: int, n: int):
+        super()._check_begin(begin, n)
+        if begin % 2:
+            raise ValueError(f"begin_index: {begin} is a correction call; a Heun run starts at an even index "
+                             f"(t_start * order)")
+
     def _plan(self, n):
         base = super()._plan(n)
         sig, ts = self._sigmas_np, base["timesteps"]  # n + 1 sigmas (the last 0), n timesteps
@@ -949,7 +989,7 @@ class DPMSolverPPSampler(Sampler):
 
     @property
     def order(self) -> int:
-        return self.config["solver_order"]
+        return 1  # one model call a step, as diffusers' DPMSolverMultistepScheduler.order (solver_order is not it)
 
     @property
     def _stochastic(self):
@@ -1004,7 +1044,7 @@ class DPMSolverPPSampler(Sampler):
             a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
             rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
             h = lam[i + 1] - lam[i]
-            first = cfg["solver_order"] == 1 or i == 0 or (i == n - 1 and lower_final)
+            first = cfg["solver_order"] == 1 or i <= self._begin_index or (i == n - 1 and lower_final)
             r0 = None if first else (lam[i] - lam[i - 1]) / h
             if sde:  # the SDE form: e^-h in place of 1 on x, 1 - e^-2h in place of 1 - e^-h, noise of variance
                 # sigma_t^2 (1 - e^-2h)
@@ -1093,7 +1133,7 @@ class FlowMatchEulerSampler(Sampler):
         m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
         return image_seq_len * m + (cfg["base_shift"] - m * cfg["base_image_seq_len"])
 
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, mu=None):
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
         """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
         shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it)."""
         before = self.mu
@@ -1102,7 +1142,7 @@ class FlowMatchEulerSampler(Sampler):
                 raise ValueError(f"mu: expected a finite float, got {mu!r}")
             self.mu = float(mu)
         try:
-            return super().set_timesteps(num_inference_steps, device, seed=seed)
+            return super().set_timesteps(num_inference_steps, device, seed=seed, begin_index=begin_index)
         except Exception:
             self.mu = before  # a refused call changes nothing
             raise

@@ -102,7 +102,7 @@ def _as_sampling_model(model):
 def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_context=None, uncond_y=None,
            guidance_scale=1.0, classifier=None, classifier_scale=0.0, seed=None, dtype=None, num_inference_steps=None,
            device=None, cuda_graph="auto", progress=True, backend="auto", model_kwargs=None,
-           uncond_model_kwargs=None):
+           uncond_model_kwargs=None, x_init=None, strength=1.0):
     """Draw samples of `shape` by running `sampler` over `model`; returns x_0 (a tensor of `shape`).
 
     model(x, t, y=..., context=...) -> prediction (only the keyword arguments given here are passed); t is a (N,)
@@ -115,6 +115,9 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     ``pooled_projections``); uncond_model_kwargs: the unconditional branch's (default: model_kwargs). Tensors whose
     first dim is the batch size N (also inside dicts, lists and tuples) are per-sample: joined like context
     for the batched call.
+    x_init, strength: image-to-image (SDEdit): x_init (`shape`) noised to the noise level a fraction `strength` of
+    the way up the schedule, then denoised from there: the last int(num_inference_steps * strength) steps run, as
+    diffusers' img2img pipelines do (strength 1 starts from pure noise and ignores x_init's content).
     seed: makes the initial noise and the per-step noise reproducible. dtype: of x (default: the model's).
     num_inference_steps: calls sampler.set_timesteps first (else the sampler's current steps are used).
     cuda_graph: "auto" (on for CUDA devices), True or False. progress: a tqdm bar.
@@ -139,6 +142,16 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+        raise ValueError(f"strength: expected a float in (0, 1], got {strength!r}")
+    if x_init is not None:
+        if not isinstance(x_init, torch.Tensor) or tuple(x_init.shape) != shape:
+            raise ValueError(f"x_init: expected a tensor of shape {shape}, got "
+                             f"{tuple(x_init.shape) if isinstance(x_init, torch.Tensor) else type(x_init).__name__}")
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps: image-to-image (x_init) needs it, to place the strength")
+    elif strength != 1.0:
+        raise ValueError("strength: image-to-image strength without x_init (the image to start from)")
     N = shape[0]
     use_cfg = guidance_scale != 1.0
     extra = _check_model_kwargs(model_kwargs, "model_kwargs")
@@ -171,8 +184,14 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     mdev, mdtype = _model_device_dtype(model)
     device = _canonical_device(device) if device is not None else (mdev or sampler.device)
     dtype = dtype or mdtype or torch.float32
+    begin = 0
+    if x_init is not None:  # diffusers' img2img: t_start = n - min(int(n * strength), n), at index t_start * order
+        t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        if t_start >= num_inference_steps:
+            raise ValueError(f"strength: {strength} of {num_inference_steps} steps leaves no step to run")
+        begin = t_start * sampler.order
     if num_inference_steps is not None:
-        sampler.set_timesteps(num_inference_steps, device=device)
+        sampler.set_timesteps(num_inference_steps, device=device, begin_index=begin)
     elif sampler.num_inference_steps is None:
         raise ValueError("num_inference_steps: the sampler has no steps yet: pass num_inference_steps or call "
                          "sampler.set_timesteps first")
@@ -182,7 +201,11 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU generator: no device sync
     sampler.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(int(seed) & ((1 << 63) - 1))
-    x = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * sampler.init_noise_sigma).to(dtype)
+    noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if x_init is not None:
+        x = sampler.add_noise(x_init.to(device=device, dtype=torch.float32), noise, begin).to(dtype)
+    else:
+        x = (noise * sampler.init_noise_sigma).to(dtype)
 
     def mv(t):
         return None if t is None else t.to(device)
@@ -230,22 +253,22 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     with torch.no_grad():
         if want_graph:
             try:
-                return _graph_loop(one_step, x, sampler, n, progress)
+                return _graph_loop(one_step, x, sampler, n, progress, begin)
             except Exception as e:  # noqa: BLE001 - a model that cannot be captured still samples, eagerly
                 if cuda_graph is True:
                     raise
                 warnings.warn(f"fastdiff.sample: CUDA-graph capture failed ({type(e).__name__}: {e}); running the "
                               f"loop eagerly", stacklevel=2)
                 sampler.manual_seed(seed)
-        for i in _progress(range(n), progress, n):
+        for i in _progress(range(begin, n), progress, n - begin):
             x = one_step(x, i)
         return x
 
 
-def _graph_loop(one_step, x, sampler, n, progress):
+def _graph_loop(one_step, x, sampler, n, progress, begin=0):
     """Capture one step with the step index in a device tensor, then replay it n times."""
     static_x = x.clone()
-    static_i = torch.zeros((), dtype=torch.int64, device=x.device)
+    static_i = torch.full((), begin, dtype=torch.int64, device=x.device)
     side = torch.cuda.Stream(device=x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):  # warm up (allocator, lazy init, autotuning) off the capture
@@ -256,7 +279,7 @@ def _graph_loop(one_step, x, sampler, n, progress):
     with torch.cuda.graph(graph):
         static_x.copy_(one_step(static_x, static_i))
     steps = sampler._steps
-    for i in _progress(range(n), progress, n):
+    for i in _progress(range(begin, n), progress, n - begin):
         static_i.copy_(steps[i])
         graph.replay()
     return static_x
