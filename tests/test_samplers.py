@@ -1105,6 +1105,44 @@ def test_image_to_image_arguments():
     assert DPMSolverPPSampler().order == 1  # one model call a step, as diffusers' (not solver_order)
 
 
+def test_image_to_image_then_sampler_steps_refused():
+    # sample(x_init=) leaves the sampler's steps planned from begin_index (DPM-Solver++: first order up to there);
+    # a later sample() on the sampler's current steps ran a txt2img run from step 0 on that plan, silently
+    # first-order at steps 1..begin
+    model = lambda x, t: eps_model(x, t)  # noqa: E731
+    s, shape = DPMSolverPPSampler(), (1, 2, 4, 4)
+    sample(model, s, shape, x_init=_x(shape), strength=0.5, num_inference_steps=8, seed=1, progress=False)
+    with pytest.raises(ValueError, match="^num_inference_steps: the sampler's steps were set for a run from step 4"):
+        sample(model, s, shape, seed=1, progress=False)
+    s.set_timesteps(8)  # a plain plan again: the sampler's steps are usable as they are
+    ref = sample(model, DPMSolverPPSampler(), shape, num_inference_steps=8, seed=1, progress=False)
+    _close(sample(model, s, shape, seed=1, progress=False), ref, 0)
+
+
+def test_image_to_image_errors_name_the_argument():
+    model = lambda x, t: eps_model(x, t)  # noqa: E731
+    x0 = _x((1, 3, 4, 4))
+    for bad in (0, -3, "8", True):  # t_start was computed from it first: "strength: ..." or a bare TypeError
+        with pytest.raises(ValueError, match="^num_inference_steps: expected a positive int"):
+            sample(model, DDIMSampler(), (1, 3, 4, 4), x_init=x0, strength=0.5, num_inference_steps=bad,
+                   progress=False)
+    h = HeunSampler().set_timesteps(4)
+    with pytest.raises(ValueError, match="^i: 3 is a correction call"):  # add_noise's argument is i
+        h.add_noise(x0, x0, 3)
+
+
+def test_refused_begin_index_changes_nothing():
+    # a set_timesteps refused for its begin_index (checked after the plan) kept the refused plan's sigmas:
+    # init_noise_sigma (the start of a run on the current steps) and sigmas then belonged to another n
+    for s, bad in ((EulerSampler(timestep_spacing="leading"), {"begin_index": 8}),
+                   (HeunSampler(timestep_spacing="leading"), {"begin_index": 3})):
+        s.set_timesteps(4)
+        init, sig = s.init_noise_sigma, s.sigmas.copy()
+        with pytest.raises(ValueError, match="^begin_index:"):
+            s.set_timesteps(8, **bad)
+        assert s.init_noise_sigma == init and np.array_equal(s.sigmas, sig)
+
+
 def test_dpmsolverpp_trailing_clipped_runs_fewer_steps():
     # trailing spacing cut short by lambda_min_clipped leaves fewer timesteps than asked: diffusers runs those, and
     # set_timesteps failed with a numpy broadcast error

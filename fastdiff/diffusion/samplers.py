@@ -211,25 +211,29 @@ class Sampler:
         if device is not None:
             self._device = _canonical_device(device)
         begin_before, self._begin_index = self._begin_index, int(begin_index)
+        sigmas_before = getattr(self, "_sigmas_np", None)  # _plan sets it: a refused call restores it
         try:
             plan = self._plan(n)
+            # the plan may hold fewer steps than asked (DPM-Solver++: trailing spacing cut short by
+            # lambda_min_clipped); as diffusers, num_inference_steps and timesteps are then those of the steps run
+            n = len(plan["timesteps"])
+            if n == 0:
+                raise ValueError(f"num_inference_steps: the sampler's options leave no step to run for "
+                                 f"{num_inference_steps} steps")
+            self._check_begin(int(begin_index), n)
+            rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
+            rows[:, : plan["rows"].shape[1]] = plan["rows"]
+            if not np.isfinite(rows).all():
+                # FlowMatchEulerSampler has no prediction_type
+                hint = (f" (prediction_type={self.config['prediction_type']!r} with a zero-SNR step, or two equal "
+                        f"sigmas in a row?)" if "prediction_type" in self.config else "")
+                raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} "
+                                 f"steps{hint}")
+        except Exception:
+            self._sigmas_np = sigmas_before
+            raise
         finally:
             self._begin_index = begin_before
-        # the plan may hold fewer steps than asked (DPM-Solver++: trailing spacing cut short by lambda_min_clipped);
-        # as diffusers, num_inference_steps and timesteps are then those of the steps actually run
-        n = len(plan["timesteps"])
-        if n == 0:
-            raise ValueError(f"num_inference_steps: the sampler's options leave no step to run for "
-                             f"{num_inference_steps} steps")
-        self._check_begin(int(begin_index), n)
-        rows = np.zeros((n, TABLE_WIDTH), dtype=np.float64)
-        rows[:, : plan["rows"].shape[1]] = plan["rows"]
-        if not np.isfinite(rows).all():
-            # FlowMatchEulerSampler has no prediction_type
-            hint = (f" (prediction_type={self.config['prediction_type']!r} with a zero-SNR step, or two equal "
-                    f"sigmas in a row?)" if "prediction_type" in self.config else "")
-            raise ValueError(f"num_inference_steps: the schedule gives non-finite step coefficients for {n} "
-                             f"steps{hint}")
         self.num_inference_steps = n
         self._begin_index = int(begin_index)
         self._plan_host = plan
@@ -308,9 +312,9 @@ class Sampler:
         t_start * order."""
         return 1
 
-    def _check_begin(self, begin: int, n: int):
+    def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
         if begin >= n:
-            raise ValueError(f"begin_index: {begin} is past the last of the {n} steps")
+            raise ValueError(f"{name}: {begin} is past the last of the {n} steps")
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
         """x0 noised to step index i's noise level, in the form the sampler's x has there (diffusers'
@@ -323,7 +327,7 @@ class Sampler:
             raise ValueError(f"noise: expected x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         if not _is_int(i) or not 0 <= i < self.num_inference_steps:
             raise ValueError(f"i: expected a step index in [0, {self.num_inference_steps}), got {i!r}")
-        self._check_begin(int(i), self.num_inference_steps)
+        self._check_begin(int(i), self.num_inference_steps, "i")
         plan = self._plan_host
         a, s = float(plan["alpha"][i]), float(plan["sigma"][i])
         scale = float(plan["in_div"][i]) if plan.get("in_div") is not None else 1.0  # x at scale 1 / alpha (Euler)
@@ -909,10 +913,10 @@ class HeunSampler(EulerSampler):
     def order(self) -> int:
         return 2
 
-    def _check_begin(self, begin: int, n: int):
-        super()._check_begin(begin, n)
+    def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
+        super()._check_begin(begin, n, name)
         if begin % 2:
-            raise ValueError(f"begin_index: {begin} is a correction call; a Heun run starts at an even index "
+            raise ValueError(f"{name}: {begin} is a correction call; a Heun run starts at an even index "
                              f"(t_start * order)")
 
     def _plan(self, n):

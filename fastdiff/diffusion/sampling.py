@@ -150,6 +150,9 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
                              f"{tuple(x_init.shape) if isinstance(x_init, torch.Tensor) else type(x_init).__name__}")
         if num_inference_steps is None:
             raise ValueError("num_inference_steps: image-to-image (x_init) needs it, to place the strength")
+        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
+                or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     elif strength != 1.0:
         raise ValueError("strength: image-to-image strength without x_init (the image to start from)")
     N = shape[0]
@@ -195,6 +198,10 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     elif sampler.num_inference_steps is None:
         raise ValueError("num_inference_steps: the sampler has no steps yet: pass num_inference_steps or call "
                          "sampler.set_timesteps first")
+    elif sampler._begin_index:  # its steps are those of a run from a later step (image-to-image, begin_index)
+        raise ValueError(f"num_inference_steps: the sampler's steps were set for a run from step "
+                         f"{sampler._begin_index} (begin_index, image-to-image): pass num_inference_steps or call "
+                         f"sampler.set_timesteps(n) first")
     if sampler.device != device:
         sampler.to(device)
     if seed is None:
