@@ -1080,6 +1080,21 @@ def test_image_to_image_matches_diffusers(name, cfg, strength):
     _close(out, x, 5e-4)
 
 
+def test_add_noise_dtypes_and_index_and_refused_device():
+    s = EulerSampler().set_timesteps(4)
+    x0 = _x((1, 3, 4, 4)).double()
+    noise = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    want = x0 + float(s.sigmas[1]) * noise  # Euler's x lives at scale sqrt(sigma^2 + 1): x0 + sigma noise
+    got = s.add_noise(x0, noise, 1)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-12)  # was fp32 math
+    assert torch.equal(s.add_noise(x0, noise, torch.tensor(1)), got)  # a CPU index tensor, as step takes
+    assert s.add_noise(x0.half(), noise.half(), 1).dtype == torch.float16
+    # a refused set_timesteps leaves the device as it was (it moved it before its checks)
+    with pytest.raises(ValueError, match="^begin_index:"):
+        s.set_timesteps(4, device="meta", begin_index=9)
+    assert s.device == torch.device("cpu")
+
+
 def test_image_to_image_arguments():
     s = DDIMSampler()
     model = lambda x, t: eps_model(x, t)  # noqa: E731

@@ -208,8 +208,7 @@ class Sampler:
         self._check_options(self.config)
         self._validate(self.config)
         self._build_schedule()
-        if device is not None:
-            self._device = _canonical_device(device)
+        new_device = _canonical_device(device) if device is not None else self._device  # taken once all is checked
         begin_before, self._begin_index = self._begin_index, int(begin_index)
         sigmas_before = getattr(self, "_sigmas_np", None)  # _plan sets it: a refused call restores it
         try:
@@ -235,6 +234,7 @@ class Sampler:
         finally:
             self._begin_index = begin_before
         self.num_inference_steps = n
+        self._device = new_device
         self._begin_index = int(begin_index)
         self._plan_host = plan
         self._timesteps_np = plan["timesteps"]
@@ -325,13 +325,16 @@ class Sampler:
             raise TypeError("x0, noise: expected tensors")
         if noise.shape != x0.shape:
             raise ValueError(f"noise: expected x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if isinstance(i, torch.Tensor) and i.device.type == "cpu" and i.numel() == 1 and not i.is_floating_point():
+            i = int(i)  # a CPU step-index tensor, as step takes (no device read)
         if not _is_int(i) or not 0 <= i < self.num_inference_steps:
             raise ValueError(f"i: expected a step index in [0, {self.num_inference_steps}), got {i!r}")
         self._check_begin(int(i), self.num_inference_steps, "i")
         plan = self._plan_host
         a, s = float(plan["alpha"][i]), float(plan["sigma"][i])
         scale = float(plan["in_div"][i]) if plan.get("in_div") is not None else 1.0  # x at scale 1 / alpha (Euler)
-        return ((a * scale) * x0.float() + (s * scale) * noise.to(x0.device).float()).to(x0.dtype)
+        ct = torch.float64 if x0.dtype == torch.float64 else torch.float32  # fp32 math for half x0, fp64 kept
+        return ((a * scale) * x0.to(ct) + (s * scale) * noise.to(x0.device, ct)).to(x0.dtype)
 
     @property
     def sigmas(self):
