@@ -1095,6 +1095,63 @@ def test_add_noise_dtypes_and_index_and_refused_device():
     assert s.device == torch.device("cpu")
 
 
+@needs_diffusers
+@pytest.mark.parametrize("name,cfg", [("DDIMScheduler", {}), ("EulerDiscreteScheduler", {}),
+                                      ("DPMSolverMultistepScheduler", {}),
+                                      ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0})])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_matches_diffusers(name, cfg, strength):
+    # diffusers' inpainting recipe for a U-Net without mask channels: after step i, where the mask is 0 the latents
+    # are the image noised to step i + 1's level (the image itself after the last step)
+    from fastdiff.diffusion import from_scheduler
+
+    n, shape, seed = 6, (2, 3, 8, 8), 4
+    flow = name.startswith("FlowMatch")
+    ds = getattr(dsched, name)(**cfg)
+    x0 = _x(shape).clamp(-1, 1)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 1:5] = 1.0
+    mask[1, :, 0] = 0.5  # a soft edge
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    ds.set_timesteps(n)
+    t_start = n - int(n * strength)
+    ts = ds.timesteps[t_start:]
+    if hasattr(ds, "set_begin_index"):
+        ds.set_begin_index(t_start)
+
+    def noised(t):
+        return ds.scale_noise(x0, t[None], noise) if flow else ds.add_noise(x0, noise, t[None])
+
+    x = noised(ts[0]) if strength < 1 else noise * (1.0 if flow else ds.init_noise_sigma)  # strength 1: pure noise
+    for i, t in enumerate(ts):
+        x_in = x if flow else ds.scale_model_input(x, t)
+        x = ds.step(eps_model(x_in, t), t, x).prev_sample
+        known = noised(ts[i + 1]) if i < len(ts) - 1 else x0
+        x = (1 - mask) * known + mask * x
+    out = sample(lambda x, t: eps_model(x, t), from_scheduler(ds), shape, x_init=x0, strength=strength, mask=mask,
+                 num_inference_steps=n, seed=seed, progress=False)
+    _close(out, x, 5e-4)
+    assert torch.equal(out[:, :, 7:], x0[:, :, 7:])  # unmasked rows end as the image itself
+
+
+def test_inpainting_arguments():
+    s, model = DDIMSampler(), (lambda x, t: eps_model(x, t))
+    x0 = _x((1, 3, 4, 4))
+    with pytest.raises(ValueError, match="^mask: inpainting needs x_init"):
+        sample(model, s, (1, 3, 4, 4), mask=torch.ones(1, 1, 4, 4), num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="^mask: shape"):
+        sample(model, s, (1, 3, 4, 4), x_init=x0, mask=torch.ones(1, 1, 5, 4), num_inference_steps=2, progress=False)
+    with pytest.raises(TypeError, match="^mask:"):
+        sample(model, s, (1, 3, 4, 4), x_init=x0, mask=torch.ones(1, 1, 4, 4, dtype=torch.long),
+               num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="^mask: inpainting blends after every model call"):
+        sample(model, HeunSampler(), (1, 3, 4, 4), x_init=x0, mask=torch.ones(1, 1, 4, 4), num_inference_steps=2,
+               progress=False)
+    out = sample(model, s, (1, 3, 4, 4), x_init=x0, mask=torch.zeros(1, 1, 4, 4, dtype=torch.bool),
+                 num_inference_steps=2, progress=False)
+    assert torch.equal(out, x0)  # nothing masked: the image back
+
+
 def test_image_to_image_arguments():
     s = DDIMSampler()
     model = lambda x, t: eps_model(x, t)  # noqa: E731

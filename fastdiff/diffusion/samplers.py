@@ -316,6 +316,17 @@ class Sampler:
         if begin >= n:
             raise ValueError(f"{name}: {begin} is past the last of the {n} steps")
 
+    def _noising_coefs(self):
+        """(a, s) float32 device tensors of n + 1 values: add_noise(x0, noise, i) = a[i] x0 + s[i] noise for the n
+        steps, then (1, 0): x0 itself after the last (inpainting's blend, indexed on the device)."""
+        plan = self._plan_host
+        n = self.num_inference_steps
+        scale = np.asarray(plan["in_div"][:n], dtype=np.float64) if plan.get("in_div") is not None else np.ones(n)
+        a = np.append(np.asarray(plan["alpha"][:n], dtype=np.float64) * scale, 1.0)
+        s = np.append(np.asarray(plan["sigma"][:n], dtype=np.float64) * scale, 0.0)
+        return (torch.tensor(a, dtype=torch.float32, device=self._device),
+                torch.tensor(s, dtype=torch.float32, device=self._device))
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
         """x0 noised to step index i's noise level, in the form the sampler's x has there (diffusers'
         ``scheduler.add_noise(x0, noise, timesteps[i:i+1])``; flow matching: ``scale_noise``): the start of an

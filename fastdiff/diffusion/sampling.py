@@ -102,7 +102,7 @@ def _as_sampling_model(model):
 def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_context=None, uncond_y=None,
            guidance_scale=1.0, classifier=None, classifier_scale=0.0, seed=None, dtype=None, num_inference_steps=None,
            device=None, cuda_graph="auto", progress=True, backend="auto", model_kwargs=None,
-           uncond_model_kwargs=None, x_init=None, strength=1.0):
+           uncond_model_kwargs=None, x_init=None, strength=1.0, mask=None):
     """Draw samples of `shape` by running `sampler` over `model`; returns x_0 (a tensor of `shape`).
 
     model(x, t, y=..., context=...) -> prediction (only the keyword arguments given here are passed); t is a (N,)
@@ -118,6 +118,10 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     x_init, strength: image-to-image (SDEdit): x_init (`shape`) noised to the noise level a fraction `strength` of
     the way up the schedule, then denoised from there: the last int(num_inference_steps * strength) steps run, as
     diffusers' img2img pipelines do (strength 1 starts from pure noise and ignores x_init's content).
+    mask: inpainting with any model (diffusers' recipe for a U-Net without mask channels): where mask is 1 the
+    sample is generated, where 0 it is x_init, noised to each step's level after the step (x_init itself after the
+    last); values between blend. Broadcastable to `shape` (e.g. (N, 1, H, W)); needs x_init. At strength 1 the run
+    starts from pure noise (diffusers' inpainting pipelines), else from x_init noised as for image-to-image.
     seed: makes the initial noise and the per-step noise reproducible. dtype: of x (default: the model's).
     num_inference_steps: calls sampler.set_timesteps first (else the sampler's current steps are used).
     cuda_graph: "auto" (on for CUDA devices), True or False. progress: a tqdm bar.
@@ -155,6 +159,19 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     elif strength != 1.0:
         raise ValueError("strength: image-to-image strength without x_init (the image to start from)")
+    if mask is not None:
+        if x_init is None:
+            raise ValueError("mask: inpainting needs x_init (the image whose unmasked part is kept)")
+        if not isinstance(mask, torch.Tensor) or not mask.is_floating_point() and mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a float or bool tensor, got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        try:
+            torch.broadcast_shapes(mask.shape, shape)
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to {shape}") from None
+        if sampler.order != 1:
+            raise ValueError(f"mask: inpainting blends after every model call, which {type(sampler).__name__}'s "
+                             f"correction calls do not allow; use a one-call-a-step sampler")
     N = shape[0]
     use_cfg = guidance_scale != 1.0
     extra = _check_model_kwargs(model_kwargs, "model_kwargs")
@@ -209,10 +226,14 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     sampler.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(int(seed) & ((1 << 63) - 1))
     noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if x_init is not None:
+    if x_init is not None and not (mask is not None and strength == 1.0):
         x = sampler.add_noise(x_init.to(device=device, dtype=torch.float32), noise, begin).to(dtype)
-    else:
+    else:  # (inpainting at strength 1 starts from pure noise, as diffusers' inpainting pipelines do)
         x = (noise * sampler.init_noise_sigma).to(dtype)
+    if mask is not None:  # after step i: x_init noised to step i + 1's level (x_init after the last), on the device
+        m = mask.to(device=device, dtype=dtype)
+        known = x_init.to(device=device, dtype=torch.float32)
+        ca, cs = sampler._noising_coefs()
 
     def mv(t):
         return None if t is None else t.to(device)
@@ -246,8 +267,13 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         else:
             cond, unc = model(x_in, t, **cond_kw), None
         grad = classifier_grad(classifier, x_in, t, y) if use_classifier else None
-        return sampler.step(cond, i, x, uncond=unc, guidance_scale=float(guidance_scale), backend=backend,
-                            classifier_grad=grad, classifier_scale=float(classifier_scale))
+        out = sampler.step(cond, i, x, uncond=unc, guidance_scale=float(guidance_scale), backend=backend,
+                           classifier_grad=grad, classifier_scale=float(classifier_scale))
+        if mask is None:
+            return out
+        k = (sampler.step_index(i) + 1).reshape(1)  # a device index: capturable in the CUDA graph
+        level = (ca.index_select(0, k) * known + cs.index_select(0, k) * noise).to(out.dtype)
+        return torch.lerp(level, out, m)
 
     n = sampler.num_inference_steps
     want_graph = (device.type == "cuda") if cuda_graph == "auto" else bool(cuda_graph)
