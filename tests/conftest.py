@@ -38,3 +38,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def silu_group_norm_pair():
+    """(torch.nn.GroupNorm(4, 16) with random affine parameters, fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    holding the same state): the drop-in and the module it replaces."""
+    ref = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    m.load_state_dict(ref.state_dict())
+    return ref, m

@@ -498,19 +498,14 @@ def test_double_backward_raises():
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_EXT else []))
-def test_torch_func_transforms_like_torch(backend):
+def test_torch_func_transforms_like_torch(backend, silu_group_norm_pair):
     # torch.nn.GroupNorm works under torch.func's differentiating transforms (per-sample gradients as
     # vmap(grad(...)), jvp, hessian); the cpu/cuda op's C++ autograd raised "cannot use C++
     # torch::autograd::Function with functorch transforms" under all of them
     import torch.autograd.forward_ad as fwAD
     from torch.func import functional_call, grad, hessian, jvp, vmap
 
-    ref = torch.nn.GroupNorm(4, 16)
-    with torch.no_grad():
-        ref.weight.normal_()
-        ref.bias.normal_()
-    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
-    m.load_state_dict(ref.state_dict())
+    ref, m = silu_group_norm_pair
     x = torch.randn(3, 16, 3, 2)
 
     def loss(mod, act):

@@ -28,15 +28,11 @@ def test_group_norm_bias_false_like_torch():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_group_norm_half_input_with_fp32_parameters_like_torch(dtype, channels_last):
+def test_group_norm_half_input_with_fp32_parameters_like_torch(dtype, channels_last,
+                                                               silu_group_norm_pair):
     # torch.nn.GroupNorm takes a half input with fp32 parameters (a norm kept in fp32 in a half model, as
     # mixed-precision recipes do); the drop-in raised TypeError "weight: expected dtype ..." outside autocast.
-    ref = torch.nn.GroupNorm(4, 16)
-    with torch.no_grad():
-        ref.weight.normal_()
-        ref.bias.normal_()
-    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
-    m.load_state_dict(ref.state_dict())
+    ref, m = silu_group_norm_pair
     x = torch.randn(2, 16, 6, 5).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)

@@ -64,6 +64,10 @@ def _group(rows):
 _RUN_KEYS = ("torch", "triton", "cuda", "commit", "cpu_heap")
 
 
+def _run_key(r):
+    return tuple(str(r.get(key)) for key in _RUN_KEYS)
+
+
 def _runs(tab):
     """The runs a table's rows come from: rows that share versions, commit and CPU heap setting are one run (a
     run's rows differ in their time stamps only). Returns (each run's provenance line, oldest run first; the run
@@ -71,12 +75,12 @@ def _runs(tab):
     runs, dates = OrderedDict(), {}
     for cell in tab.values():
         for r in cell.values():
-            k = tuple(str(r.get(key)) for key in _RUN_KEYS)
+            k = _run_key(r)
             runs.setdefault(k, r)
             dates.setdefault(k, []).append(str(r.get("date")))
     order = sorted(runs, key=lambda k: min(dates[k]))
     number = {k: i for i, k in enumerate(order, 1)}
-    of_row = {id(r): number[tuple(str(r.get(key)) for key in _RUN_KEYS)] for cell in tab.values() for r in cell.values()}
+    of_row = {id(r): number[_run_key(r)] for cell in tab.values() for r in cell.values()}
     lines = []
     for k in order:
         r, d = runs[k], sorted(dates[k])

@@ -316,16 +316,20 @@ class Sampler:
         if begin >= n:
             raise ValueError(f"{name}: {begin} is past the last of the {n} steps")
 
-    def _noising_coefs(self):
-        """(a, s) float32 device tensors of n + 1 values: add_noise(x0, noise, i) = a[i] x0 + s[i] noise for the n
-        steps, then (1, 0): x0 itself after the last (inpainting's blend, indexed on the device)."""
+    def _noise_levels(self):
+        """(a, s) float64 arrays of n + 1 values: x0 noised to step i's level, in the form the sampler's x has
+        there, is a[i] x0 + s[i] noise for the n steps (x at scale 1 / alpha where the plan says in_div: Euler);
+        then (1, 0): x0 itself, after the last step."""
         plan = self._plan_host
         n = self.num_inference_steps
         scale = np.asarray(plan["in_div"][:n], dtype=np.float64) if plan.get("in_div") is not None else np.ones(n)
         a = np.append(np.asarray(plan["alpha"][:n], dtype=np.float64) * scale, 1.0)
         s = np.append(np.asarray(plan["sigma"][:n], dtype=np.float64) * scale, 0.0)
-        return (torch.tensor(a, dtype=torch.float32, device=self._device),
-                torch.tensor(s, dtype=torch.float32, device=self._device))
+        return a, s
+
+    def _noising_coefs(self):
+        """_noise_levels as float32 tensors on the sampler's device (inpainting's blend, indexed on the device)."""
+        return tuple(torch.tensor(v, dtype=torch.float32, device=self._device) for v in self._noise_levels())
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
         """x0 noised to step index i's noise level, in the form the sampler's x has there (diffusers'
@@ -341,11 +345,9 @@ class Sampler:
         if not _is_int(i) or not 0 <= i < self.num_inference_steps:
             raise ValueError(f"i: expected a step index in [0, {self.num_inference_steps}), got {i!r}")
         self._check_begin(int(i), self.num_inference_steps, "i")
-        plan = self._plan_host
-        a, s = float(plan["alpha"][i]), float(plan["sigma"][i])
-        scale = float(plan["in_div"][i]) if plan.get("in_div") is not None else 1.0  # x at scale 1 / alpha (Euler)
+        a, s = (float(v[i]) for v in self._noise_levels())
         ct = torch.float64 if x0.dtype == torch.float64 else torch.float32  # fp32 math for half x0, fp64 kept
-        return ((a * scale) * x0.to(ct) + (s * scale) * noise.to(x0.device, ct)).to(x0.dtype)
+        return (a * x0.to(ct) + s * noise.to(x0.device, ct)).to(x0.dtype)
 
     @property
     def sigmas(self):
@@ -595,6 +597,15 @@ def _call_key(x, model_output, u, uncond_given: bool, g1: bool, backend: str) ->
             model_output.device, usig, uncond_given, g1, backend, _backend.get_backend(), _backend.triton_interpret())
 
 
+def _x0_from_ve(pred: str, s):
+    """(PX, PM) for x0 = PX x + PM m with x = x0 + s eps (Euler's x, at scale sqrt(s^2 + 1) of the VP one)."""
+    if pred == "epsilon":
+        return np.ones_like(s), -s
+    if pred == "sample":
+        return np.zeros_like(s), np.ones_like(s)
+    return 1 / (s**2 + 1), -s / np.sqrt(s**2 + 1)  # v_prediction
+
+
 def _x0_from_vp(pred: str, alpha, sigma):
     """(PX, PM) for x0 = PX x + PM m with x = alpha x0 + sigma eps (variance preserving)."""
     if pred == "epsilon":
@@ -841,13 +852,7 @@ class EulerSampler(Sampler):
             ts = 0.25 * np.log(sig[:-1].astype(np.float32)).astype(np.float32)
         s, s_next = sig[:-1], sig[1:]
         rows = np.zeros((n, 9))
-        pred = cfg["prediction_type"]
-        if pred == "epsilon":
-            rows[:, _PX], rows[:, _PM] = 1.0, -s
-        elif pred == "sample":
-            rows[:, _PX], rows[:, _PM] = 0.0, 1.0
-        else:
-            rows[:, _PX], rows[:, _PM] = 1 / (s**2 + 1), -s / np.sqrt(s**2 + 1)
+        rows[:, _PX], rows[:, _PM] = _x0_from_ve(cfg["prediction_type"], s)
         ratio = (s_next - s) / s
         rows[:, _A] = 1 + ratio
         rows[:, _C] = -ratio
@@ -941,17 +946,11 @@ class HeunSampler(EulerSampler):
         ev = [0]
         for k in range(1, n):
             ev += [k, k]
+        s_ev = sig[ev]
         rows = np.zeros((2 * n - 1, 9))
-        pred = self.config["prediction_type"]
+        rows[:, _PX], rows[:, _PM] = _x0_from_ve(self.config["prediction_type"], s_ev)  # the model at s_ev
         for j, k in enumerate(ev):
-            s_eval = sig[k]
-            if pred == "epsilon":
-                rows[j, _PX], rows[j, _PM] = 1.0, -s_eval
-            elif pred == "sample":
-                rows[j, _PX], rows[j, _PM] = 0.0, 1.0
-            else:
-                rows[j, _PX], rows[j, _PM] = 1 / (s_eval**2 + 1), -s_eval / np.sqrt(s_eval**2 + 1)
-            if j == 0 or j % 2 == 0:  # an Euler step from sig[k] to sig[k + 1]
+            if j % 2 == 0:  # an Euler step from sig[k] to sig[k + 1]
                 s, sn = sig[k], sig[k + 1]
                 rows[j, _A], rows[j, _C] = sn / s, 1 - sn / s
             else:  # the correction of the Euler step from sig[k - 1] to sig[k], at x_euler (x re-derived)
@@ -960,7 +959,6 @@ class HeunSampler(EulerSampler):
                 rows[j, _A] = 1.0
                 rows[j, _C] = -dt / (2 * sn)
                 rows[j, _D] = dt / sn * (1 + dt / (2 * s)) - dt / (2 * s)
-        s_ev = sig[ev]
         alpha = 1 / np.sqrt(s_ev**2 + 1)
         self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]])  # diffusers' 2n sigmas
         return {"timesteps": ts[ev].astype(np.float32), "rows": rows, "alpha": alpha, "sigma": s_ev * alpha,

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from fastdiff.diffusion.guidance import classifier_grad
-from fastdiff.diffusion.samplers import Sampler, _canonical_device
+from fastdiff.diffusion.samplers import Sampler, _canonical_device, _is_int
 
 
 def _progress(it, enabled: bool, total: int):
@@ -154,8 +154,7 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
                              f"{tuple(x_init.shape) if isinstance(x_init, torch.Tensor) else type(x_init).__name__}")
         if num_inference_steps is None:
             raise ValueError("num_inference_steps: image-to-image (x_init) needs it, to place the strength")
-        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
-                or num_inference_steps < 1):
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     elif strength != 1.0:
         raise ValueError("strength: image-to-image strength without x_init (the image to start from)")

@@ -88,6 +88,11 @@ def prefixed(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def model_meta(model) -> dict:
+    """How checkpoint.json describes a model: its class name and config (build_model's input)."""
+    return {"class": type(model).__name__, "config": model.config}
+
+
 def build_model(meta_model: dict):
     from fastdiff.models import MODELS
 

@@ -200,10 +200,9 @@ def _check_resume(args, trainer, dataset):
                              "autoencoder. Drop the flag or train into another --out")
         from fastdiff.training import checkpoint as ckpt
 
-        given = ckpt.load_model(args.autoencoder)
+        ae = ckpt.load_model(args.autoencoder)  # compared as if it were the saved one
         try:
-            trainer._check_resumed_autoencoder({"class": type(given).__name__, "config": given.config},
-                                               given.state_dict())
+            trainer._check_resumed_autoencoder(ckpt.model_meta(ae), ae.state_dict())
         except ValueError:
             raise SystemExit(f"error: --autoencoder: {args.autoencoder} is not the autoencoder (config, scale factor "
                              f"and weights) that {args.out} holds, which its run resumes with. Drop the flag or "

@@ -447,7 +447,7 @@ class Trainer:
         tensors.update({f"sampler.{k}": v for k, v in self.sampler.state_dict().items()})
         meta = {
             "task": self.task, "step": self.step, "world_size": self.world,
-            "model": {"class": type(self.model).__name__, "config": self.model.config},
+            "model": ckpt.model_meta(self.model),
             "train_config": dataclasses.asdict(self.config),
             "optimizer": {"param_groups": opt["param_groups"]},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -457,7 +457,7 @@ class Trainer:
             "class_names": self._class_names(),
         }
         if self.autoencoder is not None:
-            meta["autoencoder"] = {"class": type(self.autoencoder).__name__, "config": self.autoencoder.config}
+            meta["autoencoder"] = ckpt.model_meta(self.autoencoder)
         # always written (null: the config's own schedule), so a resume tells a checkpoint of the config's schedule
         # from an older one that did not record its schedule
         meta["schedule"] = self._schedule_meta()
@@ -591,7 +591,7 @@ class Trainer:
         the next save dropped the autoencoder from the checkpoint); with another one (other weights or scale factor)
         it went on on other latents, and the next save replaced the run's autoencoder."""
         ae = self.autoencoder
-        mine = None if ae is None else {"class": type(ae).__name__, "config": ae.config}
+        mine = None if ae is None else ckpt.model_meta(ae)
         if saved_meta is None and mine is None:
             return
         if saved_meta is None or mine is None:
