@@ -128,12 +128,14 @@ def _learns_sigma(model=None, meta_model: dict | None = None) -> bool:
 
 
 #: the sampler names of make_sampler, generate and the command line's --sampler
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmsolver++", "sde-dpmsolver++")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmsolver++", "sde-dpmsolver++", "dpmsolver++3m",
+                 "sde-dpmsolver++3m", "unipc")
 
 
 def make_sampler(name: str, model=None, checkpoint: str | None = None):
     """A sampler by name (one of SAMPLER_NAMES: ddpm, ddim, euler, euler_ancestral, heun, dpmsolver++,
-    sde-dpmsolver++) on the schedule the model was trained with. For a model with learned variances (out_channels = 2 x
+    sde-dpmsolver++, dpmsolver++3m, sde-dpmsolver++3m (the third-order forms, "DPM++ 3M (SDE)"), unipc) on the
+    schedule the model was trained with. For a model with learned variances (out_channels = 2 x
     in_channels) DDPM samples with them (variance_type "learned_range", Improved DDPM's) and DPM-Solver++ accepts
     and drops them (as diffusers does); DDIM and the Euler samplers take only the mean channels, which
     :func:`generate` passes them."""
@@ -144,6 +146,8 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLER_NAMES)}, got {name!r}")
     opts = {}
+    if name.endswith("3m"):  # DPMSolverPPSampler of order 3
+        name, opts["solver_order"] = name[:-2], 3
     if name == "sde-dpmsolver++":  # DPMSolverPPSampler's SDE form ("DPM++ 2M SDE")
         name, opts["algorithm_type"] = "dpmsolver++", "sde-dpmsolver++"
     d = checkpoint_dir(checkpoint)

@@ -386,14 +386,19 @@ def test_device_spellings(tmp_path, capsys):
         _one_line_error(capsys, "device")
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++", "heun"])
+@pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++", "heun", "dpmsolver++3m", "sde-dpmsolver++3m",
+                                  "unipc"])
 def test_sample_with_the_new_samplers(name, tmp_path, capsys):
-    from fastdiff.diffusion import DPMSolverPPSampler, EulerAncestralSampler, HeunSampler
+    from fastdiff.diffusion import DPMSolverPPSampler, EulerAncestralSampler, HeunSampler, UniPCSampler
 
     s = pretrained.make_sampler(name)
-    cls = {"euler_ancestral": EulerAncestralSampler, "heun": HeunSampler}.get(name, DPMSolverPPSampler)
+    cls = {"euler_ancestral": EulerAncestralSampler, "heun": HeunSampler, "unipc": UniPCSampler}.get(
+        name, DPMSolverPPSampler)
     assert isinstance(s, cls)
-    assert s._stochastic == (name != "heun") and s.config.get("algorithm_type", "sde-dpmsolver++") == "sde-dpmsolver++"
+    assert s._stochastic == name.startswith(("euler_ancestral", "sde-"))
+    if cls is DPMSolverPPSampler:
+        assert s.config["solver_order"] == (3 if name.endswith("3m") else 2)
+        assert s.config["algorithm_type"] == ("sde-dpmsolver++" if name.startswith("sde-") else "dpmsolver++")
     outs = []
     for seed in (0, 0, 1):
         out = tmp_path / f"s{len(outs)}.npz"

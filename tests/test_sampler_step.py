@@ -42,6 +42,7 @@ def _table(n, device, *, d=True, s=True):
     t[:, 6] = 0.2 + 0.5 * torch.rand(n) if s else 0.0  # S
     t[:, 7] = -6 + torch.rand(n)           # MINLOG
     t[:, 8] = -2 + torch.rand(n)           # MAXLOG
+    t[:, 9] = -0.4 * torch.rand(n)         # E (x0_prev2, read only when x0_buf2 is given)
     return t.to(device)
 
 
@@ -55,7 +56,13 @@ def _run(backend, x, m, table, step, **kw):
     buf = kw.pop("x0_buf", None)
     buf_k = None if buf is None else buf.clone()
     buf_r = None if buf is None else buf.clone()
+    buf2 = kw.pop("x0_buf2", None)
+    if buf2 is not None:
+        kw["x0_buf2"] = buf2.clone()
+        ref_buf2 = buf2.clone()
     out = sampler_step(x, m, table, step, x0_buf=buf_k, backend=backend, **kw)
+    if buf2 is not None:
+        kw["x0_buf2"] = ref_buf2
     ref = reference.sampler_step(x, m, table, torch.as_tensor(step, device=x.device), x0_buf=buf_r,
                                  seed=kw.pop("seed", 0) & ((1 << 64) - 1),
                                  var_mode={"fixed": 0, "learned": 1, "learned_range": 2}[kw.pop("var_mode", "fixed")],
@@ -81,6 +88,61 @@ def test_matches_reference(backend, dtype, atol, rtol, clip, cfg):
     assert out.dtype == dtype and out.shape == x.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=atol * 4, rtol=rtol)
     torch.testing.assert_close(bk.float(), br.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_rows"])
+def test_two_history_buffers(backend, dtype, atol, rtol, layout):
+    """x0_buf2 (third-order solvers): + E x0_prev2 in the sum, x0_buf2 <- x0_prev, x0_buf <- x0, on every
+    backend as in the reference; three steps in a row, so the rotation is what the next step reads."""
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    shape = (3, 5, 7, 9)
+    x, m, u, _, _ = _inputs(shape, dtype, dev)
+    g = torch.Generator().manual_seed(4)
+    b1 = torch.randn(shape, generator=g).to(dev, dtype)
+    b2 = torch.randn(shape, generator=g).to(dev, dtype)
+    if layout == "channels_last":
+        x, m, u, b1, b2 = (t.contiguous(memory_format=torch.channels_last) for t in (x, m, u, b1, b2))
+    elif layout == "strided_rows":  # every sample a dense block, the batch stride larger: views of a bigger batch
+        x, m, u, b1, b2 = (torch.cat([t, t], 0)[::2] for t in (x, m, u, b1, b2))
+    table = _table(4, dev)
+    kb1, kb2, rb1, rb2 = b1.clone(), b2.clone(), b1.clone(), b2.clone()
+    if layout == "strided_rows":
+        kb1, kb2, rb1, rb2 = (torch.cat([t, t], 0)[::2] for t in (b1, b2, b1, b2))
+    for step in range(3):
+        got = sampler_step(x, m, table, step, uncond=u, guidance_scale=2.5, x0_buf=kb1, x0_buf2=kb2, seed=5,
+                           backend=backend)
+        want = reference.sampler_step(x, m, table, torch.tensor(step, device=dev), uncond=u, guidance_scale=2.5,
+                                      x0_buf=rb1, x0_buf2=rb2, seed=5)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(kb1, rb1, atol=atol, rtol=rtol)
+        torch.testing.assert_close(kb2, rb2, atol=atol, rtol=rtol)
+        x = got
+    # the rotation itself is exact: x0_buf2 holds what x0_buf held before the last step, bit for bit
+    prev = kb1.clone()
+    sampler_step(x, m, table, 3, x0_buf=kb1, x0_buf2=kb2, backend=backend)
+    assert torch.equal(kb2, prev)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_history_terms_skipped_where_their_coefficient_is_zero(backend):
+    """A NaN left in a history buffer does not reach a step whose D or E is 0 (a run's first steps)."""
+    _skip_unavailable(backend)
+    dev = _device(backend)
+    x, m, _, _, _ = _inputs((2, 3, 4, 4), torch.float32, dev)
+    table = _table(2, dev)
+    table[:, 5] = 0.0
+    table[:, 9] = 0.0
+    b1, b2 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    out = sampler_step(x, m, table, 0, x0_buf=b1, x0_buf2=b2, stochastic=False, backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(b1).all() and torch.isnan(b2).all()
+    table[:, 9] = 0.5  # now E reads x0_prev2: the NaN moved there from x0_buf, and it shows
+    table[:, 5] = 0.0
+    b1.fill_(float("nan"))
+    out = sampler_step(x, m, table, 0, x0_buf=b1, x0_buf2=b2, stochastic=False, backend=backend)
+    assert torch.isnan(out).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -223,6 +285,8 @@ def test_opcheck():
                           (x, m, u, 3.0, table, step, None, buf, None, None, 7, 0, 1, 1.0, True))
     torch.library.opcheck(torch.ops.fastdiff.sampler_step,
                           (x, m, None, 1.0, table, step, None, None, None, torch.ones(2), 7, 0, 2, 1.0, False))
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step,
+                          (x, m, u, 3.0, table, step, None, buf, None, None, 7, 0, 1, 1.0, True, torch.randn_like(x)))
 
 
 @pytest.mark.triton
@@ -233,7 +297,7 @@ def test_opcheck_triton():
     table = _table(4, dev)
     torch.library.opcheck(torch.ops.fastdiff.sampler_step_triton,
                           (x, torch.randn_like(x), None, 1.0, table, torch.tensor(1, device=dev), None,
-                           torch.randn_like(x), None, None, 7, 0, 1, 1.0, True),
+                           torch.randn_like(x), None, None, 7, 0, 1, 1.0, True, torch.randn_like(x)),
                           # the interpreter reads data pointers, which fake tensors lack: schema only there
                           test_utils=("test_schema",) if not HAS_GPU else
                           ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -321,6 +385,24 @@ def test_bad_arguments():
         sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x).transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(ValueError, match="^x0_buf: must be laid out like x"):
         sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x[:1]).expand_as(x))
+    # x0_buf2: only with x0_buf, never the same memory, written in place like it
+    with pytest.raises(ValueError, match="^x0_buf2: given without x0_buf"):
+        sampler_step(x, m, t, 0, x0_buf2=torch.zeros_like(x))
+    shared = torch.zeros(2, *x.shape)
+    with pytest.raises(ValueError, match="^x0_buf2: shares memory with x0_buf"):
+        sampler_step(x, m, t, 0, x0_buf=shared[0], x0_buf2=shared[0])
+    with pytest.raises(ValueError, match="^x0_buf2: shares memory with x0_buf"):
+        big = torch.zeros(3 * x.numel())
+        sampler_step(x, m, t, 0, x0_buf=big[:x.numel()].view(x.shape), x0_buf2=big[5:5 + x.numel()].view(x.shape))
+    sampler_step(x, m, t, 0, x0_buf=shared[0], x0_buf2=shared[1])  # two halves of one tensor: fine
+    with pytest.raises(TypeError, match="^x0_buf2:"):
+        sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x), x0_buf2=x.double())
+    with pytest.raises(ValueError, match="^x0_buf2: must be laid out like x"):
+        sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x), x0_buf2=torch.zeros_like(x[:1]).expand_as(x))
+    if fastdiff.info()["cpu_extension"]:  # the op itself checks too (torch.ops.fastdiff.sampler_step called directly)
+        with pytest.raises(RuntimeError, match="x0_buf2: given without x0_buf"):
+            torch.ops.fastdiff.sampler_step(x, m, None, 1.0, t, torch.tensor(0), None, None, None, None, 0, 0, 0, 1.0,
+                                            True, torch.zeros_like(x))
     with pytest.raises(ValueError, match="^clip_range:"):
         sampler_step(x, m, t, 0, clip="clip", clip_range=0)
     with pytest.raises(TypeError, match="^clip_range:"):

@@ -10,8 +10,8 @@ import torch
 
 import fastdiff
 from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler,
-                                FlowMatchEulerSampler, HeunSampler, LCMSampler, NoiseSchedule, cfg_combine,
-                                classifier_grad, sample)
+                                FlowMatchEulerSampler, HeunSampler, LCMSampler, NoiseSchedule, UniPCSampler,
+                                cfg_combine, classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
 try:
@@ -360,27 +360,34 @@ _VIEWS = {  # latents whose strides differ from the step's (dense) output: x is 
 }
 
 
+_MULTISTEP = {"2m": (DPMSolverPPSampler, {}), "3m": (DPMSolverPPSampler, {"solver_order": 3}),
+              "unipc": (UniPCSampler, {})}
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("view", list(_VIEWS))
 @pytest.mark.parametrize("batch", [1, 2])
-def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
+@pytest.mark.parametrize("solver", list(_MULTISTEP))
+def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, solver):
     # step 0 gets a view, step 1 the op's dense output: x's strides change within the run, and the multistep
-    # buffer must carry step 0's x0 over (a zeroed buffer made the 2nd-order update read x0_prev = 0)
+    # buffers must carry the earlier x0 over (a zeroed buffer made the 2nd-order update read x0_prev = 0)
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the C++ extension is not built")
+    cls, kw = _MULTISTEP[solver]
     n = 6
     x = _VIEWS[view](_x((batch, 3, 6, 6)))
     dense = torch.empty(x.shape).copy_(x)  # not x.contiguous(): a batch-1 view with an odd batch stride "is" contiguous
-    want = _run(DPMSolverPPSampler(num_train_timesteps=T_TRAIN), dense, n, backend=backend)
-    got = _run(DPMSolverPPSampler(num_train_timesteps=T_TRAIN), x, n, backend=backend)
+    want = _run(cls(num_train_timesteps=T_TRAIN, **kw), dense, n, backend=backend)
+    got = _run(cls(num_train_timesteps=T_TRAIN, **kw), x, n, backend=backend)
     # (batch 1, channel slice: one dense sample, which the fused kernels keep as laid out and the torch one not)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    s = DPMSolverPPSampler(num_train_timesteps=T_TRAIN)
-    _run(s, x, 2, backend=backend)
+    s = cls(num_train_timesteps=T_TRAIN, **kw)
+    _run(s, x, 3, backend=backend)
     assert s._x0_buf.abs().sum() > 0
-    b2 = _run(s, x[:1].contiguous() * 0 + 1, 2, backend=backend)[-1]  # a new shape is a new run: a fresh buffer
-    torch.testing.assert_close(b2, _run(DPMSolverPPSampler(num_train_timesteps=T_TRAIN), torch.ones_like(x[:1]), 2,
+    assert (s._x0_buf2 is not None) == (solver != "2m") and (s._x0_buf2 is None or s._x0_buf2.abs().sum() > 0)
+    b2 = _run(s, x[:1].contiguous() * 0 + 1, 3, backend=backend)[-1]  # a new shape is a new run: fresh buffers
+    torch.testing.assert_close(b2, _run(cls(num_train_timesteps=T_TRAIN, **kw), torch.ones_like(x[:1]), 3,
                                         backend=backend)[-1])
 
 
@@ -390,7 +397,13 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch):
                                     (EulerAncestralSampler, {}), (LCMSampler, {"thresholding": True}),
                                     (FlowMatchEulerSampler, {"shift": 3.0}), (HeunSampler, {"clip_sample": True}),
                                     (FlowMatchEulerSampler, {"stochastic_sampling": True}),
-                                    (DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"})])
+                                    (DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++"}),
+                                    (DPMSolverPPSampler, {"solver_order": 3, "thresholding": True}),
+                                    (DPMSolverPPSampler, {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+                                    (UniPCSampler, {"thresholding": True}),
+                                    (UniPCSampler, {"predict_x0": False, "solver_type": "bh1"}),
+                                    (UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                                    "flow_shift": 3.0})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -426,7 +439,8 @@ def _slow_steps(sampler, monkeypatch):
 
 @pytest.mark.parametrize("cls,kw,cfg", [(DDIMSampler, {}, True), (DDPMSampler, {}, True),
                                         (DPMSolverPPSampler, {}, True), (DDIMSampler, {"clip_sample": True}, False),
-                                        (EulerSampler, {}, False)])
+                                        (EulerSampler, {}, False), (DPMSolverPPSampler, {"solver_order": 3}, True),
+                                        (UniPCSampler, {}, True)])
 def test_step_fast_path_equals_the_checked_path(cls, kw, cfg, monkeypatch):
     """Sampler.step reuses the checks of the previous call when the inputs look the same: the trajectory is
     bit-identical to one where every step is checked in full, and the fast path does engage."""
@@ -776,7 +790,7 @@ def test_sampler_errors():
     with pytest.raises(ValueError, match="^variance_type:"):
         DDPMSampler(variance_type="huge")
     with pytest.raises(ValueError, match="^solver_order:"):
-        DPMSolverPPSampler(solver_order=3)
+        DPMSolverPPSampler(solver_order=4)
     with pytest.raises(ValueError, match="^eta:"):
         DDIMSampler(eta=-1)
     with pytest.raises(TypeError, match="^clip_sample:"):
@@ -821,7 +835,7 @@ def test_config_edits_take_effect_at_set_timesteps():
         torch.testing.assert_close(s.schedule.alphas_cumprod, fresh.schedule.alphas_cumprod, atol=0, rtol=0)
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     bad = [(DDIMSampler, "prediction_type", "v-prediction", ValueError), (DDIMSampler, "timestep_spacing", "trailng",
-           ValueError), (DPMSolverPPSampler, "solver_order", 3, ValueError), (DDIMSampler, "beta_start", 2.0,
+           ValueError), (DPMSolverPPSampler, "solver_order", 4, ValueError), (DDIMSampler, "beta_start", 2.0,
            ValueError), (DDIMSampler, "beta_schedule", "cosine", ValueError), (DDIMSampler, "etaa", 0.5, TypeError)]
     for cls, k, v, err in bad:
         s = cls(num_train_timesteps=T_TRAIN).set_timesteps(4)
@@ -907,6 +921,26 @@ DIFFUSERS_CASES = [
                                   "timestep_scaling": 5.0, "clip_sample": True, "clip_sample_range": 1.5}),
     ("LCMScheduler", LCMSampler, {"thresholding": True, "prediction_type": "sample", "beta_schedule": "linear",
                                   "beta_start": 0.0001, "beta_end": 0.02}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"solver_order": 3}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {**SD, "solver_order": 3, "algorithm_type": "sde-dpmsolver++",
+                                                         "use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"solver_order": 3, "thresholding": True,
+                                                         "prediction_type": "sample", "timestep_spacing": "trailing",
+                                                         "lower_order_final": False}),
+    ("UniPCMultistepScheduler", UniPCSampler, {}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 1}),
+    ("UniPCMultistepScheduler", UniPCSampler, {**SD, "prediction_type": "v_prediction", "use_karras_sigmas": True}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"thresholding": True, "prediction_type": "sample",
+                                               "timestep_spacing": "trailing", "disable_corrector": [0, 3]}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"lower_order_final": False, "final_sigmas_type": "sigma_min",
+                                               "timestep_spacing": "leading", "steps_offset": 1, "solver_type": "bh1"}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+                                               "timestep_spacing": "trailing"}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                               "flow_shift": 3.0}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                               "flow_shift": 5.0, "solver_type": "bh1",
+                                               "final_sigmas_type": "sigma_min", "shift_terminal": 0.2}),
 ]
 
 
@@ -927,6 +961,82 @@ def test_matches_diffusers(name, cls, cfg, n):
     got = _ours_run(ours, n, x.clone(), torch.Generator().manual_seed(5), learned)
     for a, b in zip(got, want):  # diffusers computes its coefficients in float32, these in float64
         _close(a, b, 5e-4)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("cfg", [{"solver_type": "bh1"}, {"predict_x0": False},
+                                 {"predict_x0": False, "prediction_type": "v_prediction", "solver_type": "bh1"}])
+@pytest.mark.parametrize("n", [4, 12])
+def test_unipc_last_step_to_sigma_zero(cfg, n):
+    # diffusers' last step to sigma = 0 is NaN for these configs (B(h) = -inf times a zero residual, or
+    # sigma_t (e^h - 1) = 0 * inf); ours takes the limit: equal to diffusers' run with a final sigma of 1e-12
+    ds = dsched.UniPCMultistepScheduler(**cfg)
+    ours = UniPCSampler.from_config(ds.config)
+    x = _x((2, 3, 8, 8))
+    assert torch.isnan(_diffusers_run(ds, n, x.clone(), None)[-1]).all()
+    ds.set_timesteps(n)
+    ds.sigmas[-1] = 1e-12
+    want, y = [], x.clone()
+    for t in ds.timesteps:
+        y = ds.step(eps_model(y, t), t, y).prev_sample
+        want.append(y)
+    got = _ours_run(ours, n, x.clone(), None)
+    assert torch.isfinite(want[-1]).all()
+    for a, b in zip(got, want):
+        _close(a, b, 5e-4)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("mu,shift_type", [(0.7, "exponential"), (1.6, "linear")])
+def test_unipc_flow_dynamic_shifting_matches_diffusers(mu, shift_type):
+    cfg = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "use_dynamic_shifting": True,
+           "time_shift_type": shift_type}
+    ds = dsched.UniPCMultistepScheduler(**cfg)
+    ours = UniPCSampler.from_config(ds.config)
+    with pytest.raises(ValueError, match="^mu: use_dynamic_shifting needs"):
+        ours.set_timesteps(8)
+    ds.set_timesteps(8, mu=mu)
+    ours.set_timesteps(8, mu=mu)
+    assert torch.equal(ours.timesteps, ds.timesteps)
+    x = _x((2, 3, 8, 8))
+    out_d, out_o = x.clone(), x.clone()
+    for i, t in enumerate(ds.timesteps):
+        out_d = ds.step(eps_model(out_d, t), t, out_d).prev_sample
+        out_o = ours.step(eps_model(out_o, ours.timesteps[i]), i, out_o)
+        _close(out_o, out_d, 5e-4)
+
+
+def test_unipc_options_and_errors():
+    with pytest.raises(ValueError, match="^solver_order: expected 1 or 2"):
+        UniPCSampler(solver_order=3)
+    with pytest.raises(ValueError, match="^solver_type:"):
+        UniPCSampler(solver_type="bh3")
+    assert UniPCSampler(solver_type="midpoint").set_timesteps(4) is not None  # diffusers reads it as bh2
+    with pytest.raises(TypeError, match="^disable_corrector:"):
+        UniPCSampler(disable_corrector=3)
+    with pytest.raises(ValueError, match="^prediction_type: 'flow_prediction' needs predict_x0=True"):
+        UniPCSampler(prediction_type="flow_prediction", predict_x0=False)
+    with pytest.raises(ValueError, match="^use_karras_sigmas: not implemented together with use_flow_sigmas"):
+        UniPCSampler(use_flow_sigmas=True, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="^shift_terminal:"):
+        UniPCSampler(shift_terminal=0.1)
+    with pytest.raises(ValueError, match="^flow_shift:"):
+        UniPCSampler(flow_shift=0)
+    with pytest.raises(ValueError, match="^config: solver_p="):
+        UniPCSampler.from_config({"solver_p": "DDIMScheduler"})
+    with pytest.raises(ValueError, match="^prediction_type:"):
+        DPMSolverPPSampler(prediction_type="flow_prediction")  # UniPC's extra type only
+    with pytest.raises(ValueError, match="^solver_order: expected 1, 2 or 3"):
+        DPMSolverPPSampler(solver_order=4)
+    assert UniPCSampler().order == 1 and DPMSolverPPSampler(solver_order=3).order == 1
+    # a config edit that needs the second buffer takes effect at set_timesteps
+    s = UniPCSampler(solver_order=1)
+    x = _x((1, 3, 4, 4))
+    _run(s, x, 3)
+    assert s._x0_buf2 is None
+    s.config["solver_order"] = 2
+    _run(s, x, 3)
+    assert s._x0_buf2 is not None
 
 
 FLOW_CASES = [({}, None), ({"shift": 3.0}, None), ({"use_dynamic_shifting": True}, 0.8),
@@ -1028,6 +1138,18 @@ def test_from_scheduler():
            "sde-dpmsolver++", "use_karras_sigmas": True, "beta_schedule": "scaled_linear"}
     s = from_scheduler(cfg, solver_order=1)
     assert isinstance(s, DPMSolverPPSampler) and s._stochastic and s.config["solver_order"] == 1
+    # Wan 2.1's scheduler_config.json (UniPC on flow-matching sigmas)
+    wan = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.33.0.dev0", "beta_end": 0.02,
+           "beta_schedule": "linear", "beta_start": 0.0001, "disable_corrector": [], "dynamic_thresholding_ratio": 0.995,
+           "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True, "num_train_timesteps": 1000,
+           "predict_x0": True, "prediction_type": "flow_prediction", "rescale_betas_zero_snr": False,
+           "sample_max_value": 1.0, "solver_order": 2, "solver_p": None, "solver_type": "bh2", "steps_offset": 0,
+           "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None, "use_beta_sigmas": False,
+           "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False}
+    s = from_scheduler(wan).set_timesteps(30)
+    ds = dsched.UniPCMultistepScheduler.from_config(wan)
+    ds.set_timesteps(30)
+    assert isinstance(s, UniPCSampler) and torch.equal(s.timesteps, ds.timesteps)
     with pytest.raises(ValueError, match="^scheduler: PNDMScheduler has no fastdiff sampler"):
         from_scheduler(dsched.PNDMScheduler())
     with pytest.raises(ValueError, match="^scheduler: the config does not name its class"):
@@ -1040,7 +1162,10 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                  ("EulerDiscreteScheduler", {}), ("EulerAncestralDiscreteScheduler", {}),
                  ("HeunDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
                  ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
-                 ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0})]
+                 ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+                 ("DPMSolverMultistepScheduler", {"solver_order": 3}), ("UniPCMultistepScheduler", {}),
+                 ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                              "flow_shift": 3.0})]
 
 
 @needs_diffusers
@@ -1098,7 +1223,9 @@ def test_add_noise_dtypes_and_index_and_refused_device():
 @needs_diffusers
 @pytest.mark.parametrize("name,cfg", [("DDIMScheduler", {}), ("EulerDiscreteScheduler", {}),
                                       ("DPMSolverMultistepScheduler", {}),
-                                      ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0})])
+                                      ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+                                      ("UniPCMultistepScheduler", {}),
+                                      ("DPMSolverMultistepScheduler", {"solver_order": 3})])
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_inpainting_matches_diffusers(name, cfg, strength):
     # diffusers' inpainting recipe for a U-Net without mask channels: after step i, where the mask is 0 the latents
@@ -1111,7 +1238,11 @@ def test_inpainting_matches_diffusers(name, cfg, strength):
     x0 = _x(shape).clamp(-1, 1)
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, 2:6, 1:5] = 1.0
-    mask[1, :, 0] = 0.5  # a soft edge
+    if name != "UniPCMultistepScheduler":
+        # a soft edge. Not for UniPC: diffusers' corrector recomputes x from its own last sample and drops the
+        # blend of the step before (where the mask is soft the blend survives the next one); ours corrects the x
+        # it is given, blend included
+        mask[1, :, 0] = 0.5
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     ds.set_timesteps(n)
     t_start = n - int(n * strength)
@@ -1369,7 +1500,8 @@ def test_sample_errors():
 
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"eta": 1.0}),
                                     (EulerSampler, {"use_karras_sigmas": True}),
-                                    (DPMSolverPPSampler, {"thresholding": True})])
+                                    (DPMSolverPPSampler, {"thresholding": True}),
+                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {"thresholding": True})])
 def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
     """No .item(), .tolist(), .nonzero() or Python branch on a tensor value anywhere in the sampling loop (the GPU
     version of this check, with torch.cuda.set_sync_debug_mode, is test_no_sync_on_gpu)."""
@@ -1390,12 +1522,13 @@ def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, DPMSolverPPSampler])
-def test_no_sync_on_gpu_and_graph_equals_eager(cls):
+@pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"thresholding": True}),
+                                    (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
+                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {})])
+def test_no_sync_on_gpu_and_graph_equals_eager(cls, kw):
     torch.manual_seed(0)
     model = TinyModel().cuda()
-    s = cls(num_train_timesteps=T_TRAIN, thresholding=cls is not EulerSampler) if cls is not EulerSampler else cls(
-        num_train_timesteps=T_TRAIN)
+    s = cls(num_train_timesteps=T_TRAIN, **kw)
     y, ny = torch.tensor([0, 1], device="cuda"), torch.tensor([4, 4], device="cuda")
     eager = sample(model, s, (2, 3, 16, 16), y=y, uncond_y=ny, guidance_scale=3.0, seed=0, num_inference_steps=8,
                    cuda_graph=False, progress=False)

@@ -7,8 +7,9 @@
 // addresses each element through its tensor's row stride (e.g. the halves of a [eps, variance] model output).
 // The step index is read from device memory and the coefficient row from the table (both L1/L2 broadcasts), so
 // the kernel is the same every step and replays inside a CUDA graph; it never syncs with the host.
-// Cost: one read of x and of each model output (+ noise / x0_prev / variance when used), one write of x_prev
-// (+ x0 for multistep solvers): at fp32 with CFG 16 B/element, memory-bound; Philox adds ~20 integer ops per
+// Cost: one read of x and of each model output (+ noise / x0_prev / x0_prev2 / variance when used), one write of
+// x_prev (+ x0 for multistep solvers, + x0_prev into the second buffer for third-order ones): at fp32 with CFG
+// 16 B/element, memory-bound; Philox adds ~20 integer ops per
 // element, well under the H100's integer throughput at HBM speed.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -25,7 +26,7 @@ void sampler_step_check(const at::Tensor& x, const at::Tensor& model_output, con
                         const at::Tensor& table, const at::Tensor& step, const c10::optional<at::Tensor>& noise,
                         const c10::optional<at::Tensor>& x0_buf, const c10::optional<at::Tensor>& var_values,
                         const c10::optional<at::Tensor>& thresh, int64_t var_mode, int64_t clip_mode,
-                        int64_t strides[7]);
+                        const c10::optional<at::Tensor>& x0_buf2, int64_t strides[7]);
 
 namespace {
 
@@ -43,13 +44,14 @@ struct Args {
   const T* u;
   const T* z;
   T* b;
+  T* b2;
   const T* v;
   T* out;
   const float* thr;
   const float* table;
   const int64_t* step;
   int64_t total, L, n_steps;
-  int64_t sx, sm, su, sz, sb, sv, so;
+  int64_t sx, sm, su, sz, sb, sv, so, sb2;
   float g, clip_range;
   uint64_t seed;
   int var_mode, clip_mode;
@@ -139,7 +141,23 @@ __global__ void __launch_bounds__(256) sampler_step_kernel(const Args<T> a) {
   }
 #pragma unroll
   for (int k = 0; k < 4; ++k) acc[k] = A * x[k] + B * m[k] + C * x0[k];
-  if (a.b != nullptr) {
+  if (a.b2 != nullptr) {  // two history buffers (third-order solvers): x0_prev moves to the second one
+    float p[4];
+    load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
+    if (D != 0.f) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] += D * p[k];
+    }
+    const float E = __ldg(row + kE);
+    if (E != 0.f) {
+      float p2[4];
+      load4<T>(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p2);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] += E * p2[k];
+    }
+    store4(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p);
+    store4(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, x0);
+  } else if (a.b != nullptr) {
     if (D != 0.f) {
       float p[4];
       load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
@@ -196,9 +214,11 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
                              double guidance_scale, const at::Tensor& table, const at::Tensor& step,
                              const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& x0_buf,
                              const c10::optional<at::Tensor>& var_values, const c10::optional<at::Tensor>& thresh,
-                             int64_t seed, int64_t var_mode, int64_t clip_mode, double clip_range, bool stochastic) {
+                             int64_t seed, int64_t var_mode, int64_t clip_mode, double clip_range, bool stochastic,
+                             const c10::optional<at::Tensor>& x0_buf2) {
   int64_t st[7];
-  sampler_step_check(x, model_output, uncond, table, step, noise, x0_buf, var_values, thresh, var_mode, clip_mode, st);
+  sampler_step_check(x, model_output, uncond, table, step, noise, x0_buf, var_values, thresh, var_mode, clip_mode,
+                     x0_buf2, st);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   const int64_t N = x.size(0), total = x.numel(), L = total / N;
@@ -213,6 +233,7 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
     a.u = ptr(uncond);
     a.z = ptr(noise);
     a.b = x0_buf.has_value() ? x0_buf->data_ptr<scalar_t>() : nullptr;
+    a.b2 = x0_buf2.has_value() ? x0_buf2->data_ptr<scalar_t>() : nullptr;
     a.v = ptr(var_values);
     a.out = out.data_ptr<scalar_t>();
     a.thr = clip_mode == kClipThreshold ? thresh->const_data_ptr<float>() : nullptr;
@@ -227,6 +248,7 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
     a.sb = st[3];
     a.sv = st[4];
     a.sx = st[5];
+    a.sb2 = st[6];
     a.so = so;
     a.g = static_cast<float>(guidance_scale);
     a.clip_range = static_cast<float>(clip_range);
@@ -237,9 +259,9 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
     // Flat: element e of every tensor is at offset e (rows back to back), and every base pointer is aligned for
     // a 4-element vector access.
     bool flat = N == 1 || (a.sx == L && a.sm == L && a.so == L && (!a.u || a.su == L) && (!a.z || a.sz == L) &&
-                           (!a.b || a.sb == L) && (!a.v || a.sv == L));
+                           (!a.b || a.sb == L) && (!a.b2 || a.sb2 == L) && (!a.v || a.sv == L));
     flat = flat && aligned4(a.x) && aligned4(a.m) && aligned4(a.u) && aligned4(a.z) && aligned4<scalar_t>(a.b) &&
-           aligned4(a.v) && aligned4<scalar_t>(a.out);
+           aligned4<scalar_t>(a.b2) && aligned4(a.v) && aligned4<scalar_t>(a.out);
     a.flat = flat;
     const int64_t groups = (total + 3) / 4;
     const int threads = 256;

@@ -1,8 +1,9 @@
-"""Samplers: DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ (2M and 2M SDE), LCM and flow-matching Euler, each
-one fused kernel per step and no host sync.
+"""Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM-Solver++ (2M, 3M and their SDE forms), UniPC, LCM and
+flow-matching Euler, each one fused kernel per step and no host sync.
 
-Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + std z (m the model output after
-classifier-free guidance, x0 = clip(PX x + PM m)). ``set_timesteps`` computes the coefficients of every step once,
+Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + std z (m the model
+output after classifier-free guidance, x0 = clip(PX x + PM m), x0_prev and x0_prev2 the x0 of the two steps before,
+kept on the device by the kernel). ``set_timesteps`` computes the coefficients of every step once,
 in float64 on the host from the float32 schedule (as diffusers computes it), and moves them to the device as a
 (num_steps, 12) table; ``step`` hands the table and the step index to fastdiff.ops.sampler_step, which reads the row
 on the device. Nothing in ``step`` reads a tensor value on the host, so the loop runs ahead of the GPU and can be
@@ -10,8 +11,8 @@ captured in a CUDA graph.
 
 Options are named as in diffusers' scheduler configs, with the defaults of the matching diffusers scheduler, and
 ``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
-DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler,
-FlowMatchEulerDiscreteScheduler).
+DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+DPMSolverMultistepScheduler, UniPCMultistepScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from fastdiff.ops.sampler_step import (CLIP_MODES, TABLE_WIDTH, VAR_MODES, _dens
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-_PX, _PM, _A, _B, _C, _D, _S, _MINLOG, _MAXLOG = range(9)
+_PX, _PM, _A, _B, _C, _D, _S, _MINLOG, _MAXLOG, _E = range(10)
 
 _COMMON = {
     "num_train_timesteps": 1000,
@@ -104,7 +105,13 @@ class Sampler:
     #: "score": classifier guidance shifts the score (eps <- eps - sigma_t s grad, Dhariwal & Nichol Alg. 2);
     #: "mean": it shifts the mean of x_{t-1} by s Sigma grad (Alg. 1, for ancestral sampling).
     classifier_guidance = "score"
-    _multistep = False
+    _multistep = False  # keeps x0_prev in a buffer (x0_buf) from step to step
+    _prediction_types = PREDICTION_TYPES
+
+    @property
+    def _two_buffers(self) -> bool:
+        """A third-order step: x0_prev2 kept too (x0_buf2), read at set_timesteps from the config."""
+        return False
 
     def __init__(self, **options):
         self._check_options(options)
@@ -119,7 +126,9 @@ class Sampler:
         self._device = torch.device("cpu")
         self._seed = None
         self._x0_buf = None
+        self._x0_buf2 = None  # x0_prev2 for third-order steps, made and replaced with _x0_buf
         self._x0_key = None  # x's shape, dtype, device and strides when _x0_buf was made
+        self._hist2 = False
         self._fast = None  # the validated plan of the last step call, reused while its inputs look the same
         self._begin_index = 0  # the step a run starts at (set_timesteps' begin_index)
 
@@ -162,8 +171,8 @@ class Sampler:
     def _validate(self, cfg):
         if cfg["beta_schedule"] not in BETA_SCHEDULES and cfg["trained_betas"] is None:
             raise ValueError(f"beta_schedule: expected one of {', '.join(BETA_SCHEDULES)}, got {cfg['beta_schedule']!r}")
-        if cfg["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got "
+        if cfg["prediction_type"] not in self._prediction_types:
+            raise ValueError(f"prediction_type: expected one of {', '.join(self._prediction_types)}, got "
                              f"{cfg['prediction_type']!r}")
         if "timestep_spacing" in cfg and cfg["timestep_spacing"] not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing: expected one of {', '.join(TIMESTEP_SPACINGS)}, got "
@@ -239,7 +248,8 @@ class Sampler:
         self._plan_host = plan
         self._timesteps_np = plan["timesteps"]
         self._table_np = rows
-        self._x0_buf = None
+        self._x0_buf = self._x0_buf2 = None
+        self._hist2 = self._two_buffers
         # the per-step options, read here with the table: a config change takes effect at the next set_timesteps
         self._mode = (self._clip(), self._var_mode, self._stochastic, self._split_channels,
                       float(self.config.get("clip_sample_range", 1.0)))
@@ -276,7 +286,7 @@ class Sampler:
         self._device = _canonical_device(device)
         if self.num_inference_steps is not None:
             self._to_device(self._device)
-            self._x0_buf = None
+            self._x0_buf = self._x0_buf2 = None
         return self
 
     @property
@@ -442,15 +452,23 @@ class Sampler:
         # (a view such as big[:, :4], big[::2] or an expanded noise at step 0, then the op's dense output at step
         # 1): the values must survive, in a buffer laid out as the op lays out x (it makes a non-dense x contiguous
         # and requires x0_buf laid out like that x). Keyed by x's strides, not the buffer's, which can differ.
+        # With two buffers (third-order steps) the second, x0_prev2, follows the first. Returns (x0_buf, x0_buf2 or
+        # None).
         key = (x.shape, x.dtype, x.device, x.stride())
-        old = self._x0_buf
-        if old is not None and self._x0_key == key:
-            return old
-        new = torch.zeros_like(x) if _dense_rows(x) else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        if old is not None and self._x0_key[:3] == key[:3]:
-            new.copy_(old)
-        self._x0_buf, self._x0_key = new, key
-        return new
+        old, old2 = self._x0_buf, self._x0_buf2
+        if old is not None and self._x0_key == key and (old2 is not None) == self._hist2:
+            return old, old2
+
+        def fresh(prev):
+            t = torch.zeros_like(x) if _dense_rows(x) else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+            if prev is not None and self._x0_key[:3] == key[:3]:
+                t.copy_(prev)
+            return t
+
+        new = fresh(old)
+        new2 = fresh(old2) if self._hist2 else None
+        self._x0_buf, self._x0_buf2, self._x0_key = new, new2, key
+        return new, new2
 
     def step(self, model_output, i, x, *, uncond=None, guidance_scale=1.0, noise=None, generator=None,
              backend="auto", classifier_grad=None, classifier_scale=1.0):
@@ -476,7 +494,7 @@ class Sampler:
             if key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]:
                 op, rest = fast[1], fast[4]
                 return op(x, model_output, u, float(guidance_scale), self._table, self._step_list[i], None,
-                          fast[2], *rest)
+                          fast[2], *rest)  # rest ends with x0_buf2
         return self._step(model_output, i, x, uncond, guidance_scale, noise, generator, backend, classifier_grad,
                           classifier_scale)
 
@@ -535,28 +553,28 @@ class Sampler:
         if noise is None and generator is not None and stochastic:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         thresh = self._threshold(x, model_output, uncond, guidance_scale, st) if clip == "threshold" else None
-        x0_buf = self._x0_buffer(x) if self._multistep else None
+        x0_buf, x0_buf2 = self._x0_buffer(x) if self._multistep else (None, None)
         out = ops.sampler_step(
             x, model_output, self._table, st, uncond=uncond, guidance_scale=float(guidance_scale), noise=noise,
             x0_buf=x0_buf, var_values=var_values, thresh=thresh, seed=self._seed, var_mode=var_mode, clip=clip,
-            clip_range=clip_range, stochastic=stochastic, backend=backend)
+            clip_range=clip_range, stochastic=stochastic, backend=backend, x0_buf2=x0_buf2)
         if post_shift is not None:
             grad, scale, v = post_shift
             out = out + (scale * self._mean_shift_variance(st, v) * grad.float()).to(out.dtype)
         elif noise is None and var_values is None and thresh is None and full_output is model_output:
             self._remember_fast(x, full_output, uncond, uncond_given, guidance_scale == 1.0, backend, x0_buf,
-                                var_mode, clip, clip_range, stochastic)
+                                var_mode, clip, clip_range, stochastic, x0_buf2)
         return out
 
     def _remember_fast(self, x, model_output, uncond, uncond_given, g1, backend, x0_buf, var_mode, clip, clip_range,
-                       stochastic):
+                       stochastic, x0_buf2=None):
         """After a checked step: keep what the next call with inputs of the same shapes, strides, dtypes and
         devices needs to go straight to the kernel. Only when the kernel read every tensor in place (no cast, no
         layout copy) and the backend is a fused one."""
         name = choose_backend(x, backend)
         if name == "torch" or not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
             return
-        tensors = [model_output] + ([uncond] if uncond is not None else []) + ([x0_buf] if x0_buf is not None else [])
+        tensors = [model_output] + [t for t in (uncond, x0_buf, x0_buf2) if t is not None]
         if any(type(t) is not torch.Tensor or t.dtype != x.dtype or t.device != x.device or t.stride() != x.stride()
                or t.shape != x.shape for t in tensors):
             return
@@ -565,7 +583,7 @@ class Sampler:
         key = _call_key(x, model_output, uncond, uncond_given, g1, backend)
         op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
         rest = (None, None, _signed64(self._seed), VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range),
-                bool(stochastic))
+                bool(stochastic), x0_buf2)
         self._fast = (key, op, x0_buf, self.num_inference_steps, rest)
 
     def _mean_shift_variance(self, st, v):
@@ -965,10 +983,48 @@ class HeunSampler(EulerSampler):
                 "in_div": np.sqrt(s_ev**2 + 1)}
 
 
+def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karras=True):
+    """(timesteps, sigmas) of an n-step run of a variance-preserving multistep scheduler, as diffusers'
+    DPMSolverMultistepScheduler and UniPCMultistepScheduler compute them: the timesteps spaced over the trained
+    range (cut at lambda_min_clipped), sigma = sqrt((1 - acp) / acp) at them (or Karras sigmas with the timesteps
+    read back, rounded unless round_karras is False), then the final sigma (0 or sigma_min): n + 1 float64 values
+    rounded through float32."""
+    T = schedule.num_train_timesteps
+    acp_t = schedule.alphas_cumprod.clone()
+    if cfg["rescale_betas_zero_snr"]:
+        acp_t[-1] = 2**-24
+    lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
+    clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(lambda_min_clipped))))
+    last_t = T - clipped
+    sp = cfg["timestep_spacing"]
+    if sp == "linspace":
+        ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    elif sp == "leading":
+        ratio = last_t // (n + 1)
+        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg["steps_offset"]
+    else:
+        ts = np.arange(last_t, 0, -T / n).round().copy().astype(np.int64) - 1
+    train_sigmas = (((1 - acp_t) / acp_t) ** 0.5).numpy().astype(np.float64)
+    # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
+    # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
+    log_sigmas = np.log(train_sigmas.astype(np.float32))
+    if cfg["use_karras_sigmas"]:
+        flipped = np.flip(train_sigmas).copy()
+        sigmas = _karras(flipped[-1].item(), flipped[0].item(), n)
+        tf = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        if round_karras:
+            tf = tf.round()
+        ts = tf.astype(np.int64)
+    else:
+        sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+    last = ((1 - acp_t[0]) / acp_t[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+    return ts, np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+
+
 class DPMSolverPPSampler(Sampler):
-    """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, order 1 or 2 ("2M", Algorithm 2), as diffusers'
-    DPMSolverMultistepScheduler with algorithm_type="dpmsolver++". With lambda = log(alpha / sigma), h = lambda_t -
-    lambda_s, r = h_prev / h, D0 = x0_s, D1 = (x0_s - x0_prev) / r:
+    """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, order 1, 2 ("2M", Algorithm 2) or 3 ("3M"), as
+    diffusers' DPMSolverMultistepScheduler with algorithm_type="dpmsolver++". With lambda = log(alpha / sigma),
+    h = lambda_t - lambda_s, r = h_prev / h, D0 = x0_s, D1 = (x0_s - x0_prev) / r:
 
         x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 - alpha_t (e^-h - 1) D1 / 2     (midpoint)
 
@@ -976,8 +1032,11 @@ class DPMSolverPPSampler(Sampler):
 
         x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z
 
-    First order at the first step and at the last one when lower_order_final applies (as diffusers). The previous
-    x0 lives in a buffer owned by the sampler, which the kernel reads and overwrites in place.
+    solver_order=3 (DPM++ 3M, and 3M SDE) adds the second difference D2 of the last three x0 (diffusers'
+    multistep_dpm_solver_third_order_update). First order at the first step and at the last one when
+    lower_order_final applies, second order at the second step (and the last but one under lower_order_final with
+    fewer than 15 steps), as diffusers. The previous x0 (and, for order 3, the one before it) live in buffers owned
+    by the sampler, which the kernel reads and overwrites in place.
     """
 
     _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
@@ -994,8 +1053,8 @@ class DPMSolverPPSampler(Sampler):
         if cfg["algorithm_type"] not in self.ALGORITHM_TYPES:
             raise ValueError(f"algorithm_type: expected 'dpmsolver++' or 'sde-dpmsolver++' (the noise-prediction "
                              f"'dpmsolver' variants are not implemented), got {cfg['algorithm_type']!r}")
-        if cfg["solver_order"] not in (1, 2) or isinstance(cfg["solver_order"], bool):
-            raise ValueError(f"solver_order: expected 1 or 2 (DPM-Solver++ 2M), got {cfg['solver_order']!r}")
+        if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
+            raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
         if cfg["solver_type"] not in ("midpoint", "heun"):
             raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {cfg['solver_type']!r}")
         if cfg["variance_type"] not in (None, "learned", "learned_range"):
@@ -1012,56 +1071,41 @@ class DPMSolverPPSampler(Sampler):
         return self.config["algorithm_type"] == "sde-dpmsolver++"
 
     @property
+    def _two_buffers(self):
+        return self.config["solver_order"] == 3
+
+    @property
     def _split_channels(self):
         return self.config["variance_type"] in ("learned", "learned_range")
 
     def _plan(self, n):
         cfg = self.config
-        T = self.schedule.num_train_timesteps
-        acp_t = self.schedule.alphas_cumprod.clone()
-        if cfg["rescale_betas_zero_snr"]:
-            acp_t[-1] = 2**-24
-        lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
-        clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(cfg["lambda_min_clipped"]))))
-        last_t = T - clipped
-        sp = cfg["timestep_spacing"]
-        if sp == "linspace":
-            ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif sp == "leading":
-            ratio = last_t // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg["steps_offset"]
-        else:
-            ts = np.arange(last_t, 0, -T / n).round().copy().astype(np.int64) - 1
-        train_sigmas = (((1 - acp_t) / acp_t) ** 0.5).numpy().astype(np.float64)
-        # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
-        # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
-        log_sigmas = np.log(train_sigmas.astype(np.float32))
-        if cfg["use_karras_sigmas"]:
-            flipped = np.flip(train_sigmas).copy()
-            sigmas = _karras(flipped[-1].item(), flipped[0].item(), n)
-            tf = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-            if cfg["beta_schedule"] != "squaredcos_cap_v2":
-                tf = tf.round()
-            ts = tf.astype(np.int64)
-        else:
-            sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
-        last = ((1 - acp_t[0]) / acp_t[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-        sig = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+        ts, sig = _vp_sigmas(cfg, self.schedule, n, cfg["lambda_min_clipped"],
+                             round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2")
         n = len(ts)
         alpha = 1 / np.sqrt(sig**2 + 1)
         sigma_vp = sig * alpha
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
         lower_final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
-        rows = np.zeros((n, 9))
+        lower_second = cfg["lower_order_final"] and n < 15
+        rows = np.zeros((n, 10))
         pred = cfg["prediction_type"]
         sde = cfg["algorithm_type"] == "sde-dpmsolver++"
+        order = cfg["solver_order"]
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
             rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
             h = lam[i + 1] - lam[i]
-            first = cfg["solver_order"] == 1 or i <= self._begin_index or (i == n - 1 and lower_final)
+            if h == 0:  # two equal sigmas (Karras sigmas ending at sigma_min): every form's limit is x_t = x_s
+                rows[i, _A] = 1.0  # (diffusers' heun 2M and 3M give NaN there, 0 / 0)
+                continue
+            first = order == 1 or i <= self._begin_index or (i == n - 1 and lower_final)
+            third = (not first and order == 3 and i >= self._begin_index + 2 and not (i == n - 2 and lower_second))
             r0 = None if first else (lam[i] - lam[i - 1]) / h
+            if third:
+                self._third_order_row(rows[i], a_t, s_t, s_s, h, r0, (lam[i - 1] - lam[i - 2]) / h, sde)
+                continue
             if sde:  # the SDE form: e^-h in place of 1 on x, 1 - e^-2h in place of 1 - e^-h, noise of variance
                 # sigma_t^2 (1 - e^-2h)
                 phi2 = -np.expm1(-2 * h) if np.isfinite(h) else 1.0  # 1 - e^-2h
@@ -1086,6 +1130,64 @@ class DPMSolverPPSampler(Sampler):
                 rows[i, _D] = -k
         self._sigmas_np = sig
         return {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
+
+    @staticmethod
+    def _third_order_row(row, a_t, s_t, s_s, h, r0, r1, sde):
+        """Row of a DPM++ 3M step (diffusers' third-order update) with D0 = m0, D1_0 = (m0 - m1) / r0,
+        D1_1 = (m1 - m2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1), the x0 of this
+        step and the two before (m0, m1, m2) weighed by C, D, E:
+            ODE: x_t = (s_t / s_s) x - a_t phi D0 + a_t (phi / h + 1) D1 - a_t ((phi + h) / h^2 - 1/2) D2,
+                 phi = e^-h - 1
+            SDE: x_t = (s_t / s_s) e^-h x + a_t psi D0 + a_t (psi / (-2h) + 1) D1 + a_t ((psi - 2h) / (2h)^2 - 1/2) D2
+                       + s_t sqrt(psi) z,  psi = 1 - e^-2h"""
+        if sde:
+            psi = -np.expm1(-2 * h)
+            row[_A] = s_t / s_s * np.exp(-h)
+            c0, c1, c2 = a_t * psi, a_t * (psi / (-2 * h) + 1), a_t * ((psi - 2 * h) / (2 * h) ** 2 - 0.5)
+            row[_S] = s_t * np.sqrt(psi)
+        else:
+            phi = np.expm1(-h)
+            row[_A] = s_t / s_s
+            c0, c1, c2 = -a_t * phi, a_t * (phi / h + 1), -a_t * ((phi + h) / h**2 - 0.5)
+        w = r0 / (r0 + r1)
+        k = c1 * (1 + w) + c2 / (r0 + r1)  # weight of D1_0
+        l_ = -c1 * w - c2 / (r0 + r1)  # weight of D1_1
+        row[_C] = c0 + k / r0
+        row[_D] = -k / r0 + l_ / r1
+        row[_E] = -l_ / r1
+
+
+def _set_timesteps_with_mu(sampler, set_timesteps, n, device, seed, begin_index, mu):
+    """set_timesteps of a sampler with dynamic shifting: `mu` checked and kept in sampler.mu (a refused call keeps
+    the previous one)."""
+    before = sampler.mu
+    if mu is not None:
+        if not _is_real(mu) or not math.isfinite(mu):
+            raise ValueError(f"mu: expected a finite float, got {mu!r}")
+        sampler.mu = float(mu)
+    try:
+        return set_timesteps(n, device, seed=seed, begin_index=begin_index)
+    except Exception:
+        sampler.mu = before
+        raise
+
+
+def _time_shift(sampler, sig):
+    """Flow sigmas shifted by the resolution-dependent sampler.mu (diffusers' time_shift with sigma = 1)."""
+    if sampler.mu is None:
+        hint = ("mu=sampler.calculate_shift(image_seq_len)" if hasattr(sampler, "calculate_shift") else "mu=...")
+        raise ValueError(f"mu: use_dynamic_shifting needs the resolution-dependent shift: set_timesteps(n, {hint}) "
+                         f"(or set sampler.mu)")
+    if sampler.config["time_shift_type"] == "linear" and not sampler.mu > 0:  # mu / (mu + 1/sigma - 1): 0/0 at 1
+        raise ValueError(f"mu: time_shift_type='linear' needs mu > 0, got {sampler.mu!r}")
+    e = math.exp(sampler.mu) if sampler.config["time_shift_type"] == "exponential" else sampler.mu
+    return e / (e + (1 / sig - 1))
+
+
+def _stretch_to_terminal(sig, terminal):
+    """Sigmas stretched so that the last one is `terminal` (diffusers' stretch_shift_to_terminal)."""
+    one_minus = 1 - sig
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
 class FlowMatchEulerSampler(Sampler):
@@ -1152,16 +1254,7 @@ class FlowMatchEulerSampler(Sampler):
     def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
         """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
         shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it)."""
-        before = self.mu
-        if mu is not None:
-            if not _is_real(mu) or not math.isfinite(mu):
-                raise ValueError(f"mu: expected a finite float, got {mu!r}")
-            self.mu = float(mu)
-        try:
-            return super().set_timesteps(num_inference_steps, device, seed=seed, begin_index=begin_index)
-        except Exception:
-            self.mu = before  # a refused call changes nothing
-            raise
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
 
     def _sigmas(self, n):
         cfg = self.config
@@ -1174,13 +1267,7 @@ class FlowMatchEulerSampler(Sampler):
         smax, smin = init[0].item(), init[-1].item()
         sig = np.linspace(smax * T, smin * T, n) / T
         if cfg["use_dynamic_shifting"]:
-            if self.mu is None:
-                raise ValueError("mu: use_dynamic_shifting needs the resolution-dependent shift: "
-                                 "set_timesteps(n, mu=sampler.calculate_shift(image_seq_len)) (or set sampler.mu)")
-            if cfg["time_shift_type"] == "linear" and not self.mu > 0:  # mu / (mu + 1/sigma - 1): 0/0 at 1
-                raise ValueError(f"mu: time_shift_type='linear' needs mu > 0, got {self.mu!r}")
-            e = math.exp(self.mu) if cfg["time_shift_type"] == "exponential" else self.mu
-            sig = e / (e + (1 / sig - 1))
+            sig = _time_shift(self, sig)
         else:
             sig = cfg["shift"] * sig / (1 + (cfg["shift"] - 1) * sig)
         if cfg["shift_terminal"]:
@@ -1188,8 +1275,7 @@ class FlowMatchEulerSampler(Sampler):
                 st = cfg["shift_terminal"]
                 raise ValueError(f"num_inference_steps: shift_terminal={st!r} stretches the sigmas to end at "
                                  f"it, which needs at least 2 steps, got 1")
-            one_minus = 1 - sig
-            sig = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
+            sig = _stretch_to_terminal(sig, cfg["shift_terminal"])
         if cfg["use_karras_sigmas"]:
             sig = _karras(float(sig[-1]), float(sig[0]), n)
         return sig.astype(np.float32)
@@ -1216,21 +1302,198 @@ class FlowMatchEulerSampler(Sampler):
         return bool(self.config["stochastic_sampling"])
 
 
+class UniPCSampler(Sampler):
+    """UniPC (Zhao et al. 2023): the UniP predictor with the UniC corrector, B(h) variants, order 1 or 2, as diffusers'
+    UniPCMultistepScheduler (the scheduler of Wan 2.x and many fast-sampling setups; flow matching with
+    use_flow_sigmas=True and prediction_type="flow_prediction").
+
+    diffusers' step i first corrects x_i, which its predictor made from x_{i-1}, with the model output at x_i (UniC:
+    x_i^c = x_i + m_i B(h) [the predictor's residual minus the corrector's], linear in the x0 of steps i, i - 1 and
+    i - 2), then predicts x_{i+1} from x_i^c (UniP: x_{i+1} = A x_i^c - m_{i+1} phi_1 x0_i - m_{i+1} B(h) rho (x0_{i-1}
+    - x0_i) / r). Both are linear in x and the last three x0, so one step is one row of the fused kernel,
+    out = A x + C x0_i + D x0_{i-1} + E x0_{i-2}, with x0_{i-1} and x0_{i-2} in the sampler's two buffers (the
+    kernel rotates them). predict_x0=False runs the same on the noise prediction. The corrector is skipped at the
+    first step of a run and after each step listed in disable_corrector, as diffusers does; the last sample is not
+    corrected (that would take another model call). solver_order 3 would need the x0 of step i - 3: refused.
+
+    One difference from diffusers, by design: the corrector corrects the x it is given. diffusers recomputes x_i^c
+    from its own stored sample and so drops any edit made to x between steps (inpainting's blend of the known
+    region, for one); here the edit is kept. Where diffusers' last step to sigma = 0 is NaN (solver_type="bh1", or
+    predict_x0=False) this takes its limit, the final x0.
+    """
+
+    _options = {**_COMMON, "solver_order": 2, **_THRESHOLDING, "predict_x0": True, "solver_type": "bh2",
+                "lower_order_final": True, "disable_corrector": [], "use_karras_sigmas": False,
+                "use_flow_sigmas": False, "flow_shift": 1.0, "timestep_spacing": "linspace",
+                "final_sigmas_type": "zero", "use_dynamic_shifting": False, "time_shift_type": "exponential",
+                "shift_terminal": None}
+    _fixed = {"solver_p": None, "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
+              "sigma_max": None}
+    _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
+    _multistep = True
+
+    def __init__(self, **options):
+        self.mu = None
+        super().__init__(**options)
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["solver_order"] not in (1, 2) or isinstance(cfg["solver_order"], bool):
+            raise ValueError(f"solver_order: expected 1 or 2 (order 3 needs a third x0 buffer), got "
+                             f"{cfg['solver_order']!r}")
+        if cfg["solver_type"] not in ("bh1", "bh2", "midpoint", "heun", "logrho"):  # the last three mean bh2 there
+            raise ValueError(f"solver_type: expected 'bh1' or 'bh2', got {cfg['solver_type']!r}")
+        for k in ("predict_x0", "use_flow_sigmas", "use_dynamic_shifting"):
+            if not isinstance(cfg[k], (bool, np.bool_)):
+                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+        dc = cfg["disable_corrector"]
+        if not isinstance(dc, (list, tuple)) or not all(_is_int(v) for v in dc):
+            raise TypeError(f"disable_corrector: expected a list of step indices, got {dc!r}")
+        if cfg["prediction_type"] == "flow_prediction" and not cfg["predict_x0"]:
+            raise ValueError("prediction_type: 'flow_prediction' needs predict_x0=True (as diffusers)")
+        if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
+            raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
+        if cfg["time_shift_type"] not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type: expected 'exponential' or 'linear', got {cfg['time_shift_type']!r}")
+        st = cfg["shift_terminal"]
+        if st is not None and (not cfg["use_flow_sigmas"] or not _is_real(st) or not 0 <= st < 1):
+            raise ValueError(f"shift_terminal: expected None, or a float in [0, 1) with use_flow_sigmas, got {st!r}")
+        if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
+            raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+        """As Sampler.set_timesteps; `mu`: the shift of use_dynamic_shifting (flow sigmas), kept in ``self.mu``."""
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
+
+    def _clip(self):
+        return super()._clip() if self.config["predict_x0"] else "none"  # diffusers thresholds x0 predictions only
+
+    def _flow_sigmas(self, n):
+        cfg = self.config
+        T = cfg["num_train_timesteps"]
+        sig = np.linspace(1, 1 / T, n + 1)[:-1]
+        if cfg["use_dynamic_shifting"]:
+            sig = _time_shift(self, sig)
+        else:
+            sig = cfg["flow_shift"] * sig / (1 + (cfg["flow_shift"] - 1) * sig)
+        if cfg["shift_terminal"]:
+            sig = _stretch_to_terminal(sig, cfg["shift_terminal"])
+        if abs(sig[0] - 1) < 1e-6:
+            sig[0] -= 1e-6
+        ts = (sig * T).astype(np.int64)  # diffusers keeps them as int64 (truncated)
+        last = sig[-1] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        return ts, np.concatenate([sig, [last]]).astype(np.float32).astype(np.float64)
+
+    def _plan(self, n):
+        cfg = self.config
+        flow = cfg["use_flow_sigmas"]
+        ts, sig = self._flow_sigmas(n) if flow else _vp_sigmas(cfg, self.schedule, n)
+        n = len(ts)
+        if flow:
+            alpha, sigma = 1 - sig, sig
+        else:
+            alpha = 1 / np.sqrt(sig**2 + 1)
+            sigma = sig * alpha
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma)  # +inf where sigma = 0
+        x0_mode = cfg["predict_x0"]
+        mult = alpha if x0_mode else sigma  # the factor of phi_1 and B(h) in each step's sum
+        bh1 = cfg["solver_type"] == "bh1"
+        begin, so = self._begin_index, cfg["solver_order"]
+        pred = cfg["prediction_type"]
+        off = set(int(v) for v in cfg["disable_corrector"])
+
+        def order(i):  # diffusers' this_order at step i of a run started at `begin`
+            if i < begin:
+                return 1
+            p = min(so, n - i) if cfg["lower_order_final"] else so
+            return min(p, min(i - begin, so) + 1)
+
+        def hb(i):  # (hh, h phi_1(hh) = e^hh - 1, B(h)) of the step from i to i + 1
+            h = lam[i + 1] - lam[i]
+            hh = -h if x0_mode else h
+            return hh, np.expm1(hh), (hh if bh1 else np.expm1(hh))
+
+        rows = np.zeros((n, 10))
+        for i in range(n):
+            a, s_ = alpha[i], sigma[i]
+            if pred == "flow_prediction":
+                rows[i, _PX], rows[i, _PM] = 1.0, -sig[i]  # x0 = x - sigma v
+            elif x0_mode:
+                rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a), np.array(s_))
+            else:  # the noise prediction: eps = m, (x - alpha m) / sigma, or alpha m + sigma x
+                rows[i, _PX], rows[i, _PM] = {"epsilon": (0.0, 1.0), "sample": (1 / s_, -a / s_),
+                                              "v_prediction": (s_, a)}[pred]
+            # corrector of x_i (UniC of the order the predictor of step i - 1 had): x_i^c = x_i + k0 x0_i +
+            # k1 x0_{i-1} + k2 x0_{i-2}
+            k0 = k1 = k2 = 0.0
+            if i > begin and (i - 1) not in off:
+                q = order(i - 1)
+                hh, phi1, bh = hb(i - 1)
+                f = mult[i] * bh
+                if q == 1:
+                    rc_last, pr, rc0, rk = 0.5, 0.0, 0.0, 1.0
+                else:
+                    rk = (lam[i - 2] - lam[i - 1]) / (lam[i] - lam[i - 1])
+                    # rhos_c = R^-1 b, R = [[1, 1], [rk, 1]], b_k = h phi_k(hh) k! / B(h)
+                    phik = phi1 / hh - 1
+                    b1 = phik / bh
+                    phik = phik / hh - 0.5
+                    b2 = 2 * phik / bh
+                    rc0, rc_last = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array([b1, b2]))
+                    pr = 0.5
+                # x_i^c - x_i = f (pred_res - corr_res): pred_res = pr (x0_{i-2} - x0_{i-1}) / rk,
+                # corr_res = rc0 (x0_{i-2} - x0_{i-1}) / rk + rc_last (x0_i - x0_{i-1})
+                k0 = -f * rc_last
+                k1 = f * (rc_last - (pr - rc0) / rk)
+                k2 = f * (pr - rc0) / rk
+            # predictor from x_i^c:
+            #   x_{i+1} = A x^c - mult_{i+1} phi_1 x0_i [- mult_{i+1} B(h) / 2 (x0_{i-1} - x0_i) / r  at order 2]
+            p = order(i)
+            hh, phi1, bh = hb(i)
+            if np.isinf(hh):  # a last step to sigma = 0: mult_{i+1} phi_1 at its limit (x0: -1; noise: a_t s_s / a_s)
+                A = 0.0 if x0_mode else alpha[i + 1] / a
+                p0 = -mult[i + 1] * phi1 if x0_mode else -alpha[i + 1] * s_ / a
+            else:
+                A = sigma[i + 1] / s_ if x0_mode else alpha[i + 1] / a
+                p0 = -mult[i + 1] * phi1
+            p1 = 0.0
+            if p == 2:
+                r = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i])
+                g = mult[i + 1] * bh * 0.5 / r
+                p0, p1 = p0 + g, -g
+            rows[i, _A] = A
+            rows[i, _C] = A * k0 + p0
+            rows[i, _D] = A * k1 + p1
+            rows[i, _E] = A * k2
+        self._sigmas_np = sig
+        plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma[:n]}
+        if pred == "flow_prediction":
+            with np.errstate(divide="ignore"):
+                plan["cg_k"] = -sigma[:n] / alpha[:n]  # v shifts by -sigma / (1 - sigma) s grad, as flow matching's
+        return plan
+
+    @property
+    def _two_buffers(self):
+        return self.config["solver_order"] == 2
+
+
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
-            "heun": HeunSampler}
+            "heun": HeunSampler, "unipc": UniPCSampler}
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
                         "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
-                        "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler}
+                        "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
+                        "UniPCMultistepScheduler": UniPCSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (PNDM, UniPC, ...) raises ValueError: pick a
+    (scheduler_config.json). A class without a fastdiff sampler (PNDM, DEIS, ...) raises ValueError: pick a
     sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion configs)."""
     config = getattr(scheduler, "config", scheduler)
     if not isinstance(config, Mapping):

@@ -3,8 +3,8 @@
 Algorithm: one program per BLOCK elements, viewed as a (BLOCK/4, 4) tile so that one Philox4x32-10 call (four
 32-bit words) feeds the four consecutive elements 4q .. 4q+3 through Box-Muller, exactly like the C++ and CUDA
 kernels; the coefficient row is loaded from the table at the step read from device memory (no host sync, graph
-safe). Cost: one read of x and of each model output, one write of x_prev (plus noise / x0_prev / x0 / variance
-when used); ~20 integer ops per element for the noise, which keeps the kernel memory-bound.
+safe). Cost: one read of x and of each model output, one write of x_prev (plus noise / x0_prev / x0_prev2 / x0 /
+variance when used); ~20 integer ops per element for the noise, which keeps the kernel memory-bound.
 The Philox here is our own (tl.umulhi), not tl.randn, so the numbers do not depend on Triton's version.
 """
 from __future__ import annotations
@@ -42,10 +42,11 @@ def _uniform(r):
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "guidance_scale", "clip_range", "sx", "sm", "su", "sz", "sb",
-                               "sv", "so"])
-def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, v_ptr, thr_ptr, out_ptr, table_ptr, step_ptr,
-                         total, L, n_steps, sx, sm, su, sz, sb, sv, so, guidance_scale, clip_range, seed_lo, seed_hi,
-                         HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_B: tl.constexpr, VAR_MODE: tl.constexpr,
+                               "sv", "so", "sb2"])
+def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, b2_ptr, v_ptr, thr_ptr, out_ptr, table_ptr, step_ptr,
+                         total, L, n_steps, sx, sm, su, sz, sb, sv, so, sb2, guidance_scale, clip_range, seed_lo,
+                         seed_hi, HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_B: tl.constexpr, HAS_B2: tl.constexpr,
+                         VAR_MODE: tl.constexpr,
                          CLIP_MODE: tl.constexpr, STOCHASTIC: tl.constexpr, FLAT: tl.constexpr,
                          BLOCK: tl.constexpr):
     G: tl.constexpr = BLOCK // 4
@@ -59,6 +60,7 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, v_ptr, thr_ptr, out_
         uo = e
         zo = e
         bo = e
+        b2o = e
         vo = e
         oo = e
     else:
@@ -69,6 +71,7 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, v_ptr, thr_ptr, out_
         uo = n * su + l_
         zo = n * sz + l_
         bo = n * sb + l_
+        b2o = n * sb2 + l_
         vo = n * sv + l_
         oo = n * so + l_
 
@@ -95,7 +98,15 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, v_ptr, thr_ptr, out_
         thr = tl.load(thr_ptr + e // L, mask=mask, other=1.0)
         x0 = tl.where(x0 < -thr, -thr, tl.where(x0 > thr, thr, x0)) / thr
     acc = c_a * x + c_b * m + c_c * x0
-    if HAS_B:
+    if HAS_B2:  # two history buffers (third-order solvers): x0_prev moves to the second one
+        prev = tl.load(b_ptr + bo, mask=mask, other=0.0)
+        c_e = tl.load(row + 9)
+        prev2 = tl.load(b2_ptr + b2o, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_e) != 0.0),
+                        other=0.0).to(tl.float32)
+        acc += tl.where(c_d != 0.0, c_d * prev.to(tl.float32), 0.0) + c_e * prev2
+        tl.store(b2_ptr + b2o, prev, mask=mask)
+        tl.store(b_ptr + bo, x0.to(b_ptr.dtype.element_ty), mask=mask)
+    elif HAS_B:
         prev = tl.load(b_ptr + bo, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_d) != 0.0), other=0.0).to(tl.float32)
         acc += c_d * prev
         tl.store(b_ptr + bo, x0.to(b_ptr.dtype.element_ty), mask=mask)
@@ -142,26 +153,27 @@ def _u32_as_i32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-@triton_op("fastdiff::sampler_step_triton", mutates_args={"x0_buf"})
+@triton_op("fastdiff::sampler_step_triton", mutates_args={"x0_buf", "x0_buf2"})
 def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, uncond: Optional[torch.Tensor],
                         guidance_scale: float, table: torch.Tensor, step: torch.Tensor, noise: Optional[torch.Tensor],
                         x0_buf: Optional[torch.Tensor], var_values: Optional[torch.Tensor],
                         thresh: Optional[torch.Tensor], seed: int, var_mode: int, clip_mode: int, clip_range: float,
-                        stochastic: bool) -> torch.Tensor:
+                        stochastic: bool, x0_buf2: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = torch.empty_like(x)
     total = x.numel()
     N = x.shape[0]
     L = total // N
-    ts = [t if t is not None else x for t in (uncond, noise, x0_buf, var_values)]
+    ts = [t if t is not None else x for t in (uncond, noise, x0_buf, var_values, x0_buf2)]
     strides = [_row_stride(t) for t in [x, model_output] + ts + [out]]
     flat = all(s == L for s in strides) or N == 1
     block = 1024
     grid = (triton.cdiv(total, block),)
     seed &= (1 << 64) - 1
     wrap_triton(_sampler_step_kernel)[grid](
-        x, model_output, ts[0], ts[1], ts[2], ts[3], thresh if thresh is not None else table, out, table, step,
-        total, L, table.shape[0], strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6],
-        guidance_scale, clip_range, _u32_as_i32(seed), _u32_as_i32(seed >> 32),
-        HAS_U=uncond is not None, HAS_Z=noise is not None, HAS_B=x0_buf is not None, VAR_MODE=var_mode,
+        x, model_output, ts[0], ts[1], ts[2], ts[4], ts[3], thresh if thresh is not None else table, out, table, step,
+        total, L, table.shape[0], strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[7],
+        strides[6], guidance_scale, clip_range, _u32_as_i32(seed), _u32_as_i32(seed >> 32),
+        HAS_U=uncond is not None, HAS_Z=noise is not None, HAS_B=x0_buf is not None, HAS_B2=x0_buf2 is not None,
+        VAR_MODE=var_mode,
         CLIP_MODE=clip_mode, STOCHASTIC=stochastic, FLAT=flat, BLOCK=block, num_warps=4)
     return out
