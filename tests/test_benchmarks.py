@@ -64,12 +64,43 @@ def test_sampler_run():
                           loop_steps=2, loop_shape=(1, 4, 8, 8))
     _check_rows(rows, "sampler_step", ["eager"])
     assert {r["case"].split()[0] for r in rows if r["op"] == "sampler_step"} == {"ddim-cfg", "ddpm-cfg", "dpmpp-cfg",
-                                                                             "flow-cfg"}
+                                                                             "flow-cfg", "unipc-cfg"}
     flow = [r for r in rows if r["case"].startswith("flow-cfg")]
     provs = {r["provider"] for r in flow}
     assert "eager" in provs and "fastdiff-torch" in provs
     assert ("diffusers" in provs) == (importlib.util.find_spec("diffusers") is not None)
     assert any(r["op"] == "sampling" for r in rows)
+
+
+def test_sampler_unipc_providers_compute_the_same_step():
+    """The unipc-cfg row's providers do the same work: the eager step (Python-float coefficients), diffusers' step
+    (its state set to step i with the two previous x0) and the fused step give the same x_prev."""
+    from fastdiff.diffusion import UniPCSampler
+
+    cfg = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+    s = UniPCSampler(**cfg).set_timesteps(30, seed=0)
+    i = 5
+    g = torch.Generator().manual_seed(0)
+    x, c, u, p, p2 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(5))
+    eager, x0 = sampler.eager_unipc(s, i)(x, c, u, p, p2)
+    s._x0_buf, s._x0_buf2, s._x0_key = p.clone(), p2.clone(), (x.shape, x.dtype, x.device, x.stride())
+    fused = s.step(c, i, x, uncond=u, guidance_scale=sampler.GUIDANCE)
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(s._x0_buf2, p) and torch.allclose(s._x0_buf, x0)
+    if importlib.util.find_spec("diffusers") is not None:
+        # diffusers at step i of a run (its stored last sample consistent with x), the same x0 history in ours
+        from diffusers import UniPCMultistepScheduler
+
+        us = UniPCMultistepScheduler(**cfg)
+        us.set_timesteps(30)
+        y = torch.randn(2, 4, 8, 8, generator=g)
+        for t in us.timesteps[:i]:
+            y = us.step(torch.tanh(y), t, y).prev_sample
+        assert us.this_order == 2 and us.lower_order_nums == 2
+        s._x0_buf, s._x0_buf2 = us.model_outputs[-1].clone(), us.model_outputs[-2].clone()
+        fused = s.step(c, i, y, uncond=u, guidance_scale=sampler.GUIDANCE)
+        want = us.step(u + sampler.GUIDANCE * (c - u), us.timesteps[i], y).prev_sample
+        torch.testing.assert_close(fused, want, atol=1e-4, rtol=1e-4)
 
 
 # two levels, 8x8 latents: the SD-like model shrunk further than the quick suite's tiny one, same code paths

@@ -6,11 +6,14 @@ Per-step update (op "sampler_step") on SD latents (4, 4, 64, 64), SDXL-like late
   ddpm-cfg:  ancestral DDPM with x0 clipping: Gaussian noise drawn every step (in the kernel, by Philox)
   dpmpp-cfg: DPM-Solver++ 2M at a second-order step (reads and rewrites the previous x0)
   flow-cfg:  flow-matching Euler (SD3 / Flux: x + (sigma_next - sigma) v, shift 3) on the guided velocity
+  unipc-cfg: UniPC bh2 (corrector + predictor, both second order) on flow-matching sigmas (Wan 2.x: flow_shift 3,
+             flow_prediction): reads the x0 of the two steps before and rotates them
 Providers: eager (the step as a user writes it in PyTorch, Python-float coefficients, torch.randn_like),
 diffusers (the matching scheduler's step after the CFG combination, when installed),
 compile (torch.compile of the eager step), and fastdiff-cuda / fastdiff-triton / fastdiff-cpu / fastdiff-torch.
 GB/s counts the bytes a fused step must move: x, cond, uncond read and x_prev written (+ x0_prev read and
-written for DPM-Solver++); the noise is generated, not read.
+written for DPM-Solver++; + x0_prev, x0_prev2 read and x0, x0_prev written for UniPC); the noise is generated, not
+read.
 
 Loop (op "sampling"): 50 steps of DDIM around a tiny conv model on (4, 4, 64, 64): time per step, eager and (on a
 GPU) CUDA-graphed.
@@ -29,7 +32,8 @@ import sys
 import torch
 
 from fastdiff import _bench
-from fastdiff.diffusion import DDIMSampler, DDPMSampler, DPMSolverPPSampler, FlowMatchEulerSampler, sample
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, FlowMatchEulerSampler, UniPCSampler,
+                                sample)
 from fastdiff.ops.sampler_step import _available
 
 SHAPES = [(4, 4, 64, 64), (8, 4, 96, 96), (16, 3, 256, 256)]
@@ -101,6 +105,25 @@ def eager_dpmpp(sampler, i):
     return step
 
 
+def eager_unipc(sampler, i):
+    """UniPC's step i (UniC corrector, then UniP predictor) on a flow-matching model, as a user writes it: the
+    coefficients as Python floats (taken from the sampler's own table), the tensors as PyTorch ops."""
+    row = sampler._table_np[i]
+    s = float(sampler._sigmas_np[i])
+    A, C, D, E = (float(row[k]) for k in (2, 4, 5, 9))
+    # split back into the corrector (x_c = x + k0 x0 + k1 p1 + k2 p2) and the predictor (A x_c + P0 x0 + P1 p1):
+    # any split with these totals does the same work; this one sets the predictor's own terms to zero
+    k0, k1, k2 = C / A, D / A, E / A
+
+    def step(x, cond, uncond, p1, p2):
+        v = uncond + GUIDANCE * (cond - uncond)
+        x0 = x - s * v
+        xc = x + k0 * x0 + k1 * p1 + k2 * p2
+        return A * xc, x0
+
+    return step
+
+
 def _record(rows, label, fns, shape, dtype, device, rounds, timing_kw, *, nbytes):
     """Time every provider in fns for one (step kind, shape, dtype) and append a row each (and print it)."""
     for name, t_ in _bench.time_providers(fns, device, rounds, **timing_kw).items():
@@ -126,11 +149,13 @@ def bench_step(args, device, rows):
     ddpm = DDPMSampler().set_timesteps(50, device=device, seed=0)
     dpm = DPMSolverPPSampler().set_timesteps(20, device=device, seed=0)
     flow = FlowMatchEulerSampler(shift=3.0).set_timesteps(28, device=device, seed=0)
+    unipc_cfg = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+    unipc = UniPCSampler(**unipc_cfg).set_timesteps(30, device=device, seed=0)
     i_ddim, i_dpm = 10, 5
     for shape in shapes:
         for dtype in dtypes:
             g = torch.Generator(device=device).manual_seed(0)
-            x, c, u, p = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(4))
+            x, c, u, p, p2 = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(5))
             numel, size = x.numel(), x.element_size()
             avail = _available(x)
             backends = [b for b in ("cuda", "triton", "cpu") if avail[b][0]] + ["torch"]
@@ -221,6 +246,34 @@ def bench_step(args, device, rows):
             for b in backends:
                 fns[f"fastdiff-{b}"] = lambda b=b: flow.step(c, i_dpm, x, uncond=u, guidance_scale=GUIDANCE, backend=b)
             _record(rows, "flow-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=4 * numel * size)
+
+            # unipc-cfg --------------------------------------------------------------------------------------------
+            ef5 = eager_unipc(unipc, i_dpm)
+            fns = {"eager": lambda: ef5(x, c, u, p, p2)}
+            try:
+                from diffusers import UniPCMultistepScheduler
+            except ImportError:
+                UniPCMultistepScheduler = None
+            if UniPCMultistepScheduler is not None:
+                us = UniPCMultistepScheduler(**unipc_cfg)
+                us.set_timesteps(30, device=device)
+                t = us.timesteps[i_dpm]
+
+                def diff_unipc(us=us, t=t):
+                    us._step_index, us.lower_order_nums, us.this_order = i_dpm, 2, 2
+                    us.model_outputs, us.timestep_list, us.last_sample = [p2, p], [t, t], x
+                    return us.step(u + GUIDANCE * (c - u), t, x).prev_sample
+
+                fns["diffusers"] = diff_unipc
+            if not args.no_compile:
+                cf5 = torch.compile(ef5, dynamic=False)
+                fns["compile"] = lambda cf5=cf5: cf5(x, c, u, p, p2)
+            unipc._x0_buf, unipc._x0_buf2 = p.clone(), p2.clone()  # x0 of the two steps before
+            unipc._x0_key = (x.shape, x.dtype, x.device, x.stride())
+            for b in backends:
+                fns[f"fastdiff-{b}"] = lambda b=b: unipc.step(c, i_dpm, x, uncond=u, guidance_scale=GUIDANCE,
+                                                              backend=b)
+            _record(rows, "unipc-cfg", fns, shape, dtype, device, rounds, timing_kw, nbytes=8 * numel * size)
 
 
 class TinyModel(torch.nn.Module):
