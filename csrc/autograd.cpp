@@ -57,6 +57,7 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
                             or_undefined(shift)});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
   }
@@ -69,18 +70,62 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     const OptT w = as_optional(saved[3]), b = as_optional(saved[4]), s = as_optional(saved[5]),
                t = as_optional(saved[6]);
     const std::string activation = ctx->saved_data["activation"].toStringRef();
-    // through the dispatcher with autograd: under create_graph=True, GroupNormBackwardFunction records a node
+    if (at::GradMode::is_enabled() && grads[0].defined()) {
+      // create_graph=True: the gradients as differentiable ops (ATen's group_norm and the AdaGN/SiLU ops), so a
+      // second derivative exists (gradient penalties, Hessian-vector products). Slower than the fused backward,
+      // which has no derivative of its own.
+      return composite_backward(ctx, grads[0], x, w, b, s, t, activation);
+    }
     auto [gx, gw, gb, gs, gt] =
         backward_op().call(grads[0], x, mean, rstd, ctx->saved_data["num_groups"].toInt(), w, b, s, t,
                            activation);
     auto keep = [](const OptT& p, const at::Tensor& g) { return p.has_value() ? g : at::Tensor(); };
     return {gx, at::Tensor(), keep(w, gw), keep(b, gb), keep(s, gs), keep(t, gt), at::Tensor(), at::Tensor()};
   }
+
+ private:
+  // y recomputed from the saved inputs with differentiable ops (statistics in fp32 at least, as the kernels),
+  // then differentiated with create_graph: the gradients carry a graph back to x and the parameters.
+  static variable_list composite_backward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& x,
+                                          const OptT& w, const OptT& b, const OptT& s, const OptT& t,
+                                          const std::string& activation) {
+    const auto cd = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto up = [&](const OptT& p) { return p.has_value() ? OptT(p->to(cd)) : std::nullopt; };
+    const int64_t G = ctx->saved_data["num_groups"].toInt();
+    at::Tensor h = at::group_norm(x.to(cd), G, up(w), up(b), ctx->saved_data["eps"].toDouble());
+    std::vector<int64_t> nc(x.dim(), 1);  // (N, C, 1, ...): scale and shift broadcast over the spatial dims
+    nc[0] = x.size(0);
+    nc[1] = x.size(1);
+    if (s.has_value()) h = h.mul(s->to(cd).reshape(nc).add(1));
+    if (t.has_value()) h = h.add(t->to(cd).reshape(nc));
+    if (activation == "silu") h = at::silu(h);
+    const at::Tensor y = h.to(x.scalar_type());
+    // differentiate with respect to the inputs whose gradient is asked for: `pos` is the forward argument's
+    // position, `edge` its index among the tensors given (an absent optional parameter has no edge)
+    const std::pair<int, OptT> args[] = {{0, OptT(x)}, {2, w}, {3, b}, {4, s}, {5, t}};
+    variable_list inputs;
+    std::vector<int> where;
+    size_t edge = 0;
+    for (const auto& [pos, p] : args) {
+      if (!p.has_value()) continue;
+      if (ctx->needs_input_grad(edge++)) {
+        inputs.push_back(*p);
+        where.push_back(pos);
+      }
+    }
+    variable_list out(8);
+    if (inputs.empty()) return out;
+    const variable_list g = torch::autograd::grad({y}, inputs, {grad_y}, /*retain_graph=*/true,
+                                                  /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t k = 0; k < g.size(); ++k) out[where[k]] = g[k];
+    return out;
+  }
 };
 
-// group_norm_backward under autograd: its outputs are differentiable in form (so create_graph=True works for
-// graphs where nothing differentiates them again) but backpropagating through them raises: the fused kernels have
-// no second derivative, and the dispatcher's fallback for an op without an autograd kernel would only warn.
+// group_norm_backward called directly under autograd: its outputs are differentiable in form but
+// backpropagating through them raises: the fused kernels have no second derivative, and the dispatcher's fallback
+// for an op without an autograd kernel would only warn. (group_norm's own backward under create_graph=True does
+// not come here: it takes the composite path above, which has a second derivative.)
 class GroupNormBackwardFunction : public torch::autograd::Function<GroupNormBackwardFunction> {
  public:
   static variable_list forward(AutogradContext*, const at::Tensor& grad_y, const at::Tensor& x,

@@ -487,13 +487,65 @@ def test_gradients_of_a_subset(needs, absent):
     assert not y.requires_grad and y.grad_fn is None
 
 
+def check_double_backward(backend, channels_last, device="cpu", needs=("x", "weight", "bias", "scale", "shift")):
+    """Gradients taken with create_graph=True, differentiated again (a gradient penalty): both orders against the
+    float64 reference; the first-order ones also against the fused backward's (create_graph=False)."""
+    x, p = make_inputs((2, 8, 3, 5), 2, torch.float32, device, channels_last=channels_last)
+    p["x"] = x
+    names = ("x", "weight", "bias", "scale", "shift")
+    g = torch.Generator().manual_seed(3)
+    coef = {k: torch.randn(p[k].shape, generator=g).to(device) for k in needs}
+
+    def run(leaves, fn):
+        y = fn(leaves["x"], 2, leaves["weight"], leaves["bias"], scale=leaves["scale"], shift=leaves["shift"],
+               activation="silu")
+        first = torch.autograd.grad(y.square().sum(), [leaves[k] for k in needs], create_graph=True)
+        penalty = sum((gk * coef[k].to(gk.dtype)).sum() for k, gk in zip(needs, first))
+        return first, torch.autograd.grad(penalty, [leaves[k] for k in needs])
+
+    leaves = {k: p[k].detach().clone().requires_grad_(k in needs) for k in names}
+    first, second = run(leaves, lambda *a, **k: ops.group_norm(*a, **k, backend=backend))
+    leaves64 = {k: p[k].detach().double().requires_grad_(k in needs) for k in names}
+    first64, second64 = run(leaves64, reference.group_norm)
+    plain = torch.autograd.grad(ops.group_norm(leaves["x"], 2, leaves["weight"], leaves["bias"],
+                                               scale=leaves["scale"], shift=leaves["shift"], activation="silu",
+                                               backend=backend).square().sum(), [leaves[k] for k in needs])
+    for k, a, b, c, d, e in zip(needs, first, first64, plain, second, second64):
+        for got, want, what in ((a, b, "grad"), (c, b, "fused grad"), (d, e, "second-order grad")):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got.double(), want, atol=2e-5 * scale, rtol=2e-5,
+                                       msg=lambda m, k=k, what=what: f"{what} {k}: {m}")
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
-def test_double_backward_raises():
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("needs", [("x", "weight", "bias", "scale", "shift"), ("x",), ("weight", "scale")])
+def test_double_backward(channels_last, needs):
+    # the fused backward kernel has no derivative of its own: under create_graph=True the op's autograd takes a
+    # differentiable path (it raised "no double backward" before), so gradient penalties work
+    check_double_backward("cpu", channels_last, needs=needs)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_double_backward_triton(channels_last):
+    import importlib
+    import os
+
+    gn = importlib.import_module("fastdiff.ops.group_norm")
+    if not gn._HAS_TRITON_OPS or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the Triton GroupNorm needs a GPU or TRITON_INTERPRET=1")
+    check_double_backward("triton", channels_last, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_direct_backward_op_has_no_double_backward():
     x, p = make_inputs((2, 8, 4, 4), 2, torch.float32, "cpu")
     x.requires_grad_(True)
-    y = ops.group_norm(x, 2, p["weight"], p["bias"], activation="silu", backend="cpu")
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no double backward"):  # the backward kernel has no derivative
+    y, mean, rstd = torch.ops.fastdiff.group_norm(x, 2, p["weight"], p["bias"], None, None, 1e-5, "silu")
+    gy = torch.randn_like(y, requires_grad=True)
+    gx = torch.ops.fastdiff.group_norm_backward(gy, x, mean, rstd, 2, p["weight"], p["bias"], None, None, "silu")[0]
+    with pytest.raises(RuntimeError, match="no double backward"):  # called directly, the kernel's own backward
         gx.sum().backward()
 
 

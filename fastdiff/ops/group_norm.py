@@ -38,12 +38,30 @@ def _setup_context(ctx, inputs, output):
     x, num_groups, weight, bias, scale, shift, eps, activation = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
-    ctx.num_groups, ctx.activation = num_groups, activation
+    ctx.num_groups, ctx.activation, ctx.eps = num_groups, activation, eps
+
+
+def _composite_backward(ctx, grad_y, x, weight, bias, scale, shift):
+    """Under create_graph=True: the gradients as differentiable ops of the inputs (the reference recomputed and
+    differentiated with create_graph), so a second derivative exists; as the C++ op's autograd does."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = reference.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, scale=scale, shift=shift,
+                             activation=None if ctx.activation == "none" else ctx.activation, compute_dtype=cd)
+    pos = [i for i, t in ((0, x), (2, weight), (3, bias), (4, scale), (5, shift))
+           if t is not None and ctx.needs_input_grad[i]]
+    out = [None] * 8
+    if pos:
+        ins = [(x, None, weight, bias, scale, shift)[i] for i in pos]
+        for i, g in zip(pos, torch.autograd.grad(y, ins, grad_y, create_graph=True, allow_unused=True)):
+            out[i] = g
+    return tuple(out)
 
 
 def _autograd_for(backward_op):
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+        if torch.is_grad_enabled() and grad_y is not None:
+            return _composite_backward(ctx, grad_y, x, weight, bias, scale, shift)
         gx, gw, gb, gs, gt = backward_op(grad_y, x, mean, rstd, ctx.num_groups, weight, bias, scale, shift,
                                          ctx.activation)
         keep = ctx.needs_input_grad
