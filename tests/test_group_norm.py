@@ -526,6 +526,14 @@ def test_double_backward(channels_last, needs):
     check_double_backward("cpu", channels_last, needs=needs)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_double_backward_cuda(channels_last):
+    if not fastdiff.info()["cuda_extension"]:
+        pytest.skip("the extension was built without its CUDA kernels")
+    check_double_backward("cuda", channels_last, device="cuda")
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_double_backward_triton(channels_last):
