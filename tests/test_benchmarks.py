@@ -305,7 +305,7 @@ def test_compile_providers_time_a_static_graph_per_shape(monkeypatch):
     shapes = [(1, 4, 8, 8), (1, 4, 8, 12), (2, 4, 8, 8)]
     sampler.run("cpu", quick=True, compile_=True, out="", verbose=False, shapes=shapes, loop_steps=1,
                 loop_shape=(1, 4, 8, 8))
-    assert graphs == [False] * (4 * len(shapes))  # ddim, ddpm, dpmpp, flow: one static graph per shape
+    assert graphs == [False] * (5 * len(shapes))  # ddim, ddpm, dpmpp, flow, unipc: one static graph per shape
     torch._dynamo.reset()
 
 

@@ -563,3 +563,163 @@ def test_sample_model_kwargs_clashing_with_the_wrapper(models):
     with torch.no_grad():  # without context, encoder_hidden_states through model_kwargs is the model's own argument
         torch.testing.assert_close(m(x, t, encoder_hidden_states=ctx), m(x, t, context=ctx))
 
+
+
+# -- FastdiffScheduler: a pipeline's scheduler stepping with a fastdiff sampler ------------------------------------
+def _pipeline_loop(unet, scheduler, shape, *, steps, seed, ctx, uctx, guidance, generator=None, eta=0.0):
+    """The denoising loop of diffusers' StableDiffusionPipeline (set_timesteps with the device, init_noise_sigma,
+    scale_model_input, batched CFG, step with the extra kwargs the pipeline passes where the step accepts them)."""
+    import inspect
+
+    scheduler.set_timesteps(steps, device="cpu")
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
+    params = set(inspect.signature(scheduler.step).parameters)
+    extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        with torch.no_grad():
+            out = unet(x_in, t, encoder_hidden_states=torch.cat([uctx, ctx])).sample
+        u, c = out.chunk(2)
+        latents = scheduler.step(u + guidance * (c - u), t, latents, **extra, return_dict=False)[0]
+    return latents
+
+
+SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
+               ("EulerDiscreteScheduler", {"use_karras_sigmas": True}), ("HeunDiscreteScheduler", {}),
+               ("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+               ("UniPCMultistepScheduler", {})]
+
+
+@pytest.mark.parametrize("name,cfg", SCHED_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHED_CASES)])
+def test_fastdiff_scheduler_in_a_pipeline_loop(models, name, cfg):
+    unet = models["unet_cond"]
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    base = getattr(diffusers, name)(**sd, **cfg)
+    g = torch.Generator().manual_seed(5)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    kw = dict(steps=5, seed=3, ctx=ctx, uctx=uctx, guidance=3.0)
+    want = _pipeline_loop(unet, base, (2, 4, 16, 16), **kw)
+    sched = fdd.FastdiffScheduler.from_scheduler(base)
+    got = _pipeline_loop(unet, sched, (2, 4, 16, 16), **kw)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    assert sched.config is base.config and sched.order == base.order and len(sched) == len(base)
+    assert sched.step_index == len(sched.timesteps)
+    got2 = _pipeline_loop(unet, sched, (2, 4, 16, 16), **kw)  # a second run: set_timesteps starts it afresh
+    torch.testing.assert_close(got2, got, atol=0, rtol=0)
+
+
+def test_fastdiff_scheduler_in_ddim_and_ddpm_pipelines(models):
+    from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler
+
+    unet = models["unet2d"]
+    pipe = DDIMPipeline(unet, DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kw):
+        return pipe(batch_size=2, num_inference_steps=6, output_type="np", **kw).images
+
+    want = run(generator=torch.Generator().manual_seed(0))
+    pipe.scheduler = fdd.FastdiffScheduler.from_scheduler(pipe.scheduler)
+    got = run(generator=torch.Generator().manual_seed(0))
+    assert abs(got - want).max() < 1e-4
+    # eta = 1: DDIM's noise, drawn in the kernel from a seed the pipeline's generator gives
+    a = run(generator=torch.Generator().manual_seed(1), eta=1.0)
+    b = run(generator=torch.Generator().manual_seed(1), eta=1.0)
+    c = run(generator=torch.Generator().manual_seed(2), eta=1.0)
+    assert (a == b).all() and abs(a - c).max() > 1e-3 and abs(a - got).max() > 1e-3
+    assert pipe.scheduler.sampler.config["eta"] == 1.0
+    ddpm = DDPMPipeline(unet, fdd.FastdiffScheduler.from_scheduler(DDPMScheduler()))
+    ddpm.set_progress_bar_config(disable=True)
+    imgs = [ddpm(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(s))
+            .images for s in (7, 7, 8)]
+    assert (imgs[0] == imgs[1]).all() and abs(imgs[0] - imgs[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "LCMScheduler"])
+def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, name):
+    # their noise is the kernel's (seeded from the pipeline's generator), not diffusers': the same generator gives
+    # the same latents, another generator others; with no generator, torch's global seed decides
+    unet = models["unet_cond"]
+    g = torch.Generator().manual_seed(5)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    sched = fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)())
+    run = [_pipeline_loop(unet, sched, (2, 4, 16, 16), steps=4, seed=3, ctx=ctx, uctx=uctx, guidance=3.0,
+                          generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.isfinite(run[0]).all() and torch.equal(run[0], run[1]) and not torch.allclose(run[0], run[2])
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        outs.append(_pipeline_loop(unet, sched, (2, 4, 16, 16), steps=4, seed=3, ctx=ctx, uctx=uctx, guidance=3.0))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("begin_index", [True, False])
+def test_fastdiff_scheduler_image_to_image(models, name, begin_index):
+    # the img2img pipelines' recipe: timesteps[t_start:], set_begin_index (older pipelines: none, the run's start is
+    # found from its first timestep), latents = add_noise(image, noise, t_start's timestep)
+    unet = models["unet_cond"]
+    g = torch.Generator().manual_seed(2)
+    image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 7, 16, generator=g)
+
+    def run(s):
+        s.set_timesteps(8, device="cpu")
+        ts = s.timesteps[3:]
+        if begin_index:
+            s.set_begin_index(3)
+        x = s.add_noise(image, noise, ts[:1].repeat(2))
+        for t in ts:
+            with torch.no_grad():
+                m = unet(s.scale_model_input(x, t), t, encoder_hidden_states=ctx).sample
+            x = s.step(m, t, x).prev_sample
+        return x
+
+    base = getattr(diffusers, name)()
+    want = run(base)
+    got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)()))
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_fastdiff_scheduler_errors_and_save(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastdiff.diffusion import DPMSolverPPSampler
+
+    with pytest.raises(TypeError, match="^sampler:"):
+        fdd.FastdiffScheduler("ddim")
+    s = fdd.FastdiffScheduler(DPMSolverPPSampler(solver_order=3))  # from a sampler: its diffusers counterpart
+    assert type(s._base).__name__ == "DPMSolverMultistepScheduler" and s.config["solver_order"] == 3
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        s.set_timesteps()
+    with pytest.raises(ValueError, match="^mu:"):
+        s.set_timesteps(4, mu=0.5)
+    with pytest.raises(TypeError, match="^original_inference_steps:"):
+        s.set_timesteps(4, original_inference_steps=50)
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(TypeError, match="^s_churn:"):
+        s.step(x, s.timesteps[0], x, s_churn=1.0)
+    with pytest.raises(ValueError, match="^timestep:"):
+        s.step(x, 12345, x)
+    with pytest.raises(ValueError, match="^timesteps:"):
+        s.add_noise(x.repeat(2, 1, 1, 1), x.repeat(2, 1, 1, 1), torch.tensor([999, 500]))
+    s.save_pretrained(tmp_path)  # the replaced scheduler's config: it loads into the diffusers scheduler too
+    loaded = DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    assert loaded.config["solver_order"] == 3
+    again = fdd.FastdiffScheduler.from_pretrained(tmp_path)
+    assert isinstance(again.sampler, DPMSolverPPSampler) and again.sampler.config["solver_order"] == 3
+
+
+def test_fastdiff_scheduler_pipeline_save_and_load(models, tmp_path):
+    from diffusers import DDPMPipeline  # (DDIMPipeline's constructor turns any scheduler into a DDIMScheduler)
+
+    pipe = DDPMPipeline(models["unet2d"], fdd.FastdiffScheduler.from_scheduler(DDIMScheduler()))
+    pipe.save_pretrained(tmp_path)
+    back = DDPMPipeline.from_pretrained(tmp_path)
+    def public(cfg):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    assert isinstance(back.scheduler, fdd.FastdiffScheduler)
+    assert public(back.scheduler.config) == public(pipe.scheduler.config)
+    assert public(DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler").config) == public(pipe.scheduler.config)

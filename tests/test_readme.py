@@ -228,6 +228,21 @@ def _run_sd3_sample(code):
     assert ns["latents"].shape == (1, 4, 8, 8) and torch.isfinite(ns["latents"]).all()
 
 
+def _run_fastdiff_scheduler(code):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 32), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    pipe = diffusers.DDPMPipeline(unet, diffusers.DPMSolverMultistepScheduler())  # a stand-in: prompt-free
+    pipe.set_progress_bar_config(disable=True)
+    ns = {"pipe": pipe, "torch": torch}
+    exec(_replace(code, "num_inference_steps=25", "num_inference_steps=3, output_type='np'"), ns)
+    from fastdiff.integrations.diffusers import FastdiffScheduler
+    assert isinstance(pipe.scheduler, FastdiffScheduler) and ns["images"].shape == (1, 8, 8, 3)
+
+
 _RUNNERS = {
     'with fastdiff.set_backend("torch")': _run_set_backend,
     "y = fastdiff.ops.group_norm(": _run_group_norm_signature,
@@ -242,6 +257,7 @@ _RUNNERS = {
     "sampler = fastdiff.diffusion.DDIMSampler.from_config": _run_diffusers_sample,
     "# SDXL: the U-Net's pooled": _run_sdxl_sample,
     "# SD3: a flow-matching transformer": _run_sd3_sample,
+    "from fastdiff.integrations.diffusers import FastdiffScheduler": _run_fastdiff_scheduler,
 }
 
 

@@ -24,7 +24,9 @@ state_dict keys and tensors are unchanged, so weights load the same before and a
   parameters.
 
 :func:`sampling_model` adapts a diffusers U-Net to fastdiff's sampling loop (``model(x, t, y=, context=)`` -> a
-tensor); :func:`fastdiff.sample` applies it by itself to diffusers models.
+tensor); :func:`fastdiff.sample` applies it by itself to diffusers models. :class:`FastdiffScheduler` goes the
+other way: a pipeline keeps its own loop and steps with a fastdiff sampler
+(``pipe.scheduler = FastdiffScheduler.from_scheduler(pipe.scheduler)``).
 
 Needs diffusers (``pip install fastdiff[diffusers]``); ``import fastdiff`` does not import this module.
 """
@@ -47,10 +49,11 @@ try:
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.unets.unet_2d import UNet2DModel
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("fastdiff.integrations.diffusers needs diffusers: pip install 'fastdiff[diffusers]'") from e
 
-__all__ = ["patch", "unpatch", "is_patched", "FastdiffAttnProcessor", "sampling_model"]
+__all__ = ["patch", "unpatch", "is_patched", "FastdiffAttnProcessor", "sampling_model", "FastdiffScheduler"]
 
 # model -> list of undo callables, in the order they were applied. Weak keys: no attribute is added to the model
 # (so its pickling, deepcopy and state_dict are untouched) and a dropped model is not kept alive.
@@ -374,3 +377,225 @@ def sampling_model(unet) -> torch.nn.Module:
     if isinstance(unet, _SamplingModel) or not is_diffusers_model(unet):
         return unet
     return _SamplingModel(unet)
+
+
+# -- a diffusers pipeline's scheduler -------------------------------------------------------------------------------
+class FastdiffScheduler(SchedulerMixin):
+    """A diffusers scheduler that steps with a fastdiff sampler: ``pipe.scheduler = FastdiffScheduler.from_scheduler(
+    pipe.scheduler)`` and the pipeline's own loop runs the fused sampler step (guidance combination aside, which the
+    pipeline does itself), on the trajectory of the scheduler it replaces (fastdiff.diffusion.from_scheduler picks
+    the sampler; DDPM, DDIM, Euler, Euler ancestral, Heun, DPM-Solver++, UniPC, LCM, flow-matching Euler).
+
+    It speaks the scheduler protocol pipelines use: ``set_timesteps(n, device=, mu=)``, ``timesteps``, ``order``,
+    ``init_noise_sigma``, ``scale_model_input(x, t)``, ``step(model_output, t, x, ...)`` (a ``SchedulerOutput``, or a
+    tuple with ``return_dict=False``), ``add_noise`` / ``scale_noise`` and ``set_begin_index`` (image-to-image),
+    ``config`` (the replaced scheduler's), ``save_pretrained`` / ``from_pretrained`` (the replaced scheduler's
+    config file: ``pipe.save_pretrained`` then ``from_pretrained`` gives a FastdiffScheduler again, and the saved
+    scheduler folder loads into the diffusers scheduler too). Steps are counted as diffusers counts them: the step index starts
+    at the first ``step`` (or ``scale_model_input``) of a run, at ``begin_index`` or where `t` is in ``timesteps``.
+
+    Noise: a stochastic sampler draws it in the kernel from a seed; the ``generator`` a pipeline passes to ``step``
+    gives that seed (one draw from it at a run's first step), so the same generator gives the same images, but not
+    the images diffusers' scheduler draws with it. ``eta`` (DDIM) and ``use_clipped_model_output`` take effect at a
+    run's first step; custom ``timesteps=`` / ``sigmas=`` schedules are not supported (a pipeline passing them gets
+    diffusers' own "does not support custom timestep schedules" error).
+    """
+
+    def __init__(self, sampler, scheduler=None):
+        from fastdiff.diffusion import Sampler
+        from fastdiff.diffusion.samplers import DIFFUSERS_SCHEDULERS
+
+        if not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler: expected a fastdiff sampler, got {type(sampler).__name__}")
+        if scheduler is None:  # the diffusers scheduler this sampler follows, for config and save_pretrained
+            import diffusers
+
+            name = next((k for k, v in DIFFUSERS_SCHEDULERS.items() if v is type(sampler)), None)
+            if name is None:
+                raise ValueError(f"sampler: {type(sampler).__name__} has no diffusers scheduler counterpart")
+            scheduler = getattr(diffusers, name).from_config(
+                {k: v for k, v in sampler.config.items() if k != "trained_betas" or v is not None})
+        self.sampler = sampler
+        self._base = scheduler
+        self._step = None  # the step index of the run under way (diffusers' step_index)
+        self._begin = None
+        self._started = False  # the run's first step has applied eta / use_clipped_model_output / generator
+
+    @classmethod
+    def from_scheduler(cls, scheduler, **overrides) -> "FastdiffScheduler":
+        """The FastdiffScheduler that follows `scheduler` (a diffusers scheduler), with its config plus overrides."""
+        from fastdiff.diffusion import from_scheduler
+
+        return cls(from_scheduler(scheduler, **overrides), scheduler)
+
+    # -- what pipelines read ---------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self._base.config
+
+    @property
+    def order(self) -> int:
+        return self.sampler.order
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.sampler.init_noise_sigma
+
+    @property
+    def timesteps(self):
+        return self.sampler.timesteps
+
+    @property
+    def num_inference_steps(self):
+        return self.sampler.num_inference_steps
+
+    @property
+    def sigmas(self):
+        s = self.sampler.sigmas
+        return None if s is None else torch.as_tensor(s, dtype=torch.float32)
+
+    @property
+    def step_index(self):
+        return self._step
+
+    @property
+    def begin_index(self):
+        return self._begin
+
+    def __len__(self):
+        return int(self.config.get("num_train_timesteps", 1000))
+
+    def __repr__(self):
+        return f"FastdiffScheduler({self.sampler!r})"
+
+    def save_pretrained(self, *args, **kwargs):
+        return self._base.save_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, **kwargs) -> "FastdiffScheduler":
+        """The FastdiffScheduler for a saved scheduler config (a folder with scheduler_config.json, or a Hub id with
+        `subfolder`), following the diffusers scheduler class it names."""
+        import diffusers
+
+        cfg = diffusers.DDIMScheduler.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        name = cfg.get("_class_name")
+        base_cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if base_cls is None:
+            raise ValueError(f"pretrained_model_name_or_path: the config names no diffusers scheduler ({name!r})")
+        return cls.from_scheduler(base_cls.from_config(cfg))
+
+    # -- the run ----------------------------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, **options):
+        """As a diffusers scheduler's. `options`: scheduler options some pipelines pass here (LCM's
+        original_inference_steps), applied to the sampler's config when not None."""
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps: required (custom timesteps or sigmas are not supported)")
+        s = self.sampler
+        for k, v in options.items():
+            if k not in s.config:
+                raise TypeError(f"{k}: not an option of {type(s).__name__} (FastdiffScheduler.set_timesteps)")
+        kw = {}
+        if mu is not None:
+            if "mu" not in inspect.signature(s.set_timesteps).parameters:
+                raise ValueError(f"mu: {type(s).__name__} takes no mu (only dynamic shifting does)")
+            kw["mu"] = mu
+        before = dict(s.config)
+        s.config.update({k: v for k, v in options.items() if v is not None})
+        try:
+            s.set_timesteps(num_inference_steps, device=device, **kw)
+        except Exception:
+            s.config.clear()
+            s.config.update(before)
+            raise
+        self._step = self._begin = None
+        self._started = False
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Image-to-image: the run starts at step index `begin_index` (a multistep sampler's first-order step)."""
+        self._replan(begin_index=int(begin_index))
+        self._begin = int(begin_index)
+
+    def _replan(self, seed=None, begin_index=None):
+        s = self.sampler
+        s._require()
+        s.set_timesteps(s.num_inference_steps, seed=s.seed if seed is None else seed,
+                        begin_index=s._begin_index if begin_index is None else begin_index,
+                        **({"mu": s.mu} if getattr(s, "mu", None) is not None else {}))
+
+    def _index(self, timestep) -> int:
+        """The step index of the run: where it stands, else its start (begin_index, or `timestep` looked up; a run
+        that starts past index 0 without set_begin_index is re-planned to start there, as diffusers counts its
+        multistep history from a run's first step)."""
+        if self._step is None:
+            self.sampler._require()
+            start = self._begin if self._begin is not None else self._index_of(timestep)
+            if start != self.sampler._begin_index:
+                self._replan(begin_index=start)
+            self._step = start
+        return self._step
+
+    def _index_of(self, timestep) -> int:
+        ts = self.sampler.timesteps
+        t = timestep.to(ts.device) if isinstance(timestep, torch.Tensor) else timestep
+        hits = (ts == t).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep: {timestep!r} is not one of this run's timesteps")
+        return int(hits[1 if len(hits) > 1 else 0])  # as diffusers: the second of two equal ones (Heun)
+
+    def scale_model_input(self, sample, timestep=None):
+        self._follow(sample)
+        return self.sampler.scale_model_input(sample, self._index(timestep))
+
+    def _follow(self, x):
+        # pipelines that call set_timesteps(n) without a device run the model elsewhere: the tables follow x
+        if isinstance(x, torch.Tensor) and x.device != self.sampler.device:
+            self.sampler.to(x.device)
+
+    def step(self, model_output, timestep, sample, eta=None, use_clipped_model_output=None, generator=None,
+             return_dict=True, **kwargs):
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        if kwargs:
+            raise TypeError(f"{next(iter(kwargs))}: not an argument of FastdiffScheduler.step")
+        self._follow(sample)
+        i = self._index(timestep)
+        if not getattr(self, "_started", False):
+            self._first_step_options(eta, use_clipped_model_output, generator)
+            self._started = True
+        out = self.sampler.step(model_output, i, sample)
+        self._step = i + 1
+        return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+
+    def _first_step_options(self, eta, use_clipped, generator):
+        s = self.sampler
+        edits = {}
+        if eta is not None and "eta" in s.config and float(eta) != s.config["eta"]:
+            edits["eta"] = float(eta)
+        if use_clipped is not None and "use_clipped_model_output" in s.config and \
+                bool(use_clipped) != s.config["use_clipped_model_output"]:
+            edits["use_clipped_model_output"] = bool(use_clipped)
+        if edits:
+            s.config.update(edits)  # first: eta > 0 is what makes DDIM stochastic
+        seed = None
+        if generator is not None and s._stochastic:
+            g = generator[0] if isinstance(generator, (list, tuple)) else generator
+            seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
+        if edits or seed is not None:
+            self._replan(seed=seed)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x0 noised to the level of `timesteps` (one value, or the same for every sample), as diffusers' add_noise
+        (flow matching: ``scale_noise``)."""
+        t = torch.as_tensor(timesteps).reshape(-1)
+        if t.numel() > 1 and not bool((t == t[0]).all()):
+            raise ValueError("timesteps: FastdiffScheduler.add_noise takes one timestep for the whole batch")
+        if self._step is not None:
+            i = self._step
+        elif self._begin is not None:
+            i = self._begin
+        else:
+            i = self._index_of(t[0])
+        return self.sampler.add_noise(original_samples, noise, i)
+
+    def scale_noise(self, sample, timestep, noise=None):
+        return self.add_noise(sample, noise, timestep)
