@@ -681,6 +681,43 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("cfg", [{"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
+                                 {"shift": 3.0}])
+def test_fastdiff_scheduler_flux_style_sigmas(cfg):
+    # the Flux pipeline: retrieve_timesteps(scheduler, sigmas=np.linspace(1, 1/n, n), mu=...), then the loop
+    import inspect
+
+    import numpy as np
+
+    def retrieve_timesteps(s, n, device, sigmas, **kw):  # what diffusers' pipelines do with custom sigmas
+        assert "sigmas" in inspect.signature(s.set_timesteps).parameters
+        s.set_timesteps(sigmas=sigmas, device=device, **kw)
+        return s.timesteps, len(s.timesteps)
+
+    def loop(s, img2img=False):
+        n = 6
+        sig = np.linspace(1.0, 1 / n, n)
+        kw = {"mu": 0.9} if cfg.get("use_dynamic_shifting") else {}
+        ts, steps = retrieve_timesteps(s, n, "cpu", sigmas=sig, **kw)
+        assert steps == n
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        if img2img:  # Flux img2img: timesteps[t_start:], set_begin_index, scale_noise
+            ts = ts[2:]
+            s.set_begin_index(2)
+            x = s.scale_noise(x.clamp(-1, 1), ts[:1].repeat(2), torch.randn(2, 4, 8, 8,
+                                                                          generator=torch.Generator().manual_seed(2)))
+        for t in ts:
+            x = s.step(torch.tanh(x) + t / 1000, t, x, return_dict=False)[0]
+        return x
+
+    for img2img in (False, True):
+        want = loop(diffusers.FlowMatchEulerDiscreteScheduler(**cfg), img2img)
+        got = loop(fdd.FastdiffScheduler.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(**cfg)), img2img)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="^sigmas: custom sigmas are not supported by DPMSolverPPSampler"):
+        fdd.FastdiffScheduler.from_scheduler(diffusers.DPMSolverMultistepScheduler()).set_timesteps(sigmas=[1.0])
+
+
 def test_fastdiff_scheduler_errors_and_save(tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 

@@ -1069,6 +1069,38 @@ def test_flow_match_euler_matches_diffusers(cfg, mu, n):
         _close(got, want, 1e-5)
 
 
+@needs_diffusers
+@pytest.mark.parametrize("cfg,mu", [({"use_dynamic_shifting": True}, 0.8), ({"shift": 3.0}, None),
+                                    ({"use_dynamic_shifting": True, "shift_terminal": 0.1}, 1.1),
+                                    ({"shift": 3.0, "use_karras_sigmas": True}, None)])
+def test_flow_match_euler_custom_sigmas_match_diffusers(cfg, mu):
+    # set_timesteps(sigmas=...): the Flux pipeline's np.linspace(1, 1/n, n), shifted as diffusers shifts them
+    for n in (4, 28):
+        sig = np.linspace(1.0, 1 / n, n)
+        ds = dsched.FlowMatchEulerDiscreteScheduler(**cfg)
+        ds.set_timesteps(sigmas=sig, mu=mu)
+        ours = FlowMatchEulerSampler.from_config(ds.config).set_timesteps(sigmas=sig, mu=mu)
+        np.testing.assert_array_equal(ours.timesteps.numpy(), ds.timesteps.numpy())
+        np.testing.assert_array_equal(ours.sigmas, ds.sigmas.numpy())
+        assert ours.num_inference_steps == n
+        default = FlowMatchEulerSampler.from_config(ds.config).set_timesteps(n, mu=mu)
+        assert not np.array_equal(default.sigmas, ours.sigmas)  # (the default spacing differs: linspace to 1/T)
+        ours.set_timesteps(n)  # not kept: a call without them is the default run again
+        np.testing.assert_array_equal(ours.sigmas, default.sigmas)
+
+
+def test_flow_match_euler_custom_sigmas_errors():
+    s = FlowMatchEulerSampler()
+    with pytest.raises(ValueError, match="^num_inference_steps: 3 but 2 sigmas"):
+        s.set_timesteps(3, sigmas=[1.0, 0.5])
+    for bad in ([], [1.5, 0.5], [[1.0]], [1.0, float("nan")], [0.5, 0.0]):
+        with pytest.raises(ValueError, match="^sigmas:"):
+            s.set_timesteps(sigmas=bad)
+    with pytest.raises(ValueError, match="^num_inference_steps: required"):
+        s.set_timesteps()
+    assert s.num_inference_steps is None  # nothing was set by the refused calls
+
+
 def test_flow_match_euler_options_and_errors():
     s = FlowMatchEulerSampler(use_dynamic_shifting=True)
     with pytest.raises(ValueError, match="^mu:"):  # Flux's resolution-dependent shift is required

@@ -1251,10 +1251,28 @@ class FlowMatchEulerSampler(Sampler):
         m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
         return image_seq_len * m + (cfg["base_shift"] - m * cfg["base_image_seq_len"])
 
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      mu=None, sigmas=None):
         """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
-        shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it)."""
-        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
+        shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it). `sigmas`: this
+        run's sigmas before shifting, in place of the default linspace (as diffusers' ``set_timesteps(sigmas=)``,
+        which the Flux pipeline passes: ``np.linspace(1, 1 / n, n)``); their count is the number of steps. Not kept:
+        a later call without them goes back to the default."""
+        if sigmas is not None:
+            arr = np.asarray(sigmas, dtype=np.float32)
+            if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all() or not ((arr > 0) & (arr <= 1)).all():
+                raise ValueError(f"sigmas: expected a non-empty 1-D sequence of values in (0, 1], got {sigmas!r}")
+            if num_inference_steps is not None and num_inference_steps != arr.size:
+                raise ValueError(f"num_inference_steps: {num_inference_steps!r} but {arr.size} sigmas were given")
+            num_inference_steps = int(arr.size)
+        elif num_inference_steps is None:
+            raise ValueError("num_inference_steps: required when no sigmas are given")
+        self._custom_sigmas = None if sigmas is None else arr
+        try:
+            return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index,
+                                          mu)
+        finally:
+            self._custom_sigmas = None
 
     def _sigmas(self, n):
         cfg = self.config
@@ -1265,7 +1283,9 @@ class FlowMatchEulerSampler(Sampler):
         if not cfg["use_dynamic_shifting"]:
             init = cfg["shift"] * init / (1 + (cfg["shift"] - 1) * init)
         smax, smin = init[0].item(), init[-1].item()
-        sig = np.linspace(smax * T, smin * T, n) / T
+        custom = getattr(self, "_custom_sigmas", None)
+        # given sigmas are float32 from here on, as diffusers' (the default ones float64 until the end, as its)
+        sig = custom.copy() if custom is not None else np.linspace(smax * T, smin * T, n) / T
         if cfg["use_dynamic_shifting"]:
             sig = _time_shift(self, sig)
         else:

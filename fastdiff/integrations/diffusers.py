@@ -397,8 +397,9 @@ class FastdiffScheduler(SchedulerMixin):
     Noise: a stochastic sampler draws it in the kernel from a seed; the ``generator`` a pipeline passes to ``step``
     gives that seed (one draw from it at a run's first step), so the same generator gives the same images, but not
     the images diffusers' scheduler draws with it. ``eta`` (DDIM) and ``use_clipped_model_output`` take effect at a
-    run's first step; custom ``timesteps=`` / ``sigmas=`` schedules are not supported (a pipeline passing them gets
-    diffusers' own "does not support custom timestep schedules" error).
+    run's first step; custom ``sigmas=`` are taken by flow matching (Flux's pipeline passes them), custom
+    ``timesteps=`` by none (a pipeline passing them gets diffusers' own "does not support custom timestep
+    schedules" error).
     """
 
     def __init__(self, sampler, scheduler=None):
@@ -420,6 +421,7 @@ class FastdiffScheduler(SchedulerMixin):
         self._step = None  # the step index of the run under way (diffusers' step_index)
         self._begin = None
         self._started = False  # the run's first step has applied eta / use_clipped_model_output / generator
+        self._sigmas = None  # the custom sigmas of the run (flow matching), for its re-plans
 
     @classmethod
     def from_scheduler(cls, scheduler, **overrides) -> "FastdiffScheduler":
@@ -485,12 +487,15 @@ class FastdiffScheduler(SchedulerMixin):
         return cls.from_scheduler(base_cls.from_config(cfg))
 
     # -- the run ----------------------------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, **options):
-        """As a diffusers scheduler's. `options`: scheduler options some pipelines pass here (LCM's
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, sigmas=None, **options):
+        """As a diffusers scheduler's. `sigmas`: custom sigmas, for flow matching (the Flux pipeline passes them;
+        FlowMatchEulerSampler.set_timesteps). `options`: scheduler options some pipelines pass here (LCM's
         original_inference_steps), applied to the sampler's config when not None."""
-        if num_inference_steps is None:
-            raise ValueError("num_inference_steps: required (custom timesteps or sigmas are not supported)")
         s = self.sampler
+        if sigmas is not None and "sigmas" not in inspect.signature(s.set_timesteps).parameters:
+            raise ValueError(f"sigmas: custom sigmas are not supported by {type(s).__name__} (flow matching only)")
+        if num_inference_steps is None and sigmas is None:
+            raise ValueError("num_inference_steps: required (custom timesteps are not supported)")
         for k, v in options.items():
             if k not in s.config:
                 raise TypeError(f"{k}: not an option of {type(s).__name__} (FastdiffScheduler.set_timesteps)")
@@ -499,6 +504,8 @@ class FastdiffScheduler(SchedulerMixin):
             if "mu" not in inspect.signature(s.set_timesteps).parameters:
                 raise ValueError(f"mu: {type(s).__name__} takes no mu (only dynamic shifting does)")
             kw["mu"] = mu
+        if sigmas is not None:
+            kw["sigmas"] = sigmas
         before = dict(s.config)
         s.config.update({k: v for k, v in options.items() if v is not None})
         try:
@@ -507,6 +514,7 @@ class FastdiffScheduler(SchedulerMixin):
             s.config.clear()
             s.config.update(before)
             raise
+        self._sigmas = sigmas  # given again at every re-plan of this run
         self._step = self._begin = None
         self._started = False
 
@@ -518,9 +526,11 @@ class FastdiffScheduler(SchedulerMixin):
     def _replan(self, seed=None, begin_index=None):
         s = self.sampler
         s._require()
+        kw = {"mu": s.mu} if getattr(s, "mu", None) is not None else {}
+        if getattr(self, "_sigmas", None) is not None:
+            kw["sigmas"] = self._sigmas
         s.set_timesteps(s.num_inference_steps, seed=s.seed if seed is None else seed,
-                        begin_index=s._begin_index if begin_index is None else begin_index,
-                        **({"mu": s.mu} if getattr(s, "mu", None) is not None else {}))
+                        begin_index=s._begin_index if begin_index is None else begin_index, **kw)
 
     def _index(self, timestep) -> int:
         """The step index of the run: where it stands, else its start (begin_index, or `timestep` looked up; a run
