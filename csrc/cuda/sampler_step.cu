@@ -141,28 +141,24 @@ __global__ void __launch_bounds__(256) sampler_step_kernel(const Args<T> a) {
   }
 #pragma unroll
   for (int k = 0; k < 4; ++k) acc[k] = A * x[k] + B * m[k] + C * x0[k];
-  if (a.b2 != nullptr) {  // two history buffers (third-order solvers): x0_prev moves to the second one
+  if (a.b != nullptr) {
+    // x0_prev: read where D uses it, or where a second buffer (third-order solvers) takes it over
+    const bool rotate = a.b2 != nullptr;
     float p[4];
-    load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
+    if (rotate || D != 0.f) load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
     if (D != 0.f) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[k] += D * p[k];
     }
-    const float E = __ldg(row + kE);
-    if (E != 0.f) {
-      float p2[4];
-      load4<T>(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p2);
+    if (rotate) {
+      const float E = __ldg(row + kE);
+      if (E != 0.f) {
+        float p2[4];
+        load4<T>(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p2);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) acc[k] += E * p2[k];
-    }
-    store4(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p);
-    store4(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, x0);
-  } else if (a.b != nullptr) {
-    if (D != 0.f) {
-      float p[4];
-      load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[k] += D * p[k];
+        for (int k = 0; k < 4; ++k) acc[k] += E * p2[k];
+      }
+      store4(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p);
     }
     store4(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, x0);
   }
