@@ -321,6 +321,18 @@ def test_compile_fullgraph():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(b1, b2)
 
+    def f2(x, m, buf, buf2, step):  # both history buffers mutated in place under compile too
+        return sampler_step(x, m, table, step, x0_buf=buf, x0_buf2=buf2, seed=3, backend="cpu")
+
+    c1, c2, d1, d2 = buf.clone(), torch.randn_like(x), buf.clone(), None
+    d2 = c2.clone()
+    got = torch.compile(f2, fullgraph=True, backend="aot_eager")(x, m, c1, c2, step)
+    want = f2(x, m, d1, d2, step)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(c1, d1)
+    torch.testing.assert_close(c2, d2)
+    assert torch.equal(c2, buf)  # x0_buf2 holds what x0_buf held
+
 
 def test_auto_backend():
     x = torch.randn(2, 3)

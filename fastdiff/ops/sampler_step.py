@@ -192,7 +192,7 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
     if x0_buf2 is not None:
         if x0_buf is None:
             raise ValueError("x0_buf2: given without x0_buf (it holds the x0 before the one in x0_buf)")
-        if _overlaps(x0_buf2, x0_buf):
+        if not torch.compiler.is_compiling() and _overlaps(x0_buf2, x0_buf):  # (storage pointers: eager only)
             raise ValueError("x0_buf2: shares memory with x0_buf (the kernel writes both)")
     if var_mode != "fixed" and var_values is None:
         raise ValueError(f"var_values: required when var_mode is {var_mode!r}")
