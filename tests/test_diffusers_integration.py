@@ -655,7 +655,8 @@ def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, nam
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"])
 @pytest.mark.parametrize("begin_index", [True, False])
-def test_fastdiff_scheduler_image_to_image(models, name, begin_index):
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
     # the img2img pipelines' recipe: timesteps[t_start:], set_begin_index (older pipelines: none, the run's start is
     # found from its first timestep), latents = add_noise(image, noise, t_start's timestep)
     unet = models["unet_cond"]
@@ -669,12 +670,17 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index):
         if begin_index:
             s.set_begin_index(3)
         x = s.add_noise(image, noise, ts[:1].repeat(2))
-        for t in ts:
+        for i, t in enumerate(ts):
             with torch.no_grad():
                 m = unet(s.scale_model_input(x, t), t, encoder_hidden_states=ctx).sample
             x = s.step(m, t, x).prev_sample
+            if inpaint and i < len(ts) - 1:  # the inpainting pipeline: the kept part noised to the next timestep
+                known = s.add_noise(image, noise, ts[i + 1:i + 2])
+                x = (1 - mask) * known + mask * x
         return x
 
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 2:10] = 1.0  # (hard: UniPC's corrector keeps a blend that diffusers' drops)
     base = getattr(diffusers, name)()
     want = run(base)
     got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)()))
@@ -740,7 +746,13 @@ def test_fastdiff_scheduler_errors_and_save(tmp_path):
     with pytest.raises(ValueError, match="^timestep:"):
         s.step(x, 12345, x)
     with pytest.raises(ValueError, match="^timesteps:"):
-        s.add_noise(x.repeat(2, 1, 1, 1), x.repeat(2, 1, 1, 1), torch.tensor([999, 500]))
+        s.add_noise(x.repeat(2, 1, 1, 1), x.repeat(2, 1, 1, 1), torch.tensor([999, 500, 1]))
+    # a timestep per sample, as diffusers' add_noise takes them
+    base = DPMSolverMultistepScheduler(solver_order=3)
+    base.set_timesteps(4)
+    x2, z2 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ts = torch.stack([s.timesteps[0], s.timesteps[2]])
+    torch.testing.assert_close(s.add_noise(x2, z2, ts), base.add_noise(x2, z2, ts))
     s.save_pretrained(tmp_path)  # the replaced scheduler's config: it loads into the diffusers scheduler too
     loaded = DPMSolverMultistepScheduler.from_pretrained(tmp_path)
     assert loaded.config["solver_order"] == 3

@@ -594,18 +594,22 @@ class FastdiffScheduler(SchedulerMixin):
             self._replan(seed=seed)
 
     def add_noise(self, original_samples, noise, timesteps):
-        """x0 noised to the level of `timesteps` (one value, or the same for every sample), as diffusers' add_noise
-        (flow matching: ``scale_noise``)."""
+        """x0 noised to the level of `timesteps` (one per sample, or one for all), as diffusers' add_noise (flow
+        matching: ``scale_noise``), which picks the step as diffusers does: each timestep looked up in the run's
+        timesteps when no begin_index was set; else the run's current step (inpainting, after a step), or
+        begin_index before the first."""
         t = torch.as_tensor(timesteps).reshape(-1)
-        if t.numel() > 1 and not bool((t == t[0]).all()):
-            raise ValueError("timesteps: FastdiffScheduler.add_noise takes one timestep for the whole batch")
-        if self._step is not None:
-            i = self._step
-        elif self._begin is not None:
-            i = self._begin
+        n = original_samples.shape[0]
+        if t.numel() not in (1, n):
+            raise ValueError(f"timesteps: expected 1 or {n} (the batch) timesteps, got {t.numel()}")
+        if self._begin is None:
+            idx = [self._index_of(v) for v in t.tolist()]
         else:
-            i = self._index_of(t[0])
-        return self.sampler.add_noise(original_samples, noise, i)
+            idx = [self._step if self._step is not None else self._begin]
+        if len(set(idx)) == 1:
+            return self.sampler.add_noise(original_samples, noise, idx[0])
+        return torch.cat([self.sampler.add_noise(original_samples[j:j + 1], noise[j:j + 1], i)
+                          for j, i in enumerate(idx)])
 
     def scale_noise(self, sample, timestep, noise=None):
         return self.add_noise(sample, noise, timestep)
