@@ -40,13 +40,14 @@ TORCH_LIBRARY(fastdiff, m) {
   // coefficients read from row `step` of `table` (on the device: no host sync), and z from Philox keyed by
   // (seed, step) unless `noise` is given. x0_buf, when given, is read as x0_prev (when D != 0) and overwritten
   // with this step's x0 (multistep solvers); x0_buf2 (only with x0_buf) is read as x0_prev2 (when E != 0, the
-  // table's column 9: + E x0_prev2) and overwritten with x0_prev (third-order solvers). var_mode: 0 fixed,
-  // 1 learned, 2 learned_range (var_values needed).
+  // table's column 9: + E x0_prev2) and overwritten with x0_prev (third-order solvers); x0_buf3 (only with x0_buf2)
+  // likewise one further back (column 10: + F x0_prev3; PLMS). Where column 11 (KEEP) is nonzero the buffers are
+  // left unchanged. var_mode: 0 fixed, 1 learned, 2 learned_range (var_values needed).
   // clip_mode: 0 none, 1 clamp to clip_range, 2 threshold by the per-sample `thresh` (N,) float32.
   m.def(
       "sampler_step(Tensor x, Tensor model_output, Tensor? uncond, float guidance_scale, Tensor table, Tensor step, "
       "Tensor? noise, Tensor(a!)? x0_buf, Tensor? var_values, Tensor? thresh, int seed, int var_mode, "
-      "int clip_mode, float clip_range, bool stochastic, Tensor(b!)? x0_buf2=None) -> Tensor");
+      "int clip_mode, float clip_range, bool stochastic, Tensor(b!)? x0_buf2=None, Tensor(c!)? x0_buf3=None) -> Tensor");
   // True when this build of the extension holds the CUDA kernels.
   m.def("_built_with_cuda() -> bool", &fastdiff::built_with_cuda);
   // "avx512" (the AVX-512 loops, fp16/bf16 converted in vector registers) or "portable" (loops GCC vectorises).

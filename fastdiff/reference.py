@@ -107,25 +107,26 @@ def _memory_order_like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.0, noise=None, x0_buf=None,
                  var_values=None, thresh=None, seed=0, var_mode=0, clip_mode=0, clip_range=1.0, stochastic=True,
-                 compute_dtype=torch.float32, x0_buf2=None):
+                 compute_dtype=torch.float32, x0_buf2=None, x0_buf3=None):
     """One sampler step from a coefficient table (the definition the fused kernels implement):
 
         m   = uncond + guidance_scale * (model_output - uncond)     (when uncond is given)
         x0  = clip(PX x + PM m)                                     (clip_mode 1: clamp; 2: clamp(., -s, s) / s)
-        out = A x + B m + C x0 + D x0_prev + E x0_prev2 + std z
+        out = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z
 
-    with the coefficients in row `step` of `table` (read with index_select: no host sync; E in column 9), x0_prev
-    read from and x0 written to `x0_buf` when given, x0_prev2 read from and x0_prev written to `x0_buf2` when given
-    (only with x0_buf; each history term enters only where its coefficient is nonzero), std = S (var_mode 0), S
-    sqrt(v) (1) or S exp((f MAXLOG + (1-f) MINLOG)/2) with f = (v + 1)/2 (2), and z = `noise` or the Philox normals
-    of (seed, step, element index in memory order).
+    with the coefficients in row `step` of `table` (read with index_select: no host sync; E, F in columns 9, 10),
+    x0_prev read from and x0 written to `x0_buf` when given, x0_prev2 read from and x0_prev written to `x0_buf2`,
+    x0_prev3 read from and x0_prev2 written to `x0_buf3` when given (each only with the one before; each history
+    term enters only where its coefficient is nonzero; where column 11, KEEP, is nonzero no buffer is written), std
+    = S (var_mode 0), S sqrt(v) (1) or S exp((f MAXLOG + (1-f) MINLOG)/2) with f = (v + 1)/2 (2), and z = `noise` or
+    the Philox normals of (seed, step, element index in memory order).
     """
     out_dtype = x.dtype
     cd = compute_dtype
     n_steps = table.shape[0]
     step = step.reshape(1).to(torch.int64).clamp(0, n_steps - 1)
     row = table.index_select(0, step).reshape(-1).to(cd)
-    px, pm, a, b, c, d, s, min_log, max_log, e = (row[j] for j in range(10))
+    px, pm, a, b, c, d, s, min_log, max_log, e, f, keep = (row[j] for j in range(12))
     m = model_output.to(cd)
     if uncond is not None:
         u = uncond.to(cd)
@@ -138,12 +139,13 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
         t = thresh.to(cd).reshape((-1,) + (1,) * (x.dim() - 1))
         x0 = torch.maximum(torch.minimum(x0, t), -t) / t
     out = a * xf + b * m + c * x0
-    if x0_buf2 is not None:
-        out = out + torch.where(e != 0, e * x0_buf2.to(cd), torch.zeros_like(out))
-        x0_buf2.copy_(x0_buf)
-    if x0_buf is not None:
-        out = out + torch.where(d != 0, d * x0_buf.to(cd), torch.zeros_like(out))  # x0_prev unread when D == 0
-        x0_buf.copy_(x0.to(x0_buf.dtype))
+    bufs = [t for t in (x0_buf, x0_buf2, x0_buf3) if t is not None]
+    for coef, buf in zip((d, e, f), bufs):  # each read only where its coefficient is nonzero
+        out = out + torch.where(coef != 0, coef * buf.to(cd), torch.zeros_like(out))
+    if bufs:  # the history moves one buffer down, unless the row says KEEP (selected on the device: no sync)
+        moved = [x0.to(bufs[0].dtype)] + [t.clone() for t in bufs[:-1]]
+        for buf, new in zip(bufs, moved):
+            buf.copy_(torch.where(keep != 0, buf, new))
     if stochastic:
         if noise is None:
             z = _memory_order_like(philox_normal(seed, step, x.numel(), x.device), x)

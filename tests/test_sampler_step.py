@@ -43,7 +43,8 @@ def _table(n, device, *, d=True, s=True):
     t[:, 7] = -6 + torch.rand(n)           # MINLOG
     t[:, 8] = -2 + torch.rand(n)           # MAXLOG
     t[:, 9] = -0.4 * torch.rand(n)         # E (x0_prev2, read only when x0_buf2 is given)
-    return t.to(device)
+    t[:, 10] = 0.3 * torch.rand(n)         # F (x0_prev3, read only when x0_buf3 is given)
+    return t.to(device)                    # (column 11, KEEP, 0: the history moves)
 
 
 def _inputs(shape, dtype, device):
@@ -93,37 +94,46 @@ def test_matches_reference(backend, dtype, atol, rtol, clip, cfg):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_rows"])
-def test_two_history_buffers(backend, dtype, atol, rtol, layout):
-    """x0_buf2 (third-order solvers): + E x0_prev2 in the sum, x0_buf2 <- x0_prev, x0_buf <- x0, on every
-    backend as in the reference; three steps in a row, so the rotation is what the next step reads."""
+@pytest.mark.parametrize("nbuf", [1, 2, 3])
+def test_history_buffers(backend, dtype, atol, rtol, layout, nbuf):
+    """x0_buf (+ D x0_prev), x0_buf2 (third-order solvers: + E x0_prev2), x0_buf3 (PLMS: + F x0_prev3): each value
+    moves one buffer down per step (x0 -> x0_buf -> x0_buf2 -> x0_buf3) unless the row says KEEP (column 11), on
+    every backend as in the reference; four steps in a row, the second a KEEP step, so each step reads what the
+    steps before left."""
     _skip_unavailable(backend)
     dev = _device(backend)
     shape = (3, 5, 7, 9)
     x, m, u, _, _ = _inputs(shape, dtype, dev)
     g = torch.Generator().manual_seed(4)
-    b1 = torch.randn(shape, generator=g).to(dev, dtype)
-    b2 = torch.randn(shape, generator=g).to(dev, dtype)
+    bufs = [torch.randn(shape, generator=g).to(dev, dtype) for _ in range(nbuf)]
     if layout == "channels_last":
-        x, m, u, b1, b2 = (t.contiguous(memory_format=torch.channels_last) for t in (x, m, u, b1, b2))
+        x, m, u = (t.contiguous(memory_format=torch.channels_last) for t in (x, m, u))
+        bufs = [t.contiguous(memory_format=torch.channels_last) for t in bufs]
     elif layout == "strided_rows":  # every sample a dense block, the batch stride larger: views of a bigger batch
-        x, m, u, b1, b2 = (torch.cat([t, t], 0)[::2] for t in (x, m, u, b1, b2))
-    table = _table(4, dev)
-    kb1, kb2, rb1, rb2 = b1.clone(), b2.clone(), b1.clone(), b2.clone()
-    if layout == "strided_rows":
-        kb1, kb2, rb1, rb2 = (torch.cat([t, t], 0)[::2] for t in (b1, b2, b1, b2))
-    for step in range(3):
-        got = sampler_step(x, m, table, step, uncond=u, guidance_scale=2.5, x0_buf=kb1, x0_buf2=kb2, seed=5,
-                           backend=backend)
+        x, m, u = (torch.cat([t, t], 0)[::2] for t in (x, m, u))
+        bufs = [torch.cat([t, t], 0)[::2] for t in bufs]
+    table = _table(5, dev)
+    table[1, 11] = 1.0  # KEEP at step 1
+    names = ("x0_buf", "x0_buf2", "x0_buf3")
+
+    def copies():
+        return [torch.cat([t, t], 0)[::2] if layout == "strided_rows" else t.clone() for t in bufs]
+
+    kb, rb = copies(), copies()
+    for step in range(4):
+        before = [t.clone() for t in kb]
+        got = sampler_step(x, m, table, step, uncond=u, guidance_scale=2.5, seed=5, backend=backend,
+                           **dict(zip(names, kb)))
         want = reference.sampler_step(x, m, table, torch.tensor(step, device=dev), uncond=u, guidance_scale=2.5,
-                                      x0_buf=rb1, x0_buf2=rb2, seed=5)
+                                      seed=5, **dict(zip(names, rb)))
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-        torch.testing.assert_close(kb1, rb1, atol=atol, rtol=rtol)
-        torch.testing.assert_close(kb2, rb2, atol=atol, rtol=rtol)
+        for k, r in zip(kb, rb):
+            torch.testing.assert_close(k, r, atol=atol, rtol=rtol)
+        if step == 1:  # KEEP: every buffer exactly as it was
+            assert all(torch.equal(a, b) for a, b in zip(kb, before))
+        else:  # the move itself is exact: each buffer holds what the one before it held, bit for bit
+            assert all(torch.equal(kb[i], before[i - 1]) for i in range(1, nbuf))
         x = got
-    # the rotation itself is exact: x0_buf2 holds what x0_buf held before the last step, bit for bit
-    prev = kb1.clone()
-    sampler_step(x, m, table, 3, x0_buf=kb1, x0_buf2=kb2, backend=backend)
-    assert torch.equal(kb2, prev)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,6 +297,12 @@ def test_opcheck():
                           (x, m, None, 1.0, table, step, None, None, None, torch.ones(2), 7, 0, 2, 1.0, False))
     torch.library.opcheck(torch.ops.fastdiff.sampler_step,
                           (x, m, u, 3.0, table, step, None, buf, None, None, 7, 0, 1, 1.0, True, torch.randn_like(x)))
+    keep = table.clone()
+    keep[:, 11] = 1.0
+    for t in (table, keep):
+        torch.library.opcheck(torch.ops.fastdiff.sampler_step,
+                              (x, m, u, 3.0, t, step, None, buf, None, None, 7, 0, 1, 1.0, True, torch.randn_like(x),
+                               torch.randn_like(x)))
 
 
 @pytest.mark.triton
@@ -411,6 +427,14 @@ def test_bad_arguments():
         sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x), x0_buf2=x.double())
     with pytest.raises(ValueError, match="^x0_buf2: must be laid out like x"):
         sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x), x0_buf2=torch.zeros_like(x[:1]).expand_as(x))
+    with pytest.raises(ValueError, match="^x0_buf3: given without x0_buf2"):
+        sampler_step(x, m, t, 0, x0_buf=torch.zeros_like(x), x0_buf3=torch.zeros_like(x))
+    three = torch.zeros(3, *x.shape)
+    with pytest.raises(ValueError, match="^x0_buf3: shares memory with x0_buf "):
+        sampler_step(x, m, t, 0, x0_buf=three[0], x0_buf2=three[1], x0_buf3=three[0])
+    with pytest.raises(ValueError, match="^x0_buf3: shares memory with x0_buf2"):
+        sampler_step(x, m, t, 0, x0_buf=three[0], x0_buf2=three[1], x0_buf3=three[1])
+    sampler_step(x, m, t, 0, x0_buf=three[0], x0_buf2=three[1], x0_buf3=three[2])
     if fastdiff.info()["cpu_extension"]:  # the op itself checks too (torch.ops.fastdiff.sampler_step called directly)
         with pytest.raises(RuntimeError, match="x0_buf2: given without x0_buf"):
             torch.ops.fastdiff.sampler_step(x, m, None, 1.0, t, torch.tensor(0), None, None, None, None, 0, 0, 0, 1.0,

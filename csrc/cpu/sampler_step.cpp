@@ -5,9 +5,9 @@
 // noise) whose mode branches are hoisted out of the inner loops, so every loop vectorises. The Gaussian noise
 // is Philox4x32-10 + Box-Muller with polynomial log / sin / cos (about 1 ulp on their ranges) so it
 // vectorises too; the CUDA and Triton kernels compute the same numbers with their native log/sin/cos.
-// Cost: one read of x, the model output(s) (and noise / x0_prev / x0_prev2 / variance when used), one write of
-// x_prev (and of x0, and x0_prev into the second buffer, for a multistep solver); one pass, no temporaries the size
-// of the input.
+// Cost: one read of x, the model output(s) (and noise / the x0 history / variance when used), one write of x_prev
+// (and of x0 and the history moved down one buffer, for a multistep solver); one pass, no temporaries the size of
+// the input.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -139,7 +139,7 @@ void philox_normals(uint64_t seed, uint32_t step, int64_t e0, int64_t len, float
 
 struct Params {
   int64_t N, L;
-  int64_t sx, sm, su, sz, sb, sv, so, sb2;  // row (sample) strides
+  int64_t sx, sm, su, sz, sb, sv, so, sb2, sb3;  // row (sample) strides
   float g, clip_range;
   const float* row;
   const float* thr;
@@ -151,33 +151,37 @@ struct Params {
 
 // One chunk's update in a single loop: read x, the model output(s) (and x0_prev, z), write x_prev (and x0).
 // kU: classifier-free guidance (uncond given); kPrev: 0 no x0 buffer, 1 write x0 only, 2 read x0_prev and write
-// x0, 3 two buffers (third-order solvers): read x0_prev and x0_prev2, write x0 and x0_prev into them (each read
-// value enters the sum only where its coefficient is nonzero: a select, as the loop must stay branch-free);
+// x0, 3 two buffers (third-order solvers), 4 three (PLMS): read x0_prev (x0_prev2, x0_prev3), write x0 and move
+// each value one buffer down; each read value enters the sum only where its coefficient is nonzero (a select, as
+// the loop must stay branch-free), and where the row's KEEP is set every buffer is written back unchanged.
 // kNoise: add S * zb (zb already holds z, times the learned std when var_mode != fixed). Clipping is
 // branch-free: x0 = min(max(x0, lo), hi) * inv, with lo = -inf, hi = inf, inv = 1 when there is none (that order
 // keeps a NaN a NaN, as torch.clamp does).
 template <typename T, bool kU, int kPrev, bool kNoise>
 inline void update_chunk(const float* c, float g, float lo, float hi, float inv, const T* px, const T* pm,
-                         const T* pu, T* pb, T* pb2, const float* zb, T* po, int64_t len) {
+                         const T* pu, T* pb, T* pb2, T* pb3, const float* zb, T* po, int64_t len) {
 #if FASTDIFF_AVX512
   if constexpr (!std::is_same_v<T, float>) {
     // fp16/bf16: the chunk widened to fp32 16 values at a time, the fp32 loop, narrowed back with the same
     // rounding (c10's scalar conversions inside the loop kept it from vectorising: 5x the fp32 time)
-    alignas(64) float bx[kChunk], bm[kChunk], bu[kChunk], bb[kChunk], bb2[kChunk], bo[kChunk];
+    alignas(64) float bx[kChunk], bm[kChunk], bu[kChunk], bb[kChunk], bb2[kChunk], bb3[kChunk], bo[kChunk];
     to_float(px, bx, len);
     to_float(pm, bm, len);
     if constexpr (kU) to_float(pu, bu, len);
     if constexpr (kPrev >= 2) to_float(pb, bb, len);
-    if constexpr (kPrev == 3) to_float(pb2, bb2, len);
-    update_chunk<float, kU, kPrev, kNoise>(c, g, lo, hi, inv, bx, bm, bu, bb, bb2, zb, bo, len);
+    if constexpr (kPrev >= 3) to_float(pb2, bb2, len);
+    if constexpr (kPrev == 4) to_float(pb3, bb3, len);
+    update_chunk<float, kU, kPrev, kNoise>(c, g, lo, hi, inv, bx, bm, bu, bb, bb2, bb3, zb, bo, len);
     from_float(bo, po, len);
     if constexpr (kPrev != 0) from_float(bb, pb, len);
-    if constexpr (kPrev == 3) from_float(bb2, pb2, len);  // x0_prev, exactly: it came from this dtype
+    if constexpr (kPrev >= 3) from_float(bb2, pb2, len);  // values that came from this dtype: exact
+    if constexpr (kPrev == 4) from_float(bb3, pb3, len);
     return;
   }
 #endif
-  const float PX = c[kPX], PM = c[kPM], A = c[kA], B = c[kB], C = c[kC], D = c[kD], S = c[kS], E = c[kE];
-  const bool use_d = D != 0.f, use_e = E != 0.f;
+  const float PX = c[kPX], PM = c[kPM], A = c[kA], B = c[kB], C = c[kC], D = c[kD], S = c[kS], E = c[kE],
+              F = c[kF];
+  const bool use_d = D != 0.f, use_e = E != 0.f, use_f = F != 0.f, keep = c[kKeep] != 0.f;
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     const float xf = static_cast<float>(px[j]);
@@ -188,21 +192,31 @@ inline void update_chunk(const float* c, float g, float lo, float hi, float inv,
     }
     const float x0 = std::min(std::max(PX * xf + PM * mb, lo), hi) * inv;
     float acc = A * xf + B * mb + C * x0;
-    if constexpr (kPrev == 2) acc += D * static_cast<float>(pb[j]);
-    if constexpr (kPrev == 3) {
-      const float p1 = static_cast<float>(pb[j]), p2 = static_cast<float>(pb2[j]);
-      acc += (use_d ? D * p1 : 0.f) + (use_e ? E * p2 : 0.f);
-      pb2[j] = static_cast<T>(p1);
+    if constexpr (kPrev >= 2) {
+      const float p1 = static_cast<float>(pb[j]);
+      acc += use_d ? D * p1 : 0.f;
+      if constexpr (kPrev >= 3) {
+        const float p2 = static_cast<float>(pb2[j]);
+        acc += use_e ? E * p2 : 0.f;
+        if constexpr (kPrev == 4) {
+          const float p3 = static_cast<float>(pb3[j]);
+          acc += use_f ? F * p3 : 0.f;
+          pb3[j] = static_cast<T>(keep ? p3 : p2);
+        }
+        pb2[j] = static_cast<T>(keep ? p2 : p1);
+      }
+      pb[j] = static_cast<T>(keep ? p1 : x0);
+    } else if constexpr (kPrev == 1) {
+      pb[j] = static_cast<T>(x0);
     }
-    if constexpr (kPrev != 0) pb[j] = static_cast<T>(x0);
     if constexpr (kNoise) acc += S * zb[j];
     po[j] = static_cast<T>(acc);
   }
 }
 
 template <typename T, bool kU, int kPrev, bool kNoise>
-void run_fused(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, T* x0b2, const T* v,
-               T* out) {
+void run_fused(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, T* x0b2, T* x0b3,
+               const T* v, T* out) {
   const float* c = p.row;
   const float MINL = c[kMinLog], MAXL = c[kMaxLog];
   const int64_t chunks = (p.L + kChunk - 1) / kChunk;
@@ -249,33 +263,39 @@ void run_fused(const Params& p, const T* x, const T* m, const T* u, const T* zin
       update_chunk<T, kU, kPrev, kNoise>(c, p.g, lo, hi, inv, x + n * p.sx + l0, m + n * p.sm + l0,
                                          kU ? u + n * p.su + l0 : nullptr,
                                          kPrev != 0 ? x0b + n * p.sb + l0 : nullptr,
-                                         kPrev == 3 ? x0b2 + n * p.sb2 + l0 : nullptr, zb, out + n * p.so + l0, len);
+                                         kPrev >= 3 ? x0b2 + n * p.sb2 + l0 : nullptr,
+                                         kPrev == 4 ? x0b3 + n * p.sb3 + l0 : nullptr, zb, out + n * p.so + l0, len);
     }
   });
 }
 
 // Picks the instantiation: whether uncond is read, how the x0 buffers are used, whether noise is added.
 template <typename T>
-void run(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, T* x0b2, const T* v, T* out) {
+void run(const Params& p, const T* x, const T* m, const T* u, const T* zin, T* x0b, T* x0b2, T* x0b3, const T* v,
+         T* out) {
   const bool noise = p.stochastic && p.row[kS] != 0.f;
-  const int prev = x0b == nullptr ? 0 : (x0b2 != nullptr ? 3 : (p.row[kD] != 0.f ? 2 : 1));
-  auto go = [&](auto kU) {
-    constexpr bool U = decltype(kU)::value;
-    if (noise) {
-      if (prev == 0) return run_fused<T, U, 0, true>(p, x, m, u, zin, x0b, x0b2, v, out);
-      if (prev == 1) return run_fused<T, U, 1, true>(p, x, m, u, zin, x0b, x0b2, v, out);
-      if (prev == 2) return run_fused<T, U, 2, true>(p, x, m, u, zin, x0b, x0b2, v, out);
-      return run_fused<T, U, 3, true>(p, x, m, u, zin, x0b, x0b2, v, out);
+  // one buffer: written only (kPrev 1) unless D reads it or KEEP has it written back as it was (2)
+  const int prev = x0b == nullptr ? 0
+                   : x0b3 != nullptr ? 4
+                   : x0b2 != nullptr ? 3
+                   : (p.row[kD] != 0.f || p.row[kKeep] != 0.f) ? 2 : 1;
+  auto go = [&](auto kU, auto kN) {
+    constexpr bool U = decltype(kU)::value, N = decltype(kN)::value;
+    switch (prev) {
+      case 0: return run_fused<T, U, 0, N>(p, x, m, u, zin, x0b, x0b2, x0b3, v, out);
+      case 1: return run_fused<T, U, 1, N>(p, x, m, u, zin, x0b, x0b2, x0b3, v, out);
+      case 2: return run_fused<T, U, 2, N>(p, x, m, u, zin, x0b, x0b2, x0b3, v, out);
+      case 3: return run_fused<T, U, 3, N>(p, x, m, u, zin, x0b, x0b2, x0b3, v, out);
+      default: return run_fused<T, U, 4, N>(p, x, m, u, zin, x0b, x0b2, x0b3, v, out);
     }
-    if (prev == 0) return run_fused<T, U, 0, false>(p, x, m, u, zin, x0b, x0b2, v, out);
-    if (prev == 1) return run_fused<T, U, 1, false>(p, x, m, u, zin, x0b, x0b2, v, out);
-    if (prev == 2) return run_fused<T, U, 2, false>(p, x, m, u, zin, x0b, x0b2, v, out);
-    return run_fused<T, U, 3, false>(p, x, m, u, zin, x0b, x0b2, v, out);
   };
-  if (u != nullptr)
-    go(std::true_type{});
-  else
-    go(std::false_type{});
+  if (u != nullptr) {
+    if (noise) go(std::true_type{}, std::true_type{});
+    else go(std::true_type{}, std::false_type{});
+  } else {
+    if (noise) go(std::false_type{}, std::true_type{});
+    else go(std::false_type{}, std::false_type{});
+  }
 }
 
 int64_t row_stride(const at::Tensor& t, const at::Tensor& x, const char* name) {
@@ -296,7 +316,8 @@ void sampler_step_check(const at::Tensor& x, const at::Tensor& model_output, con
                         const at::Tensor& table, const at::Tensor& step, const c10::optional<at::Tensor>& noise,
                         const c10::optional<at::Tensor>& x0_buf, const c10::optional<at::Tensor>& var_values,
                         const c10::optional<at::Tensor>& thresh, int64_t var_mode, int64_t clip_mode,
-                        const c10::optional<at::Tensor>& x0_buf2, int64_t strides[7]) {
+                        const c10::optional<at::Tensor>& x0_buf2, const c10::optional<at::Tensor>& x0_buf3,
+                        int64_t strides[8]) {
   TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "x: expected a non-empty (N, ...) tensor");
   const int64_t N = x.size(0), L = x.numel() / N;
   TORCH_CHECK(x.is_non_overlapping_and_dense() && (N == 1 || x.stride(0) == L),
@@ -319,6 +340,12 @@ void sampler_step_check(const at::Tensor& x, const at::Tensor& model_output, con
               "the one in x0_buf)");
   TORCH_CHECK(!x0_buf2.has_value() || x0_buf2->data_ptr() != x0_buf->data_ptr(),
               "x0_buf2: must be a different tensor from x0_buf");
+  strides[7] = x0_buf3.has_value() ? row_stride(*x0_buf3, x, "x0_buf3") : 0;
+  TORCH_CHECK(!x0_buf3.has_value() || x0_buf2.has_value(), "x0_buf3: given without x0_buf2 (it holds the x0 "
+              "before the one in x0_buf2)");
+  TORCH_CHECK(!x0_buf3.has_value() || (x0_buf3->data_ptr() != x0_buf->data_ptr() &&
+                                       x0_buf3->data_ptr() != x0_buf2->data_ptr()),
+              "x0_buf3: must be a different tensor from x0_buf and x0_buf2");
   TORCH_CHECK(var_mode == 0 || var_values.has_value(), "var_values: required when var_mode is ", var_mode);
   if (clip_mode == kClipThreshold) {
     TORCH_CHECK(thresh.has_value() && thresh->numel() == N && thresh->scalar_type() == at::kFloat &&
@@ -335,10 +362,10 @@ at::Tensor sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
                             const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& x0_buf,
                             const c10::optional<at::Tensor>& var_values, const c10::optional<at::Tensor>& thresh,
                             int64_t seed, int64_t var_mode, int64_t clip_mode, double clip_range, bool stochastic,
-                            const c10::optional<at::Tensor>& x0_buf2) {
-  int64_t st[7];
+                            const c10::optional<at::Tensor>& x0_buf2, const c10::optional<at::Tensor>& x0_buf3) {
+  int64_t st[8];
   sampler_step_check(x, model_output, uncond, table, step, noise, x0_buf, var_values, thresh, var_mode, clip_mode,
-                     x0_buf2, st);
+                     x0_buf2, x0_buf3, st);
   at::Tensor out = at::empty_like(x);
   Params p;
   p.N = x.size(0);
@@ -350,6 +377,7 @@ at::Tensor sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
   p.sv = st[4];
   p.sx = st[5];
   p.sb2 = st[6];
+  p.sb3 = st[7];
   p.so = p.N == 1 ? 0 : out.stride(0);
   p.g = static_cast<float>(guidance_scale);
   p.clip_range = static_cast<float>(clip_range);
@@ -368,7 +396,8 @@ at::Tensor sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
     };
     run<scalar_t>(p, x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(), ptr(uncond), ptr(noise),
                   x0_buf.has_value() ? x0_buf->data_ptr<scalar_t>() : nullptr,
-                  x0_buf2.has_value() ? x0_buf2->data_ptr<scalar_t>() : nullptr, ptr(var_values),
+                  x0_buf2.has_value() ? x0_buf2->data_ptr<scalar_t>() : nullptr,
+                  x0_buf3.has_value() ? x0_buf3->data_ptr<scalar_t>() : nullptr, ptr(var_values),
                   out.data_ptr<scalar_t>());
   });
   return out;

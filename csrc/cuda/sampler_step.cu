@@ -7,8 +7,8 @@
 // addresses each element through its tensor's row stride (e.g. the halves of a [eps, variance] model output).
 // The step index is read from device memory and the coefficient row from the table (both L1/L2 broadcasts), so
 // the kernel is the same every step and replays inside a CUDA graph; it never syncs with the host.
-// Cost: one read of x and of each model output (+ noise / x0_prev / x0_prev2 / variance when used), one write of
-// x_prev (+ x0 for multistep solvers, + x0_prev into the second buffer for third-order ones): at fp32 with CFG
+// Cost: one read of x and of each model output (+ noise / the x0 history / variance when used), one write of
+// x_prev (+ x0 and the history moved down one buffer, for multistep solvers): at fp32 with CFG
 // 16 B/element, memory-bound; Philox adds ~20 integer ops per
 // element, well under the H100's integer throughput at HBM speed.
 #include <ATen/ATen.h>
@@ -26,7 +26,8 @@ void sampler_step_check(const at::Tensor& x, const at::Tensor& model_output, con
                         const at::Tensor& table, const at::Tensor& step, const c10::optional<at::Tensor>& noise,
                         const c10::optional<at::Tensor>& x0_buf, const c10::optional<at::Tensor>& var_values,
                         const c10::optional<at::Tensor>& thresh, int64_t var_mode, int64_t clip_mode,
-                        const c10::optional<at::Tensor>& x0_buf2, int64_t strides[7]);
+                        const c10::optional<at::Tensor>& x0_buf2, const c10::optional<at::Tensor>& x0_buf3,
+                        int64_t strides[8]);
 
 namespace {
 
@@ -45,13 +46,14 @@ struct Args {
   const T* z;
   T* b;
   T* b2;
+  T* b3;
   const T* v;
   T* out;
   const float* thr;
   const float* table;
   const int64_t* step;
   int64_t total, L, n_steps;
-  int64_t sx, sm, su, sz, sb, sv, so, sb2;
+  int64_t sx, sm, su, sz, sb, sv, so, sb2, sb3;
   float g, clip_range;
   uint64_t seed;
   int var_mode, clip_mode;
@@ -142,25 +144,34 @@ __global__ void __launch_bounds__(256) sampler_step_kernel(const Args<T> a) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) acc[k] = A * x[k] + B * m[k] + C * x0[k];
   if (a.b != nullptr) {
-    // x0_prev: read where D uses it, or where a second buffer (third-order solvers) takes it over
-    const bool rotate = a.b2 != nullptr;
-    float p[4];
-    if (rotate || D != 0.f) load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
+    // the x0 history: each buffer read where its coefficient uses it or the next buffer takes its value over
+    // (x0_buf -> x0_buf2 -> x0_buf3), then every value moves one buffer down, unless the row says KEEP (PLMS's
+    // warm-up step), which leaves them all as they are (a uniform branch: one row per launch)
+    const bool keep = __ldg(row + kKeep) != 0.f;
+    const float E = a.b2 != nullptr ? __ldg(row + kE) : 0.f, F = a.b3 != nullptr ? __ldg(row + kF) : 0.f;
+    float p[4], p2[4];
+    const bool move1 = !keep && a.b2 != nullptr, move2 = !keep && a.b3 != nullptr;
+    if (D != 0.f || move1) load4<T>(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, p);
+    if (E != 0.f || move2) load4<T>(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p2);
     if (D != 0.f) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[k] += D * p[k];
     }
-    if (rotate) {
-      const float E = __ldg(row + kE);
-      if (E != 0.f) {
-        float p2[4];
-        load4<T>(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p2);
+    if (E != 0.f) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) acc[k] += E * p2[k];
-      }
-      store4(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p);
+      for (int k = 0; k < 4; ++k) acc[k] += E * p2[k];
     }
-    store4(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, x0);
+    if (F != 0.f) {
+      float p3[4];
+      load4<T>(a.b3, e0, a.sb3, a.L, a.flat, full, e0, a.total, p3);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] += F * p3[k];
+    }
+    if (!keep) {
+      if (move2) store4(a.b3, e0, a.sb3, a.L, a.flat, full, e0, a.total, p2);
+      if (move1) store4(a.b2, e0, a.sb2, a.L, a.flat, full, e0, a.total, p);
+      store4(a.b, e0, a.sb, a.L, a.flat, full, e0, a.total, x0);
+    }
   }
   if (a.stochastic && S != 0.f) {
     float z[4];
@@ -211,10 +222,10 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
                              const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& x0_buf,
                              const c10::optional<at::Tensor>& var_values, const c10::optional<at::Tensor>& thresh,
                              int64_t seed, int64_t var_mode, int64_t clip_mode, double clip_range, bool stochastic,
-                             const c10::optional<at::Tensor>& x0_buf2) {
-  int64_t st[7];
+                             const c10::optional<at::Tensor>& x0_buf2, const c10::optional<at::Tensor>& x0_buf3) {
+  int64_t st[8];
   sampler_step_check(x, model_output, uncond, table, step, noise, x0_buf, var_values, thresh, var_mode, clip_mode,
-                     x0_buf2, st);
+                     x0_buf2, x0_buf3, st);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   const int64_t N = x.size(0), total = x.numel(), L = total / N;
@@ -230,6 +241,7 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
     a.z = ptr(noise);
     a.b = x0_buf.has_value() ? x0_buf->data_ptr<scalar_t>() : nullptr;
     a.b2 = x0_buf2.has_value() ? x0_buf2->data_ptr<scalar_t>() : nullptr;
+    a.b3 = x0_buf3.has_value() ? x0_buf3->data_ptr<scalar_t>() : nullptr;
     a.v = ptr(var_values);
     a.out = out.data_ptr<scalar_t>();
     a.thr = clip_mode == kClipThreshold ? thresh->const_data_ptr<float>() : nullptr;
@@ -245,6 +257,7 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
     a.sv = st[4];
     a.sx = st[5];
     a.sb2 = st[6];
+    a.sb3 = st[7];
     a.so = so;
     a.g = static_cast<float>(guidance_scale);
     a.clip_range = static_cast<float>(clip_range);
@@ -255,9 +268,10 @@ at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output
     // Flat: element e of every tensor is at offset e (rows back to back), and every base pointer is aligned for
     // a 4-element vector access.
     bool flat = N == 1 || (a.sx == L && a.sm == L && a.so == L && (!a.u || a.su == L) && (!a.z || a.sz == L) &&
-                           (!a.b || a.sb == L) && (!a.b2 || a.sb2 == L) && (!a.v || a.sv == L));
+                           (!a.b || a.sb == L) && (!a.b2 || a.sb2 == L) && (!a.b3 || a.sb3 == L) &&
+                           (!a.v || a.sv == L));
     flat = flat && aligned4(a.x) && aligned4(a.m) && aligned4(a.u) && aligned4(a.z) && aligned4<scalar_t>(a.b) &&
-           aligned4<scalar_t>(a.b2) && aligned4(a.v) && aligned4<scalar_t>(a.out);
+           aligned4<scalar_t>(a.b2) && aligned4<scalar_t>(a.b3) && aligned4(a.v) && aligned4<scalar_t>(a.out);
     a.flat = flat;
     const int64_t groups = (total + 3) / 4;
     const int threads = 256;

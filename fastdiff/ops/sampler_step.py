@@ -2,7 +2,7 @@
 
     m   = uncond + guidance_scale * (model_output - uncond)     (classifier-free guidance, when uncond is given)
     x0  = clip(PX x + PM m)                                     (prediction type -> x0; clamp or dynamic threshold)
-    out = A x + B m + C x0 + D x0_prev + E x0_prev2 + std z     (the sampler's update)
+    out = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z     (the sampler's update)
 
 The coefficients are row `step` of a (num_steps, 12) float32 `table` that a sampler builds once in
 ``set_timesteps`` (fastdiff.diffusion.samplers); `step` is a one-element int64 tensor on the device, read by the
@@ -30,7 +30,7 @@ VAR_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
 
 
 def _fake(x, model_output, uncond, guidance_scale, table, step, noise, x0_buf, var_values, thresh, seed, var_mode,
-          clip_mode, clip_range, stochastic, x0_buf2=None):
+          clip_mode, clip_range, stochastic, x0_buf2=None, x0_buf3=None):
     return torch.empty_like(x)
 
 
@@ -139,7 +139,7 @@ def _signed64(seed) -> int:
 
 def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.0, noise=None, x0_buf=None,
                  var_values=None, thresh=None, seed=0, var_mode="fixed", clip="none", clip_range=1.0,
-                 stochastic=True, backend="auto", x0_buf2=None):
+                 stochastic=True, backend="auto", x0_buf2=None, x0_buf3=None):
     """One fused sampler step; returns x_prev (a new tensor shaped and laid out like x).
 
     x: (N, ...) float32/float16/bfloat16 (float64 on the torch backend). model_output, uncond, noise, var_values:
@@ -147,7 +147,9 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
     or a one-element integer tensor (out-of-range steps are clamped). x0_buf: None, or a tensor like x that holds
     x0_prev and is overwritten with this step's x0 (multistep solvers). x0_buf2: None, or (with x0_buf) a second
     tensor like x that holds x0_prev2 (the table's column 9 weighs it: + E x0_prev2) and is overwritten with
-    x0_prev (third-order solvers: DPM-Solver++ 3M, UniPC). var_mode: "fixed", "learned" or
+    x0_prev (third-order solvers: DPM-Solver++ 3M, UniPC). x0_buf3: None, or (with x0_buf2) a third, x0_prev3
+    (column 10, F), overwritten with x0_prev2 (PLMS). Where the table's column 11 (KEEP) is nonzero the buffers are
+    read but not written. var_mode: "fixed", "learned" or
     "learned_range" (then var_values are the model's variance outputs). clip: "none", "clip" (clamp x0 to
     ±clip_range) or "threshold" (clamp(x0, -s, s) / s with thresh (N,) float32 per-sample s). stochastic: False
     skips the noise term. seed: the Philox key. backend: "auto", "cuda", "triton", "cpu" or "torch".
@@ -189,11 +191,17 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
     var_values = _check_same(var_values, "var_values", x)
     x0_buf = _check_same(x0_buf, "x0_buf", x, inplace=True)
     x0_buf2 = _check_same(x0_buf2, "x0_buf2", x, inplace=True)
-    if x0_buf2 is not None:
-        if x0_buf is None:
-            raise ValueError("x0_buf2: given without x0_buf (it holds the x0 before the one in x0_buf)")
-        if not torch.compiler.is_compiling() and _overlaps(x0_buf2, x0_buf):  # (storage pointers: eager only)
-            raise ValueError("x0_buf2: shares memory with x0_buf (the kernel writes both)")
+    x0_buf3 = _check_same(x0_buf3, "x0_buf3", x, inplace=True)
+    for name, buf, before, before_name in (("x0_buf2", x0_buf2, x0_buf, "x0_buf"),
+                                           ("x0_buf3", x0_buf3, x0_buf2, "x0_buf2")):
+        if buf is not None and before is None:
+            raise ValueError(f"{name}: given without {before_name} (it holds the x0 before the one in {before_name})")
+    if not torch.compiler.is_compiling():  # (storage pointers: checked in eager only; the C++ op checks too)
+        for name, buf, others in (("x0_buf2", x0_buf2, (("x0_buf", x0_buf),)),
+                                  ("x0_buf3", x0_buf3, (("x0_buf", x0_buf), ("x0_buf2", x0_buf2)))):
+            for oname, other in others:
+                if buf is not None and _overlaps(buf, other):
+                    raise ValueError(f"{name}: shares memory with {oname} (the kernel writes both)")
     if var_mode != "fixed" and var_values is None:
         raise ValueError(f"var_values: required when var_mode is {var_mode!r}")
     if clip == "threshold":
@@ -209,12 +217,13 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
 
     name = choose_backend(x, backend)
     args = (x, model_output, uncond, float(guidance_scale), table.contiguous(), step, noise, x0_buf, var_values,
-            thresh, seed, VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range), bool(stochastic), x0_buf2)
+            thresh, seed, VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range), bool(stochastic), x0_buf2,
+            x0_buf3)
     if name == "torch":
         return reference.sampler_step(x, model_output, table, step, uncond=uncond, guidance_scale=float(guidance_scale),
                                       noise=noise, x0_buf=x0_buf, var_values=var_values, thresh=thresh,
                                       seed=seed & ((1 << 64) - 1), var_mode=VAR_MODES[var_mode],
                                       clip_mode=CLIP_MODES[clip], clip_range=float(clip_range),
-                                      stochastic=bool(stochastic), x0_buf2=x0_buf2)
+                                      stochastic=bool(stochastic), x0_buf2=x0_buf2, x0_buf3=x0_buf3)
     op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
     return op(*args)

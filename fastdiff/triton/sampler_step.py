@@ -42,11 +42,11 @@ def _uniform(r):
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "guidance_scale", "clip_range", "sx", "sm", "su", "sz", "sb",
-                               "sv", "so", "sb2"])
-def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, b2_ptr, v_ptr, thr_ptr, out_ptr, table_ptr, step_ptr,
-                         total, L, n_steps, sx, sm, su, sz, sb, sv, so, sb2, guidance_scale, clip_range, seed_lo,
-                         seed_hi, HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_B: tl.constexpr, HAS_B2: tl.constexpr,
-                         VAR_MODE: tl.constexpr,
+                               "sv", "so", "sb2", "sb3"])
+def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, b2_ptr, b3_ptr, v_ptr, thr_ptr, out_ptr, table_ptr,
+                         step_ptr, total, L, n_steps, sx, sm, su, sz, sb, sv, so, sb2, sb3, guidance_scale, clip_range,
+                         seed_lo, seed_hi, HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_B2: tl.constexpr, HAS_B3: tl.constexpr, VAR_MODE: tl.constexpr,
                          CLIP_MODE: tl.constexpr, STOCHASTIC: tl.constexpr, FLAT: tl.constexpr,
                          BLOCK: tl.constexpr):
     G: tl.constexpr = BLOCK // 4
@@ -61,6 +61,7 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, b2_ptr, v_ptr, thr_p
         zo = e
         bo = e
         b2o = e
+        b3o = e
         vo = e
         oo = e
     else:
@@ -72,6 +73,7 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, b2_ptr, v_ptr, thr_p
         zo = n * sz + l_
         bo = n * sb + l_
         b2o = n * sb2 + l_
+        b3o = n * sb3 + l_
         vo = n * sv + l_
         oo = n * so + l_
 
@@ -98,18 +100,24 @@ def _sampler_step_kernel(x_ptr, m_ptr, u_ptr, z_ptr, b_ptr, b2_ptr, v_ptr, thr_p
         thr = tl.load(thr_ptr + e // L, mask=mask, other=1.0)
         x0 = tl.where(x0 < -thr, -thr, tl.where(x0 > thr, thr, x0)) / thr
     acc = c_a * x + c_b * m + c_c * x0
-    if HAS_B2:  # two history buffers (third-order solvers): x0_prev moves to the second one
+    if HAS_B:
+        # the x0 history: each value moves one buffer down (x0 -> x0_buf -> x0_buf2 -> x0_buf3) unless the row says
+        # KEEP (column 11: PLMS's warm-up step); a buffer enters the sum only where its coefficient is nonzero
+        write = mask & ((tl.zeros(x.shape, tl.float32) + tl.load(row + 11)) == 0.0)
         prev = tl.load(b_ptr + bo, mask=mask, other=0.0)
-        c_e = tl.load(row + 9)
-        prev2 = tl.load(b2_ptr + b2o, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_e) != 0.0),
-                        other=0.0).to(tl.float32)
-        acc += tl.where(c_d != 0.0, c_d * prev.to(tl.float32), 0.0) + c_e * prev2
-        tl.store(b2_ptr + b2o, prev, mask=mask)
-        tl.store(b_ptr + bo, x0.to(b_ptr.dtype.element_ty), mask=mask)
-    elif HAS_B:
-        prev = tl.load(b_ptr + bo, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_d) != 0.0), other=0.0).to(tl.float32)
-        acc += c_d * prev
-        tl.store(b_ptr + bo, x0.to(b_ptr.dtype.element_ty), mask=mask)
+        acc += tl.where(c_d != 0.0, c_d * prev.to(tl.float32), 0.0)
+        if HAS_B2:
+            c_e = tl.load(row + 9)
+            prev2 = tl.load(b2_ptr + b2o, mask=mask, other=0.0)
+            acc += tl.where(c_e != 0.0, c_e * prev2.to(tl.float32), 0.0)
+            if HAS_B3:
+                c_f = tl.load(row + 10)
+                prev3 = tl.load(b3_ptr + b3o, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_f) != 0.0),
+                                other=0.0).to(tl.float32)
+                acc += c_f * prev3
+                tl.store(b3_ptr + b3o, prev2, mask=write)
+            tl.store(b2_ptr + b2o, prev, mask=write)
+        tl.store(b_ptr + bo, x0.to(b_ptr.dtype.element_ty), mask=write)
     if STOCHASTIC:
         if HAS_Z:
             z = tl.load(z_ptr + zo, mask=mask & ((tl.zeros(x.shape, tl.float32) + c_s) != 0.0), other=0.0).to(tl.float32)
@@ -153,27 +161,28 @@ def _u32_as_i32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-@triton_op("fastdiff::sampler_step_triton", mutates_args={"x0_buf", "x0_buf2"})
+@triton_op("fastdiff::sampler_step_triton", mutates_args={"x0_buf", "x0_buf2", "x0_buf3"})
 def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, uncond: Optional[torch.Tensor],
                         guidance_scale: float, table: torch.Tensor, step: torch.Tensor, noise: Optional[torch.Tensor],
                         x0_buf: Optional[torch.Tensor], var_values: Optional[torch.Tensor],
                         thresh: Optional[torch.Tensor], seed: int, var_mode: int, clip_mode: int, clip_range: float,
-                        stochastic: bool, x0_buf2: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        stochastic: bool, x0_buf2: Optional[torch.Tensor] = None,
+                        x0_buf3: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = torch.empty_like(x)
     total = x.numel()
     N = x.shape[0]
     L = total // N
-    ts = [t if t is not None else x for t in (uncond, noise, x0_buf, var_values, x0_buf2)]
+    ts = [t if t is not None else x for t in (uncond, noise, x0_buf, var_values, x0_buf2, x0_buf3)]
     strides = [_row_stride(t) for t in [x, model_output] + ts + [out]]
     flat = all(s == L for s in strides) or N == 1
     block = 1024
     grid = (triton.cdiv(total, block),)
     seed &= (1 << 64) - 1
     wrap_triton(_sampler_step_kernel)[grid](
-        x, model_output, ts[0], ts[1], ts[2], ts[4], ts[3], thresh if thresh is not None else table, out, table, step,
-        total, L, table.shape[0], strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[7],
-        strides[6], guidance_scale, clip_range, _u32_as_i32(seed), _u32_as_i32(seed >> 32),
+        x, model_output, ts[0], ts[1], ts[2], ts[4], ts[5], ts[3], thresh if thresh is not None else table, out, table,
+        step, total, L, table.shape[0], strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
+        strides[8], strides[6], strides[7], guidance_scale, clip_range, _u32_as_i32(seed), _u32_as_i32(seed >> 32),
         HAS_U=uncond is not None, HAS_Z=noise is not None, HAS_B=x0_buf is not None, HAS_B2=x0_buf2 is not None,
-        VAR_MODE=var_mode,
+        HAS_B3=x0_buf3 is not None, VAR_MODE=var_mode,
         CLIP_MODE=clip_mode, STOCHASTIC=stochastic, FLAT=flat, BLOCK=block, num_warps=4)
     return out
