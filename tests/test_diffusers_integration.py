@@ -587,7 +587,7 @@ def _pipeline_loop(unet, scheduler, shape, *, steps, seed, ctx, uctx, guidance, 
 SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
                ("EulerDiscreteScheduler", {"use_karras_sigmas": True}), ("HeunDiscreteScheduler", {}),
                ("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {"solver_order": 3}),
-               ("UniPCMultistepScheduler", {})]
+               ("UniPCMultistepScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1})]
 
 
 @pytest.mark.parametrize("name,cfg", SCHED_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHED_CASES)])
@@ -653,7 +653,8 @@ def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, nam
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler",
+                                  "PNDMScheduler"])
 @pytest.mark.parametrize("begin_index", [True, False])
 @pytest.mark.parametrize("inpaint", [False, True])
 def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
@@ -667,7 +668,7 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
     def run(s):
         s.set_timesteps(8, device="cpu")
         ts = s.timesteps[3:]
-        if begin_index:
+        if begin_index and hasattr(s, "set_begin_index"):  # (diffusers' PNDM has none: it counts from a run's start)
             s.set_begin_index(3)
         x = s.add_noise(image, noise, ts[:1].repeat(2))
         for i, t in enumerate(ts):
@@ -681,9 +682,9 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
 
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 2:10] = 1.0  # (hard: UniPC's corrector keeps a blend that diffusers' drops)
-    base = getattr(diffusers, name)()
-    want = run(base)
-    got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)()))
+    kw = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
+    want = run(getattr(diffusers, name)(**kw))
+    got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**kw)))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
@@ -722,6 +723,32 @@ def test_fastdiff_scheduler_flux_style_sigmas(cfg):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="^sigmas: custom sigmas are not supported by DPMSolverPPSampler"):
         fdd.FastdiffScheduler.from_scheduler(diffusers.DPMSolverMultistepScheduler()).set_timesteps(sigmas=[1.0])
+
+
+@pytest.mark.parametrize("name,kw", [("HeunDiscreteScheduler", {}),
+                                     ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing",
+                                                                      "lambda_min_clipped": -5.1,
+                                                                      "beta_schedule": "squaredcos_cap_v2"})])
+def test_fastdiff_scheduler_image_to_image_when_steps_are_not_calls(name, kw):
+    # Heun (and PNDM) count model calls in timesteps, DPM-Solver++ can run fewer steps than asked: a re-plan
+    # (set_begin_index) must ask for the steps the run asked for, not the plan's length
+    g = torch.Generator().manual_seed(2)
+    image, noise = torch.randn(1, 2, 4, 4, generator=g), torch.randn(1, 2, 4, 4, generator=g)
+
+    def run(s):
+        s.set_timesteps(8, device="cpu")
+        start = 3 * s.order
+        ts = s.timesteps[start:]
+        s.set_begin_index(start)
+        x = s.add_noise(image, noise, ts[:1])
+        for t in ts:
+            x = s.step(torch.tanh(s.scale_model_input(x, t)) + float(t) / 1000, t, x).prev_sample
+        return x, len(s.timesteps)
+
+    (want, nd), (got, nf) = run(getattr(diffusers, name)(**kw)), run(
+        fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**kw)))
+    assert nf == nd
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_fastdiff_scheduler_errors_and_save(tmp_path):

@@ -10,8 +10,8 @@ import torch
 
 import fastdiff
 from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler,
-                                FlowMatchEulerSampler, HeunSampler, LCMSampler, NoiseSchedule, UniPCSampler,
-                                cfg_combine, classifier_grad, sample)
+                                FlowMatchEulerSampler, HeunSampler, LCMSampler, NoiseSchedule, PNDMSampler,
+                                UniPCSampler, cfg_combine, classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
 try:
@@ -361,7 +361,7 @@ _VIEWS = {  # latents whose strides differ from the step's (dense) output: x is 
 
 
 _MULTISTEP = {"2m": (DPMSolverPPSampler, {}), "3m": (DPMSolverPPSampler, {"solver_order": 3}),
-              "unipc": (UniPCSampler, {})}
+              "unipc": (UniPCSampler, {}), "unipc3": (UniPCSampler, {"solver_order": 3}), "pndm": (PNDMSampler, {})}
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -386,6 +386,7 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
     _run(s, x, 3, backend=backend)
     assert s._x0_buf.abs().sum() > 0
     assert (s._x0_buf2 is not None) == (solver != "2m") and (s._x0_buf2 is None or s._x0_buf2.abs().sum() > 0)
+    assert (s._x0_buf3 is not None) == (solver in ("pndm", "unipc3"))
     b2 = _run(s, x[:1].contiguous() * 0 + 1, 3, backend=backend)[-1]  # a new shape is a new run: fresh buffers
     torch.testing.assert_close(b2, _run(cls(num_train_timesteps=T_TRAIN, **kw), torch.ones_like(x[:1]), 3,
                                         backend=backend)[-1])
@@ -402,8 +403,10 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
                                     (DPMSolverPPSampler, {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
                                     (UniPCSampler, {"thresholding": True}),
                                     (UniPCSampler, {"predict_x0": False, "solver_type": "bh1"}),
+                                    (UniPCSampler, {"solver_order": 3}),
                                     (UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
-                                                    "flow_shift": 3.0})])
+                                                    "flow_shift": 3.0}),
+                                    (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -440,7 +443,7 @@ def _slow_steps(sampler, monkeypatch):
 @pytest.mark.parametrize("cls,kw,cfg", [(DDIMSampler, {}, True), (DDPMSampler, {}, True),
                                         (DPMSolverPPSampler, {}, True), (DDIMSampler, {"clip_sample": True}, False),
                                         (EulerSampler, {}, False), (DPMSolverPPSampler, {"solver_order": 3}, True),
-                                        (UniPCSampler, {}, True)])
+                                        (UniPCSampler, {}, True), (PNDMSampler, {}, True)])
 def test_step_fast_path_equals_the_checked_path(cls, kw, cfg, monkeypatch):
     """Sampler.step reuses the checks of the previous call when the inputs look the same: the trajectory is
     bit-identical to one where every step is checked in full, and the fast path does engage."""
@@ -929,6 +932,14 @@ DIFFUSERS_CASES = [
                                                          "lower_order_final": False}),
     ("UniPCMultistepScheduler", UniPCSampler, {}),
     ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 1}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 3}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 3, "solver_type": "bh1", "predict_x0": False,
+                                               "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 3, "use_flow_sigmas": True,
+                                               "prediction_type": "flow_prediction", "flow_shift": 3.0,
+                                               "disable_corrector": [2]}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 3, "lower_order_final": False,
+                                               "final_sigmas_type": "sigma_min", "timestep_spacing": "trailing"}),
     ("UniPCMultistepScheduler", UniPCSampler, {**SD, "prediction_type": "v_prediction", "use_karras_sigmas": True}),
     ("UniPCMultistepScheduler", UniPCSampler, {"thresholding": True, "prediction_type": "sample",
                                                "timestep_spacing": "trailing", "disable_corrector": [0, 3]}),
@@ -941,6 +952,10 @@ DIFFUSERS_CASES = [
     ("UniPCMultistepScheduler", UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                                "flow_shift": 5.0, "solver_type": "bh1",
                                                "final_sigmas_type": "sigma_min", "shift_terminal": 0.2}),
+    ("PNDMScheduler", PNDMSampler, {**SD, "skip_prk_steps": True, "steps_offset": 1}),  # Stable Diffusion 1.x's
+    ("PNDMScheduler", PNDMSampler, {"skip_prk_steps": True, "prediction_type": "v_prediction",
+                                    "timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    ("PNDMScheduler", PNDMSampler, {"skip_prk_steps": True, "timestep_spacing": "linspace"}),
 ]
 
 
@@ -1006,9 +1021,21 @@ def test_unipc_flow_dynamic_shifting_matches_diffusers(mu, shift_type):
         _close(out_o, out_d, 5e-4)
 
 
+def test_pndm_options_and_errors():
+    with pytest.raises(ValueError, match="^prediction_type:"):
+        PNDMSampler(prediction_type="sample")  # diffusers' PNDM takes epsilon and v_prediction only
+    with pytest.raises(TypeError, match="^skip_prk_steps: not an option"):
+        PNDMSampler(skip_prk_steps=True)  # fixed: from_config accepts True and refuses False
+    s = PNDMSampler.from_config({"skip_prk_steps": True, "steps_offset": 1}).set_timesteps(4)
+    assert s.num_inference_steps == 5 and s.order == 1  # n + 1 model calls, the second timestep twice
+    assert s.timesteps.tolist()[1] == s.timesteps.tolist()[2]
+    with pytest.raises(ValueError, match="^num_inference_steps:"):
+        PNDMSampler(num_train_timesteps=10).set_timesteps(11)
+
+
 def test_unipc_options_and_errors():
-    with pytest.raises(ValueError, match="^solver_order: expected 1 or 2"):
-        UniPCSampler(solver_order=3)
+    with pytest.raises(ValueError, match="^solver_order: expected 1, 2 or 3"):
+        UniPCSampler(solver_order=4)
     with pytest.raises(ValueError, match="^solver_type:"):
         UniPCSampler(solver_type="bh3")
     assert UniPCSampler(solver_type="midpoint").set_timesteps(4) is not None  # diffusers reads it as bh2
@@ -1022,6 +1049,9 @@ def test_unipc_options_and_errors():
         UniPCSampler(shift_terminal=0.1)
     with pytest.raises(ValueError, match="^flow_shift:"):
         UniPCSampler(flow_shift=0)
+    for order in (2, 3):  # diffusers: inf (order 2) or a singular solve (order 3) at the last step
+        with pytest.raises(ValueError, match="^lower_order_final: False runs the last step, to sigma 0"):
+            UniPCSampler(solver_order=order, lower_order_final=False).set_timesteps(6)
     with pytest.raises(ValueError, match="^config: solver_p="):
         UniPCSampler.from_config({"solver_p": "DDIMScheduler"})
     with pytest.raises(ValueError, match="^prediction_type:"):
@@ -1162,7 +1192,7 @@ def test_from_scheduler():
     from fastdiff.diffusion.samplers import DIFFUSERS_SCHEDULERS
 
     for name, cls in DIFFUSERS_SCHEDULERS.items():
-        sched = getattr(dsched, name)()
+        sched = getattr(dsched, name)(**({"skip_prk_steps": True} if name == "PNDMScheduler" else {}))
         s = from_scheduler(sched)
         assert type(s) is cls and s.config == cls.from_config(sched.config).config, name
     # a saved scheduler_config.json names its class; overrides apply on top
@@ -1182,8 +1212,10 @@ def test_from_scheduler():
     ds = dsched.UniPCMultistepScheduler.from_config(wan)
     ds.set_timesteps(30)
     assert isinstance(s, UniPCSampler) and torch.equal(s.timesteps, ds.timesteps)
-    with pytest.raises(ValueError, match="^scheduler: PNDMScheduler has no fastdiff sampler"):
-        from_scheduler(dsched.PNDMScheduler())
+    with pytest.raises(ValueError, match="^scheduler: DEISMultistepScheduler has no fastdiff sampler"):
+        from_scheduler(dsched.DEISMultistepScheduler())
+    with pytest.raises(ValueError, match="^config: skip_prk_steps=False is not supported by PNDMSampler"):
+        from_scheduler(dsched.PNDMScheduler())  # diffusers' default: the Runge-Kutta warm-up
     with pytest.raises(ValueError, match="^scheduler: the config does not name its class"):
         from_scheduler({"beta_start": 0.001})
     with pytest.raises(TypeError, match="^scheduler:"):
@@ -1197,7 +1229,8 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                  ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
                  ("DPMSolverMultistepScheduler", {"solver_order": 3}), ("UniPCMultistepScheduler", {}),
                  ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
-                                              "flow_shift": 3.0})]
+                                              "flow_shift": 3.0}),
+                 ("PNDMScheduler", {"skip_prk_steps": True})]
 
 
 @needs_diffusers
@@ -1257,7 +1290,8 @@ def test_add_noise_dtypes_and_index_and_refused_device():
                                       ("DPMSolverMultistepScheduler", {}),
                                       ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
                                       ("UniPCMultistepScheduler", {}),
-                                      ("DPMSolverMultistepScheduler", {"solver_order": 3})])
+                                      ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+                                      ("PNDMScheduler", {"skip_prk_steps": True})])
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_inpainting_matches_diffusers(name, cfg, strength):
     # diffusers' inpainting recipe for a U-Net without mask channels: after step i, where the mask is 0 the latents
@@ -1270,10 +1304,11 @@ def test_inpainting_matches_diffusers(name, cfg, strength):
     x0 = _x(shape).clamp(-1, 1)
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, 2:6, 1:5] = 1.0
-    if name != "UniPCMultistepScheduler":
-        # a soft edge. Not for UniPC: diffusers' corrector recomputes x from its own last sample and drops the
-        # blend of the step before (where the mask is soft the blend survives the next one); ours corrects the x
-        # it is given, blend included
+    if name not in ("UniPCMultistepScheduler", "PNDMScheduler"):
+        # a soft edge. Not for UniPC and PNDM: diffusers' UniPC corrector recomputes x from its own last sample,
+        # and PNDM's warm-up step redoes the first step from its own copy of the start, so both drop the blend of
+        # the step before (where the mask is soft the blend survives the next one); ours work from the x they are
+        # given, blend included
         mask[1, :, 0] = 0.5
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     ds.set_timesteps(n)
@@ -1533,7 +1568,8 @@ def test_sample_errors():
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"eta": 1.0}),
                                     (EulerSampler, {"use_karras_sigmas": True}),
                                     (DPMSolverPPSampler, {"thresholding": True}),
-                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {"thresholding": True})])
+                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {"thresholding": True}),
+                                    (PNDMSampler, {})])
 def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
     """No .item(), .tolist(), .nonzero() or Python branch on a tensor value anywhere in the sampling loop (the GPU
     version of this check, with torch.cuda.set_sync_debug_mode, is test_no_sync_on_gpu)."""
@@ -1556,7 +1592,7 @@ def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
-                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {})])
+                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {}), (PNDMSampler, {})])
 def test_no_sync_on_gpu_and_graph_equals_eager(cls, kw):
     torch.manual_seed(0)
     model = TinyModel().cuda()

@@ -30,7 +30,7 @@ from fastdiff.ops.sampler_step import (CLIP_MODES, TABLE_WIDTH, VAR_MODES, _dens
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-_PX, _PM, _A, _B, _C, _D, _S, _MINLOG, _MAXLOG, _E = range(10)
+_PX, _PM, _A, _B, _C, _D, _S, _MINLOG, _MAXLOG, _E, _F, _KEEP = range(12)
 
 _COMMON = {
     "num_train_timesteps": 1000,
@@ -113,6 +113,11 @@ class Sampler:
         """A third-order step: x0_prev2 kept too (x0_buf2), read at set_timesteps from the config."""
         return False
 
+    @property
+    def _three_buffers(self) -> bool:
+        """PLMS: x0_prev3 kept too (x0_buf3)."""
+        return False
+
     def __init__(self, **options):
         self._check_options(options)
         cfg = dict(self._options)
@@ -127,8 +132,9 @@ class Sampler:
         self._seed = None
         self._x0_buf = None
         self._x0_buf2 = None  # x0_prev2 for third-order steps, made and replaced with _x0_buf
+        self._x0_buf3 = None  # x0_prev3 (PLMS), likewise
         self._x0_key = None  # x's shape, dtype, device and strides when _x0_buf was made
-        self._hist2 = False
+        self._hist2 = self._hist3 = False
         self._fast = None  # the validated plan of the last step call, reused while its inputs look the same
         self._begin_index = 0  # the step a run starts at (set_timesteps' begin_index)
 
@@ -248,8 +254,8 @@ class Sampler:
         self._plan_host = plan
         self._timesteps_np = plan["timesteps"]
         self._table_np = rows
-        self._x0_buf = self._x0_buf2 = None
-        self._hist2 = self._two_buffers
+        self._x0_buf = self._x0_buf2 = self._x0_buf3 = None
+        self._hist2, self._hist3 = self._two_buffers, self._three_buffers
         # the per-step options, read here with the table: a config change takes effect at the next set_timesteps
         self._mode = (self._clip(), self._var_mode, self._stochastic, self._split_channels,
                       float(self.config.get("clip_sample_range", 1.0)))
@@ -286,7 +292,7 @@ class Sampler:
         self._device = _canonical_device(device)
         if self.num_inference_steps is not None:
             self._to_device(self._device)
-            self._x0_buf = self._x0_buf2 = None
+            self._x0_buf = self._x0_buf2 = self._x0_buf3 = None
         return self
 
     @property
@@ -452,12 +458,13 @@ class Sampler:
         # (a view such as big[:, :4], big[::2] or an expanded noise at step 0, then the op's dense output at step
         # 1): the values must survive, in a buffer laid out as the op lays out x (it makes a non-dense x contiguous
         # and requires x0_buf laid out like that x). Keyed by x's strides, not the buffer's, which can differ.
-        # With two buffers (third-order steps) the second, x0_prev2, follows the first. Returns (x0_buf, x0_buf2 or
-        # None).
+        # With two or three buffers (third-order steps, PLMS) the others follow the first. Returns (x0_buf, x0_buf2
+        # or None, x0_buf3 or None).
         key = (x.shape, x.dtype, x.device, x.stride())
-        old, old2 = self._x0_buf, self._x0_buf2
-        if old is not None and self._x0_key == key and (old2 is not None) == self._hist2:
-            return old, old2
+        old, old2, old3 = self._x0_buf, self._x0_buf2, self._x0_buf3
+        if (old is not None and self._x0_key == key and (old2 is not None) == self._hist2
+                and (old3 is not None) == self._hist3):
+            return old, old2, old3
 
         def fresh(prev):
             t = torch.zeros_like(x) if _dense_rows(x) else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -467,8 +474,9 @@ class Sampler:
 
         new = fresh(old)
         new2 = fresh(old2) if self._hist2 else None
-        self._x0_buf, self._x0_buf2, self._x0_key = new, new2, key
-        return new, new2
+        new3 = fresh(old3) if self._hist3 else None
+        self._x0_buf, self._x0_buf2, self._x0_buf3, self._x0_key = new, new2, new3, key
+        return new, new2, new3
 
     def step(self, model_output, i, x, *, uncond=None, guidance_scale=1.0, noise=None, generator=None,
              backend="auto", classifier_grad=None, classifier_scale=1.0):
@@ -494,7 +502,7 @@ class Sampler:
             if key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]:
                 op, rest = fast[1], fast[4]
                 return op(x, model_output, u, float(guidance_scale), self._table, self._step_list[i], None,
-                          fast[2], *rest)  # rest ends with x0_buf2
+                          fast[2], *rest)  # rest ends with x0_buf2, x0_buf3
         return self._step(model_output, i, x, uncond, guidance_scale, noise, generator, backend, classifier_grad,
                           classifier_scale)
 
@@ -553,28 +561,28 @@ class Sampler:
         if noise is None and generator is not None and stochastic:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         thresh = self._threshold(x, model_output, uncond, guidance_scale, st) if clip == "threshold" else None
-        x0_buf, x0_buf2 = self._x0_buffer(x) if self._multistep else (None, None)
+        x0_buf, x0_buf2, x0_buf3 = self._x0_buffer(x) if self._multistep else (None, None, None)
         out = ops.sampler_step(
             x, model_output, self._table, st, uncond=uncond, guidance_scale=float(guidance_scale), noise=noise,
             x0_buf=x0_buf, var_values=var_values, thresh=thresh, seed=self._seed, var_mode=var_mode, clip=clip,
-            clip_range=clip_range, stochastic=stochastic, backend=backend, x0_buf2=x0_buf2)
+            clip_range=clip_range, stochastic=stochastic, backend=backend, x0_buf2=x0_buf2, x0_buf3=x0_buf3)
         if post_shift is not None:
             grad, scale, v = post_shift
             out = out + (scale * self._mean_shift_variance(st, v) * grad.float()).to(out.dtype)
         elif noise is None and var_values is None and thresh is None and full_output is model_output:
             self._remember_fast(x, full_output, uncond, uncond_given, guidance_scale == 1.0, backend, x0_buf,
-                                var_mode, clip, clip_range, stochastic, x0_buf2)
+                                var_mode, clip, clip_range, stochastic, x0_buf2, x0_buf3)
         return out
 
     def _remember_fast(self, x, model_output, uncond, uncond_given, g1, backend, x0_buf, var_mode, clip, clip_range,
-                       stochastic, x0_buf2=None):
+                       stochastic, x0_buf2=None, x0_buf3=None):
         """After a checked step: keep what the next call with inputs of the same shapes, strides, dtypes and
         devices needs to go straight to the kernel. Only when the kernel read every tensor in place (no cast, no
         layout copy) and the backend is a fused one."""
         name = choose_backend(x, backend)
         if name == "torch" or not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
             return
-        tensors = [model_output] + [t for t in (uncond, x0_buf, x0_buf2) if t is not None]
+        tensors = [model_output] + [t for t in (uncond, x0_buf, x0_buf2, x0_buf3) if t is not None]
         if any(type(t) is not torch.Tensor or t.dtype != x.dtype or t.device != x.device or t.stride() != x.stride()
                or t.shape != x.shape for t in tensors):
             return
@@ -583,7 +591,7 @@ class Sampler:
         key = _call_key(x, model_output, uncond, uncond_given, g1, backend)
         op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
         rest = (None, None, _signed64(self._seed), VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range),
-                bool(stochastic), x0_buf2)
+                bool(stochastic), x0_buf2, x0_buf3)
         self._fast = (key, op, x0_buf, self.num_inference_steps, rest)
 
     def _mean_shift_variance(self, st, v):
@@ -1190,6 +1198,86 @@ def _stretch_to_terminal(sig, terminal):
     return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
+class PNDMSampler(Sampler):
+    """PNDM's pseudo linear multistep method (Liu et al. 2022, PLMS), as diffusers' PNDMScheduler with
+    skip_prk_steps=True (Stable Diffusion 1.x's scheduler config): each step is the transfer
+
+        x_prev = sqrt(a_prev / a_t) x - (a_prev - a_t) e / (a_t sqrt(1 - a_prev) + sqrt(a_t (1 - a_t) a_prev))
+
+    with e a linear-multistep combination of the last model outputs: (3 e_k - e_{k-1}) / 2, then (23, -16, 5) / 12,
+    then (55, -59, 37, -9) / 24; the run starts with a warm-up step that evaluates the model twice at the first
+    step and redoes it with the mean of the two outputs (the second is not kept). So n steps are n + 1 model calls
+    (``timesteps`` and ``num_inference_steps`` count the calls; the second timestep appears twice), and the last
+    three outputs stay on the device in the kernel's three history buffers. v_prediction is converted to the noise
+    after the combination, as diffusers does. skip_prk_steps=False (Runge-Kutta warm-up, diffusers' default) is not
+    implemented.
+
+    The warm-up's second call redoes the first step from its start x_0, which diffusers keeps a copy of and this
+    re-derives from the x it is given and the first output (x_0 = (x_1 - b_0 e_0) / a_0): an edit made to x after
+    the first step (a soft inpainting blend) is kept here and dropped there.
+    """
+
+    _options = {**_COMMON, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+    _fixed = {"skip_prk_steps": True}
+    _prediction_types = ("epsilon", "v_prediction")
+    _multistep = True
+
+    @property
+    def _two_buffers(self):
+        return True
+
+    @property
+    def _three_buffers(self):
+        return True
+
+    def _plan(self, n):
+        T = self.schedule.num_train_timesteps
+        if n > T:
+            raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
+        cfg = self.config
+        acp = self._acp()
+        final = 1.0 if cfg["set_alpha_to_one"] else acp[0]
+        asc = _discrete_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])[::-1]
+        ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].copy().astype(np.int64)  # n + 1 model calls
+        r = T // n
+        v = cfg["prediction_type"] == "v_prediction"
+
+        def transfer(t, tp):  # (a, b): x_prev = a sample + b model_output (diffusers' _get_prev_sample)
+            a_t = acp[t]
+            a_p = acp[tp] if tp >= 0 else final
+            k = (a_p - a_t) / (a_t * np.sqrt(1 - a_p) + np.sqrt(a_t * (1 - a_t) * a_p))
+            sc = np.sqrt(a_p / a_t)
+            return (sc - k * np.sqrt(1 - a_t), -k * np.sqrt(a_t)) if v else (sc, -k)
+
+        m = len(ts)
+        rows = np.zeros((m, 12))
+        rows[:, _PX], rows[:, _PM] = 0.0, 1.0  # the history keeps the model outputs themselves
+        begin = self._begin_index
+        first = None
+        for i in range(m):
+            c = max(i - begin, 0)  # the run's counter (steps before begin_index are never run)
+            t = int(ts[i])
+            if c == 1:  # the warm-up's second call: redo step 0 from its start x_0 = (x_1 - b0 e0) / a0
+                a1, b1 = transfer(t + r, t)
+                a0, b0 = first
+                rows[i, _A] = a1 / a0
+                rows[i, _C] = b1 / 2
+                rows[i, _D] = b1 / 2 - a1 * b0 / a0
+                rows[i, _KEEP] = 1.0  # KEEP: this output is not one of the multistep history
+                continue
+            a, b = transfer(t, t - r)
+            if c == 0:
+                first = (a, b)
+            coef = {0: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12)}.get(c, (55 / 24, -59 / 24, 37 / 24,
+                                                                                       -9 / 24))
+            rows[i, _A] = a
+            for col, w in zip((_C, _D, _E, _F), coef):
+                rows[i, col] = b * w
+        alpha = np.sqrt(acp[ts])
+        self._sigmas_np = None
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": np.sqrt(1 - acp[ts])}
+
+
 class FlowMatchEulerSampler(Sampler):
     """Euler sampling of a rectified-flow / flow-matching model (Stable Diffusion 3, Flux, ...), as diffusers'
     FlowMatchEulerDiscreteScheduler: x_t = (1 - sigma) x0 + sigma noise, the model predicts the velocity
@@ -1323,18 +1411,18 @@ class FlowMatchEulerSampler(Sampler):
 
 
 class UniPCSampler(Sampler):
-    """UniPC (Zhao et al. 2023): the UniP predictor with the UniC corrector, B(h) variants, order 1 or 2, as diffusers'
+    """UniPC (Zhao et al. 2023): the UniP predictor with the UniC corrector, B(h) variants, order 1 to 3, as diffusers'
     UniPCMultistepScheduler (the scheduler of Wan 2.x and many fast-sampling setups; flow matching with
     use_flow_sigmas=True and prediction_type="flow_prediction").
 
     diffusers' step i first corrects x_i, which its predictor made from x_{i-1}, with the model output at x_i (UniC:
     x_i^c = x_i + m_i B(h) [the predictor's residual minus the corrector's], linear in the x0 of steps i, i - 1 and
     i - 2), then predicts x_{i+1} from x_i^c (UniP: x_{i+1} = A x_i^c - m_{i+1} phi_1 x0_i - m_{i+1} B(h) rho (x0_{i-1}
-    - x0_i) / r). Both are linear in x and the last three x0, so one step is one row of the fused kernel,
-    out = A x + C x0_i + D x0_{i-1} + E x0_{i-2}, with x0_{i-1} and x0_{i-2} in the sampler's two buffers (the
-    kernel rotates them). predict_x0=False runs the same on the noise prediction. The corrector is skipped at the
+    - x0_i) / r, and the same for x0_{i-2} at order 3). Both are linear in x and the last x0, so one step is one row
+    of the fused kernel, out = A x + C x0_i + D x0_{i-1} + E x0_{i-2} (+ F x0_{i-3} at order 3, whose corrector
+    reaches one step further), the earlier x0 in the sampler's buffers (the kernel moves them down). predict_x0=False runs the same on the noise prediction. The corrector is skipped at the
     first step of a run and after each step listed in disable_corrector, as diffusers does; the last sample is not
-    corrected (that would take another model call). solver_order 3 would need the x0 of step i - 3: refused.
+    corrected (that would take another model call).
 
     One difference from diffusers, by design: the corrector corrects the x it is given. diffusers recomputes x_i^c
     from its own stored sample and so drops any edit made to x between steps (inpainting's blend of the known
@@ -1358,9 +1446,8 @@ class UniPCSampler(Sampler):
 
     def _validate(self, cfg):
         super()._validate(cfg)
-        if cfg["solver_order"] not in (1, 2) or isinstance(cfg["solver_order"], bool):
-            raise ValueError(f"solver_order: expected 1 or 2 (order 3 needs a third x0 buffer), got "
-                             f"{cfg['solver_order']!r}")
+        if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
+            raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
         if cfg["solver_type"] not in ("bh1", "bh2", "midpoint", "heun", "logrho"):  # the last three mean bh2 there
             raise ValueError(f"solver_type: expected 'bh1' or 'bh2', got {cfg['solver_type']!r}")
         for k in ("predict_x0", "use_flow_sigmas", "use_dynamic_shifting"):
@@ -1434,7 +1521,30 @@ class UniPCSampler(Sampler):
             hh = -h if x0_mode else h
             return hh, np.expm1(hh), (hh if bh1 else np.expm1(hh))
 
-        rows = np.zeros((n, 10))
+        def solve_rhos(s0, order_):
+            """(rks, rhos_p, rhos_c) of an order-`order_` UniP / UniC step from index s0 to s0 + 1, as diffusers
+            solves them: rks[k-1] = (lambda_{s0-k} - lambda_{s0}) / h for the k = 1 .. order-1 earlier x0, R its
+            Vandermonde matrix (with 1 for this step), b_k = h phi_k(hh) k! / B(h)."""
+            hh, phi1, bh = hb(s0)
+            h = lam[s0 + 1] - lam[s0]
+            rks = np.array([(lam[s0 - k] - lam[s0]) / h for k in range(1, order_)] + [1.0])
+            R = np.stack([rks**k for k in range(order_)])
+            b, phik, fact = [], phi1 / hh - 1, 1
+            for k in range(1, order_ + 1):
+                b.append(phik * fact / bh)
+                fact *= k + 1
+                phik = phik / hh - 1 / fact
+            b = np.array(b)
+            if order_ == 1:
+                rp = np.zeros(0)
+            elif order_ == 2:
+                rp = np.array([0.5])
+            else:
+                rp = np.linalg.solve(R[:-1, :-1], b[:-1])
+            rc = np.array([0.5]) if order_ == 1 else np.linalg.solve(R, b)
+            return rks[:-1], rp, rc
+
+        rows = np.zeros((n, 12))
         for i in range(n):
             a, s_ = alpha[i], sigma[i]
             if pred == "flow_prediction":
@@ -1444,48 +1554,45 @@ class UniPCSampler(Sampler):
             else:  # the noise prediction: eps = m, (x - alpha m) / sigma, or alpha m + sigma x
                 rows[i, _PX], rows[i, _PM] = {"epsilon": (0.0, 1.0), "sample": (1 / s_, -a / s_),
                                               "v_prediction": (s_, a)}[pred]
-            # corrector of x_i (UniC of the order the predictor of step i - 1 had): x_i^c = x_i + k0 x0_i +
-            # k1 x0_{i-1} + k2 x0_{i-2}
-            k0 = k1 = k2 = 0.0
+            # k[j]: the weight of x0_{i-j} in x_i^c - x_i (the corrector of x_i, UniC of the order q the predictor
+            # of step i - 1 had): f (pred_res - corr_res), f = mult_i B(h), with D1_k = (x0_{i-1-k} - x0_{i-1}) / rk_k,
+            # pred_res = sum rhos_p D1, corr_res = sum rhos_c[:-1] D1 + rhos_c[-1] (x0_i - x0_{i-1})
+            k = np.zeros(4)
             if i > begin and (i - 1) not in off:
                 q = order(i - 1)
-                hh, phi1, bh = hb(i - 1)
-                f = mult[i] * bh
-                if q == 1:
-                    rc_last, pr, rc0, rk = 0.5, 0.0, 0.0, 1.0
-                else:
-                    rk = (lam[i - 2] - lam[i - 1]) / (lam[i] - lam[i - 1])
-                    # rhos_c = R^-1 b, R = [[1, 1], [rk, 1]], b_k = h phi_k(hh) k! / B(h)
-                    phik = phi1 / hh - 1
-                    b1 = phik / bh
-                    phik = phik / hh - 0.5
-                    b2 = 2 * phik / bh
-                    rc0, rc_last = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array([b1, b2]))
-                    pr = 0.5
-                # x_i^c - x_i = f (pred_res - corr_res): pred_res = pr (x0_{i-2} - x0_{i-1}) / rk,
-                # corr_res = rc0 (x0_{i-2} - x0_{i-1}) / rk + rc_last (x0_i - x0_{i-1})
-                k0 = -f * rc_last
-                k1 = f * (rc_last - (pr - rc0) / rk)
-                k2 = f * (pr - rc0) / rk
-            # predictor from x_i^c:
-            #   x_{i+1} = A x^c - mult_{i+1} phi_1 x0_i [- mult_{i+1} B(h) / 2 (x0_{i-1} - x0_i) / r  at order 2]
+                rks, rp, rc = solve_rhos(i - 1, q)
+                f = mult[i] * hb(i - 1)[2]
+                k[0] = -f * rc[-1]
+                k[1] = f * rc[-1]
+                for kk in range(1, q):
+                    w = f * (rp[kk - 1] - rc[kk - 1]) / rks[kk - 1]
+                    k[1 + kk] += w
+                    k[1] -= w
+            # predictor from x_i^c (UniP of order p): x_{i+1} = A x^c - mult_{i+1} (phi_1 x0_i + B(h) sum rhos_p D1),
+            # D1_k = (x0_{i-k} - x0_i) / rk_k
             p = order(i)
             hh, phi1, bh = hb(i)
+            P = np.zeros(4)
             if np.isinf(hh):  # a last step to sigma = 0: mult_{i+1} phi_1 at its limit (x0: -1; noise: a_t s_s / a_s)
                 A = 0.0 if x0_mode else alpha[i + 1] / a
-                p0 = -mult[i + 1] * phi1 if x0_mode else -alpha[i + 1] * s_ / a
+                P[0] = -mult[i + 1] * phi1 if x0_mode else -alpha[i + 1] * s_ / a
             else:
                 A = sigma[i + 1] / s_ if x0_mode else alpha[i + 1] / a
-                p0 = -mult[i + 1] * phi1
-            p1 = 0.0
-            if p == 2:
-                r = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i])
-                g = mult[i + 1] * bh * 0.5 / r
-                p0, p1 = p0 + g, -g
+                P[0] = -mult[i + 1] * phi1
+            if p > 1:
+                if np.isinf(hh):  # D1 = (x0_{i-k} - x0_i) / rk with rk = h_prev / inf = 0 (diffusers: inf or a
+                    # singular solve)
+                    raise ValueError(f"lower_order_final: False runs the last step, to sigma 0, at order {p}, which has "
+                                     f"no finite UniPC update; set lower_order_final=True or "
+                                     f"final_sigmas_type='sigma_min'")
+                rks, rp, _ = solve_rhos(i, p)
+                for kk in range(1, p):
+                    w = mult[i + 1] * bh * rp[kk - 1] / rks[kk - 1]
+                    P[kk] -= w
+                    P[0] += w
             rows[i, _A] = A
-            rows[i, _C] = A * k0 + p0
-            rows[i, _D] = A * k1 + p1
-            rows[i, _E] = A * k2
+            for col, j_ in zip((_C, _D, _E, _F), range(4)):
+                rows[i, col] = A * k[j_] + P[j_]
         self._sigmas_np = sig
         plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma[:n]}
         if pred == "flow_prediction":
@@ -1495,25 +1602,29 @@ class UniPCSampler(Sampler):
 
     @property
     def _two_buffers(self):
-        return self.config["solver_order"] == 2
+        return self.config["solver_order"] >= 2
+
+    @property
+    def _three_buffers(self):
+        return self.config["solver_order"] == 3
 
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
-            "heun": HeunSampler, "unipc": UniPCSampler}
+            "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler}
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
                         "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
-                        "UniPCMultistepScheduler": UniPCSampler}
+                        "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (PNDM, DEIS, ...) raises ValueError: pick a
+    (scheduler_config.json). A class without a fastdiff sampler (DEIS, KDPM2, ...) raises ValueError: pick a
     sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion configs)."""
     config = getattr(scheduler, "config", scheduler)
     if not isinstance(config, Mapping):

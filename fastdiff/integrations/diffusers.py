@@ -422,6 +422,7 @@ class FastdiffScheduler(SchedulerMixin):
         self._begin = None
         self._started = False  # the run's first step has applied eta / use_clipped_model_output / generator
         self._sigmas = None  # the custom sigmas of the run (flow matching), for its re-plans
+        self._n = None  # the num_inference_steps of the run, likewise
 
     @classmethod
     def from_scheduler(cls, scheduler, **overrides) -> "FastdiffScheduler":
@@ -515,6 +516,9 @@ class FastdiffScheduler(SchedulerMixin):
             s.config.update(before)
             raise
         self._sigmas = sigmas  # given again at every re-plan of this run
+        # the steps asked for, which re-plans ask for again (the sampler's num_inference_steps can count otherwise:
+        # Heun and PNDM count model calls, DPM-Solver++ can run fewer)
+        self._n = num_inference_steps
         self._step = self._begin = None
         self._started = False
 
@@ -529,7 +533,10 @@ class FastdiffScheduler(SchedulerMixin):
         kw = {"mu": s.mu} if getattr(s, "mu", None) is not None else {}
         if getattr(self, "_sigmas", None) is not None:
             kw["sigmas"] = self._sigmas
-        s.set_timesteps(s.num_inference_steps, seed=s.seed if seed is None else seed,
+        n = getattr(self, "_n", None)
+        if n is None and "sigmas" not in kw:
+            raise RuntimeError("FastdiffScheduler: call set_timesteps(num_inference_steps) first")
+        s.set_timesteps(n, seed=s.seed if seed is None else seed,
                         begin_index=s._begin_index if begin_index is None else begin_index, **kw)
 
     def _index(self, timestep) -> int:
