@@ -167,24 +167,26 @@ def _cases(quick: bool):
                 ops.attention_backward_triton(torch.randn_like(o), q, k, v, o, lse, D ** -0.5)
 
             out.append((f"attention B{B} H{H} Sq{SQ} Skv{SKV} D{D} {str(dtype)[6:]}", attn_case))
-    # sampler step: the flag combinations the samplers use
-    for flags in ([(0, 0, True, False, False)] if quick else
-                  [(0, 0, True, False, False), (0, 1, True, True, False), (2, 2, True, False, True),
-                   (1, 0, False, True, True)]):
-        var_mode, clip_mode, stochastic, with_u, with_b = flags
+    # sampler step: the flag combinations the samplers use (nb: x0 history buffers, 0-3; 2 and 3 with the KEEP and
+    # history-move code of DPM-Solver++ 3M, UniPC and PLMS)
+    for flags in ([(0, 0, True, False, 0), (0, 0, False, True, 3)] if quick else
+                  [(0, 0, True, False, 0), (0, 1, True, True, 0), (2, 2, True, False, 1), (1, 0, False, True, 1),
+                   (0, 2, True, True, 2), (0, 0, False, True, 3)]):
+        var_mode, clip_mode, stochastic, with_u, nb = flags
 
-        def ss_case(var_mode=var_mode, clip_mode=clip_mode, stochastic=stochastic, with_u=with_u, with_b=with_b):
+        def ss_case(var_mode=var_mode, clip_mode=clip_mode, stochastic=stochastic, with_u=with_u, nb=nb):
             x = torch.randn(2, 4, 8, 8, dtype=torch.float16)
             m = torch.randn_like(x)
-            table = torch.randn(10, 9)
+            table = torch.randn(10, 12)
             step = torch.zeros(1, dtype=torch.int64)
             thresh = torch.ones(2) if clip_mode == 2 else None
-            ops.sampler_step_triton(x, m, m if with_u else None, 2.0, table, step, None,
-                                    torch.zeros_like(x) if with_b else None, m if var_mode else None, thresh, 3,
-                                    var_mode, clip_mode, 1.0, stochastic)
+            bufs = [torch.zeros_like(x) for _ in range(nb)] + [None] * (3 - nb)
+            ops.sampler_step_triton(x, m, m if with_u else None, 2.0, table, step, None, bufs[0],
+                                    m if var_mode else None, thresh, 3, var_mode, clip_mode, 1.0, stochastic,
+                                    bufs[1], bufs[2])
 
         out.append((f"sampler_step var{var_mode} clip{clip_mode} stoch{int(stochastic)} u{int(with_u)} "
-                    f"b{int(with_b)}", ss_case))
+                    f"b{nb}", ss_case))
     return out
 
 
