@@ -587,7 +587,8 @@ def _pipeline_loop(unet, scheduler, shape, *, steps, seed, ctx, uctx, guidance, 
 SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
                ("EulerDiscreteScheduler", {"use_karras_sigmas": True}), ("HeunDiscreteScheduler", {}),
                ("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {"solver_order": 3}),
-               ("UniPCMultistepScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1})]
+               ("UniPCMultistepScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
+               ("LMSDiscreteScheduler", {"use_karras_sigmas": True})]
 
 
 @pytest.mark.parametrize("name,cfg", SCHED_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHED_CASES)])

@@ -10,8 +10,8 @@ import torch
 
 import fastdiff
 from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler,
-                                FlowMatchEulerSampler, HeunSampler, LCMSampler, NoiseSchedule, PNDMSampler,
-                                UniPCSampler, cfg_combine, classifier_grad, sample)
+                                FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
+                                PNDMSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
 try:
@@ -361,7 +361,8 @@ _VIEWS = {  # latents whose strides differ from the step's (dense) output: x is 
 
 
 _MULTISTEP = {"2m": (DPMSolverPPSampler, {}), "3m": (DPMSolverPPSampler, {"solver_order": 3}),
-              "unipc": (UniPCSampler, {}), "unipc3": (UniPCSampler, {"solver_order": 3}), "pndm": (PNDMSampler, {})}
+              "unipc": (UniPCSampler, {}), "unipc3": (UniPCSampler, {"solver_order": 3}), "pndm": (PNDMSampler, {}),
+              "lms": (LMSSampler, {})}
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -386,7 +387,7 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
     _run(s, x, 3, backend=backend)
     assert s._x0_buf.abs().sum() > 0
     assert (s._x0_buf2 is not None) == (solver != "2m") and (s._x0_buf2 is None or s._x0_buf2.abs().sum() > 0)
-    assert (s._x0_buf3 is not None) == (solver in ("pndm", "unipc3"))
+    assert (s._x0_buf3 is not None) == (solver in ("pndm", "unipc3", "lms"))
     b2 = _run(s, x[:1].contiguous() * 0 + 1, 3, backend=backend)[-1]  # a new shape is a new run: fresh buffers
     torch.testing.assert_close(b2, _run(cls(num_train_timesteps=T_TRAIN, **kw), torch.ones_like(x[:1]), 3,
                                         backend=backend)[-1])
@@ -406,7 +407,8 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
                                     (UniPCSampler, {"solver_order": 3}),
                                     (UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                                     "flow_shift": 3.0}),
-                                    (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"})])
+                                    (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"}),
+                                    (LMSSampler, {"use_karras_sigmas": True})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -956,6 +958,11 @@ DIFFUSERS_CASES = [
     ("PNDMScheduler", PNDMSampler, {"skip_prk_steps": True, "prediction_type": "v_prediction",
                                     "timestep_spacing": "trailing", "set_alpha_to_one": True}),
     ("PNDMScheduler", PNDMSampler, {"skip_prk_steps": True, "timestep_spacing": "linspace"}),
+    ("LMSDiscreteScheduler", LMSSampler, {}),
+    ("LMSDiscreteScheduler", LMSSampler, {**SD, "use_karras_sigmas": True}),
+    ("LMSDiscreteScheduler", LMSSampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("LMSDiscreteScheduler", LMSSampler, {"prediction_type": "sample", "timestep_spacing": "leading",
+                                          "steps_offset": 1}),
 ]
 
 
@@ -1230,7 +1237,7 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                  ("DPMSolverMultistepScheduler", {"solver_order": 3}), ("UniPCMultistepScheduler", {}),
                  ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                               "flow_shift": 3.0}),
-                 ("PNDMScheduler", {"skip_prk_steps": True})]
+                 ("PNDMScheduler", {"skip_prk_steps": True}), ("LMSDiscreteScheduler", {})]
 
 
 @needs_diffusers
@@ -1291,7 +1298,8 @@ def test_add_noise_dtypes_and_index_and_refused_device():
                                       ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
                                       ("UniPCMultistepScheduler", {}),
                                       ("DPMSolverMultistepScheduler", {"solver_order": 3}),
-                                      ("PNDMScheduler", {"skip_prk_steps": True})])
+                                      ("PNDMScheduler", {"skip_prk_steps": True}),
+                                      ("LMSDiscreteScheduler", {})])
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_inpainting_matches_diffusers(name, cfg, strength):
     # diffusers' inpainting recipe for a U-Net without mask channels: after step i, where the mask is 0 the latents
@@ -1569,7 +1577,7 @@ def test_sample_errors():
                                     (EulerSampler, {"use_karras_sigmas": True}),
                                     (DPMSolverPPSampler, {"thresholding": True}),
                                     (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {"thresholding": True}),
-                                    (PNDMSampler, {})])
+                                    (PNDMSampler, {}), (LMSSampler, {})])
 def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
     """No .item(), .tolist(), .nonzero() or Python branch on a tensor value anywhere in the sampling loop (the GPU
     version of this check, with torch.cuda.set_sync_debug_mode, is test_no_sync_on_gpu)."""
@@ -1592,7 +1600,8 @@ def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
-                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {}), (PNDMSampler, {})])
+                                    (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {}), (PNDMSampler, {}),
+                                    (LMSSampler, {})])
 def test_no_sync_on_gpu_and_graph_equals_eager(cls, kw):
     torch.manual_seed(0)
     model = TinyModel().cuda()

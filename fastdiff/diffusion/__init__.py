@@ -2,12 +2,13 @@
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverPPSampler,
                                          EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
-                                         HeunSampler, LCMSampler, PNDMSampler, Sampler, UniPCSampler,
+                                         HeunSampler, LCMSampler, LMSSampler, PNDMSampler, Sampler,
+                                         UniPCSampler,
                                          from_scheduler)
 from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
-           "EulerAncestralSampler", "HeunSampler", "DPMSolverPPSampler", "UniPCSampler", "PNDMSampler", "LCMSampler",
+           "EulerAncestralSampler", "HeunSampler", "DPMSolverPPSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
            "FlowMatchEulerSampler",
            "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

@@ -897,6 +897,58 @@ class EulerSampler(Sampler):
         return m if self.config["timestep_spacing"] in ("linspace", "trailing") else (m**2 + 1) ** 0.5
 
 
+class LMSSampler(EulerSampler):
+    """K-LMS: the linear multistep method in sigma space (Karras et al. 2022; k-diffusion's sample_lms), as diffusers'
+    LMSDiscreteScheduler with its default order 4. With the derivative d = (x - x0) / sigma of the probability-flow
+    ODE at each step,
+
+        x_next = x + sum_k c_k d_{i-k},   c_k = integral from sigma_i to sigma_{i+1} of the Lagrange basis
+                                          polynomial of sigma_{i-k} over the last `order` sigmas
+
+    (the order grows 1, 2, 3, 4 over the first steps). The kernel's x0 row computes d itself and its three history
+    buffers keep the last three; the integrals are exact (the basis polynomials integrated in closed form; diffusers
+    uses scipy's quad, exact for them to rounding). Sigmas, timesteps and input scaling are EulerSampler's.
+    """
+
+    _options = {**_COMMON, "use_karras_sigmas": False, "timestep_spacing": "linspace"}
+    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _multistep = True
+    ORDER = 4
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+
+    @property
+    def _two_buffers(self):
+        return True
+
+    @property
+    def _three_buffers(self):
+        return True
+
+    def _plan(self, n):
+        plan = EulerSampler._plan(self, n)
+        sig = self._sigmas_np
+        s = sig[:-1]
+        px, pm = _x0_from_ve(self.config["prediction_type"], s)
+        rows = np.zeros((n, 12))
+        rows[:, _PX], rows[:, _PM] = (1 - px) / s, -pm / s  # d = (x - x0) / sigma
+        rows[:, _A] = 1.0
+        begin = self._begin_index
+        for i in range(n):
+            order = min(i + 1, self.ORDER)
+            # as diffusers: the coefficients of that order, zipped with the derivatives the run has so far
+            for k in range(min(order, max(i - begin, 0) + 1)):
+                basis = np.poly1d([1.0])
+                for j in range(order):
+                    if j != k:
+                        basis *= np.poly1d([1.0, -sig[i - j]]) / (sig[i - k] - sig[i - j])
+                antideriv = basis.integ()
+                rows[i, (_C, _D, _E, _F)[k]] = antideriv(sig[i + 1]) - antideriv(sig[i])
+        plan["rows"] = rows
+        return plan
+
+
 class EulerAncestralSampler(EulerSampler):
     """Euler ancestral ("Euler a"), as diffusers' EulerAncestralDiscreteScheduler: the Euler step to sigma_down,
     then fresh noise of std sigma_up, with sigma_up^2 + sigma_down^2 = sigma_next^2 (k-diffusion's split for eta 1):
@@ -1611,14 +1663,15 @@ class UniPCSampler(Sampler):
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
-            "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler}
+            "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler}
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
                         "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
-                        "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler}
+                        "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler,
+                        "LMSDiscreteScheduler": LMSSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
