@@ -958,6 +958,13 @@ DIFFUSERS_CASES = [
     ("PNDMScheduler", PNDMSampler, {"skip_prk_steps": True, "prediction_type": "v_prediction",
                                     "timestep_spacing": "trailing", "set_alpha_to_one": True}),
     ("PNDMScheduler", PNDMSampler, {"skip_prk_steps": True, "timestep_spacing": "linspace"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                                         "flow_shift": 3.0}),  # Sana's
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                                         "flow_shift": 4.0, "solver_order": 3,
+                                                         "algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_flow_sigmas": True, "flow_shift": 2.0,
+                                                         "final_sigmas_type": "sigma_min", "lower_order_final": False}),
     ("LMSDiscreteScheduler", LMSSampler, {}),
     ("LMSDiscreteScheduler", LMSSampler, {**SD, "use_karras_sigmas": True}),
     ("LMSDiscreteScheduler", LMSSampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
@@ -1028,6 +1035,23 @@ def test_unipc_flow_dynamic_shifting_matches_diffusers(mu, shift_type):
         _close(out_o, out_d, 5e-4)
 
 
+@needs_diffusers
+def test_dpmsolverpp_flow_sigmas_dynamic_shift_and_errors():
+    ds = dsched.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                            use_dynamic_shifting=True)
+    ours = DPMSolverPPSampler.from_config(ds.config)
+    ds.set_timesteps(8, mu=0.7)  # diffusers sets flow_shift = exp(mu)
+    ours.set_timesteps(8, mu=0.7)
+    assert torch.equal(ours.timesteps, ds.timesteps) and np.array_equal(ours.sigmas, ds.sigmas.numpy())
+    assert ours.mu == 0.7 and ours.config["flow_shift"] == 1.0  # kept on the sampler, the config left alone
+    with pytest.raises(ValueError, match="^use_karras_sigmas: not implemented together with use_flow_sigmas"):
+        DPMSolverPPSampler(use_flow_sigmas=True, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="^flow_shift:"):
+        DPMSolverPPSampler(flow_shift=-1.0)
+    with pytest.raises(ValueError, match="^time_shift_type:"):
+        DPMSolverPPSampler(time_shift_type="linear")
+
+
 def test_pndm_options_and_errors():
     with pytest.raises(ValueError, match="^prediction_type:"):
         PNDMSampler(prediction_type="sample")  # diffusers' PNDM takes epsilon and v_prediction only
@@ -1062,7 +1086,7 @@ def test_unipc_options_and_errors():
     with pytest.raises(ValueError, match="^config: solver_p="):
         UniPCSampler.from_config({"solver_p": "DDIMScheduler"})
     with pytest.raises(ValueError, match="^prediction_type:"):
-        DPMSolverPPSampler(prediction_type="flow_prediction")  # UniPC's extra type only
+        EulerSampler(prediction_type="flow_prediction")  # UniPC's and DPM-Solver++'s extra type only
     with pytest.raises(ValueError, match="^solver_order: expected 1, 2 or 3"):
         DPMSolverPPSampler(solver_order=4)
     assert UniPCSampler().order == 1 and DPMSolverPPSampler(solver_order=3).order == 1

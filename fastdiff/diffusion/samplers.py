@@ -1102,11 +1102,21 @@ class DPMSolverPPSampler(Sampler):
     _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
                 "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
                 "use_karras_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"),
-                "variance_type": None, "timestep_spacing": "linspace"}
-    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False}
+                "variance_type": None, "timestep_spacing": "linspace", "use_flow_sigmas": False, "flow_shift": 1.0,
+                "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False}
+    _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
     _multistep = True
+
+    def __init__(self, **options):
+        self.mu = None
+        super().__init__(**options)
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+        """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu), as
+        diffusers sets flow_shift (kept in ``self.mu`` for later calls; without one, flow_shift)."""
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
 
     def _validate(self, cfg):
         super()._validate(cfg)
@@ -1121,6 +1131,15 @@ class DPMSolverPPSampler(Sampler):
             raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
         if not _is_real(cfg["lambda_min_clipped"]):
             raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
+        for k in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if not isinstance(cfg[k], (bool, np.bool_)):
+                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+        if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
+            raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
+        if cfg["time_shift_type"] != "exponential":
+            raise ValueError(f"time_shift_type: expected 'exponential', got {cfg['time_shift_type']!r}")
+        if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
+            raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
 
     @property
     def order(self) -> int:
@@ -1140,11 +1159,23 @@ class DPMSolverPPSampler(Sampler):
 
     def _plan(self, n):
         cfg = self.config
-        ts, sig = _vp_sigmas(cfg, self.schedule, n, cfg["lambda_min_clipped"],
-                             round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2")
+        flow = cfg["use_flow_sigmas"]
+        if flow:  # diffusers' flow sigmas: 1 - linspace(1, 1/T, n + 1) shifted, reversed, the final 0 dropped
+            T = cfg["num_train_timesteps"]
+            shift = math.exp(self.mu) if cfg["use_dynamic_shifting"] and self.mu is not None else cfg["flow_shift"]
+            up = 1.0 - np.linspace(1, 1 / T, n + 1)
+            fs = np.flip(shift * up / (1 + (shift - 1) * up))[:-1].copy()
+            ts = (fs * T).astype(np.int64)
+            acp0 = float(self.schedule.alphas_cumprod[0])  # (sigma_min is the VP one there too, as diffusers')
+            last = ((1 - acp0) / acp0) ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+            sig = np.concatenate([fs, [last]]).astype(np.float32).astype(np.float64)
+            alpha, sigma_vp = 1 - sig, sig
+        else:
+            ts, sig = _vp_sigmas(cfg, self.schedule, n, cfg["lambda_min_clipped"],
+                                 round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2")
+            alpha = 1 / np.sqrt(sig**2 + 1)
+            sigma_vp = sig * alpha
         n = len(ts)
-        alpha = 1 / np.sqrt(sig**2 + 1)
-        sigma_vp = sig * alpha
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
         lower_final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
@@ -1155,7 +1186,10 @@ class DPMSolverPPSampler(Sampler):
         order = cfg["solver_order"]
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
-            rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
+            if pred == "flow_prediction":
+                rows[i, _PX], rows[i, _PM] = 1.0, -sig[i]  # x0 = x - sigma v
+            else:
+                rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
             h = lam[i + 1] - lam[i]
             if h == 0:  # two equal sigmas (Karras sigmas ending at sigma_min): every form's limit is x_t = x_s
                 rows[i, _A] = 1.0  # (diffusers' heun 2M and 3M give NaN there, 0 / 0)
@@ -1189,7 +1223,11 @@ class DPMSolverPPSampler(Sampler):
                 rows[i, _C] = -a_t * phi + k
                 rows[i, _D] = -k
         self._sigmas_np = sig
-        return {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
+        plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
+        if pred == "flow_prediction":
+            with np.errstate(divide="ignore"):
+                plan["cg_k"] = -sigma_vp[:n] / alpha[:n]  # as flow matching's: v shifts by -sigma / (1 - sigma) s grad
+        return plan
 
     @staticmethod
     def _third_order_row(row, a_t, s_t, s_s, h, r0, r1, sde):
