@@ -1050,6 +1050,8 @@ def test_dpmsolverpp_flow_sigmas_dynamic_shift_and_errors():
         DPMSolverPPSampler(flow_shift=-1.0)
     with pytest.raises(ValueError, match="^time_shift_type:"):
         DPMSolverPPSampler(time_shift_type="linear")
+    with pytest.raises(ValueError, match="^mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True"):
+        DPMSolverPPSampler(use_flow_sigmas=True).set_timesteps(4, mu=0.5)  # (diffusers: an assertion)
 
 
 def test_pndm_options_and_errors():

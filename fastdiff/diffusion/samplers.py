@@ -1116,6 +1116,8 @@ class DPMSolverPPSampler(Sampler):
     def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
         """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu), as
         diffusers sets flow_shift (kept in ``self.mu`` for later calls; without one, flow_shift)."""
+        if mu is not None and not (self.config["use_flow_sigmas"] and self.config["use_dynamic_shifting"]):
+            raise ValueError("mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True")
         return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
 
     def _validate(self, cfg):
