@@ -387,14 +387,14 @@ def test_device_spellings(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++", "heun", "dpmsolver++3m", "sde-dpmsolver++3m",
-                                  "unipc", "pndm", "lms"])
+                                  "unipc", "pndm", "lms", "deis"])
 def test_sample_with_the_new_samplers(name, tmp_path, capsys):
-    from fastdiff.diffusion import (DPMSolverPPSampler, EulerAncestralSampler, HeunSampler, LMSSampler,
-                                    PNDMSampler, UniPCSampler)
+    from fastdiff.diffusion import (DEISSampler, DPMSolverPPSampler, EulerAncestralSampler, HeunSampler,
+                                    LMSSampler, PNDMSampler, UniPCSampler)
 
     s = pretrained.make_sampler(name)
     cls = {"euler_ancestral": EulerAncestralSampler, "heun": HeunSampler, "unipc": UniPCSampler,
-           "pndm": PNDMSampler, "lms": LMSSampler}.get(name, DPMSolverPPSampler)
+           "pndm": PNDMSampler, "lms": LMSSampler, "deis": DEISSampler}.get(name, DPMSolverPPSampler)
     assert isinstance(s, cls)
     assert s._stochastic == name.startswith(("euler_ancestral", "sde-"))
     if cls is DPMSolverPPSampler:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, EulerAncestralSampler, EulerSampler,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, EulerAncestralSampler,
+                                EulerSampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
                                 PNDMSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
 
@@ -408,7 +409,7 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
                                     (UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                                     "flow_shift": 3.0}),
                                     (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"}),
-                                    (LMSSampler, {"use_karras_sigmas": True})])
+                                    (LMSSampler, {"use_karras_sigmas": True}), (DEISSampler, {"solver_order": 3})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -965,6 +966,13 @@ DIFFUSERS_CASES = [
                                                          "algorithm_type": "sde-dpmsolver++"}),
     ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_flow_sigmas": True, "flow_shift": 2.0,
                                                          "final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("DEISMultistepScheduler", DEISSampler, {}),
+    ("DEISMultistepScheduler", DEISSampler, {"solver_order": 3}),
+    ("DEISMultistepScheduler", DEISSampler, {**SD, "use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+    ("DEISMultistepScheduler", DEISSampler, {"solver_order": 3, "prediction_type": "sample",
+                                             "timestep_spacing": "trailing", "lower_order_final": False}),
+    ("DEISMultistepScheduler", DEISSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                             "flow_shift": 3.0, "solver_order": 3}),
     ("LMSDiscreteScheduler", LMSSampler, {}),
     ("LMSDiscreteScheduler", LMSSampler, {**SD, "use_karras_sigmas": True}),
     ("LMSDiscreteScheduler", LMSSampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
@@ -1052,6 +1060,18 @@ def test_dpmsolverpp_flow_sigmas_dynamic_shift_and_errors():
         DPMSolverPPSampler(time_shift_type="linear")
     with pytest.raises(ValueError, match="^mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True"):
         DPMSolverPPSampler(use_flow_sigmas=True).set_timesteps(4, mu=0.5)  # (diffusers: an assertion)
+
+
+def test_deis_options_and_errors():
+    with pytest.raises(ValueError, match="^config: thresholding=True is not supported by DEISSampler"):
+        DEISSampler.from_config({"thresholding": True})  # it would clip x0 before e is re-derived from it
+    with pytest.raises(ValueError, match="^solver_order:"):
+        DEISSampler(solver_order=4)
+    with pytest.raises(ValueError, match="^algorithm_type:"):
+        DEISSampler(algorithm_type="dpmsolver")
+    with pytest.raises(ValueError, match="^mu: only used with"):
+        DEISSampler().set_timesteps(4, mu=0.5)
+    assert DEISSampler(solver_order=3)._two_buffers and not DEISSampler()._two_buffers
 
 
 def test_pndm_options_and_errors():
@@ -1245,8 +1265,8 @@ def test_from_scheduler():
     ds = dsched.UniPCMultistepScheduler.from_config(wan)
     ds.set_timesteps(30)
     assert isinstance(s, UniPCSampler) and torch.equal(s.timesteps, ds.timesteps)
-    with pytest.raises(ValueError, match="^scheduler: DEISMultistepScheduler has no fastdiff sampler"):
-        from_scheduler(dsched.DEISMultistepScheduler())
+    with pytest.raises(ValueError, match="^scheduler: EDMEulerScheduler has no fastdiff sampler"):
+        from_scheduler(dsched.EDMEulerScheduler())
     with pytest.raises(ValueError, match="^config: skip_prk_steps=False is not supported by PNDMSampler"):
         from_scheduler(dsched.PNDMScheduler())  # diffusers' default: the Runge-Kutta warm-up
     with pytest.raises(ValueError, match="^scheduler: the config does not name its class"):
@@ -1263,7 +1283,8 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                  ("DPMSolverMultistepScheduler", {"solver_order": 3}), ("UniPCMultistepScheduler", {}),
                  ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                               "flow_shift": 3.0}),
-                 ("PNDMScheduler", {"skip_prk_steps": True}), ("LMSDiscreteScheduler", {})]
+                 ("PNDMScheduler", {"skip_prk_steps": True}), ("LMSDiscreteScheduler", {}),
+                 ("DEISMultistepScheduler", {"solver_order": 3})]
 
 
 @needs_diffusers

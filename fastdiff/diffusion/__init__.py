@@ -1,6 +1,6 @@
 """Noise schedules, samplers, guidance and the sampling loop (one fused kernel per step, no host sync)."""
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
-from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverPPSampler,
+from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler,
                                          EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
                                          HeunSampler, LCMSampler, LMSSampler, PNDMSampler, Sampler,
                                          UniPCSampler,
@@ -9,6 +9,6 @@ from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
-           "EulerAncestralSampler", "HeunSampler", "DPMSolverPPSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
+           "EulerAncestralSampler", "HeunSampler", "DPMSolverPPSampler", "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
            "FlowMatchEulerSampler",
            "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

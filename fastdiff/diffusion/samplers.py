@@ -1290,6 +1290,123 @@ def _stretch_to_terminal(sig, terminal):
     return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
+class DEISSampler(Sampler):
+    """DEIS (Zhang & Chen 2023), multistep, log-rho, order 1-3, as diffusers' DEISMultistepScheduler: on the noise
+    prediction e, with rho = sigma / alpha,
+
+        x_t = alpha_t (x_s / alpha_s + sum_k c_k e_{s-k}),   c_k = integral over log rho from rho_s to rho_t of the
+                                                             Lagrange basis of the last `order` steps (closed form)
+
+    (order 1 is DDIM). First order at a run's first step, second at its second, and at the last (last two) under
+    lower_order_final with fewer than 15 steps, as diffusers. The previous noise predictions stay on the device in the
+    kernel's history buffers (the kernel's x0 row forms e from x and the model output). VP sigmas (spacings, Karras)
+    or flow sigmas (flow_shift, dynamic shifting with mu). thresholding (which would clip x0 before e is re-derived
+    from it) is not implemented.
+    """
+
+    _options = {**_COMMON, "solver_order": 2, "algorithm_type": "deis", "solver_type": "logrho",
+                "lower_order_final": True, "use_karras_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+                "timestep_spacing": "linspace", "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    _fixed = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
+    _multistep = True
+
+    def __init__(self, **options):
+        self.mu = None
+        super().__init__(**options)
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
+            raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
+        if cfg["algorithm_type"] != "deis":
+            raise ValueError(f"algorithm_type: expected 'deis', got {cfg['algorithm_type']!r}")
+        if cfg["solver_type"] != "logrho":
+            raise ValueError(f"solver_type: expected 'logrho', got {cfg['solver_type']!r}")
+        for k in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if not isinstance(cfg[k], (bool, np.bool_)):
+                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+        if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
+            raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
+        if cfg["time_shift_type"] != "exponential":
+            raise ValueError(f"time_shift_type: expected 'exponential', got {cfg['time_shift_type']!r}")
+        if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
+            raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+        """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu)."""
+        if mu is not None and not (self.config["use_flow_sigmas"] and self.config["use_dynamic_shifting"]):
+            raise ValueError("mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True")
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
+
+    @property
+    def _two_buffers(self):
+        return self.config["solver_order"] == 3
+
+    def _plan(self, n):
+        cfg = self.config
+        T = cfg["num_train_timesteps"]
+        flow = cfg["use_flow_sigmas"]
+        if flow:  # DPM-Solver++'s flow sigmas, the last one repeated
+            shift = math.exp(self.mu) if cfg["use_dynamic_shifting"] and self.mu is not None else cfg["flow_shift"]
+            up = 1.0 - np.linspace(1, 1 / T, n + 1)
+            fs = np.flip(shift * up / (1 + (shift - 1) * up))[:-1].copy()
+            ts = (fs * T).astype(np.int64)
+            sig = np.concatenate([fs, fs[-1:]]).astype(np.float32).astype(np.float64)
+            alpha, sigma = 1 - sig, sig
+        else:  # the final sigma: sigma_min, or (Karras) the last one repeated
+            ts, sig = _vp_sigmas({**cfg, "final_sigmas_type": "zero" if cfg["use_karras_sigmas"] else "sigma_min"},
+                                 self.schedule, n)
+            if cfg["use_karras_sigmas"]:
+                sig[-1] = sig[-2]
+            alpha = 1 / np.sqrt(sig**2 + 1)
+            sigma = sig * alpha
+        n = len(ts)
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma)
+        lrho = np.log(sigma / alpha)
+        pred = cfg["prediction_type"]
+        lower = cfg["lower_order_final"] and n < 15
+        order_cfg, begin = cfg["solver_order"], self._begin_index
+
+        def ind2(t, b, c):  # diffusers' ind_fn of the second-order update, in log rho
+            return np.exp(t) * (-c + t - 1) / (b - c)
+
+        def ind3(t, b, c, d):
+            num = np.exp(t) * (c * (d - t + 1) - d * t + d + t**2 - 2 * t + 2)
+            return num / ((b - c) * (b - d))
+
+        rows = np.zeros((n, 12))
+        for i in range(n):
+            a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+            if pred == "flow_prediction":
+                px, pm = 1.0, -sig[i]
+            else:
+                px, pm = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
+            rows[i, _PX], rows[i, _PM] = (1 - a_s * px) / s_s, -a_s * pm / s_s  # e = (x - alpha x0) / sigma
+            k = i - begin
+            if order_cfg == 1 or k < 1 or (i == n - 1 and lower):
+                h = lam[i + 1] - lam[i]
+                rows[i, _A] = a_t / a_s
+                rows[i, _C] = -s_t * np.expm1(h)
+                continue
+            rows[i, _A] = a_t / a_s
+            t_, s0, s1 = lrho[i + 1], lrho[i], lrho[i - 1]
+            if order_cfg == 2 or k < 2 or (i == n - 2 and lower):
+                rows[i, _C] = a_t * (ind2(t_, s0, s1) - ind2(s0, s0, s1))
+                rows[i, _D] = a_t * (ind2(t_, s1, s0) - ind2(s0, s1, s0))
+            else:
+                s2 = lrho[i - 2]
+                rows[i, _C] = a_t * (ind3(t_, s0, s1, s2) - ind3(s0, s0, s1, s2))
+                rows[i, _D] = a_t * (ind3(t_, s1, s2, s0) - ind3(s0, s1, s2, s0))
+                rows[i, _E] = a_t * (ind3(t_, s2, s0, s1) - ind3(s0, s2, s0, s1))
+        self._sigmas_np = sig
+        plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma[:n]}
+        if pred == "flow_prediction":
+            plan["cg_k"] = -sigma[:n] / alpha[:n]
+        return plan
+
+
 class PNDMSampler(Sampler):
     """PNDM's pseudo linear multistep method (Liu et al. 2022, PLMS), as diffusers' PNDMScheduler with
     skip_prk_steps=True (Stable Diffusion 1.x's scheduler config): each step is the transfer
@@ -1703,7 +1820,8 @@ class UniPCSampler(Sampler):
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
-            "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler}
+            "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
+            "deis": DEISSampler}
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
@@ -1711,7 +1829,7 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
                         "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler,
-                        "LMSDiscreteScheduler": LMSSampler}
+                        "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
