@@ -108,15 +108,17 @@ class Sampler:
     _multistep = False  # keeps x0_prev in a buffer (x0_buf) from step to step
     _prediction_types = PREDICTION_TYPES
 
+    _n_buffers = 1  # the x0 history buffers a multistep sampler keeps (or properties that read the config)
+
     @property
     def _two_buffers(self) -> bool:
         """A third-order step: x0_prev2 kept too (x0_buf2), read at set_timesteps from the config."""
-        return False
+        return self._n_buffers >= 2
 
     @property
     def _three_buffers(self) -> bool:
-        """PLMS: x0_prev3 kept too (x0_buf3)."""
-        return False
+        """PLMS, K-LMS, UniPC-3: x0_prev3 kept too (x0_buf3)."""
+        return self._n_buffers >= 3
 
     def __init__(self, **options):
         self._check_options(options)
@@ -137,6 +139,7 @@ class Sampler:
         self._hist2 = self._hist3 = False
         self._fast = None  # the validated plan of the last step call, reused while its inputs look the same
         self._begin_index = 0  # the step a run starts at (set_timesteps' begin_index)
+        self.mu = None  # the resolution-dependent shift of the samplers with dynamic shifting (set_timesteps(mu=))
 
     # -- configuration ---------------------------------------------------------------------------------------------
     @classmethod
@@ -913,18 +916,11 @@ class LMSSampler(EulerSampler):
     _options = {**_COMMON, "use_karras_sigmas": False, "timestep_spacing": "linspace"}
     _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
     _multistep = True
+    _n_buffers = 3
     ORDER = 4
 
     def _validate(self, cfg):
         Sampler._validate(self, cfg)
-
-    @property
-    def _two_buffers(self):
-        return True
-
-    @property
-    def _three_buffers(self):
-        return True
 
     def _plan(self, n):
         plan = EulerSampler._plan(self, n)
@@ -1081,7 +1077,47 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     return ts, np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
 
 
-class DPMSolverPPSampler(Sampler):
+def _check_solver_order(cfg):
+    if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
+        raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
+
+
+def _check_flow_options(cfg, time_shift_types):
+    """The flow-sigma options of the multistep samplers, checked as the constructor checks options."""
+    for k in ("use_flow_sigmas", "use_dynamic_shifting"):
+        if not isinstance(cfg[k], (bool, np.bool_)):
+            raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+    if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
+        raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
+    if cfg["time_shift_type"] not in time_shift_types:
+        raise ValueError(f"time_shift_type: expected {' or '.join(map(repr, time_shift_types))}, got "
+                         f"{cfg['time_shift_type']!r}")
+    if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
+        raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
+
+
+def _dpm_flow_sigmas(cfg, mu, n):
+    """(timesteps, n sigmas) of diffusers' DPM-Solver / DEIS flow sigmas: 1 - linspace(1, 1/T, n + 1) shifted by
+    flow_shift (exp(mu) with dynamic shifting and a mu), reversed, the final 0 dropped; timesteps sigma T truncated."""
+    T = cfg["num_train_timesteps"]
+    shift = math.exp(mu) if cfg["use_dynamic_shifting"] and mu is not None else cfg["flow_shift"]
+    up = 1.0 - np.linspace(1, 1 / T, n + 1)
+    fs = np.flip(shift * up / (1 + (shift - 1) * up))[:-1].copy()
+    return (fs * T).astype(np.int64), fs
+
+
+class _FlowShiftMu(Sampler):
+    """set_timesteps(mu=) of the multistep samplers whose flow sigmas take diffusers' exp(mu) shift."""
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+        """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu), as
+        diffusers sets flow_shift (kept in ``self.mu`` for later calls; without one, flow_shift)."""
+        if mu is not None and not (self.config["use_flow_sigmas"] and self.config["use_dynamic_shifting"]):
+            raise ValueError("mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True")
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
+
+
+class DPMSolverPPSampler(_FlowShiftMu):
     """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, order 1, 2 ("2M", Algorithm 2) or 3 ("3M"), as
     diffusers' DPMSolverMultistepScheduler with algorithm_type="dpmsolver++". With lambda = log(alpha / sigma),
     h = lambda_t - lambda_s, r = h_prev / h, D0 = x0_s, D1 = (x0_s - x0_prev) / r:
@@ -1109,39 +1145,20 @@ class DPMSolverPPSampler(Sampler):
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
     _multistep = True
 
-    def __init__(self, **options):
-        self.mu = None
-        super().__init__(**options)
-
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
-        """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu), as
-        diffusers sets flow_shift (kept in ``self.mu`` for later calls; without one, flow_shift)."""
-        if mu is not None and not (self.config["use_flow_sigmas"] and self.config["use_dynamic_shifting"]):
-            raise ValueError("mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True")
-        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
 
     def _validate(self, cfg):
         super()._validate(cfg)
         if cfg["algorithm_type"] not in self.ALGORITHM_TYPES:
             raise ValueError(f"algorithm_type: expected 'dpmsolver++' or 'sde-dpmsolver++' (the noise-prediction "
                              f"'dpmsolver' variants are not implemented), got {cfg['algorithm_type']!r}")
-        if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
+        _check_solver_order(cfg)
         if cfg["solver_type"] not in ("midpoint", "heun"):
             raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {cfg['solver_type']!r}")
         if cfg["variance_type"] not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
         if not _is_real(cfg["lambda_min_clipped"]):
             raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
-        for k in ("use_flow_sigmas", "use_dynamic_shifting"):
-            if not isinstance(cfg[k], (bool, np.bool_)):
-                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
-        if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
-            raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
-        if cfg["time_shift_type"] != "exponential":
-            raise ValueError(f"time_shift_type: expected 'exponential', got {cfg['time_shift_type']!r}")
-        if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
-            raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
+        _check_flow_options(cfg, ("exponential",))
 
     @property
     def order(self) -> int:
@@ -1163,11 +1180,7 @@ class DPMSolverPPSampler(Sampler):
         cfg = self.config
         flow = cfg["use_flow_sigmas"]
         if flow:  # diffusers' flow sigmas: 1 - linspace(1, 1/T, n + 1) shifted, reversed, the final 0 dropped
-            T = cfg["num_train_timesteps"]
-            shift = math.exp(self.mu) if cfg["use_dynamic_shifting"] and self.mu is not None else cfg["flow_shift"]
-            up = 1.0 - np.linspace(1, 1 / T, n + 1)
-            fs = np.flip(shift * up / (1 + (shift - 1) * up))[:-1].copy()
-            ts = (fs * T).astype(np.int64)
+            ts, fs = _dpm_flow_sigmas(cfg, self.mu, n)
             acp0 = float(self.schedule.alphas_cumprod[0])  # (sigma_min is the VP one there too, as diffusers')
             last = ((1 - acp0) / acp0) ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
             sig = np.concatenate([fs, [last]]).astype(np.float32).astype(np.float64)
@@ -1290,7 +1303,7 @@ def _stretch_to_terminal(sig, terminal):
     return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
-class DEISSampler(Sampler):
+class DEISSampler(_FlowShiftMu):
     """DEIS (Zhang & Chen 2023), multistep, log-rho, order 1-3, as diffusers' DEISMultistepScheduler: on the noise
     prediction e, with rho = sigma / alpha,
 
@@ -1311,33 +1324,15 @@ class DEISSampler(Sampler):
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     _multistep = True
 
-    def __init__(self, **options):
-        self.mu = None
-        super().__init__(**options)
-
     def _validate(self, cfg):
         super()._validate(cfg)
-        if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
+        _check_solver_order(cfg)
         if cfg["algorithm_type"] != "deis":
             raise ValueError(f"algorithm_type: expected 'deis', got {cfg['algorithm_type']!r}")
         if cfg["solver_type"] != "logrho":
             raise ValueError(f"solver_type: expected 'logrho', got {cfg['solver_type']!r}")
-        for k in ("use_flow_sigmas", "use_dynamic_shifting"):
-            if not isinstance(cfg[k], (bool, np.bool_)):
-                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
-        if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
-            raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
-        if cfg["time_shift_type"] != "exponential":
-            raise ValueError(f"time_shift_type: expected 'exponential', got {cfg['time_shift_type']!r}")
-        if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
-            raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
+        _check_flow_options(cfg, ("exponential",))
 
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
-        """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu)."""
-        if mu is not None and not (self.config["use_flow_sigmas"] and self.config["use_dynamic_shifting"]):
-            raise ValueError("mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True")
-        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
 
     @property
     def _two_buffers(self):
@@ -1348,10 +1343,7 @@ class DEISSampler(Sampler):
         T = cfg["num_train_timesteps"]
         flow = cfg["use_flow_sigmas"]
         if flow:  # DPM-Solver++'s flow sigmas, the last one repeated
-            shift = math.exp(self.mu) if cfg["use_dynamic_shifting"] and self.mu is not None else cfg["flow_shift"]
-            up = 1.0 - np.linspace(1, 1 / T, n + 1)
-            fs = np.flip(shift * up / (1 + (shift - 1) * up))[:-1].copy()
-            ts = (fs * T).astype(np.int64)
+            ts, fs = _dpm_flow_sigmas(cfg, self.mu, n)
             sig = np.concatenate([fs, fs[-1:]]).astype(np.float32).astype(np.float64)
             alpha, sigma = 1 - sig, sig
         else:  # the final sigma: sigma_min, or (Karras) the last one repeated
@@ -1430,14 +1422,7 @@ class PNDMSampler(Sampler):
     _fixed = {"skip_prk_steps": True}
     _prediction_types = ("epsilon", "v_prediction")
     _multistep = True
-
-    @property
-    def _two_buffers(self):
-        return True
-
-    @property
-    def _three_buffers(self):
-        return True
+    _n_buffers = 3
 
     def _plan(self, n):
         T = self.schedule.num_train_timesteps
@@ -1506,10 +1491,6 @@ class FlowMatchEulerSampler(Sampler):
                 "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False,
                 "stochastic_sampling": False}
     _fixed = {"invert_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
-
-    def __init__(self, **options):
-        self.mu = None
-        super().__init__(**options)
 
     def _build_schedule(self):
         self.schedule = None  # no discrete-time VP schedule: the sigmas are the schedule
@@ -1649,33 +1630,22 @@ class UniPCSampler(Sampler):
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     _multistep = True
 
-    def __init__(self, **options):
-        self.mu = None
-        super().__init__(**options)
-
     def _validate(self, cfg):
         super()._validate(cfg)
-        if cfg["solver_order"] not in (1, 2, 3) or isinstance(cfg["solver_order"], bool):
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
+        _check_solver_order(cfg)
         if cfg["solver_type"] not in ("bh1", "bh2", "midpoint", "heun", "logrho"):  # the last three mean bh2 there
             raise ValueError(f"solver_type: expected 'bh1' or 'bh2', got {cfg['solver_type']!r}")
-        for k in ("predict_x0", "use_flow_sigmas", "use_dynamic_shifting"):
-            if not isinstance(cfg[k], (bool, np.bool_)):
-                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+        if not isinstance(cfg["predict_x0"], (bool, np.bool_)):
+            raise TypeError(f"predict_x0: expected a bool, got {type(cfg['predict_x0']).__name__}")
+        _check_flow_options(cfg, ("exponential", "linear"))
         dc = cfg["disable_corrector"]
         if not isinstance(dc, (list, tuple)) or not all(_is_int(v) for v in dc):
             raise TypeError(f"disable_corrector: expected a list of step indices, got {dc!r}")
         if cfg["prediction_type"] == "flow_prediction" and not cfg["predict_x0"]:
             raise ValueError("prediction_type: 'flow_prediction' needs predict_x0=True (as diffusers)")
-        if not _is_real(cfg["flow_shift"]) or not cfg["flow_shift"] > 0:
-            raise ValueError(f"flow_shift: expected a positive float, got {cfg['flow_shift']!r}")
-        if cfg["time_shift_type"] not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type: expected 'exponential' or 'linear', got {cfg['time_shift_type']!r}")
         st = cfg["shift_terminal"]
         if st is not None and (not cfg["use_flow_sigmas"] or not _is_real(st) or not 0 <= st < 1):
             raise ValueError(f"shift_terminal: expected None, or a float in [0, 1) with use_flow_sigmas, got {st!r}")
-        if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
-            raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
 
     def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
         """As Sampler.set_timesteps; `mu`: the shift of use_dynamic_shifting (flow sigmas), kept in ``self.mu``."""
