@@ -1,9 +1,10 @@
-"""Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM-Solver++ (2M, 3M and their SDE forms), UniPC, LCM and
-flow-matching Euler, each one fused kernel per step and no host sync.
+"""Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, K-LMS, DPM-Solver++ (2M, 3M and their SDE forms), DEIS,
+UniPC, PNDM (PLMS), LCM and flow-matching Euler, each one fused kernel per step and no host sync.
 
-Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + std z (m the model
-output after classifier-free guidance, x0 = clip(PX x + PM m), x0_prev and x0_prev2 the x0 of the two steps before,
-kept on the device by the kernel). ``set_timesteps`` computes the coefficients of every step once,
+Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
+model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
+the noise prediction for DEIS, the ODE derivative for K-LMS, the model output for PNDM -- and x0_prev .. x0_prev3
+the values of the steps before, kept on the device by the kernel). ``set_timesteps`` computes the coefficients of every step once,
 in float64 on the host from the float32 schedule (as diffusers computes it), and moves them to the device as a
 (num_steps, 12) table; ``step`` hands the table and the step index to fastdiff.ops.sampler_step, which reads the row
 on the device. Nothing in ``step`` reads a tensor value on the host, so the loop runs ahead of the GPU and can be
@@ -11,8 +12,9 @@ captured in a CUDA graph.
 
 Options are named as in diffusers' scheduler configs, with the defaults of the matching diffusers scheduler, and
 ``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
-DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-DPMSolverMultistepScheduler, UniPCMultistepScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler).
+DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
+DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
+FlowMatchEulerDiscreteScheduler).
 """
 from __future__ import annotations
 

@@ -530,10 +530,10 @@ class FastdiffScheduler(SchedulerMixin):
     def _replan(self, seed=None, begin_index=None):
         s = self.sampler
         s._require()
-        kw = {"mu": s.mu} if getattr(s, "mu", None) is not None else {}
-        if getattr(self, "_sigmas", None) is not None:
+        kw = {"mu": s.mu} if s.mu is not None else {}
+        if self._sigmas is not None:
             kw["sigmas"] = self._sigmas
-        n = getattr(self, "_n", None)
+        n = self._n
         if n is None and "sigmas" not in kw:
             raise RuntimeError("FastdiffScheduler: call set_timesteps(num_inference_steps) first")
         s.set_timesteps(n, seed=s.seed if seed is None else seed,
@@ -576,7 +576,7 @@ class FastdiffScheduler(SchedulerMixin):
             raise TypeError(f"{next(iter(kwargs))}: not an argument of FastdiffScheduler.step")
         self._follow(sample)
         i = self._index(timestep)
-        if not getattr(self, "_started", False):
+        if not self._started:
             self._first_step_options(eta, use_clipped_model_output, generator)
             self._started = True
         out = self.sampler.step(model_output, i, sample)
