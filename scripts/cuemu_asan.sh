@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 LIBASAN=$(${CXX:-c++} -print-file-name=libasan.so)
 [ -f "$LIBASAN" ] || { echo "cuemu_asan: libasan.so not found (install the compiler's ASan runtime)" >&2; exit 2; }
+# libstdc++ preloaded too: ASan's __cxa_throw interceptor must find the real one when it starts (Python does not
+# link libstdc++), or the first C++ exception in an uninstrumented library (Triton's, torch's) aborts
+LIBSTDCXX=$(${CXX:-c++} -print-file-name=libstdc++.so)
 export FASTDIFF_CUEMU_ASAN=1
 export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0
-LD_PRELOAD="$LIBASAN" PYTHONPATH=. "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py "$@"
+LD_PRELOAD="$LIBASAN $LIBSTDCXX" PYTHONPATH=. "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py "$@"

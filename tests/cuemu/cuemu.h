@@ -43,6 +43,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CUEMU_ASAN 1
 #endif
@@ -75,6 +76,9 @@ struct Ctx {
   void* sp = nullptr;
 };
 inline void ctx_init(Ctx& c, char* stack, size_t size, void (*entry)()) {
+#ifdef CUEMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(stack, size);  // the redzones of frames an earlier thread left on this stack
+#endif
   auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
   auto* w = reinterpret_cast<uint64_t*>(top);
   *--w = 0;                                     // entry's return address (it never returns)
@@ -91,6 +95,9 @@ struct Ctx {
   ucontext_t uc;
 };
 inline void ctx_init(Ctx& c, char* stack, size_t size, void (*entry)()) {
+#ifdef CUEMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(stack, size);
+#endif
   getcontext(&c.uc);
   c.uc.uc_stack.ss_sp = stack;
   c.uc.uc_stack.ss_size = size;
