@@ -451,3 +451,24 @@ def test_attention_empty_keys_and_queries(emu):
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     out, lse = torch.ops.fastdiff_emu.attention(q[:, :, :0], q, q, 0.125)
     assert out.shape == (1, 2, 0, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_grid_fills_an_h100(emu, dtype, channels_last):
+    """The issue's design rule, read from the launches the host code makes: (2, 320, 64, 64) at 32 groups is not
+    one CTA per (n, group) (64 CTAs on 132 SMs) but >= 4 CTAs per SM in the statistics and apply passes (640 of
+    256 threads), then one merge CTA per (n, group); the backward the same."""
+    shape, G = (2, 320, 64, 64), 32
+    x, p = make_inputs(shape, G, dtype, "cpu", channels_last=channels_last)
+    emu.configure(132, 0, 1)
+    emu.launch_log(True)
+    _, mean, rstd = gn_forward(x, G, p, "silu")
+    fwd = emu.launch_log(True)
+    assert [grid for grid, _, _ in fwd] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
+    assert all(block == (256, 1, 1) for _, block, _ in fwd)
+    torch.ops.fastdiff_emu.group_norm_backward(x, x, mean, rstd, G, p["weight"], p["bias"], p["scale"],
+                                               p["shift"], "silu")
+    bwd = emu.launch_log(True)
+    assert [grid for grid, _, _ in bwd][:3] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
+    assert len(bwd) == 4  # + the per-channel weight/bias sums

@@ -120,6 +120,11 @@ struct Runtime {
   std::string error;
   std::string last_error;
   uint64_t launches = 0, blocks_run = 0, switches = 0;
+  struct LaunchRecord {
+    dim3 grid, block;
+    size_t dyn_smem;
+  };
+  std::vector<LaunchRecord> log;  // every launch since the last clear (configurations, refused ones too)
   // the current block
   struct Copy {  // one cp.async: 16 bytes into shared memory, n of them from src (the rest zeros)
     uint32_t dst;
@@ -303,6 +308,7 @@ inline void launch_grid(dim3 g, dim3 b, size_t dyn_smem, std::function<void()> b
   Runtime& r = rt();
   ++r.launches;
   r.error.clear();
+  r.log.push_back({g, b, dyn_smem});
   const uint64_t threads = static_cast<uint64_t>(b.x) * b.y * b.z;
   if (g.x == 0 || g.y == 0 || g.z == 0 || threads == 0 || threads > 1024 || b.z > 64 || g.x > 2147483647u ||
       g.y > 65535 || g.z > 65535) {
