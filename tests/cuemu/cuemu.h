@@ -2,23 +2,30 @@
 //
 // tests/cuemu/build.py rewrites a .cu file mechanically (launches `k<<<g, b, s, st>>>(args)` become
 // `::cuemu::Launch(g, b, s, st).run(k, args)`, vector casts `*reinterpret_cast<V*>(p)` go through an alignment
-// check, the CUDA op registrations move to the `fastdiff_emu` namespace on the CPU key, new scratch tensors
-// are filled with NaN bits) and compiles it with g++ against this header. What it models:
-//   - every thread of a block is a fiber (a register switch on x86-64, ucontext elsewhere); a block's threads run until they all end, one block at a
-//     time, in an order set by the schedule: threads and blocks in order, in reverse, or shuffled (seeded).
-//     A thread runs until it must wait (__syncthreads, a warp shuffle), so a missing barrier shows up as a
-//     wrong result under one of the orders: a reader can run before the writer it forgot to wait for.
-//   - __shared__ variables are statics in one linker section, filled with NaN bits (0xff bytes) before each
-//     block: a read of shared memory that no thread of this block wrote gives NaN.
-//   - __syncthreads: all threads of the block that have not exited; warp shuffles: every lane in the mask
-//     must arrive (one that exited, or a mask naming lanes past the block's end, is reported, not hung on).
-//     A barrier that can never complete ends the launch with an error.
-//   - launch configuration checked like the driver does (empty grid, > 1024 threads, grid.x >= 2^31,
-//     static + dynamic shared memory over the device's opt-in limit); 16-byte vector accesses checked for
-//     alignment ("misaligned address" on a GPU).
+// check, inline PTX becomes calls of the models below, the CUDA op registrations move to the `fastdiff_emu`
+// namespace on the CPU key, new tensors are filled with NaN bits) and compiles it with g++ against this header.
+// What it models:
+//   - every thread of a block is a fiber (a register switch on x86-64, ucontext elsewhere); a block's threads
+//     run until they all end, one block at a time, in an order set by the schedule: threads and blocks in
+//     order, in reverse, or shuffled (seeded). A thread runs until it must wait (__syncthreads, a warp
+//     collective), so a missing barrier shows up as a wrong result under one of the orders: a reader can run
+//     before the writer it forgot to wait for.
+//   - __shared__ variables are statics in one linker section, and dynamic shared memory one buffer per launch;
+//     both are filled with NaN bits (0xff bytes) before each block: a read that no thread of this block wrote
+//     gives NaN.
+//   - __syncthreads: all threads of the block that have not exited, at the same call site (threads waiting at
+//     two different barriers are reported); warp shuffles, ldmatrix and mma.sync: every lane in the mask must
+//     arrive (one that exited, or a mask naming lanes past the block's end, is reported, not hung on). A
+//     barrier that can never complete ends the launch with an error.
+//   - cp.async: a copy lands when a cp.async.wait_group lets it (or when its thread ends), not before; an
+//     ldmatrix of 16 bytes a copy has not landed in is reported. ldmatrix / mma.sync m16n8k16 follow the PTX
+//     ISA's fragment tables (products exact, sums in double).
+//   - launch configuration checked like the driver does (empty grid, > 1024 threads, grid.x >= 2^31, more
+//     dynamic shared memory than the device allows or than the kernel opted in to with cudaFuncSetAttribute);
+//     16-byte vector accesses checked for alignment ("misaligned address" on a GPU).
 // What it does not model: timing, the memory model across blocks of one launch (blocks run one after another),
-// GPU-specific float results (rsqrtf, __expf, sincospif ... are computed with the host's libm), out-of-bounds
-// accesses (build with FASTDIFF_CUEMU_ASAN=1 and run under libasan for those).
+// GPU-specific float results (rsqrtf, __expf, ex2.approx, sincospif ... use the host's libm), out-of-bounds
+// accesses (scripts/cuemu_asan.sh builds with FASTDIFF_CUEMU_ASAN=1 and runs under libasan for those).
 #pragma once
 
 #include <ATen/ATen.h>
