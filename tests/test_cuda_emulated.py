@@ -133,10 +133,11 @@ def test_group_norm_forward(emu, dtype, channels_last, shape, G, affine, ada, ac
     torch.testing.assert_close(rstd.double(), (xs.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=1e-4, rtol=1e-4)
 
 
-def _backward_case(emu, x, p, G, act, gy):
+def _backward_case(emu, x, p, G, act, gy, sms=132):
+    emu.configure(sms, 0, 1)
     _, mean, rstd = gn_forward(x, G, p, act)
     got = run_all_schedules(emu, lambda: torch.ops.fastdiff_emu.group_norm_backward(
-        gy, x, mean, rstd, G, p.get("weight"), p.get("bias"), p.get("scale"), p.get("shift"), act or ""))
+        gy, x, mean, rstd, G, p.get("weight"), p.get("bias"), p.get("scale"), p.get("shift"), act or ""), sms=sms)
     names = ("x", "weight", "bias", "scale", "shift")
     leaves = [x.detach().double().requires_grad_(True)] + [
         p[k].detach().double().requires_grad_(True) if k in p else None for k in names[1:]]
@@ -197,9 +198,8 @@ def test_group_norm_plans_for_other_gpus(emu, sms, channels_last, shape, G):
     ref = ref_fp64(x, G, p, "silu")
     torch.testing.assert_close(y.double(), ref, atol=2e-5 * max(1.0, ref.abs().max().item()), rtol=2e-5)
     gy = to_layout(torch.randn(shape), channels_last)
-    emu.configure(sms, 2, 5)
     try:
-        _backward_case(emu, x, p, G, "silu", gy)
+        _backward_case(emu, x, p, G, "silu", gy, sms=sms)
     finally:
         emu.configure(132, 0, 1)
 
