@@ -465,10 +465,29 @@ def test_group_norm_grid_fills_an_h100(emu, dtype, channels_last):
     emu.launch_log(True)
     _, mean, rstd = gn_forward(x, G, p, "silu")
     fwd = emu.launch_log(True)
-    assert [grid for grid, _, _ in fwd] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
-    assert all(block == (256, 1, 1) for _, block, _ in fwd)
+    assert [grid for grid, _, _, _ in fwd] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
+    assert all(block == (256, 1, 1) for _, block, _, _ in fwd)
     torch.ops.fastdiff_emu.group_norm_backward(x, x, mean, rstd, G, p["weight"], p["bias"], p["scale"],
                                                p["shift"], "silu")
     bwd = emu.launch_log(True)
-    assert [grid for grid, _, _ in bwd][:3] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
+    assert [grid for grid, _, _, _ in bwd][:3] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
     assert len(bwd) == 4  # + the per-channel weight/bias sums
+
+
+def test_every_launch_is_on_the_current_stream(emu):
+    """Each op launches on at::cuda::getCurrentCUDAStream() (the issue's rule; a launch without a stream would
+    go to the legacy default stream and break stream ordering and CUDA-graph capture)."""
+    x, p = make_inputs((2, 16, 5, 6), 4, torch.float16, "cpu", channels_last=True)
+    emu.launch_log(True)
+    y, mean, rstd = gn_forward(x, 4, p, "silu")
+    torch.ops.fastdiff_emu.group_norm_backward(y, x, mean, rstd, 4, p["weight"], p["bias"], p["scale"],
+                                               p["shift"], "silu")
+    xs, m, u, _, _, bufs = _sampler_tensors((2, 3, 4, 4), torch.float32, "contiguous", 1)
+    _step_both(emu, xs, m, _table(2), 0, u=u, bufs=bufs)
+    q = torch.randn(1, 2, 33, 160).half()
+    torch.ops.fastdiff_emu.attention(q, q, q, 0.1)
+    log = emu.launch_log(True)
+    assert len(log) >= 4 + 1 + 1
+    assert all(current for *_, current in log), log
+    emu.selftest(4, True)  # a kernel launched as k<<<grid, block>>>: the legacy default stream, logged as such
+    assert [current for *_, current in emu.launch_log(True)] == [False]

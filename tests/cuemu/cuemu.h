@@ -130,6 +130,7 @@ struct Runtime {
   struct LaunchRecord {
     dim3 grid, block;
     size_t dyn_smem;
+    bool current_stream;  // launched on at::cuda::getCurrentCUDAStream() (not the legacy default stream)
   };
   std::vector<LaunchRecord> log;  // every launch since the last clear (configurations, refused ones too)
   // the current block
@@ -311,11 +312,15 @@ inline void run_block(const dim3& b, std::mt19937_64& gen) {
   }
 }
 
-inline void launch_grid(dim3 g, dim3 b, size_t dyn_smem, std::function<void()> body) {
+// What at::cuda::getCurrentCUDAStream() hands the host code here: a launch that names another stream (or none:
+// the legacy default stream) is logged as such.
+inline cudaStream_t current_stream() { return reinterpret_cast<cudaStream_t>(uintptr_t{0x5eed}); }
+
+inline void launch_grid(dim3 g, dim3 b, size_t dyn_smem, cudaStream_t stream, std::function<void()> body) {
   Runtime& r = rt();
   ++r.launches;
   r.error.clear();
-  r.log.push_back({g, b, dyn_smem});
+  r.log.push_back({g, b, dyn_smem, stream == current_stream()});
   const uint64_t threads = static_cast<uint64_t>(b.x) * b.y * b.z;
   if (g.x == 0 || g.y == 0 || g.z == 0 || threads == 0 || threads > 1024 || b.z > 64 || g.x > 2147483647u ||
       g.y > 65535 || g.z > 65535) {
@@ -359,7 +364,9 @@ inline void launch_grid(dim3 g, dim3 b, size_t dyn_smem, std::function<void()> b
 struct Launch {
   dim3 g, b;
   size_t smem;
-  Launch(dim3 grid, dim3 block, size_t dyn_smem = 0, cudaStream_t = nullptr) : g(grid), b(block), smem(dyn_smem) {}
+  cudaStream_t stream;
+  Launch(dim3 grid, dim3 block, size_t dyn_smem = 0, cudaStream_t s = nullptr)
+      : g(grid), b(block), smem(dyn_smem), stream(s) {}
   template <class... P, class... A>
   void run(void (*kernel)(P...), A&&... a) {
     // above 48 KB of dynamic shared memory a kernel must have opted in (cudaFuncSetAttribute) to at least that
@@ -375,7 +382,7 @@ struct Launch {
     }
     // kernel parameters are copied at launch, as on a GPU; each thread calls the kernel with its own copies
     std::tuple<std::remove_cv_t<std::remove_reference_t<P>>...> params{static_cast<P>(std::forward<A>(a))...};
-    launch_grid(g, b, smem, [&params, kernel] { std::apply(kernel, params); });
+    launch_grid(g, b, smem, stream, [&params, kernel] { std::apply(kernel, params); });
   }
 };
 
@@ -749,7 +756,7 @@ inline cudaDeviceProp* getCurrentDeviceProperties() {
   p.maxThreadsPerBlock = 1024;
   return &p;
 }
-inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+inline cudaStream_t getCurrentCUDAStream() { return cuemu::current_stream(); }
 }  // namespace at::cuda
 
 namespace c10::cuda {

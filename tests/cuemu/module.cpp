@@ -55,14 +55,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("sms") = 132, py::arg("schedule") = 0, py::arg("seed") = 1, py::arg("smem_optin") = 227 * 1024);
   m.def("selftest", &cuemu_selftest::run, py::arg("which"), py::arg("fixed"));
-  m.def("launch_log", [](bool clear) {
-    std::vector<std::tuple<std::tuple<unsigned, unsigned, unsigned>, std::tuple<unsigned, unsigned, unsigned>, size_t>> out;
-    for (const auto& l : cuemu::rt().log)
-      out.emplace_back(std::make_tuple(l.grid.x, l.grid.y, l.grid.z), std::make_tuple(l.block.x, l.block.y, l.block.z),
-                       l.dyn_smem);
-    if (clear) cuemu::rt().log.clear();
-    return out;
-  }, py::arg("clear") = true);
+  m.def(
+      "launch_log",
+      [](bool clear) {
+        py::list out;
+        for (const auto& l : cuemu::rt().log)
+          out.append(py::make_tuple(py::make_tuple(l.grid.x, l.grid.y, l.grid.z),
+                                    py::make_tuple(l.block.x, l.block.y, l.block.z), l.dyn_smem, l.current_stream));
+        if (clear) cuemu::rt().log.clear();
+        return out;
+      },
+      py::arg("clear") = true);
   m.def("stats", [] {
     const cuemu::Runtime& r = cuemu::rt();
     return std::make_tuple(r.launches, r.blocks_run, r.switches);
