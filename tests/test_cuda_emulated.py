@@ -458,12 +458,17 @@ def test_attention_empty_keys_and_queries(emu):
 def test_group_norm_grid_fills_an_h100(emu, dtype, channels_last):
     """The issue's design rule, read from the launches the host code makes: (2, 320, 64, 64) at 32 groups is not
     one CTA per (n, group) (64 CTAs on 132 SMs) but >= 4 CTAs per SM in the statistics and apply passes (640 of
-    256 threads), then one merge CTA per (n, group); the backward the same."""
+    256 threads), then one merge CTA per (n, group); the backward the same. And the forward moves x and y in
+    16-byte vectors only (x read twice, y written once), in both layouts, with groups of 10 channels."""
     shape, G = (2, 320, 64, 64), 32
     x, p = make_inputs(shape, G, dtype, "cpu", channels_last=channels_last)
     emu.configure(132, 0, 1)
     emu.launch_log(True)
+    v0 = emu.stats()[3]
     _, mean, rstd = gn_forward(x, G, p, "silu")
+    # every value of x read twice and y written once in 16-byte vectors (10 channels a group: vectors of 4 or 8
+    # straddle groups, without padding), apart from one pivot value per group
+    assert emu.stats()[3] - v0 == 3 * x.numel() * x.element_size() // 16
     fwd = emu.launch_log(True)
     assert [grid for grid, _, _, _ in fwd] == [(640, 1, 1), (64, 1, 1), (640, 1, 1)]
     assert all(block == (256, 1, 1) for _, block, _, _ in fwd)

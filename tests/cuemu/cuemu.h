@@ -127,6 +127,7 @@ struct Runtime {
   std::string error;
   std::string last_error;
   uint64_t launches = 0, blocks_run = 0, switches = 0;
+  uint64_t vec16 = 0;  // 16-byte vector accesses (loads and stores through vptr / st.global.v4)
   struct LaunchRecord {
     dim3 grid, block;
     size_t dyn_smem;
@@ -484,6 +485,7 @@ inline int src_idx(int l, int s, int w) { return (l & ~(w - 1)) + (s & (w - 1));
 // *reinterpret_cast<V*>(p) in a kernel becomes *vptr<V>(p): a vector access must be aligned to its size.
 template <class V, class P>
 inline V* vptr(P* p) {
+  if (sizeof(V) == 16) ++rt().vec16;
   if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0)
     report("misaligned address: a " + std::to_string(sizeof(V)) + "-byte access at " +
            std::to_string(reinterpret_cast<uintptr_t>(p) % 64) + " mod 64, at " + thread_name());

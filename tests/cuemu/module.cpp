@@ -68,6 +68,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("clear") = true);
   m.def("stats", [] {
     const cuemu::Runtime& r = cuemu::rt();
-    return std::make_tuple(r.launches, r.blocks_run, r.switches);
+    return std::make_tuple(r.launches, r.blocks_run, r.switches, r.vec16);
   });
 }
