@@ -37,6 +37,7 @@
 #include <vector_types.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -715,26 +716,10 @@ inline size_t __cvta_generic_to_shared(const void* p) { return cuemu::to_shared(
 inline float rsqrtf(float a) { return 1.f / std::sqrt(a); }
 inline float __frcp_rn(float a) { return 1.f / a; }
 inline float __saturatef(float a) { return a < 0.f ? 0.f : (a > 1.f ? 1.f : a); }
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __int_as_float(int u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+inline float __uint_as_float(unsigned u) { return std::bit_cast<float>(u); }
+inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
+inline float __int_as_float(int u) { return std::bit_cast<float>(u); }
 inline void sincospif(float x, float* s, float* c) {
   // exact reduction of x mod 2, then double precision: within 1 ulp of CUDA's sincospif
   double r = std::fmod(static_cast<double>(x), 2.0);

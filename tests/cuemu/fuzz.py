@@ -20,18 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build  # noqa: E402
 
 from fastdiff import reference  # noqa: E402
+from test_group_norm import to_layout as _layout  # noqa: E402
 
 TOL = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-
-def _layout(t, cl):
-    if not cl or t.dim() < 3:
-        return t.contiguous()
-    perm = (0,) + tuple(range(2, t.dim())) + (1,)
-    inv = [0] * t.dim()
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return t.permute(perm).contiguous().permute(inv)
 
 
 def _misalign(t):
