@@ -20,6 +20,7 @@ import fastdiff
 from fastdiff import reference
 
 from test_group_norm import GRAD_TOL, TOL, make_inputs, ref_fp64, to_layout
+from test_sampler_step import _table as _step_table
 
 pytestmark = pytest.mark.cuemu
 
@@ -61,6 +62,14 @@ def run_all_schedules(emu, fn, sms=132):
             assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (
                 f"output {i} differs between schedule 0 and schedule {s}: a race or an order-dependent reduction")
     return outs[0]
+
+
+def misaligned_copy(t):
+    """t's values and strides, one element past an aligned address (a view into a larger buffer)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    v = buf[1:].as_strided(t.shape, t.stride())
+    v.copy_(t)
+    return v
 
 
 def gn_forward(x, G, p, act, eps=1e-5):
@@ -210,16 +219,12 @@ def test_group_norm_misaligned_views(emu, dtype, channels_last):
     """x (and grad_y) one element past a 16-byte boundary: the kernels must take the scalar path, not fault."""
     shape, G = (2, 24, 9, 10), 4
     x0, p = make_inputs(shape, G, dtype, "cpu", channels_last=channels_last)
-    buf = torch.empty(x0.numel() + 1, dtype=dtype)
-    x = buf[1:].as_strided(x0.shape, x0.stride())
-    x.copy_(x0)
+    x = misaligned_copy(x0)
     y, _, _ = run_all_schedules(emu, lambda: gn_forward(x, G, p, "silu"))
     ref = ref_fp64(x, G, p, "silu")
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
-    gbuf = torch.empty(x0.numel() + 1, dtype=dtype)
-    gy = gbuf[1:].as_strided(x0.shape, x0.stride())
-    gy.copy_(torch.randn(shape).to(dtype))
+    gy = misaligned_copy(to_layout(torch.randn(shape).to(dtype), channels_last))
     _backward_case(emu, x, p, G, "silu", gy)
 
 
@@ -272,10 +277,7 @@ def _sampler_tensors(shape, dtype, layout, nbuf, seed=0):
         if layout == "strided_rows":  # each sample dense, the batch stride larger
             return torch.cat([t, t], 0)[::2]
         if layout == "misaligned":  # one element past an aligned address: the non-vector path
-            buf = torch.empty(t.numel() + 1, dtype=dtype)
-            v = buf[1:].view(shape)
-            v.copy_(t)
-            return v
+            return misaligned_copy(t)
         return t
 
     x = mk() if layout != "strided_rows" else torch.randn(shape, generator=g).to(dtype)  # x itself must be dense
@@ -286,12 +288,8 @@ def _sampler_tensors(shape, dtype, layout, nbuf, seed=0):
 
 
 def _table(n, *, keep_row=None):
-    t = torch.zeros(n, 12)
-    g = torch.Generator().manual_seed(3)
-    r = lambda: torch.rand(n, generator=g)  # noqa: E731
-    t[:, 0], t[:, 1], t[:, 2], t[:, 3], t[:, 4] = 1 + r(), -r(), r(), 0.5 * r(), r()
-    t[:, 5], t[:, 6], t[:, 7], t[:, 8] = 0.3 * r(), 0.2 + 0.5 * r(), -6 + r(), -2 + r()
-    t[:, 9], t[:, 10] = -0.4 * r(), 0.3 * r()
+    """test_sampler_step's random, well-scaled coefficient table; KEEP (column 11) set on keep_row."""
+    t = _step_table(n, "cpu")
     if keep_row is not None:
         t[keep_row, 11] = 1.0
     return t
@@ -371,6 +369,8 @@ def test_sampler_step_single_sample_and_tiny(emu):
         x, m, u, _, _, bufs = _sampler_tensors(shape, torch.float32, "contiguous", 2)
         out, eb, want, cb = _step_both(emu, x, m, _table(2), 0, u=u, gs=3.0, bufs=bufs)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(eb, cb):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_sampler_step_step_clamped_on_the_device(emu):

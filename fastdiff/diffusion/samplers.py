@@ -1147,7 +1147,6 @@ class DPMSolverPPSampler(_FlowShiftMu):
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
     _multistep = True
 
-
     def _validate(self, cfg):
         super()._validate(cfg)
         if cfg["algorithm_type"] not in self.ALGORITHM_TYPES:
@@ -1335,14 +1334,12 @@ class DEISSampler(_FlowShiftMu):
             raise ValueError(f"solver_type: expected 'logrho', got {cfg['solver_type']!r}")
         _check_flow_options(cfg, ("exponential",))
 
-
     @property
     def _two_buffers(self):
         return self.config["solver_order"] == 3
 
     def _plan(self, n):
         cfg = self.config
-        T = cfg["num_train_timesteps"]
         flow = cfg["use_flow_sigmas"]
         if flow:  # DPM-Solver++'s flow sigmas, the last one repeated
             ts, fs = _dpm_flow_sigmas(cfg, self.mu, n)

@@ -57,44 +57,44 @@ def _sub(pattern, repl, text, *, name, expect_min=1, flags=0):
     out, n = re.subn(pattern, repl, text, flags=flags)
     if n < expect_min:
         raise RewriteError(f"cuemu: the rewrite '{name}' matched {n} times (expected >= {expect_min})")
-    return out, n
+    return out
 
 
 def rewrite_cuda(text: str, path: str, *, registers: bool = True) -> str:
     """The .cu source as C++ for g++ with cuemu.h (local cuda/*.cuh includes rewritten in place)."""
     def inline_include(m):
         rel = "csrc/" + m.group(1)
-        return f'#line 1 "{rel}"\n' + _rewrite_device(( ROOT / rel).read_text(), rel) + f'\n#line 1 "{path}"\n'
+        return f'#line 1 "{rel}"\n' + _rewrite_device((ROOT / rel).read_text(), rel) + f'\n#line 1 "{path}"\n'
 
     text = re.sub(r'#include "(cuda/[\w.]+\.cuh)"', inline_include, text)
     text = _rewrite_device(text, path)
-    text, _ = _sub(r"#include <(ATen/cuda/[^>]+|c10/cuda/[^>]+|cuda_fp16\.h|cuda_bf16\.h|cuda_runtime\.h)>",
+    text = _sub(r"#include <(ATen/cuda/[^>]+|c10/cuda/[^>]+|cuda_fp16\.h|cuda_bf16\.h|cuda_runtime\.h)>",
                    r"// (cuemu) \g<0>", text, name="CUDA includes", expect_min=0)
     # launches: NAME<<<cfg>>>(args) -> ::cuemu::Launch(cfg).run(NAME, args)
-    text, _ = _sub(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", r"::cuemu::Launch(\2).run(\1, ",
+    text = _sub(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", r"::cuemu::Launch(\2).run(\1, ",
                    text, name="launches", flags=re.S)
     if "<<<" in text:
         raise RewriteError(f"cuemu: a launch in {path} was not rewritten")
-    text, _ = _sub(r"\bat::empty_like\(", "::cuemu::empty_like(", text, name="empty_like", expect_min=0)
-    text, _ = _sub(r"\bat::empty\(", "::cuemu::empty(", text, name="empty", expect_min=0)
+    text = _sub(r"\bat::empty_like\(", "::cuemu::empty_like(", text, name="empty_like", expect_min=0)
+    text = _sub(r"\bat::empty\(", "::cuemu::empty(", text, name="empty", expect_min=0)
     # host code: the emulated device is the CPU
-    text, _ = _sub(r"\b(\w+)\.is_cuda\(\)", r"::cuemu::on_device(\1)", text, name="is_cuda", expect_min=0)
-    text, _ = _sub(r"\b(\w+)\.get_device\(\)", r"::cuemu::device_index(\1)", text, name="get_device",
+    text = _sub(r"\b(\w+)\.is_cuda\(\)", r"::cuemu::on_device(\1)", text, name="is_cuda", expect_min=0)
+    text = _sub(r"\b(\w+)\.get_device\(\)", r"::cuemu::device_index(\1)", text, name="get_device",
                    expect_min=0)
-    text, _ = _sub(r"TORCH_LIBRARY_IMPL\(fastdiff,\s*CUDA,", "TORCH_LIBRARY_IMPL(fastdiff_emu, CPU,", text,
+    text = _sub(r"TORCH_LIBRARY_IMPL\(fastdiff,\s*CUDA,", "TORCH_LIBRARY_IMPL(fastdiff_emu, CPU,", text,
                    name="registration", expect_min=1 if registers else 0)
     return f'#include "cuemu.h"\n#line 1 "{path}"\n' + text
 
 
 def _rewrite_device(text: str, path: str) -> str:
     # vector accesses through a pointer cast: checked for alignment
-    text, _ = _sub(r"\*reinterpret_cast<((?:const\s+)?[\w:]+(?:<[\w:]+>)?)\s*\*>\(", r"*::cuemu::vptr<\1>(", text,
+    text = _sub(r"\*reinterpret_cast<((?:const\s+)?[\w:]+(?:<[\w:]+>)?)\s*\*>\(", r"*::cuemu::vptr<\1>(", text,
                    name="vector casts", expect_min=0)
     text = re.sub(r'\basm\s*(?:volatile\s*)?\((?:"(?:[^"\\]|\\.)*"|[^;"])*?\);', _rewrite_asm, text)
     if re.search(r"\basm\s*(volatile\s*)?\(", text):
         raise RewriteError(f"cuemu: {path} has inline PTX that was not rewritten")
     # dynamic shared memory: the launch's buffer
-    text, _ = _sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]*?\w)\s+(\w+)\[\];",
+    text = _sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]*?\w)\s+(\w+)\[\];",
                    r"\1* \2 = reinterpret_cast<\1*>(::cuemu::dyn_smem());", text, name="extern shared",
                    expect_min=0)
     return text
@@ -102,7 +102,7 @@ def _rewrite_device(text: str, path: str) -> str:
 
 def rewrite_host(text: str, path: str) -> str:
     """A CPU source compiled only for the helpers it shares with the CUDA files: its registrations removed."""
-    text, _ = _sub(r"TORCH_LIBRARY_IMPL\(fastdiff,\s*CPU,\s*m\)\s*\{[^{}]*\}", "", text, name="CPU registration")
+    text = _sub(r"TORCH_LIBRARY_IMPL\(fastdiff,\s*CPU,\s*m\)\s*\{[^{}]*\}", "", text, name="CPU registration")
     return f'#line 1 "{path}"\n' + text
 
 

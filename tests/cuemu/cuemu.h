@@ -331,14 +331,12 @@ inline void launch_grid(dim3 g, dim3 b, size_t dyn_smem, cudaStream_t stream, st
                    std::to_string(b.z) + ")";
     return;
   }
-  const size_t static_smem =
-      __start_cuemu_shared != nullptr ? static_cast<size_t>(__stop_cuemu_shared - __start_cuemu_shared) : 0;
   if (dyn_smem > r.smem_optin) {
     r.last_error = "invalid argument: " + std::to_string(dyn_smem) + " bytes of dynamic shared memory (limit " +
                    std::to_string(r.smem_optin) + ")";
     return;
   }
-  (void)static_smem;  // the section holds every kernel's statics: no per-kernel figure to check
+  // (static shared memory is not checked: the section holds every kernel's statics, no per-kernel figure)
   r.dyn_store.assign(dyn_smem + 256, 0);
   r.dyn = r.dyn_store.data() + (128 - reinterpret_cast<uintptr_t>(r.dyn_store.data()) % 128);
   r.dyn_size = dyn_smem;

@@ -20,16 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build  # noqa: E402
 
 from fastdiff import reference  # noqa: E402
+from test_cuda_emulated import misaligned_copy as _misalign  # noqa: E402
 from test_group_norm import to_layout as _layout  # noqa: E402
 
 TOL = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-
-def _misalign(t):
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
-    v = buf[1:].as_strided(t.shape, t.stride())
-    v.copy_(t)
-    return v
 
 
 def case_group_norm(rng, emu):
