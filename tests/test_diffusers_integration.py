@@ -566,12 +566,20 @@ def test_sample_model_kwargs_clashing_with_the_wrapper(models):
 
 
 # -- FastdiffScheduler: a pipeline's scheduler stepping with a fastdiff sampler ------------------------------------
-def _pipeline_loop(unet, scheduler, shape, *, steps, seed, ctx, uctx, guidance, generator=None, eta=0.0):
+def _pipeline_loop(unet, scheduler, shape, *, steps, seed, ctx, uctx, guidance, generator=None, eta=0.0,
+                   custom=None):
     """The denoising loop of diffusers' StableDiffusionPipeline (set_timesteps with the device, init_noise_sigma,
-    scale_model_input, batched CFG, step with the extra kwargs the pipeline passes where the step accepts them)."""
+    scale_model_input, batched CFG, step with the extra kwargs the pipeline passes where the step accepts them).
+    custom: {"timesteps": ...} or {"sigmas": ...}, passed as the pipelines' retrieve_timesteps passes them."""
     import inspect
 
-    scheduler.set_timesteps(steps, device="cpu")
+    if custom is not None:
+        (key, value), = custom.items()
+        if key not in inspect.signature(scheduler.set_timesteps).parameters:  # retrieve_timesteps' check
+            raise ValueError(f"does not support custom {key} schedules")
+        scheduler.set_timesteps(**{key: value}, device="cpu")
+    else:
+        scheduler.set_timesteps(steps, device="cpu")
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
     params = set(inspect.signature(scheduler.step).parameters)
     extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
@@ -724,6 +732,59 @@ def test_fastdiff_scheduler_flux_style_sigmas(cfg):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="^sigmas: custom sigmas are not supported by DPMSolverPPSampler"):
         fdd.FastdiffScheduler.from_scheduler(diffusers.DPMSolverMultistepScheduler()).set_timesteps(sigmas=[1.0])
+
+
+AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, Stable Diffusion 1.5, 10 steps
+
+
+@pytest.mark.parametrize("name,cfg,custom", [
+    ("DPMSolverMultistepScheduler", {}, {"timesteps": AYS_SD15}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {"timesteps": AYS_SD15[::3]}),
+    ("EulerDiscreteScheduler", {}, {"timesteps": AYS_SD15}),
+    ("EulerDiscreteScheduler", {}, {"sigmas": [14.6, 6.0, 2.5, 1.0, 0.3, 0.0]}),
+    ("HeunDiscreteScheduler", {}, {"timesteps": AYS_SD15[::2]}),
+    ("DDPMScheduler", {}, {"timesteps": AYS_SD15}),
+])
+def test_fastdiff_scheduler_custom_timesteps_in_a_pipeline_loop(models, name, cfg, custom):
+    # a pipeline called with timesteps= (Align Your Steps) or sigmas= hands them to set_timesteps through
+    # retrieve_timesteps, which first checks that the scheduler's set_timesteps names the argument
+    unet = models["unet_cond"]
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    base = getattr(diffusers, name)(**sd, **cfg)
+    g = torch.Generator().manual_seed(5)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    kw = dict(steps=None, seed=3, ctx=ctx, uctx=uctx, guidance=3.0, custom=custom)
+    stochastic = name == "DDPMScheduler" or cfg.get("algorithm_type") == "sde-dpmsolver++"
+    gen = (lambda: torch.Generator().manual_seed(9)) if stochastic else (lambda: None)
+    sched = fdd.FastdiffScheduler.from_scheduler(base)
+    got = _pipeline_loop(unet, sched, (2, 4, 16, 16), generator=gen(), **kw)
+    if stochastic:
+        # stochastic: the kernel's noise, not diffusers' (see FastdiffScheduler): the same generator, the same run
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(_pipeline_loop(unet, sched, (2, 4, 16, 16), generator=gen(), **kw), got, atol=0,
+                                   rtol=0)
+    else:
+        want = _pipeline_loop(unet, base, (2, 4, 16, 16), **kw)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+        assert sched.timesteps.tolist() == base.timesteps.tolist()
+    n = len(next(iter(custom.values()))) - ("sigmas" in custom)
+    assert sched.num_inference_steps == (2 * n - 1 if name == "HeunDiscreteScheduler" else n)
+    # image-to-image from step 2 re-plans the run (set_begin_index): the custom schedule is kept for it
+    ts = sched.timesteps.tolist()
+    sched.set_begin_index(2)
+    assert sched.timesteps.tolist() == ts
+
+
+def test_fastdiff_scheduler_refuses_custom_schedules_it_cannot_follow():
+    for name, kw in (("DDIMScheduler", {}), ("UniPCMultistepScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True}),
+                     ("LCMScheduler", {})):
+        sched = fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**kw))
+        with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by"):
+            sched.set_timesteps(timesteps=AYS_SD15)
+    with pytest.raises(ValueError, match="^sigmas: custom sigmas are not supported by HeunSampler"):
+        fdd.FastdiffScheduler.from_scheduler(diffusers.HeunDiscreteScheduler()).set_timesteps(sigmas=[5.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="^num_inference_steps: required when no custom timesteps or sigmas"):
+        fdd.FastdiffScheduler.from_scheduler(diffusers.EulerDiscreteScheduler()).set_timesteps()
 
 
 @pytest.mark.parametrize("name,kw", [("HeunDiscreteScheduler", {}),

@@ -243,6 +243,24 @@ def _run_fastdiff_scheduler(code):
     assert isinstance(pipe.scheduler, FastdiffScheduler) and ns["images"].shape == (1, 8, 8, 3)
 
 
+def _run_custom_timesteps(code):
+    from fastdiff.diffusion import DPMSolverPPSampler
+
+    unet = _tiny_unet(context_dim=32).to(_DEVICE)
+    scheduler = types.SimpleNamespace(config=_sd_scheduler_config())
+    seen = []
+    unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(int(args[1].reshape(-1)[0])), with_kwargs=True)
+    ns = {"pipe": types.SimpleNamespace(scheduler=scheduler), "DPMSolverPPSampler": DPMSolverPPSampler,
+          "fastdiff": fastdiff, "unet": unet, "ctx": torch.randn(1, 7, 32, device=_DEVICE),
+          "uctx": torch.randn(1, 7, 32, device=_DEVICE)}
+    code = _replace(code, 'device="cuda"', f"device={_DEVICE!r}")
+    code = _replace(code, "(1, 4, 64, 64)", "(1, 4, 16, 16)")
+    code = _replace(code, "guidance_scale=7.5)", "guidance_scale=7.5, progress=False)")
+    exec(code, ns)
+    assert ns["latents"].shape == (1, 4, 16, 16) and torch.isfinite(ns["latents"]).all()
+    assert seen == ns["ays"]  # one batched (CFG) model call at each of the custom timesteps
+
+
 _RUNNERS = {
     'with fastdiff.set_backend("torch")': _run_set_backend,
     "y = fastdiff.ops.group_norm(": _run_group_norm_signature,
@@ -251,6 +269,7 @@ _RUNNERS = {
     "attn = fastdiff.nn.Attention(": _run_more_layers,
     "from fastdiff.diffusion import": _run_sampling,
     "sampler.set_timesteps(50": _run_diffusers_style_loop,
+    "ays = [999, 850": _run_custom_timesteps,
     "from fastdiff.models import": _run_models,
     "from fastdiff.training import Trainer": _run_trainer,
     "from fastdiff.integrations.diffusers import patch": _run_diffusers_patch,

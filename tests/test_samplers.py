@@ -1000,6 +1000,167 @@ def test_matches_diffusers(name, cls, cfg, n):
         _close(a, b, 5e-4)
 
 
+AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, Stable Diffusion 1.5, 10 steps
+CUSTOM_TIMESTEP_CASES = [
+    ("DDPMScheduler", DDPMSampler, {}, AYS_SD15),
+    ("DDPMScheduler", DDPMSampler, {"variance_type": "fixed_large", "prediction_type": "v_prediction"}, [700, 33, 0]),
+    ("EulerDiscreteScheduler", EulerSampler, {}, AYS_SD15),
+    ("EulerDiscreteScheduler", EulerSampler, {**SD, "prediction_type": "v_prediction",
+                                              "final_sigmas_type": "sigma_min"}, [950.5, 600.25, 300.0, 10.75]),
+    ("HeunDiscreteScheduler", HeunSampler, {}, AYS_SD15[::2]),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {}, AYS_SD15),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+     AYS_SD15),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {**SD, "lower_order_final": False, "solver_type": "heun",
+                                                         "final_sigmas_type": "sigma_min",
+                                                         "prediction_type": "v_prediction"}, [980, 700, 410, 90, 3]),
+]
+
+
+def _diffusers_loop(sched, x, gen):
+    out = []
+    for t in sched.timesteps:
+        m = eps_model(sched.scale_model_input(x, t), t)
+        kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
+        x = sched.step(m, t, x, **kw).prev_sample
+        out.append(x)
+    return out
+
+
+def _ours_loop(s, x, gen):
+    out = []
+    for i in range(s.num_inference_steps):
+        x = s.step(eps_model(s.scale_model_input(x, i), s.timesteps[i]), i, x, generator=gen)
+        out.append(x)
+    return out
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name,cls,cfg,ts", CUSTOM_TIMESTEP_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CUSTOM_TIMESTEP_CASES)])
+def test_custom_timesteps_match_diffusers(name, cls, cfg, ts):
+    # set_timesteps(timesteps=...): e.g. an Align Your Steps schedule, as diffusers' schedulers take it
+    ds = getattr(dsched, name)(**cfg)
+    ours = cls.from_config(ds.config)
+    ds.set_timesteps(timesteps=ts)
+    ours.set_timesteps(timesteps=torch.tensor(ts) if name == "DDPMScheduler" else ts)  # a list, array or tensor
+    assert ours.num_inference_steps == len(ds.timesteps) == (2 * len(ts) - 1 if cls is HeunSampler else len(ts))
+    np.testing.assert_array_equal(ours.timesteps.numpy(), ds.timesteps.numpy())
+    if ours.sigmas is not None:
+        np.testing.assert_allclose(ours.sigmas, ds.sigmas.numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(ds.init_noise_sigma), rel=1e-5)
+    x = _x((2, 3, 8, 8)) * ours.init_noise_sigma
+    want = _diffusers_loop(ds, x.clone(), torch.Generator().manual_seed(5))
+    got = _ours_loop(ours, x.clone(), torch.Generator().manual_seed(5))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        _close(a, b, 5e-4)
+    # not kept: the next call without them goes back to the config's spacing
+    assert ours.set_timesteps(len(ts)).timesteps.tolist() == cls.from_config(ds.config).set_timesteps(
+        len(ts)).timesteps.tolist()
+
+
+@needs_diffusers
+@pytest.mark.parametrize("cfg,sigmas", [
+    ({}, [14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.0]),
+    ({**SD, "use_karras_sigmas": True, "timestep_spacing": "leading"}, [9.0, 3.0, 0.3, 0.05]),  # Karras: not applied
+    ({"prediction_type": "v_prediction", "timestep_type": "continuous"}, [20.0, 5.0, 1.0, 0.2]),  # 0.25 log sigma
+    ({"prediction_type": "sample"}, [80.0, 1.0]),  # one step, ending at sigma 1 (above sigma_min: allowed)
+])
+def test_euler_custom_sigmas_match_diffusers(cfg, sigmas):
+    ds = dsched.EulerDiscreteScheduler(**cfg)
+    ours = EulerSampler.from_config(ds.config)
+    ds.set_timesteps(sigmas=sigmas)
+    ours.set_timesteps(sigmas=np.array(sigmas))
+    assert ours.num_inference_steps == len(sigmas) - 1
+    np.testing.assert_allclose(ours.timesteps.numpy(), ds.timesteps.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(ours.sigmas, ds.sigmas.numpy())
+    assert ours.init_noise_sigma == pytest.approx(float(ds.init_noise_sigma), rel=1e-6)
+    x = _x((2, 3, 8, 8)) * ours.init_noise_sigma
+    for a, b in zip(_ours_loop(ours, x.clone(), None), _diffusers_loop(ds, x.clone(), None)):
+        _close(a, b, 5e-4)
+
+
+def test_custom_timesteps_run_through_sample():
+    # fastdiff.sample without num_inference_steps runs the sampler's current steps: the custom ones
+    seen = []
+
+    def model(x, t):
+        seen.append(int(t[0]))
+        return eps_model(x, t)
+
+    s = DPMSolverPPSampler().set_timesteps(timesteps=AYS_SD15)
+    out = sample(model, s, (2, 3, 6, 6), seed=0, progress=False, cuda_graph=False)
+    assert seen == AYS_SD15 and torch.isfinite(out).all()
+    manual = DPMSolverPPSampler().set_timesteps(timesteps=AYS_SD15)
+    x = torch.randn((2, 3, 6, 6), generator=torch.Generator().manual_seed(0))
+    for i in range(manual.num_inference_steps):
+        x = manual.step(eps_model(x, manual.timesteps[i]), i, x)
+    _close(out, x, 1e-6)
+
+
+def test_custom_schedule_errors():
+    # every refusal names the argument and leaves the sampler's current run as it was
+    s = DPMSolverPPSampler().set_timesteps(5)
+    before = s.timesteps.clone()
+    bad = [
+        ({"timesteps": [999, 500, 500]}, ValueError, "^timesteps: expected a strictly decreasing"),
+        ({"timesteps": [10, 500]}, ValueError, "^timesteps: expected a strictly decreasing"),
+        ({"timesteps": [1000, 500]}, ValueError, r"^timesteps: expected values in \[0, 999\]"),
+        ({"timesteps": [999, -1]}, ValueError, r"^timesteps: expected values in \[0, 999\]"),
+        ({"timesteps": [999.5, 500]}, ValueError, "^timesteps: DPMSolverPPSampler runs integer timesteps"),
+        ({"timesteps": []}, ValueError, "^timesteps: expected a non-empty 1-D"),
+        ({"timesteps": [[999, 500]]}, ValueError, "^timesteps: expected a non-empty 1-D"),
+        ({"timesteps": [999, float("nan")]}, ValueError, "^timesteps: expected a non-empty 1-D sequence of finite"),
+        ({"timesteps": ["a", "b"]}, TypeError, "^timesteps: expected a sequence of numbers"),
+        ({"timesteps": [999, 500], "num_inference_steps": 3}, ValueError, "^num_inference_steps: 3, but 2 timesteps"),
+        ({}, ValueError, "^num_inference_steps: required when no custom timesteps"),
+    ]
+    for kw, err, match in bad:
+        with pytest.raises(err, match=match):
+            s.set_timesteps(**kw)
+        assert torch.equal(s.timesteps, before) and s.num_inference_steps == 5
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_karras_sigmas"):
+        DPMSolverPPSampler(use_karras_sigmas=True).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_flow_sigmas"):
+        DPMSolverPPSampler(use_flow_sigmas=True, prediction_type="flow_prediction").set_timesteps(timesteps=[999, 5])
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_karras_sigmas"):
+        EulerSampler(use_karras_sigmas=True).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with timestep_type="):
+        EulerSampler(timestep_type="continuous", prediction_type="v_prediction").set_timesteps(timesteps=[999, 5])
+    # samplers whose diffusers scheduler takes no custom timesteps refuse them, naming those that do
+    for cls in (DDIMSampler, EulerAncestralSampler, LMSSampler, LCMSampler, PNDMSampler, UniPCSampler, DEISSampler):
+        with pytest.raises(ValueError, match=f"^timesteps: custom timesteps are not supported by {cls.__name__}, .*"
+                                             "DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler"):
+            cls().set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by FlowMatchEulerSampler"):
+        FlowMatchEulerSampler().set_timesteps(timesteps=[999, 500])
+    # custom sigmas: Euler's (n + 1 noise levels)
+    e = EulerSampler().set_timesteps(4)
+    sig_before = e.sigmas.copy()
+    for kw, err, match in [
+        ({"sigmas": [5.0, 1.0, 0.0], "timesteps": [999, 5]}, ValueError, "^sigmas: pass custom timesteps or"),
+        ({"sigmas": [5.0]}, ValueError, "^sigmas: expected a 1-D sequence of at least 2"),
+        ({"sigmas": [5.0, 5.0, 0.0]}, ValueError, "^sigmas: expected strictly decreasing"),
+        ({"sigmas": [5.0, 0.0, 0.0]}, ValueError, "^sigmas: expected strictly decreasing"),
+        ({"sigmas": [1.0, -1.0]}, ValueError, "^sigmas: expected strictly decreasing"),
+        ({"sigmas": [float("inf"), 1.0]}, ValueError, "^sigmas: expected a 1-D sequence of at least 2 finite"),
+        ({"sigmas": [5.0, 1.0, 0.0], "num_inference_steps": 3}, ValueError, r"^num_inference_steps: 3, but 3 sigmas"),
+        ({"sigmas": object()}, TypeError, "^sigmas: expected a sequence of numbers"),
+    ]:
+        with pytest.raises(err, match=match):
+            e.set_timesteps(**kw)
+        np.testing.assert_array_equal(e.sigmas, sig_before)
+    for cls in (HeunSampler, LMSSampler, EulerAncestralSampler):
+        with pytest.raises(ValueError, match=f"^sigmas: custom sigmas are not supported by {cls.__name__}"):
+            cls().set_timesteps(sigmas=[5.0, 1.0, 0.0])
+    # the config's num_train_timesteps bounds them
+    s = DDPMSampler(num_train_timesteps=T_TRAIN)
+    assert s.set_timesteps(timesteps=[99, 50, 0]).timesteps.tolist() == [99, 50, 0]
+    with pytest.raises(ValueError, match=r"^timesteps: expected values in \[0, 99\] \(num_train_timesteps=100\)"):
+        s.set_timesteps(timesteps=[100, 50])
+
+
 @needs_diffusers
 @pytest.mark.parametrize("cfg", [{"solver_type": "bh1"}, {"predict_x0": False},
                                  {"predict_x0": False, "prediction_type": "v_prediction", "solver_type": "bh1"}])

@@ -67,6 +67,17 @@ def _is_real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _float64_array(values, name: str) -> np.ndarray:
+    """A custom schedule (a sequence, numpy array or tensor of numbers) as a float64 numpy array; TypeError naming
+    the argument for anything else."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}") from None
+
+
 def _karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho) from sigma_max down to sigma_min."""
     ramp = np.linspace(0, 1, n)
@@ -111,6 +122,12 @@ class Sampler:
     _prediction_types = PREDICTION_TYPES
 
     _n_buffers = 1  # the x0 history buffers a multistep sampler keeps (or properties that read the config)
+    #: the custom schedules set_timesteps takes, where the matching diffusers scheduler's set_timesteps takes them:
+    #: "timesteps" (training timesteps, e.g. Align Your Steps) and "sigmas" (noise levels)
+    _custom_schedules: tuple = ()
+    _timesteps_integral = True  # custom timesteps must be whole numbers (the model sees integer timesteps)
+    _given_timesteps = None  # set_timesteps' custom timesteps (float64), while its _plan runs
+    _given_sigmas = None  # likewise its custom sigmas (EulerSampler)
 
     @property
     def _two_buffers(self) -> bool:
@@ -209,14 +226,57 @@ class Sampler:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in diff.items())})"
 
     # -- the schedule of a run -------------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      timesteps=None):
         """Choose `num_inference_steps` steps and move their coefficient table to `device` (default: the sampler's
         device, initially the CPU). `seed` keys the in-kernel noise of stochastic samplers; None draws one from
         torch's global (CPU) generator, so torch.manual_seed makes runs reproducible. `begin_index`: the step index
         a run starts at (image-to-image: x = add_noise(x0, noise, begin_index), then steps begin_index, ...): a
-        multistep sampler takes its first-order step there, as diffusers does at a run's first step."""
+        multistep sampler takes its first-order step there, as diffusers does at a run's first step.
+        `timesteps`: the run's training timesteps, strictly decreasing, in place of the spaced ones (e.g. an Align
+        Your Steps schedule); their count is the number of steps. Taken where the matching diffusers scheduler takes
+        them (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler), and not kept: a later call without them
+        goes back to the spacing of the config."""
+        given = None
+        if timesteps is not None:
+            given = self._check_custom_timesteps(timesteps)
+            if num_inference_steps is not None and num_inference_steps != len(given):
+                raise ValueError(f"num_inference_steps: {num_inference_steps!r}, but {len(given)} timesteps were "
+                                 f"given (pass one or the other)")
+            num_inference_steps = len(given)
+        elif num_inference_steps is None:
+            raise ValueError("num_inference_steps: required when no custom timesteps are given")
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+        self._given_timesteps = given  # read by _plan, for this call only
+        try:
+            return self._set_timesteps(num_inference_steps, device, seed, begin_index)
+        finally:
+            self._given_timesteps = None
+
+    def _check_custom_timesteps(self, timesteps) -> np.ndarray:
+        """`timesteps` (set_timesteps' custom schedule) checked: a non-empty 1-D sequence, strictly decreasing,
+        within the trained range [0, num_train_timesteps), whole numbers where the sampler's timesteps are
+        integers. Returned as float64."""
+        name = type(self).__name__
+        if "timesteps" not in self._custom_schedules:
+            takes = ", ".join(c.__name__ for c in _CUSTOM_TIMESTEP_SAMPLERS)
+            raise ValueError(f"timesteps: custom timesteps are not supported by {name}, as by its diffusers "
+                             f"scheduler (samplers that take them: {takes})")
+        arr = _float64_array(timesteps, "timesteps")
+        T = self.config["num_train_timesteps"]
+        if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+            raise ValueError(f"timesteps: expected a non-empty 1-D sequence of finite numbers, got {timesteps!r}")
+        if self._timesteps_integral and not (arr == np.round(arr)).all():
+            raise ValueError(f"timesteps: {name} runs integer timesteps, got {timesteps!r}")
+        if arr.min() < 0 or arr.max() > T - 1:
+            raise ValueError(f"timesteps: expected values in [0, {T - 1}] (num_train_timesteps={T}), got "
+                             f"{timesteps!r}")
+        if arr.size > 1 and not (np.diff(arr) < 0).all():
+            raise ValueError(f"timesteps: expected a strictly decreasing sequence, got {timesteps!r}")
+        return arr
+
+    def _set_timesteps(self, num_inference_steps, device, seed, begin_index):
         if not _is_int(begin_index) or begin_index < 0:
             raise ValueError(f"begin_index: expected a non-negative int, got {begin_index!r}")
         n = int(num_inference_steps)
@@ -373,7 +433,7 @@ class Sampler:
     @property
     def sigmas(self):
         """Euler and DPM-Solver++: the n + 1 noise levels sqrt((1 - a) / a) of the run (numpy, the last one 0 or
-        sigma_min); None for the others."""
+        sigma_min, or the last of custom sigmas); None for the others."""
         self._require()
         return getattr(self, "_sigmas_np", None)
 
@@ -659,6 +719,7 @@ class DDPMSampler(Sampler):
 
     _options = {**_COMMON, "variance_type": "fixed_small", **_CLIPPING, **_THRESHOLDING, "timestep_spacing": "leading"}
     _fixed = {}
+    _custom_schedules = ("timesteps",)
     classifier_guidance = "mean"
     VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
@@ -686,7 +747,10 @@ class DDPMSampler(Sampler):
         if n > T:
             raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
         acp = self._acp()
-        ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
+        if self._given_timesteps is not None:  # each step goes to the next given timestep (the last one to -1)
+            ts = self._given_timesteps.astype(np.int64)
+        else:
+            ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
         a_t = acp[ts]
         prev = np.append(ts[1:], -1)
         a_p = np.where(prev >= 0, acp[np.maximum(prev, 0)], 1.0)
@@ -838,11 +902,48 @@ class EulerSampler(Sampler):
         x_next = x + (x - x0) / sigma (sigma_next - sigma)
 
     use_karras_sigmas=True spaces the sigmas as Karras et al. eq. 5 (rho = 7), between sigma_min and sigma_max.
+    set_timesteps takes custom ``timesteps=`` (sigmas interpolated at them) or ``sigmas=`` (the timesteps read
+    back from them), as EulerDiscreteScheduler's does.
     """
 
     _options = {**_COMMON, "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None,
                 "timestep_spacing": "linspace", "timestep_type": "discrete", "final_sigmas_type": "zero"}
     _fixed = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _custom_schedules = ("timesteps", "sigmas")
+    _timesteps_integral = False  # interpolated: fractional timesteps are fine (diffusers takes them as float32)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      timesteps=None, sigmas=None):
+        """As Sampler.set_timesteps. `sigmas` (EulerSampler): the run's n + 1 noise levels sqrt((1 - a) / a),
+        strictly decreasing, the last one the end of the run (0 to end on the clean sample), in place of the
+        spaced ones: n steps, the timesteps read back from the sigmas (diffusers' ``set_timesteps(sigmas=)``); the
+        config's Karras spacing and final_sigmas_type do not apply to them. Not kept past this call."""
+        if sigmas is None:
+            return super().set_timesteps(num_inference_steps, device, seed=seed, begin_index=begin_index,
+                                         timesteps=timesteps)
+        name = type(self).__name__
+        if "sigmas" not in self._custom_schedules:
+            raise ValueError(f"sigmas: custom sigmas are not supported by {name}, as by its diffusers scheduler "
+                             f"(EulerSampler and FlowMatchEulerSampler take them)")
+        if timesteps is not None:
+            raise ValueError("sigmas: pass custom timesteps or custom sigmas, not both")
+        arr = _float64_array(sigmas, "sigmas")
+        if arr.ndim != 1 or arr.size < 2 or not np.isfinite(arr).all():
+            raise ValueError(f"sigmas: expected a 1-D sequence of at least 2 finite values (n steps take n + 1 "
+                             f"sigmas, the last one where the run ends), got {sigmas!r}")
+        arr = arr.astype(np.float32)  # as diffusers takes them
+        if not (arr[:-1] > 0).all() or arr[-1] < 0 or not (np.diff(arr) < 0).all():
+            raise ValueError(f"sigmas: expected strictly decreasing values, positive but for the last one (which "
+                             f"may be 0), got {sigmas!r}")
+        n = arr.size - 1
+        if num_inference_steps is not None and num_inference_steps != n:
+            raise ValueError(f"num_inference_steps: {num_inference_steps!r}, but {arr.size} sigmas (= {n} steps) "
+                             f"were given (pass one or the other)")
+        self._given_sigmas = arr
+        try:
+            return super().set_timesteps(n, device, seed=seed, begin_index=begin_index)
+        finally:
+            self._given_sigmas = None
 
     def _validate(self, cfg):
         super()._validate(cfg)
@@ -861,7 +962,17 @@ class EulerSampler(Sampler):
     def _plan(self, n):
         cfg = {**EulerSampler._options, **self.config}  # EulerAncestralSampler has no sigma options: the defaults
         T = self.schedule.num_train_timesteps
-        if cfg["timestep_spacing"] == "linspace":
+        given_t, given_s = self._given_timesteps, self._given_sigmas
+        if given_t is not None and cfg["use_karras_sigmas"]:
+            raise ValueError("timesteps: custom timesteps can't be taken with use_karras_sigmas=True (as diffusers)")
+        if given_t is not None and cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
+            raise ValueError("timesteps: custom timesteps can't be taken with timestep_type='continuous' and "
+                             "prediction_type='v_prediction' (as diffusers: the timesteps are 0.25 log sigma there)")
+        if given_t is not None:
+            ts = given_t.astype(np.float32)
+        elif given_s is not None:
+            ts = None  # read back from the sigmas below
+        elif cfg["timestep_spacing"] == "linspace":
             ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
         elif cfg["timestep_spacing"] == "leading":
             ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + cfg["steps_offset"]
@@ -871,14 +982,18 @@ class EulerSampler(Sampler):
         # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
         # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
         log_sigmas = np.log(train_sigmas.astype(np.float32))
-        sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
-        if cfg["use_karras_sigmas"]:
-            smin = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
-            smax = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
-            sigmas = _karras(smin, smax, n)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-        last = ((1 - acp[0]) / acp[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-        sig = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+        if given_s is not None:  # float32, as given: the timesteps read back from them (float32 logs, as diffusers)
+            ts = np.array([_sigma_to_t(s, log_sigmas) for s in given_s[:-1]])
+            sig = given_s.astype(np.float64)
+        else:
+            sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+            if cfg["use_karras_sigmas"]:
+                smin = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
+                smax = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
+                sigmas = _karras(smin, smax, n)
+                ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+            last = ((1 - acp[0]) / acp[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+            sig = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
         if cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
             ts = 0.25 * np.log(sig[:-1].astype(np.float32)).astype(np.float32)
         s, s_next = sig[:-1], sig[1:]
@@ -917,6 +1032,7 @@ class LMSSampler(EulerSampler):
 
     _options = {**_COMMON, "use_karras_sigmas": False, "timestep_spacing": "linspace"}
     _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _custom_schedules = ()  # as LMSDiscreteScheduler
     _multistep = True
     _n_buffers = 3
     ORDER = 4
@@ -961,6 +1077,7 @@ class EulerAncestralSampler(EulerSampler):
 
     _options = {**_COMMON, "timestep_spacing": "linspace"}
     _fixed = {}
+    _custom_schedules = ()  # as EulerAncestralDiscreteScheduler
 
     def _validate(self, cfg):
         Sampler._validate(self, cfg)
@@ -999,6 +1116,7 @@ class HeunSampler(EulerSampler):
     _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
                 "clip_sample": False, "clip_sample_range": 1.0, "timestep_spacing": "linspace"}
     _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _custom_schedules = ("timesteps",)  # as HeunDiscreteScheduler (no custom sigmas)
     _multistep = True
 
     def _validate(self, cfg):
@@ -1041,12 +1159,12 @@ class HeunSampler(EulerSampler):
                 "in_div": np.sqrt(s_ev**2 + 1)}
 
 
-def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karras=True):
+def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karras=True, given=None):
     """(timesteps, sigmas) of an n-step run of a variance-preserving multistep scheduler, as diffusers'
     DPMSolverMultistepScheduler and UniPCMultistepScheduler compute them: the timesteps spaced over the trained
-    range (cut at lambda_min_clipped), sigma = sqrt((1 - acp) / acp) at them (or Karras sigmas with the timesteps
-    read back, rounded unless round_karras is False), then the final sigma (0 or sigma_min): n + 1 float64 values
-    rounded through float32."""
+    range (cut at lambda_min_clipped), or the `given` ones (custom timesteps), sigma = sqrt((1 - acp) / acp) at
+    them (or Karras sigmas with the timesteps read back, rounded unless round_karras is False), then the final
+    sigma (0 or sigma_min): n + 1 float64 values rounded through float32."""
     T = schedule.num_train_timesteps
     acp_t = schedule.alphas_cumprod.clone()
     if cfg["rescale_betas_zero_snr"]:
@@ -1055,7 +1173,11 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(lambda_min_clipped))))
     last_t = T - clipped
     sp = cfg["timestep_spacing"]
-    if sp == "linspace":
+    if given is not None:
+        if cfg["use_karras_sigmas"]:
+            raise ValueError("timesteps: custom timesteps can't be taken with use_karras_sigmas=True (as diffusers)")
+        ts = given.astype(np.int64)
+    elif sp == "linspace":
         ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
     elif sp == "leading":
         ratio = last_t // (n + 1)
@@ -1111,12 +1233,14 @@ def _dpm_flow_sigmas(cfg, mu, n):
 class _FlowShiftMu(Sampler):
     """set_timesteps(mu=) of the multistep samplers whose flow sigmas take diffusers' exp(mu) shift."""
 
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      mu=None, timesteps=None):
         """As Sampler.set_timesteps; `mu` (flow sigmas with use_dynamic_shifting): the shift is exp(mu), as
         diffusers sets flow_shift (kept in ``self.mu`` for later calls; without one, flow_shift)."""
         if mu is not None and not (self.config["use_flow_sigmas"] and self.config["use_dynamic_shifting"]):
             raise ValueError("mu: only used with use_flow_sigmas=True and use_dynamic_shifting=True")
-        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu,
+                                      timesteps)
 
 
 class DPMSolverPPSampler(_FlowShiftMu):
@@ -1143,6 +1267,7 @@ class DPMSolverPPSampler(_FlowShiftMu):
                 "variance_type": None, "timestep_spacing": "linspace", "use_flow_sigmas": False, "flow_shift": 1.0,
                 "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False}
+    _custom_schedules = ("timesteps",)  # as DPMSolverMultistepScheduler (e.g. Align Your Steps)
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
     _multistep = True
@@ -1180,6 +1305,8 @@ class DPMSolverPPSampler(_FlowShiftMu):
     def _plan(self, n):
         cfg = self.config
         flow = cfg["use_flow_sigmas"]
+        if flow and self._given_timesteps is not None:
+            raise ValueError("timesteps: custom timesteps can't be taken with use_flow_sigmas=True")
         if flow:  # diffusers' flow sigmas: 1 - linspace(1, 1/T, n + 1) shifted, reversed, the final 0 dropped
             ts, fs = _dpm_flow_sigmas(cfg, self.mu, n)
             acp0 = float(self.schedule.alphas_cumprod[0])  # (sigma_min is the VP one there too, as diffusers')
@@ -1188,7 +1315,7 @@ class DPMSolverPPSampler(_FlowShiftMu):
             alpha, sigma_vp = 1 - sig, sig
         else:
             ts, sig = _vp_sigmas(cfg, self.schedule, n, cfg["lambda_min_clipped"],
-                                 round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2")
+                                 round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2", given=self._given_timesteps)
             alpha = 1 / np.sqrt(sig**2 + 1)
             sigma_vp = sig * alpha
         n = len(ts)
@@ -1271,7 +1398,7 @@ class DPMSolverPPSampler(_FlowShiftMu):
         row[_E] = -l_ / r1
 
 
-def _set_timesteps_with_mu(sampler, set_timesteps, n, device, seed, begin_index, mu):
+def _set_timesteps_with_mu(sampler, set_timesteps, n, device, seed, begin_index, mu, timesteps=None):
     """set_timesteps of a sampler with dynamic shifting: `mu` checked and kept in sampler.mu (a refused call keeps
     the previous one)."""
     before = sampler.mu
@@ -1280,7 +1407,7 @@ def _set_timesteps_with_mu(sampler, set_timesteps, n, device, seed, begin_index,
             raise ValueError(f"mu: expected a finite float, got {mu!r}")
         sampler.mu = float(mu)
     try:
-        return set_timesteps(n, device, seed=seed, begin_index=begin_index)
+        return set_timesteps(n, device, seed=seed, begin_index=begin_index, timesteps=timesteps)
     except Exception:
         sampler.mu = before
         raise
@@ -1490,6 +1617,7 @@ class FlowMatchEulerSampler(Sampler):
                 "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False,
                 "stochastic_sampling": False}
     _fixed = {"invert_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _custom_schedules = ("sigmas",)  # n values in (0, 1], before shifting (set_timesteps)
 
     def _build_schedule(self):
         self.schedule = None  # no discrete-time VP schedule: the sigmas are the schedule
@@ -1529,12 +1657,16 @@ class FlowMatchEulerSampler(Sampler):
         return image_seq_len * m + (cfg["base_shift"] - m * cfg["base_image_seq_len"])
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
-                      mu=None, sigmas=None):
+                      mu=None, sigmas=None, timesteps=None):
         """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
         shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it). `sigmas`: this
         run's sigmas before shifting, in place of the default linspace (as diffusers' ``set_timesteps(sigmas=)``,
         which the Flux pipeline passes: ``np.linspace(1, 1 / n, n)``); their count is the number of steps. Not kept:
-        a later call without them goes back to the default."""
+        a later call without them goes back to the default. Custom `timesteps` are refused (pass sigmas: a flow
+        model's timestep is sigma * num_train_timesteps)."""
+        if timesteps is not None:
+            raise ValueError("timesteps: custom timesteps are not supported by FlowMatchEulerSampler: pass the "
+                             "sigmas (timesteps / num_train_timesteps) instead")
         if sigmas is not None:
             arr = np.asarray(sigmas, dtype=np.float32)
             if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all() or not ((arr > 0) & (arr <= 1)).all():
@@ -1646,9 +1778,11 @@ class UniPCSampler(Sampler):
         if st is not None and (not cfg["use_flow_sigmas"] or not _is_real(st) or not 0 <= st < 1):
             raise ValueError(f"shift_terminal: expected None, or a float in [0, 1) with use_flow_sigmas, got {st!r}")
 
-    def set_timesteps(self, num_inference_steps: int, device=None, *, seed=None, begin_index: int = 0, mu=None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      mu=None, timesteps=None):
         """As Sampler.set_timesteps; `mu`: the shift of use_dynamic_shifting (flow sigmas), kept in ``self.mu``."""
-        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu)
+        return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index, mu,
+                                      timesteps)
 
     def _clip(self):
         return super()._clip() if self.config["predict_x0"] else "none"  # diffusers thresholds x0 predictions only
@@ -1793,6 +1927,8 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "deis": DEISSampler}
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
+_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler)
+
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
                         "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
@@ -1804,7 +1940,7 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (DEIS, KDPM2, ...) raises ValueError: pick a
+    (scheduler_config.json). A class without a fastdiff sampler (KDPM2, EDM, ...) raises ValueError: pick a
     sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion configs)."""
     config = getattr(scheduler, "config", scheduler)
     if not isinstance(config, Mapping):

@@ -397,9 +397,9 @@ class FastdiffScheduler(SchedulerMixin):
     Noise: a stochastic sampler draws it in the kernel from a seed; the ``generator`` a pipeline passes to ``step``
     gives that seed (one draw from it at a run's first step), so the same generator gives the same images, but not
     the images diffusers' scheduler draws with it. ``eta`` (DDIM) and ``use_clipped_model_output`` take effect at a
-    run's first step; custom ``sigmas=`` are taken by flow matching (Flux's pipeline passes them), custom
-    ``timesteps=`` by none (a pipeline passing them gets diffusers' own "does not support custom timestep
-    schedules" error).
+    run's first step; custom ``timesteps=`` (e.g. Align Your Steps) are taken by DDPM, Euler, Heun and
+    DPM-Solver++, custom ``sigmas=`` by Euler and flow matching (Flux's pipeline passes them), as by the diffusers
+    schedulers they replace; the others refuse them with a ValueError naming the argument.
     """
 
     def __init__(self, sampler, scheduler=None):
@@ -421,7 +421,8 @@ class FastdiffScheduler(SchedulerMixin):
         self._step = None  # the step index of the run under way (diffusers' step_index)
         self._begin = None
         self._started = False  # the run's first step has applied eta / use_clipped_model_output / generator
-        self._sigmas = None  # the custom sigmas of the run (flow matching), for its re-plans
+        self._sigmas = None  # the custom sigmas of the run (flow matching, Euler), for its re-plans
+        self._timesteps = None  # likewise its custom timesteps
         self._n = None  # the num_inference_steps of the run, likewise
 
     @classmethod
@@ -488,15 +489,20 @@ class FastdiffScheduler(SchedulerMixin):
         return cls.from_scheduler(base_cls.from_config(cfg))
 
     # -- the run ----------------------------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, sigmas=None, **options):
-        """As a diffusers scheduler's. `sigmas`: custom sigmas, for flow matching (the Flux pipeline passes them;
-        FlowMatchEulerSampler.set_timesteps). `options`: scheduler options some pipelines pass here (LCM's
-        original_inference_steps), applied to the sampler's config when not None."""
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, sigmas=None, timesteps=None, **options):
+        """As a diffusers scheduler's. `timesteps`: custom timesteps (DDPM, Euler, Heun, DPM-Solver++; e.g. Align
+        Your Steps: pipelines pass them through retrieve_timesteps). `sigmas`: custom sigmas (Euler: n + 1 noise
+        levels; flow matching: n sigmas before shifting, as the Flux pipeline passes them). `options`: scheduler
+        options some pipelines pass here (LCM's original_inference_steps), applied to the sampler's config when not
+        None."""
         s = self.sampler
-        if sigmas is not None and "sigmas" not in inspect.signature(s.set_timesteps).parameters:
-            raise ValueError(f"sigmas: custom sigmas are not supported by {type(s).__name__} (flow matching only)")
-        if num_inference_steps is None and sigmas is None:
-            raise ValueError("num_inference_steps: required (custom timesteps are not supported)")
+        if sigmas is not None and "sigmas" not in s._custom_schedules:
+            raise ValueError(f"sigmas: custom sigmas are not supported by {type(s).__name__} (Euler and flow "
+                             f"matching take them)")
+        if timesteps is not None and "timesteps" not in s._custom_schedules:
+            s._check_custom_timesteps(timesteps)  # raises, naming the samplers that take them
+        if num_inference_steps is None and sigmas is None and timesteps is None:
+            raise ValueError("num_inference_steps: required when no custom timesteps or sigmas are given")
         for k, v in options.items():
             if k not in s.config:
                 raise TypeError(f"{k}: not an option of {type(s).__name__} (FastdiffScheduler.set_timesteps)")
@@ -507,6 +513,8 @@ class FastdiffScheduler(SchedulerMixin):
             kw["mu"] = mu
         if sigmas is not None:
             kw["sigmas"] = sigmas
+        if timesteps is not None:
+            kw["timesteps"] = timesteps
         before = dict(s.config)
         s.config.update({k: v for k, v in options.items() if v is not None})
         try:
@@ -516,6 +524,7 @@ class FastdiffScheduler(SchedulerMixin):
             s.config.update(before)
             raise
         self._sigmas = sigmas  # given again at every re-plan of this run
+        self._timesteps = timesteps
         # the steps asked for, which re-plans ask for again (the sampler's num_inference_steps can count otherwise:
         # Heun and PNDM count model calls, DPM-Solver++ can run fewer)
         self._n = num_inference_steps
@@ -533,8 +542,10 @@ class FastdiffScheduler(SchedulerMixin):
         kw = {"mu": s.mu} if s.mu is not None else {}
         if self._sigmas is not None:
             kw["sigmas"] = self._sigmas
+        if self._timesteps is not None:
+            kw["timesteps"] = self._timesteps
         n = self._n
-        if n is None and "sigmas" not in kw:
+        if n is None and "sigmas" not in kw and "timesteps" not in kw:
             raise RuntimeError("FastdiffScheduler: call set_timesteps(num_inference_steps) first")
         s.set_timesteps(n, seed=s.seed if seed is None else seed,
                         begin_index=s._begin_index if begin_index is None else begin_index, **kw)
