@@ -978,6 +978,23 @@ DIFFUSERS_CASES = [
     ("LMSDiscreteScheduler", LMSSampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
     ("LMSDiscreteScheduler", LMSSampler, {"prediction_type": "sample", "timestep_spacing": "leading",
                                           "steps_offset": 1}),
+    # the exponential and beta sigma spacings (diffusers' use_exponential_sigmas / use_beta_sigmas)
+    ("EulerDiscreteScheduler", EulerSampler, {**SD, "use_exponential_sigmas": True}),
+    ("EulerDiscreteScheduler", EulerSampler, {"use_beta_sigmas": True, "sigma_min": 0.05, "sigma_max": 40.0,
+                                              "final_sigmas_type": "sigma_min"}),
+    ("HeunDiscreteScheduler", HeunSampler, {"use_beta_sigmas": True, "prediction_type": "v_prediction"}),
+    ("LMSDiscreteScheduler", LMSSampler, {**SD, "use_exponential_sigmas": True}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {**SD, "use_exponential_sigmas": True,
+                                                         "algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_beta_sigmas": True, "solver_order": 3,
+                                                         "prediction_type": "v_prediction"}),
+    # (with final_sigmas_type="sigma_min" the beta sigmas end at sigma_min twice: diffusers' last 3M step over
+    # that zero-length interval is NaN at 25 steps, ours is finite; the earlier steps agree)
+    ("DEISMultistepScheduler", DEISSampler, {"use_exponential_sigmas": True, "solver_order": 3}),
+    ("UniPCMultistepScheduler", UniPCSampler, {**SD, "use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True, "solver_type": "bh1",
+                                               "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True}),
 ]
 
 
@@ -1079,6 +1096,48 @@ def test_euler_custom_sigmas_match_diffusers(cfg, sigmas):
     x = _x((2, 3, 8, 8)) * ours.init_noise_sigma
     for a, b in zip(_ours_loop(ours, x.clone(), None), _diffusers_loop(ds, x.clone(), None)):
         _close(a, b, 5e-4)
+
+
+def test_sigma_spacing_options():
+    # use_exponential_sigmas: evenly spaced in log sigma between the trained ends (or sigma_min / sigma_max)
+    s = EulerSampler(use_exponential_sigmas=True).set_timesteps(5)
+    train = ((1 - s.schedule.alphas_cumprod) / s.schedule.alphas_cumprod).double().sqrt().numpy()
+    want = np.exp(np.linspace(np.log(train[-1]), np.log(train[0]), 5))
+    np.testing.assert_allclose(s.sigmas[:-1], want, rtol=1e-6)
+    assert s.sigmas[-1] == 0
+    e = EulerSampler(use_exponential_sigmas=True, sigma_min=0.1, sigma_max=10.0).set_timesteps(3)
+    np.testing.assert_allclose(e.sigmas, [10.0, 1.0, 0.1, 0.0], rtol=1e-6)
+    # use_beta_sigmas: at the Beta(0.6, 0.6) quantiles 1, 0.75, ..., 0 (denser at both ends than in the middle)
+    b = EulerSampler(use_beta_sigmas=True, sigma_min=1.0, sigma_max=11.0).set_timesteps(5)
+    np.testing.assert_allclose(b.sigmas[[0, 2, 4]], [11.0, 6.0, 1.0], rtol=1e-6)  # symmetric: the median at 0.5
+    gaps = -np.diff(b.sigmas[:-1])
+    assert gaps[0] < gaps[1] and gaps[3] < gaps[2]
+    # one spacing at a time; bools only; not with custom timesteps or flow sigmas (as diffusers)
+    for cls in (EulerSampler, HeunSampler, LMSSampler, DPMSolverPPSampler, DEISSampler, UniPCSampler,
+                FlowMatchEulerSampler):
+        with pytest.raises(ValueError, match="^use_beta_sigmas: only one of use_karras_sigmas, use_exponential"):
+            cls(use_karras_sigmas=True, use_beta_sigmas=True)
+        with pytest.raises(TypeError, match="^use_exponential_sigmas: expected a bool"):
+            cls(use_exponential_sigmas="yes")
+    for cls in (EulerSampler, DPMSolverPPSampler):
+        with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_exponential"):
+            cls(use_exponential_sigmas=True).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="^use_beta_sigmas: not implemented together with use_flow_sigmas"):
+        DPMSolverPPSampler(use_flow_sigmas=True, prediction_type="flow_prediction", use_beta_sigmas=True)
+    # EulerAncestralSampler's diffusers scheduler has no such option
+    with pytest.raises(TypeError, match="^use_beta_sigmas: not an option of EulerAncestralSampler"):
+        EulerAncestralSampler(use_beta_sigmas=True)
+
+
+def test_beta_sigmas_need_scipy(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as if scipy were not installed
+    s = EulerSampler(use_beta_sigmas=True)
+    with pytest.raises(ImportError, match=r"^use_beta_sigmas: the beta spacing needs scipy \(pip install scipy\)"):
+        s.set_timesteps(4)
+    assert s.num_inference_steps is None
+    EulerSampler(use_exponential_sigmas=True).set_timesteps(4)  # the other spacings need nothing
 
 
 def test_custom_timesteps_run_through_sample():
@@ -1286,7 +1345,9 @@ def test_unipc_options_and_errors():
 FLOW_CASES = [({}, None), ({"shift": 3.0}, None), ({"use_dynamic_shifting": True}, 0.8),
               ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, 1.3),
               ({"shift": 3.0, "use_karras_sigmas": True}, None), ({"shift": 2.0, "shift_terminal": 0.1}, None),
-              ({"stochastic_sampling": True, "shift": 3.0}, None)]
+              ({"stochastic_sampling": True, "shift": 3.0}, None),
+              ({"shift": 3.0, "use_exponential_sigmas": True}, None),
+              ({"use_dynamic_shifting": True, "use_beta_sigmas": True}, 0.8)]
 
 
 @needs_diffusers

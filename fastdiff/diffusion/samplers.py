@@ -85,6 +85,43 @@ def _karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.
     return (hi + ramp * (lo - hi)) ** rho
 
 
+_SIGMA_SPACINGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential", "use_beta_sigmas": "beta"}
+_SPACING_OPTIONS = {"use_exponential_sigmas": False, "use_beta_sigmas": False}  # beside use_karras_sigmas
+
+
+def _sigma_spacing(cfg):
+    """Which of diffusers' sigma spacings the config turns on: "karras", "exponential", "beta" or None."""
+    return next((kind for k, kind in _SIGMA_SPACINGS.items() if cfg.get(k)), None)
+
+
+def _check_sigma_spacing(cfg):
+    """use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas: bools, at most one of them on (as diffusers)."""
+    on = [k for k in _SIGMA_SPACINGS if k in cfg and cfg[k]]
+    for k in _SIGMA_SPACINGS:
+        if k in cfg and not isinstance(cfg[k], (bool, np.bool_)):
+            raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+    if len(on) > 1:
+        raise ValueError(f"{on[1]}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
+                         f"be on (got {', '.join(on)})")
+
+
+def _spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min, spaced as diffusers' _convert_to_karras (rho = 7),
+    _convert_to_exponential (evenly in log sigma) or _convert_to_beta (at the quantiles 1 - linspace(0, 1, n) of a
+    Beta(0.6, 0.6) distribution, "Beta Sampling is All You Need", Lee et al. 2024; needs scipy, as diffusers')."""
+    if kind == "karras":
+        return _karras(sigma_min, sigma_max, n)
+    if kind == "exponential":
+        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+    try:
+        from scipy.stats import beta as beta_dist
+    except ImportError:
+        raise ImportError("use_beta_sigmas: the beta spacing needs scipy (pip install scipy), as diffusers' "
+                          "does") from None
+    ppf = beta_dist.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
 def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The (fractional) training timestep of each sigma: linear interpolation in log sigma (as diffusers)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -207,7 +244,8 @@ class Sampler:
                              f"{cfg['timestep_spacing']!r}")
         if not _is_int(cfg["steps_offset"]) or cfg["steps_offset"] < 0:
             raise ValueError(f"steps_offset: expected a non-negative int, got {cfg['steps_offset']!r}")
-        for k in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one", "use_karras_sigmas",
+        _check_sigma_spacing(cfg)
+        for k in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one",
                   "lower_order_final", "euler_at_final", "use_clipped_model_output"):
             if k in cfg and not isinstance(cfg[k], (bool, np.bool_)):
                 raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
@@ -901,14 +939,15 @@ class EulerSampler(Sampler):
 
         x_next = x + (x - x0) / sigma (sigma_next - sigma)
 
-    use_karras_sigmas=True spaces the sigmas as Karras et al. eq. 5 (rho = 7), between sigma_min and sigma_max.
+    use_karras_sigmas=True spaces the sigmas as Karras et al. eq. 5 (rho = 7), between sigma_min and sigma_max;
+    use_exponential_sigmas evenly in log sigma, use_beta_sigmas at Beta(0.6, 0.6) quantiles (scipy).
     set_timesteps takes custom ``timesteps=`` (sigmas interpolated at them) or ``sigmas=`` (the timesteps read
     back from them), as EulerDiscreteScheduler's does.
     """
 
-    _options = {**_COMMON, "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None,
+    _options = {**_COMMON, "use_karras_sigmas": False, **_SPACING_OPTIONS, "sigma_min": None, "sigma_max": None,
                 "timestep_spacing": "linspace", "timestep_type": "discrete", "final_sigmas_type": "zero"}
-    _fixed = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _fixed = {"interpolation_type": "linear"}
     _custom_schedules = ("timesteps", "sigmas")
     _timesteps_integral = False  # interpolated: fractional timesteps are fine (diffusers takes them as float32)
 
@@ -963,8 +1002,10 @@ class EulerSampler(Sampler):
         cfg = {**EulerSampler._options, **self.config}  # EulerAncestralSampler has no sigma options: the defaults
         T = self.schedule.num_train_timesteps
         given_t, given_s = self._given_timesteps, self._given_sigmas
-        if given_t is not None and cfg["use_karras_sigmas"]:
-            raise ValueError("timesteps: custom timesteps can't be taken with use_karras_sigmas=True (as diffusers)")
+        spacing = _sigma_spacing(cfg)
+        if given_t is not None and spacing:
+            raise ValueError(f"timesteps: custom timesteps can't be taken with use_{spacing}_sigmas=True (as "
+                             f"diffusers)")
         if given_t is not None and cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
             raise ValueError("timesteps: custom timesteps can't be taken with timestep_type='continuous' and "
                              "prediction_type='v_prediction' (as diffusers: the timesteps are 0.25 log sigma there)")
@@ -987,10 +1028,10 @@ class EulerSampler(Sampler):
             sig = given_s.astype(np.float64)
         else:
             sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
-            if cfg["use_karras_sigmas"]:
+            if spacing:
                 smin = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
                 smax = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
-                sigmas = _karras(smin, smax, n)
+                sigmas = _spaced_sigmas(spacing, smin, smax, n)
                 ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
             last = ((1 - acp[0]) / acp[0]).item() ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
             sig = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
@@ -1030,8 +1071,8 @@ class LMSSampler(EulerSampler):
     uses scipy's quad, exact for them to rounding). Sigmas, timesteps and input scaling are EulerSampler's.
     """
 
-    _options = {**_COMMON, "use_karras_sigmas": False, "timestep_spacing": "linspace"}
-    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _options = {**_COMMON, "use_karras_sigmas": False, **_SPACING_OPTIONS, "timestep_spacing": "linspace"}
+    _fixed = {}
     _custom_schedules = ()  # as LMSDiscreteScheduler
     _multistep = True
     _n_buffers = 3
@@ -1110,12 +1151,13 @@ class HeunSampler(EulerSampler):
     so n steps take 2n - 1 model evaluations: ``timesteps`` holds 2n - 1 entries (every one after the first
     twice, as diffusers lists them) and ``num_inference_steps`` counts them. The correction reads the Euler step's
     x0 from the sampler's buffer and re-derives x from it, so every call is one fused kernel. Sigmas, timesteps and
-    input scaling are EulerSampler's (Karras sigmas optional); defaults are HeunDiscreteScheduler's.
+    input scaling are EulerSampler's (Karras, exponential or beta sigmas optional); defaults are
+    HeunDiscreteScheduler's.
     """
 
     _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
-                "clip_sample": False, "clip_sample_range": 1.0, "timestep_spacing": "linspace"}
-    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+                **_SPACING_OPTIONS, "clip_sample": False, "clip_sample_range": 1.0, "timestep_spacing": "linspace"}
+    _fixed = {}
     _custom_schedules = ("timesteps",)  # as HeunDiscreteScheduler (no custom sigmas)
     _multistep = True
 
@@ -1163,8 +1205,9 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     """(timesteps, sigmas) of an n-step run of a variance-preserving multistep scheduler, as diffusers'
     DPMSolverMultistepScheduler and UniPCMultistepScheduler compute them: the timesteps spaced over the trained
     range (cut at lambda_min_clipped), or the `given` ones (custom timesteps), sigma = sqrt((1 - acp) / acp) at
-    them (or Karras sigmas with the timesteps read back, rounded unless round_karras is False), then the final
-    sigma (0 or sigma_min): n + 1 float64 values rounded through float32."""
+    them (or Karras, exponential or beta sigmas over the trained range, with the timesteps read back: Karras ones
+    rounded unless round_karras is False, the others truncated, as diffusers' int64 cast), then the final sigma (0
+    or sigma_min): n + 1 float64 values rounded through float32."""
     T = schedule.num_train_timesteps
     acp_t = schedule.alphas_cumprod.clone()
     if cfg["rescale_betas_zero_snr"]:
@@ -1173,9 +1216,11 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(lambda_min_clipped))))
     last_t = T - clipped
     sp = cfg["timestep_spacing"]
+    spacing = _sigma_spacing(cfg)
     if given is not None:
-        if cfg["use_karras_sigmas"]:
-            raise ValueError("timesteps: custom timesteps can't be taken with use_karras_sigmas=True (as diffusers)")
+        if spacing:
+            raise ValueError(f"timesteps: custom timesteps can't be taken with use_{spacing}_sigmas=True (as "
+                             f"diffusers)")
         ts = given.astype(np.int64)
     elif sp == "linspace":
         ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -1188,11 +1233,11 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
     # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
     log_sigmas = np.log(train_sigmas.astype(np.float32))
-    if cfg["use_karras_sigmas"]:
+    if spacing:
         flipped = np.flip(train_sigmas).copy()
-        sigmas = _karras(flipped[-1].item(), flipped[0].item(), n)
+        sigmas = _spaced_sigmas(spacing, flipped[-1].item(), flipped[0].item(), n)
         tf = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-        if round_karras:
+        if round_karras and spacing == "karras":
             tf = tf.round()
         ts = tf.astype(np.int64)
     else:
@@ -1216,8 +1261,8 @@ def _check_flow_options(cfg, time_shift_types):
     if cfg["time_shift_type"] not in time_shift_types:
         raise ValueError(f"time_shift_type: expected {' or '.join(map(repr, time_shift_types))}, got "
                          f"{cfg['time_shift_type']!r}")
-    if cfg["use_flow_sigmas"] and cfg["use_karras_sigmas"]:
-        raise ValueError("use_karras_sigmas: not implemented together with use_flow_sigmas")
+    if cfg["use_flow_sigmas"] and _sigma_spacing(cfg):
+        raise ValueError(f"use_{_sigma_spacing(cfg)}_sigmas: not implemented together with use_flow_sigmas")
 
 
 def _dpm_flow_sigmas(cfg, mu, n):
@@ -1263,10 +1308,11 @@ class DPMSolverPPSampler(_FlowShiftMu):
 
     _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
                 "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
-                "use_karras_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"),
+                "use_karras_sigmas": False, **_SPACING_OPTIONS, "final_sigmas_type": "zero",
+                "lambda_min_clipped": -float("inf"),
                 "variance_type": None, "timestep_spacing": "linspace", "use_flow_sigmas": False, "flow_shift": 1.0,
                 "use_dynamic_shifting": False, "time_shift_type": "exponential"}
-    _fixed = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False}
+    _fixed = {"use_lu_lambdas": False}
     _custom_schedules = ("timesteps",)  # as DPMSolverMultistepScheduler (e.g. Align Your Steps)
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
@@ -1446,9 +1492,10 @@ class DEISSampler(_FlowShiftMu):
     """
 
     _options = {**_COMMON, "solver_order": 2, "algorithm_type": "deis", "solver_type": "logrho",
-                "lower_order_final": True, "use_karras_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+                "lower_order_final": True, "use_karras_sigmas": False, **_SPACING_OPTIONS, "use_flow_sigmas": False,
+                "flow_shift": 1.0,
                 "timestep_spacing": "linspace", "use_dynamic_shifting": False, "time_shift_type": "exponential"}
-    _fixed = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _fixed = {"thresholding": False}
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     _multistep = True
 
@@ -1472,10 +1519,10 @@ class DEISSampler(_FlowShiftMu):
             ts, fs = _dpm_flow_sigmas(cfg, self.mu, n)
             sig = np.concatenate([fs, fs[-1:]]).astype(np.float32).astype(np.float64)
             alpha, sigma = 1 - sig, sig
-        else:  # the final sigma: sigma_min, or (Karras) the last one repeated
-            ts, sig = _vp_sigmas({**cfg, "final_sigmas_type": "zero" if cfg["use_karras_sigmas"] else "sigma_min"},
-                                 self.schedule, n)
-            if cfg["use_karras_sigmas"]:
+        else:  # the final sigma: sigma_min, or (Karras, exponential, beta sigmas) the last one repeated
+            spaced = _sigma_spacing(cfg) is not None
+            ts, sig = _vp_sigmas({**cfg, "final_sigmas_type": "zero" if spaced else "sigma_min"}, self.schedule, n)
+            if spaced:
                 sig[-1] = sig[-2]
             alpha = 1 / np.sqrt(sig**2 + 1)
             sigma = sig * alpha
@@ -1614,9 +1661,9 @@ class FlowMatchEulerSampler(Sampler):
 
     _options = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
-                "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False,
+                "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False, **_SPACING_OPTIONS,
                 "stochastic_sampling": False}
-    _fixed = {"invert_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _fixed = {"invert_sigmas": False}
     _custom_schedules = ("sigmas",)  # n values in (0, 1], before shifting (set_timesteps)
 
     def _build_schedule(self):
@@ -1626,7 +1673,8 @@ class FlowMatchEulerSampler(Sampler):
         T = cfg["num_train_timesteps"]
         if not _is_int(T) or T < 1:
             raise ValueError(f"num_train_timesteps: expected a positive int, got {T!r}")
-        for k in ("use_dynamic_shifting", "use_karras_sigmas", "stochastic_sampling"):
+        _check_sigma_spacing(cfg)
+        for k in ("use_dynamic_shifting", "stochastic_sampling"):
             if not isinstance(cfg[k], (bool, np.bool_)):
                 raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
         if not _is_real(cfg["shift"]) or not cfg["shift"] > 0:
@@ -1705,8 +1753,8 @@ class FlowMatchEulerSampler(Sampler):
                 raise ValueError(f"num_inference_steps: shift_terminal={st!r} stretches the sigmas to end at "
                                  f"it, which needs at least 2 steps, got 1")
             sig = _stretch_to_terminal(sig, cfg["shift_terminal"])
-        if cfg["use_karras_sigmas"]:
-            sig = _karras(float(sig[-1]), float(sig[0]), n)
+        if _sigma_spacing(cfg):
+            sig = _spaced_sigmas(_sigma_spacing(cfg), float(sig[-1]), float(sig[0]), n)
         return sig.astype(np.float32)
 
     def _plan(self, n):
@@ -1752,12 +1800,11 @@ class UniPCSampler(Sampler):
     """
 
     _options = {**_COMMON, "solver_order": 2, **_THRESHOLDING, "predict_x0": True, "solver_type": "bh2",
-                "lower_order_final": True, "disable_corrector": [], "use_karras_sigmas": False,
+                "lower_order_final": True, "disable_corrector": [], "use_karras_sigmas": False, **_SPACING_OPTIONS,
                 "use_flow_sigmas": False, "flow_shift": 1.0, "timestep_spacing": "linspace",
                 "final_sigmas_type": "zero", "use_dynamic_shifting": False, "time_shift_type": "exponential",
                 "shift_terminal": None}
-    _fixed = {"solver_p": None, "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
-              "sigma_max": None}
+    _fixed = {"solver_p": None, "sigma_min": None, "sigma_max": None}
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     _multistep = True
 
