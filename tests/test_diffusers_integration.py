@@ -596,13 +596,15 @@ SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": Fals
                ("EulerDiscreteScheduler", {"use_karras_sigmas": True}), ("HeunDiscreteScheduler", {}),
                ("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {"solver_order": 3}),
                ("UniPCMultistepScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
-               ("LMSDiscreteScheduler", {"use_karras_sigmas": True})]
+               ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+               # Playground v2.5's scheduler (EDM DPM-Solver++) and EDM Euler: timesteps log(sigma) / 4, input c_in x
+               ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {"sigma_max": 14.6, "solver_order": 3})]
 
 
 @pytest.mark.parametrize("name,cfg", SCHED_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHED_CASES)])
 def test_fastdiff_scheduler_in_a_pipeline_loop(models, name, cfg):
     unet = models["unet_cond"]
-    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sd = {} if name.startswith("EDM") else {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     base = getattr(diffusers, name)(**sd, **cfg)
     g = torch.Generator().manual_seed(5)
     ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
@@ -612,7 +614,8 @@ def test_fastdiff_scheduler_in_a_pipeline_loop(models, name, cfg):
     got = _pipeline_loop(unet, sched, (2, 4, 16, 16), **kw)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     assert sched.config is base.config and sched.order == base.order and len(sched) == len(base)
-    assert sched.step_index == len(sched.timesteps)
+    assert sched.step_index == len(sched.timesteps) and sched.init_noise_sigma == pytest.approx(base.init_noise_sigma)
+    assert sched.timesteps.tolist() == base.timesteps.tolist()
     got2 = _pipeline_loop(unet, sched, (2, 4, 16, 16), **kw)  # a second run: set_timesteps starts it afresh
     torch.testing.assert_close(got2, got, atol=0, rtol=0)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, EulerAncestralSampler,
-                                EulerSampler,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, EDMDPMSolverPPSampler,
+                                EDMEulerSampler, EulerAncestralSampler, EulerSampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
                                 PNDMSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
 
@@ -995,6 +995,19 @@ DIFFUSERS_CASES = [
     ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True, "solver_type": "bh1",
                                                "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}),
     ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True}),
+    # EDM preconditioning (Playground v2.5's scheduler is EDMDPMSolverMultistepScheduler)
+    ("EDMEulerScheduler", EDMEulerSampler, {}),
+    ("EDMEulerScheduler", EDMEulerSampler, {"sigma_schedule": "exponential", "prediction_type": "v_prediction",
+                                            "final_sigmas_type": "sigma_min", "sigma_data": 1.0}),
+    ("EDMEulerScheduler", EDMEulerSampler, {"sigma_min": 0.01, "sigma_max": 14.6, "rho": 5.0}),
+    ("EDMDPMSolverMultistepScheduler", EDMDPMSolverPPSampler, {}),
+    ("EDMDPMSolverMultistepScheduler", EDMDPMSolverPPSampler, {"solver_order": 3, "lower_order_final": False}),
+    ("EDMDPMSolverMultistepScheduler", EDMDPMSolverPPSampler, {"algorithm_type": "sde-dpmsolver++",
+                                                               "final_sigmas_type": "sigma_min"}),
+    ("EDMDPMSolverMultistepScheduler", EDMDPMSolverPPSampler, {"sigma_schedule": "exponential", "solver_type": "heun",
+                                                               "prediction_type": "v_prediction"}),
+    ("EDMDPMSolverMultistepScheduler", EDMDPMSolverPPSampler, {"thresholding": True, "sigma_data": 1.0,
+                                                               "sample_max_value": 1.5, "euler_at_final": True}),
 ]
 
 
@@ -1138,6 +1151,51 @@ def test_beta_sigmas_need_scipy(monkeypatch):
         s.set_timesteps(4)
     assert s.num_inference_steps is None
     EulerSampler(use_exponential_sigmas=True).set_timesteps(4)  # the other spacings need nothing
+
+
+def test_edm_samplers():
+    # the EDM form: x = x0 + sigma noise, model input c_in x at c_noise = log(sigma) / 4, x0 = c_skip x + c_out F
+    s = EDMEulerSampler().set_timesteps(4)
+    sig = s.sigmas
+    assert sig[0] == pytest.approx(80.0) and sig[3] == pytest.approx(0.002) and sig[4] == 0
+    np.testing.assert_allclose(s.timesteps.numpy(), 0.25 * np.log(sig[:4]), rtol=1e-6)
+    x = _x()
+    np.testing.assert_allclose(s.scale_model_input(x, 1).numpy(), (x / math.sqrt(sig[1] ** 2 + 0.25)).numpy(),
+                               rtol=1e-6)
+    x0, noise = _x(seed=3), _x(seed=4)
+    _close(s.add_noise(x0, noise, 2), x0 + sig[2] * noise, 1e-6)
+    m = _x(seed=5)  # one Euler step by hand from the preconditioned x0
+    c_skip = 0.25 / (sig[0] ** 2 + 0.25)
+    c_out = sig[0] * 0.5 / math.sqrt(sig[0] ** 2 + 0.25)
+    want = x + (x - (c_skip * x + c_out * m)) / sig[0] * (sig[1] - sig[0])
+    _close(s.step(m, 0, x), want, 1e-6)
+    assert s.init_noise_sigma == pytest.approx(math.sqrt(80.0**2 + 1))
+    # bad options name themselves
+    for cls in (EDMEulerSampler, EDMDPMSolverPPSampler):
+        for k, v, err in [("sigma_min", 0.0, ValueError), ("sigma_max", 0.001, ValueError),
+                          ("sigma_schedule", "linear", ValueError), ("prediction_type", "sample", ValueError),
+                          ("rho", -1.0, ValueError), ("sigma_data", float("nan"), ValueError),
+                          ("final_sigmas_type", "last", ValueError), ("beta_start", 0.1, TypeError)]:
+            with pytest.raises(err, match=f"^{k}:"):
+                cls(**{k: v})
+        with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by"):
+            cls().set_timesteps(timesteps=[999, 500])
+    # through fastdiff.sample: the same as the loop by hand
+    out = sample(eps_model, EDMDPMSolverPPSampler(sigma_max=14.6), (2, 3, 6, 6), num_inference_steps=5, seed=0,
+                 progress=False, cuda_graph=False)
+    d = EDMDPMSolverPPSampler(sigma_max=14.6).set_timesteps(5)
+    x = torch.randn((2, 3, 6, 6), generator=torch.Generator().manual_seed(0)) * d.init_noise_sigma
+    for i in range(5):
+        x = d.step(eps_model(d.scale_model_input(x, i), d.timesteps[i]), i, x)
+    _close(out, x, 1e-6)
+    # 3M SDE (diffusers 0.42's raises): finite, and the seed decides its noise
+    runs = [sample(eps_model, EDMDPMSolverPPSampler(solver_order=3, algorithm_type="sde-dpmsolver++"), (2, 3, 6, 6),
+                   num_inference_steps=8, seed=seed, progress=False, cuda_graph=False) for seed in (1, 1, 2)]
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    with pytest.raises(ValueError, match="^solver_order:"):
+        EDMDPMSolverPPSampler(solver_order=4)
+    with pytest.raises(TypeError, match="^thresholding: expected a bool"):
+        EDMDPMSolverPPSampler(thresholding=1)
 
 
 def test_custom_timesteps_run_through_sample():
@@ -1487,8 +1545,8 @@ def test_from_scheduler():
     ds = dsched.UniPCMultistepScheduler.from_config(wan)
     ds.set_timesteps(30)
     assert isinstance(s, UniPCSampler) and torch.equal(s.timesteps, ds.timesteps)
-    with pytest.raises(ValueError, match="^scheduler: EDMEulerScheduler has no fastdiff sampler"):
-        from_scheduler(dsched.EDMEulerScheduler())
+    with pytest.raises(ValueError, match="^scheduler: DPMSolverSinglestepScheduler has no fastdiff sampler"):
+        from_scheduler(dsched.DPMSolverSinglestepScheduler())
     with pytest.raises(ValueError, match="^config: skip_prk_steps=False is not supported by PNDMSampler"):
         from_scheduler(dsched.PNDMScheduler())  # diffusers' default: the Runge-Kutta warm-up
     with pytest.raises(ValueError, match="^scheduler: the config does not name its class"):

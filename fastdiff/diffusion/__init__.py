@@ -1,7 +1,7 @@
 """Noise schedules, samplers, guidance and the sampling loop (one fused kernel per step, no host sync)."""
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler,
-                                         EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
+                                         EDMDPMSolverPPSampler, EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
                                          HeunSampler, LCMSampler, LMSSampler, PNDMSampler, Sampler,
                                          UniPCSampler,
                                          from_scheduler)
@@ -10,5 +10,5 @@ from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_sn
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
            "EulerAncestralSampler", "HeunSampler", "DPMSolverPPSampler", "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
-           "FlowMatchEulerSampler",
+           "FlowMatchEulerSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler",
            "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

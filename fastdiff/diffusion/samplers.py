@@ -146,6 +146,25 @@ def _discrete_timesteps(spacing: str, T: int, n: int, offset: int) -> np.ndarray
     return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
 
 
+def _check_flags(cfg):
+    """The options several samplers share, where the config has them: the sigma spacing, the bools, the positive
+    floats, the thresholding ratio, final_sigmas_type."""
+    _check_sigma_spacing(cfg)
+    for k in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one",
+              "lower_order_final", "euler_at_final", "use_clipped_model_output"):
+        if k in cfg and not isinstance(cfg[k], (bool, np.bool_)):
+            raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
+    for k in ("clip_sample_range", "sample_max_value"):
+        if k in cfg and (not _is_real(cfg[k]) or not cfg[k] > 0):
+            raise ValueError(f"{k}: expected a positive float, got {cfg[k]!r}")
+    if "dynamic_thresholding_ratio" in cfg:
+        r = cfg["dynamic_thresholding_ratio"]
+        if not _is_real(r) or not 0 <= r <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio: expected a float in [0, 1], got {r!r}")
+    if "final_sigmas_type" in cfg and cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigmas_type: expected 'zero' or 'sigma_min', got {cfg['final_sigmas_type']!r}")
+
+
 class Sampler:
     """Base class. Subclasses define ``_options`` (name -> default), ``_fixed`` (diffusers options accepted only at
     their default) and ``_plan(n)``."""
@@ -244,20 +263,7 @@ class Sampler:
                              f"{cfg['timestep_spacing']!r}")
         if not _is_int(cfg["steps_offset"]) or cfg["steps_offset"] < 0:
             raise ValueError(f"steps_offset: expected a non-negative int, got {cfg['steps_offset']!r}")
-        _check_sigma_spacing(cfg)
-        for k in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one",
-                  "lower_order_final", "euler_at_final", "use_clipped_model_output"):
-            if k in cfg and not isinstance(cfg[k], (bool, np.bool_)):
-                raise TypeError(f"{k}: expected a bool, got {type(cfg[k]).__name__}")
-        for k in ("clip_sample_range", "sample_max_value"):
-            if k in cfg and (not _is_real(cfg[k]) or not cfg[k] > 0):
-                raise ValueError(f"{k}: expected a positive float, got {cfg[k]!r}")
-        if "dynamic_thresholding_ratio" in cfg:
-            r = cfg["dynamic_thresholding_ratio"]
-            if not _is_real(r) or not 0 <= r <= 1:
-                raise ValueError(f"dynamic_thresholding_ratio: expected a float in [0, 1], got {r!r}")
-        if "final_sigmas_type" in cfg and cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise ValueError(f"final_sigmas_type: expected 'zero' or 'sigma_min', got {cfg['final_sigmas_type']!r}")
+        _check_flags(cfg)
 
     def __repr__(self):
         diff = {k: v for k, v in self.config.items() if v != self._options[k] and k != "trained_betas"}
@@ -1251,6 +1257,16 @@ def _check_solver_order(cfg):
         raise ValueError(f"solver_order: expected 1, 2 or 3, got {cfg['solver_order']!r}")
 
 
+def _check_dpm_solver(cfg):
+    """DPM-Solver++'s algorithm_type, solver_order and solver_type."""
+    if cfg["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++"):
+        raise ValueError(f"algorithm_type: expected 'dpmsolver++' or 'sde-dpmsolver++' (the noise-prediction "
+                         f"'dpmsolver' variants are not implemented), got {cfg['algorithm_type']!r}")
+    _check_solver_order(cfg)
+    if cfg["solver_type"] not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {cfg['solver_type']!r}")
+
+
 def _check_flow_options(cfg, time_shift_types):
     """The flow-sigma options of the multistep samplers, checked as the constructor checks options."""
     for k in ("use_flow_sigmas", "use_dynamic_shifting"):
@@ -1320,12 +1336,7 @@ class DPMSolverPPSampler(_FlowShiftMu):
 
     def _validate(self, cfg):
         super()._validate(cfg)
-        if cfg["algorithm_type"] not in self.ALGORITHM_TYPES:
-            raise ValueError(f"algorithm_type: expected 'dpmsolver++' or 'sde-dpmsolver++' (the noise-prediction "
-                             f"'dpmsolver' variants are not implemented), got {cfg['algorithm_type']!r}")
-        _check_solver_order(cfg)
-        if cfg["solver_type"] not in ("midpoint", "heun"):
-            raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {cfg['solver_type']!r}")
+        _check_dpm_solver(cfg)
         if cfg["variance_type"] not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
         if not _is_real(cfg["lambda_min_clipped"]):
@@ -1348,7 +1359,9 @@ class DPMSolverPPSampler(_FlowShiftMu):
     def _split_channels(self):
         return self.config["variance_type"] in ("learned", "learned_range")
 
-    def _plan(self, n):
+    def _run_sigmas(self, n):
+        """(timesteps, the n + 1 sigmas, alpha and sigma of x at each (n + 1 each), and x0 = PX x + PM m at each
+        of the n steps (PX, PM)) of an n-step run."""
         cfg = self.config
         flow = cfg["use_flow_sigmas"]
         if flow and self._given_timesteps is not None:
@@ -1364,6 +1377,16 @@ class DPMSolverPPSampler(_FlowShiftMu):
                                  round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2", given=self._given_timesteps)
             alpha = 1 / np.sqrt(sig**2 + 1)
             sigma_vp = sig * alpha
+        m = len(ts)
+        if cfg["prediction_type"] == "flow_prediction":
+            px, pm = np.ones(m), -sig[:m]  # x0 = x - sigma v
+        else:
+            px, pm = _x0_from_vp(cfg["prediction_type"], alpha[:m], sigma_vp[:m])
+        return ts, sig, alpha, sigma_vp, px, pm
+
+    def _plan(self, n):
+        cfg = self.config
+        ts, sig, alpha, sigma_vp, px, pm = self._run_sigmas(n)
         n = len(ts)
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
@@ -1373,14 +1396,12 @@ class DPMSolverPPSampler(_FlowShiftMu):
         pred = cfg["prediction_type"]
         sde = cfg["algorithm_type"] == "sde-dpmsolver++"
         order = cfg["solver_order"]
+        rows[:, _PX], rows[:, _PM] = px, pm
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
-            if pred == "flow_prediction":
-                rows[i, _PX], rows[i, _PM] = 1.0, -sig[i]  # x0 = x - sigma v
-            else:
-                rows[i, _PX], rows[i, _PM] = _x0_from_vp(pred, np.array(a_s), np.array(s_s))
             h = lam[i + 1] - lam[i]
-            if h == 0:  # two equal sigmas (Karras sigmas ending at sigma_min): every form's limit is x_t = x_s
+            if abs(h) <= 1e-6:  # two equal sigmas (Karras sigmas ending at sigma_min; or, EDM, a float32 sigma_min
+                # and the config's, 1 ulp apart, equal in diffusers' float32 lambdas): every form's limit is x_t = x_s
                 rows[i, _A] = 1.0  # (diffusers' heun 2M and 3M give NaN there, 0 / 0)
                 continue
             first = order == 1 or i <= self._begin_index or (i == n - 1 and lower_final)
@@ -1968,20 +1989,164 @@ class UniPCSampler(Sampler):
         return self.config["solver_order"] == 3
 
 
+# -- EDM (Karras et al. 2022) preconditioning ------------------------------------------------------------------------
+_EDM_OPTIONS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "sigma_schedule": "karras",
+                "num_train_timesteps": 1000, "prediction_type": "epsilon", "rho": 7.0, "final_sigmas_type": "zero"}
+
+
+class _EDM:
+    """What the EDM samplers share (diffusers' EDMEulerScheduler / EDMDPMSolverMultistepScheduler): x = x0 + sigma
+    noise, the model sees c_in x = x / sqrt(sigma^2 + sigma_data^2) at timestep c_noise = log(sigma) / 4, and its
+    output F gives x0 = c_skip x + c_out F with c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and
+    c_out = +-sigma sigma_data / sqrt(sigma^2 + sigma_data^2) (+ for "epsilon", - for "v_prediction"). The sigmas
+    run from sigma_max to sigma_min, spaced as Karras et al. eq. 5 (`rho`) or evenly in log sigma
+    (sigma_schedule="exponential"), then 0 (or sigma_min: final_sigmas_type)."""
+
+    _prediction_types = ("epsilon", "v_prediction")
+    _karras_dtype = torch.float64  # the dtype diffusers spaces Karras sigmas in (float32 for EDM DPM-Solver++)
+
+    def _build_schedule(self):
+        self.schedule = None  # no discrete-time schedule: the sigmas are the schedule
+
+    def _validate_edm(self, cfg):
+        T = cfg["num_train_timesteps"]
+        if not _is_int(T) or T < 1:
+            raise ValueError(f"num_train_timesteps: expected a positive int, got {T!r}")
+        for k in ("sigma_min", "sigma_max", "sigma_data", "rho"):
+            if not _is_real(cfg[k]) or not 0 < cfg[k] < math.inf:
+                raise ValueError(f"{k}: expected a positive float, got {cfg[k]!r}")
+        if not cfg["sigma_max"] > cfg["sigma_min"]:
+            raise ValueError(f"sigma_max: expected more than sigma_min={cfg['sigma_min']!r}, got {cfg['sigma_max']!r}")
+        if cfg["sigma_schedule"] not in ("karras", "exponential"):
+            raise ValueError(f"sigma_schedule: expected 'karras' or 'exponential', got {cfg['sigma_schedule']!r}")
+        if cfg["prediction_type"] not in self._prediction_types:
+            raise ValueError(f"prediction_type: expected one of {', '.join(self._prediction_types)}, got "
+                             f"{cfg['prediction_type']!r}")
+        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type: expected 'zero' or 'sigma_min', got {cfg['final_sigmas_type']!r}")
+
+    def _edm_sigmas(self, n):
+        """The n sigmas of a run (float32, computed as diffusers computes them) and the final one."""
+        cfg = self.config
+        smin, smax = float(cfg["sigma_min"]), float(cfg["sigma_max"])
+        if cfg["sigma_schedule"] == "karras":
+            ramp = torch.linspace(0, 1, n, dtype=self._karras_dtype)
+            lo, hi = smin ** (1 / cfg["rho"]), smax ** (1 / cfg["rho"])
+            sig = (hi + ramp * (lo - hi)) ** cfg["rho"]
+        else:
+            sig = torch.linspace(math.log(smin), math.log(smax), n).exp().flip(0)
+        sig = sig.to(torch.float32)
+        last = 0.0 if cfg["final_sigmas_type"] == "zero" else self._edm_last_sigma(sig)
+        return sig.numpy().astype(np.float64), float(np.float32(last))
+
+    def _edm_last_sigma(self, sig):
+        return float(sig[-1])
+
+    def _edm_coefs(self, s):
+        """(c_skip, c_out, c_in) at sigmas s (float64)."""
+        sd = float(self.config["sigma_data"])
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / np.sqrt(s**2 + sd**2)
+        if self.config["prediction_type"] == "v_prediction":
+            c_out = -c_out
+        return c_skip, c_out, 1 / np.sqrt(s**2 + sd**2)
+
+    def _edm_plan_extras(self, plan, s):
+        """The model's input scaling and timesteps, the noise levels of x at the n steps (add_noise: x0 + s noise),
+        and the classifier-guidance gain: x0 shifts by sigma^2 grad_x log p(y | x) (Tweedie), grad_x = c_in times
+        the gradient at the model's input, so F shifts by sigma^2 c_in / c_out times that."""
+        c_skip, c_out, c_in = self._edm_coefs(s)
+        plan["in_div"] = 1 / c_in
+        plan["alpha"], plan["sigma"] = c_in, s * c_in  # times in_div: 1 and s
+        plan["cg_k"] = s**2 * c_in / c_out
+        plan["timesteps"] = (0.25 * torch.log(torch.from_numpy(s.astype(np.float32)))).numpy()
+        return plan
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return (float(self.config["sigma_max"]) ** 2 + 1) ** 0.5  # as diffusers' EDM schedulers
+
+
+class EDMEulerSampler(_EDM, Sampler):
+    """Euler's method on the EDM probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn), as diffusers'
+    EDMEulerScheduler (Playground v2.5-style models): x_next = x + (x - x0) / sigma (sigma_next - sigma) with the EDM
+    preconditioning of _EDM; ``scale_model_input`` gives c_in x and ``timesteps`` are c_noise = log(sigma) / 4."""
+
+    _options = dict(_EDM_OPTIONS)
+
+    def _validate(self, cfg):
+        self._validate_edm(cfg)
+
+    def _plan(self, n):
+        sig, last = self._edm_sigmas(n)
+        full = np.append(sig, last)
+        self._sigmas_np = full
+        s, s_next = full[:-1], full[1:]
+        c_skip, c_out, _ = self._edm_coefs(s)
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = c_skip, c_out
+        ratio = (s_next - s) / s
+        rows[:, _A], rows[:, _C] = 1 + ratio, -ratio
+        return self._edm_plan_extras({"rows": rows}, s)
+
+
+class EDMDPMSolverPPSampler(_EDM, DPMSolverPPSampler):
+    """DPM-Solver++ (2M, 3M and their SDE forms) with the EDM preconditioning of _EDM, as diffusers'
+    EDMDPMSolverMultistepScheduler: the steps of DPMSolverPPSampler with alpha = 1 and sigma the EDM sigma
+    (lambda = -log sigma), x0 from c_skip and c_out; thresholding, solver_order, solver_type, lower_order_final,
+    euler_at_final as there."""
+
+    _options = {**_EDM_OPTIONS, "solver_order": 2, **_THRESHOLDING, "algorithm_type": "dpmsolver++",
+                "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False}
+    _karras_dtype = torch.float32
+    _custom_schedules = ()
+
+    def _validate(self, cfg):
+        self._validate_edm(cfg)
+        _check_flags(cfg)
+        _check_dpm_solver(cfg)
+
+    def _edm_last_sigma(self, sig):
+        return self.config["sigma_min"]  # diffusers' EDM DPM-Solver++ ends at the config's, not the last sigma
+
+    @property
+    def _split_channels(self):
+        return False
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      timesteps=None):
+        """As Sampler.set_timesteps (no mu: there are no flow sigmas here)."""
+        return Sampler.set_timesteps(self, num_inference_steps, device, seed=seed, begin_index=begin_index,
+                                     timesteps=timesteps)
+
+    def _run_sigmas(self, n):
+        sig, last = self._edm_sigmas(n)
+        full = np.append(sig, last)
+        c_skip, c_out, _ = self._edm_coefs(sig)
+        return np.zeros(n), full, np.ones(n + 1), full, c_skip, c_out
+
+    def _plan(self, n):
+        plan = super()._plan(n)
+        return self._edm_plan_extras(plan, self._sigmas_np[:-1])
+
+
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
-            "deis": DEISSampler}
+            "deis": DEISSampler, "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler}
+
+_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler)
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
-_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler)
 
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
                         "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
                         "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler,
-                        "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler}
+                        "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler,
+                        "EDMEulerScheduler": EDMEulerSampler,
+                        "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
