@@ -1170,6 +1170,11 @@ def test_edm_samplers():
     want = x + (x - (c_skip * x + c_out * m)) / sig[0] * (sig[1] - sig[0])
     _close(s.step(m, 0, x), want, 1e-6)
     assert s.init_noise_sigma == pytest.approx(math.sqrt(80.0**2 + 1))
+    # classifier guidance (score form): x0 moves by sigma^2 s grad_x log p(y | x), grad_x = c_in times the gradient
+    # at the model's input (Tweedie), so F moves by sigma^2 c_in / c_out s grad
+    g, c_in = _x(seed=6), 1 / math.sqrt(sig[0] ** 2 + 0.25)
+    _close(s.step(m, 0, x, classifier_grad=g, classifier_scale=2.0),
+           s.step(m + sig[0] ** 2 * c_in / c_out * 2.0 * g, 0, x), 1e-6)
     # bad options name themselves
     for cls in (EDMEulerSampler, EDMDPMSolverPPSampler):
         for k, v, err in [("sigma_min", 0.0, ValueError), ("sigma_max", 0.001, ValueError),
