@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, EDMDPMSolverPPSampler,
-                                EDMEulerSampler, EulerAncestralSampler, EulerSampler,
+                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
                                 PNDMSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
 
@@ -995,6 +995,11 @@ DIFFUSERS_CASES = [
     ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True, "solver_type": "bh1",
                                                "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}),
     ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True}),
+    ("KDPM2DiscreteScheduler", KDPM2Sampler, {}),
+    ("KDPM2DiscreteScheduler", KDPM2Sampler, {**SD, "use_karras_sigmas": True}),
+    ("KDPM2DiscreteScheduler", KDPM2Sampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("KDPM2DiscreteScheduler", KDPM2Sampler, {"timestep_spacing": "leading", "steps_offset": 1,
+                                              "use_exponential_sigmas": True}),
     # EDM preconditioning (Playground v2.5's scheduler is EDMDPMSolverMultistepScheduler)
     ("EDMEulerScheduler", EDMEulerSampler, {}),
     ("EDMEulerScheduler", EDMEulerSampler, {"sigma_schedule": "exponential", "prediction_type": "v_prediction",
@@ -1011,7 +1016,12 @@ DIFFUSERS_CASES = [
 ]
 
 
+# diffusers' KDPM2 calls np.maximum on torch tensors (a NumPy 2 deprecation, raised from numpy's own module)
+_DIFFUSERS_NUMPY_ON_TENSORS = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+
+
 @needs_diffusers
+@_DIFFUSERS_NUMPY_ON_TENSORS
 @pytest.mark.parametrize("name,cls,cfg", DIFFUSERS_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DIFFUSERS_CASES)])
 @pytest.mark.parametrize("n", [10, 25])
 def test_matches_diffusers(name, cls, cfg, n):
@@ -1525,6 +1535,7 @@ def test_flow_match_euler_degenerate_schedules_raise_naming_the_argument():
 
 
 @needs_diffusers
+@_DIFFUSERS_NUMPY_ON_TENSORS
 def test_from_scheduler():
     from fastdiff.diffusion import from_scheduler
     from fastdiff.diffusion.samplers import DIFFUSERS_SCHEDULERS

@@ -1,5 +1,6 @@
-"""Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, K-LMS, DPM-Solver++ (2M, 3M and their SDE forms), DEIS,
-UniPC, PNDM (PLMS), LCM and flow-matching Euler, each one fused kernel per step and no host sync.
+"""Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2), K-LMS, DPM-Solver++ (2M, 3M and their SDE
+forms), DEIS, UniPC, PNDM (PLMS), LCM, flow-matching Euler, and EDM's Euler and DPM-Solver++, each one fused kernel
+per step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -14,7 +15,7 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 ``Sampler.from_config(scheduler.config)`` gives the same trajectory as that scheduler (DDPMScheduler,
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
-FlowMatchEulerDiscreteScheduler).
+FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler).
 """
 from __future__ import annotations
 
@@ -1207,6 +1208,64 @@ class HeunSampler(EulerSampler):
                 "in_div": np.sqrt(s_ev**2 + 1)}
 
 
+class KDPM2Sampler(HeunSampler):
+    """DPM-Solver-2 (k-diffusion's sample_dpm_2, "DPM2"), as diffusers' KDPM2DiscreteScheduler: each step from sigma
+    to sigma_next is an Euler step to the midpoint sigma_mid = sqrt(sigma sigma_next) (the model at sigma), then the
+    step from sigma itself with the derivative at the midpoint (the model at sigma_mid on the Euler point):
+
+        x_next = x + (sigma_next - sigma) (x_mid - x0_mid) / sigma_mid
+
+    The last step, to sigma = 0, is Euler's alone; so n steps take 2n - 1 model calls (``timesteps`` and
+    ``num_inference_steps`` count them, the midpoints' timesteps read back from their sigmas). As HeunSampler's, the
+    second call re-derives x from the Euler point and the first call's x0 (kept in the sampler's buffer), so every
+    call is one fused kernel. Sigmas and input scaling are EulerSampler's (Karras, exponential or beta sigmas
+    optional); prediction_type epsilon or v_prediction, as diffusers'.
+    """
+
+    _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
+                **_SPACING_OPTIONS, "timestep_spacing": "linspace"}
+    _fixed = {}
+    _custom_schedules = ()  # as KDPM2DiscreteScheduler
+    _prediction_types = ("epsilon", "v_prediction")
+
+    def _plan(self, n):
+        base = EulerSampler._plan(self, n)
+        sig, ts = self._sigmas_np, base["timesteps"]  # n + 1 sigmas (the last 0), n timesteps
+        if self.config["use_karras_sigmas"]:
+            ts = ts.round()  # diffusers rounds KDPM2's Karras timesteps (not Euler's)
+        # the midpoints, as diffusers forms them in float32: exp(lerp(log sigma_k, log sigma_(k-1), 1/2)), k = 1..n
+        s32 = torch.from_numpy(sig.astype(np.float32))
+        mid = s32.log().lerp(s32.roll(1).log(), 0.5).exp().numpy().astype(np.float64)
+        log_sigmas = np.log(self._train_sigmas()[0].astype(np.float32))
+        t_mid = np.array([_sigma_to_t(np.float32(v), log_sigmas) for v in mid[1:n]]).astype(np.float32)
+        pred = self.config["prediction_type"]
+        calls, model_sigma, times = [], [], []
+        for k in range(n):
+            s, sm = sig[k], mid[k + 1]
+            calls.append(("euler", s, sm, None))  # to the midpoint (to 0 at the last step: x0)
+            model_sigma.append(s)
+            times.append(ts[k])
+            if k < n - 1:
+                calls.append(("mid", s, sm, sig[k + 1]))
+                model_sigma.append(sm)
+                times.append(t_mid[k])
+        model_sigma = np.array(model_sigma)
+        rows = np.zeros((len(calls), 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_ve(pred, model_sigma)
+        for j, (kind, s, sm, sn) in enumerate(calls):
+            if kind == "euler":  # x_mid = x + (x - x0) / s (sm - s)
+                rows[j, _A], rows[j, _C] = sm / s, 1 - sm / s
+            else:  # x = (s / sm) x_mid - (s / sm - 1) x0_prev, then x + (sn - s) (x_mid - x0) / sm
+                rows[j, _A] = s / sm + (sn - s) / sm
+                rows[j, _C] = -(sn - s) / sm
+                rows[j, _D] = 1 - s / sm
+        alpha = 1 / np.sqrt(model_sigma**2 + 1)
+        # diffusers' sigmas: the first, each later one twice, the final 0 twice
+        self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:], 2), sig[-1:]])
+        return {"timesteps": np.array(times, dtype=np.float32), "rows": rows, "alpha": alpha,
+                "sigma": model_sigma * alpha, "in_div": np.sqrt(model_sigma**2 + 1)}
+
+
 def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karras=True, given=None):
     """(timesteps, sigmas) of an n-step run of a variance-preserving multistep scheduler, as diffusers'
     DPMSolverMultistepScheduler and UniPCMultistepScheduler compute them: the timesteps spaced over the trained
@@ -1682,7 +1741,8 @@ class FlowMatchEulerSampler(Sampler):
 
     _options = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
-                "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False, **_SPACING_OPTIONS,
+                "time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False,
+                **_SPACING_OPTIONS,
                 "stochastic_sampling": False}
     _fixed = {"invert_sigmas": False}
     _custom_schedules = ("sigmas",)  # n values in (0, 1], before shifting (set_timesteps)
@@ -2133,7 +2193,8 @@ class EDMDPMSolverPPSampler(_EDM, DPMSolverPPSampler):
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
-            "deis": DEISSampler, "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler}
+            "deis": DEISSampler, "kdpm2": KDPM2Sampler, "edm_euler": EDMEulerSampler,
+            "edm_dpmsolver++": EDMDPMSolverPPSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler)
 
@@ -2145,7 +2206,7 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
                         "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler,
                         "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler,
-                        "EDMEulerScheduler": EDMEulerSampler,
+                        "KDPM2DiscreteScheduler": KDPM2Sampler, "EDMEulerScheduler": EDMEulerSampler,
                         "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler}
 
 
