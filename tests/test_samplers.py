@@ -10,7 +10,8 @@ import torch
 
 import fastdiff
 from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, EDMDPMSolverPPSampler,
-                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2Sampler,
+                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
+                                KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
                                 PNDMSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
 
@@ -1000,6 +1001,11 @@ DIFFUSERS_CASES = [
     ("KDPM2DiscreteScheduler", KDPM2Sampler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
     ("KDPM2DiscreteScheduler", KDPM2Sampler, {"timestep_spacing": "leading", "steps_offset": 1,
                                               "use_exponential_sigmas": True}),
+    ("KDPM2AncestralDiscreteScheduler", KDPM2AncestralSampler, {}),  # the generator's noise, drawn as diffusers'
+    ("KDPM2AncestralDiscreteScheduler", KDPM2AncestralSampler, {**SD, "use_karras_sigmas": True,
+                                                                "prediction_type": "v_prediction"}),
+    ("KDPM2AncestralDiscreteScheduler", KDPM2AncestralSampler, {"timestep_spacing": "trailing",
+                                                                "use_beta_sigmas": True}),
     # EDM preconditioning (Playground v2.5's scheduler is EDMDPMSolverMultistepScheduler)
     ("EDMEulerScheduler", EDMEulerSampler, {}),
     ("EDMEulerScheduler", EDMEulerSampler, {"sigma_schedule": "exponential", "prediction_type": "v_prediction",
@@ -1211,6 +1217,25 @@ def test_edm_samplers():
         EDMDPMSolverPPSampler(solver_order=4)
     with pytest.raises(TypeError, match="^thresholding: expected a bool"):
         EDMDPMSolverPPSampler(thresholding=1)
+
+
+def test_kdpm2_ancestral_noise():
+    # the Euler calls add no noise (their std is 0), the midpoint calls sigma_up's: with the kernel's own noise the
+    # seed decides the run; with a generator, one draw per step (at the second call), as diffusers draws
+    s = KDPM2AncestralSampler().set_timesteps(4)
+    std = s._table_np[:, 6]  # the noise std column
+    assert (std[0::2] == 0).all() and (std[1::2] > 0).all() and s.num_inference_steps == 7
+    runs = [sample(eps_model, KDPM2AncestralSampler(), (2, 3, 6, 6), num_inference_steps=4, seed=seed,
+                   progress=False, cuda_graph=False) for seed in (1, 1, 2)]
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    g = torch.Generator().manual_seed(0)
+    x = _x()
+    for i in range(s.num_inference_steps):
+        x = s.step(eps_model(s.scale_model_input(x, i), s.timesteps[i]), i, x, generator=g)
+    after = torch.Generator().manual_seed(0)
+    for _ in range(3):  # three draws for the three midpoint calls
+        torch.randn(x.shape, generator=after)
+    assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=after))
 
 
 def test_custom_timesteps_run_through_sample():

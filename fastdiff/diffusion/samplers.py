@@ -1229,41 +1229,91 @@ class KDPM2Sampler(HeunSampler):
     _prediction_types = ("epsilon", "v_prediction")
 
     def _plan(self, n):
-        base = EulerSampler._plan(self, n)
-        sig, ts = self._sigmas_np, base["timesteps"]  # n + 1 sigmas (the last 0), n timesteps
-        if self.config["use_karras_sigmas"]:
-            ts = ts.round()  # diffusers rounds KDPM2's Karras timesteps (not Euler's)
+        sig, ts, log_sigmas = self._base_plan(n)
         # the midpoints, as diffusers forms them in float32: exp(lerp(log sigma_k, log sigma_(k-1), 1/2)), k = 1..n
         s32 = torch.from_numpy(sig.astype(np.float32))
         mid = s32.log().lerp(s32.roll(1).log(), 0.5).exp().numpy().astype(np.float64)
-        log_sigmas = np.log(self._train_sigmas()[0].astype(np.float32))
-        t_mid = np.array([_sigma_to_t(np.float32(v), log_sigmas) for v in mid[1:n]]).astype(np.float32)
-        pred = self.config["prediction_type"]
+        return self._two_call_plan(sig, ts, log_sigmas, mid[1:], sig[1:], np.zeros(n))
+
+    def _base_plan(self, n):
+        """EulerSampler's n + 1 sigmas (float64, the last 0) and n timesteps (Karras ones rounded, as diffusers
+        rounds KDPM2's), and the float32 log sigmas of the training schedule."""
+        ts = EulerSampler._plan(self, n)["timesteps"]
+        if self.config["use_karras_sigmas"]:
+            ts = ts.round()
+        return self._sigmas_np, ts, np.log(self._train_sigmas()[0].astype(np.float32))
+
+    def _two_call_plan(self, sig, ts, log_sigmas, mid, target, up):
+        """The 2n - 1 calls of an n-step run: for step k, an Euler call from sig[k] to mid[k] (the model at sig[k];
+        mid[n - 1] = 0 ends the run on x0), then, but for the last step, the call at mid[k] that steps from sig[k]
+        to target[k] with the derivative there and adds noise of std up[k]."""
+        n = len(ts)
+        t_mid = np.array([_sigma_to_t(np.float32(v), log_sigmas) for v in mid[: n - 1]]).astype(np.float32)
         calls, model_sigma, times = [], [], []
         for k in range(n):
-            s, sm = sig[k], mid[k + 1]
-            calls.append(("euler", s, sm, None))  # to the midpoint (to 0 at the last step: x0)
-            model_sigma.append(s)
+            calls.append((True, sig[k], mid[k], None, 0.0))
+            model_sigma.append(sig[k])
             times.append(ts[k])
             if k < n - 1:
-                calls.append(("mid", s, sm, sig[k + 1]))
-                model_sigma.append(sm)
+                calls.append((False, sig[k], mid[k], target[k], up[k]))
+                model_sigma.append(mid[k])
                 times.append(t_mid[k])
         model_sigma = np.array(model_sigma)
         rows = np.zeros((len(calls), 9))
-        rows[:, _PX], rows[:, _PM] = _x0_from_ve(pred, model_sigma)
-        for j, (kind, s, sm, sn) in enumerate(calls):
-            if kind == "euler":  # x_mid = x + (x - x0) / s (sm - s)
+        rows[:, _PX], rows[:, _PM] = _x0_from_ve(self.config["prediction_type"], model_sigma)
+        for j, (euler, s, sm, sn, u) in enumerate(calls):
+            if euler:  # x_mid = x + (x - x0) / s (sm - s)
                 rows[j, _A], rows[j, _C] = sm / s, 1 - sm / s
-            else:  # x = (s / sm) x_mid - (s / sm - 1) x0_prev, then x + (sn - s) (x_mid - x0) / sm
+            else:  # x = (s / sm) x_mid - (s / sm - 1) x0_prev, then x + (sn - s) (x_mid - x0) / sm + u z
                 rows[j, _A] = s / sm + (sn - s) / sm
                 rows[j, _C] = -(sn - s) / sm
                 rows[j, _D] = 1 - s / sm
+                rows[j, _S] = u
         alpha = 1 / np.sqrt(model_sigma**2 + 1)
         # diffusers' sigmas: the first, each later one twice, the final 0 twice
         self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:], 2), sig[-1:]])
         return {"timesteps": np.array(times, dtype=np.float32), "rows": rows, "alpha": alpha,
                 "sigma": model_sigma * alpha, "in_div": np.sqrt(model_sigma**2 + 1)}
+
+
+class KDPM2AncestralSampler(KDPM2Sampler):
+    """DPM-Solver-2 ancestral (k-diffusion's sample_dpm_2_ancestral, "DPM2 a"), as diffusers'
+    KDPM2AncestralDiscreteScheduler: each step from sigma to sigma_next is KDPM2Sampler's, but to sigma_down, with
+    noise of std sigma_up added (sigma_up^2 + sigma_down^2 = sigma_next^2, sigma_up = sigma_next sqrt(1 -
+    sigma_next^2 / sigma^2), as Euler ancestral's), the midpoint between sigma and sigma_down. The noise is the
+    kernel's (seeded), or drawn from a `generator` at the second call of each step, as diffusers draws it.
+    """
+
+    _custom_schedules = ()  # as KDPM2AncestralDiscreteScheduler
+
+    @property
+    def _stochastic(self):
+        return True
+
+    def _plan(self, n):
+        sig, ts, log_sigmas = self._base_plan(n)
+        # sigma_up, sigma_down and the midpoints as diffusers forms them, in float32
+        s32 = torch.from_numpy(sig.astype(np.float32))
+        nxt = s32.roll(-1)
+        nxt[-1] = 0.0
+        up = (nxt**2 * (s32**2 - nxt**2) / s32**2) ** 0.5
+        down = (nxt**2 - up**2) ** 0.5
+        down[-1] = 0.0
+        mid = s32.log().lerp(down.log(), 0.5).exp()
+        mid[-2:] = 0.0
+        f64 = lambda t: t.numpy().astype(np.float64)  # noqa: E731
+        return self._two_call_plan(sig, ts, log_sigmas, f64(mid)[:n], f64(down)[:n], np.nan_to_num(f64(up))[:n])
+
+    def _step(self, model_output, i, x, uncond, guidance_scale, noise, generator, backend, classifier_grad,
+              classifier_scale):
+        # diffusers draws from the generator at the second call of each step only (the Euler calls add no noise)
+        if generator is not None and noise is None:
+            j = int(i) if isinstance(i, int) or (isinstance(i, torch.Tensor) and i.device.type == "cpu"
+                                                and i.numel() == 1) else None
+            if j is not None and self.num_inference_steps and j % self.num_inference_steps % 2 == 0:
+                generator = None  # (the row's noise std is 0: the kernel's own noise adds nothing)
+        return super()._step(model_output, i, x, uncond, guidance_scale, noise, generator, backend, classifier_grad,
+                             classifier_scale)
 
 
 def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karras=True, given=None):
@@ -2193,7 +2243,8 @@ class EDMDPMSolverPPSampler(_EDM, DPMSolverPPSampler):
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
-            "deis": DEISSampler, "kdpm2": KDPM2Sampler, "edm_euler": EDMEulerSampler,
+            "deis": DEISSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
+            "edm_euler": EDMEulerSampler,
             "edm_dpmsolver++": EDMDPMSolverPPSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler)
@@ -2206,7 +2257,8 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
                         "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler,
                         "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler,
-                        "KDPM2DiscreteScheduler": KDPM2Sampler, "EDMEulerScheduler": EDMEulerSampler,
+                        "KDPM2DiscreteScheduler": KDPM2Sampler,
+                        "KDPM2AncestralDiscreteScheduler": KDPM2AncestralSampler, "EDMEulerScheduler": EDMEulerSampler,
                         "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler}
 
 
