@@ -650,7 +650,8 @@ def test_fastdiff_scheduler_in_ddim_and_ddpm_pipelines(models):
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
-@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "LCMScheduler", "KDPM2AncestralDiscreteScheduler"])
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "LCMScheduler", "KDPM2AncestralDiscreteScheduler",
+                                  "TCDScheduler"])
 def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, name):
     # their noise is the kernel's (seeded from the pipeline's generator), not diffusers': the same generator gives
     # the same latents, another generator others; with no generator, torch's global seed decides
@@ -658,14 +659,21 @@ def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, nam
     g = torch.Generator().manual_seed(5)
     ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
     sched = fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)())
-    run = [_pipeline_loop(unet, sched, (2, 4, 16, 16), steps=4, seed=3, ctx=ctx, uctx=uctx, guidance=3.0,
-                          generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    # (the pipelines pass their eta, 0 unless given, to the steps that take one: TCD's gamma, stochastic from 0.3)
+    kw = dict(steps=4, seed=3, ctx=ctx, uctx=uctx, guidance=3.0, eta=0.3 if name == "TCDScheduler" else 0.0)
+    run = [_pipeline_loop(unet, sched, (2, 4, 16, 16), generator=torch.Generator().manual_seed(s), **kw)
+           for s in (1, 1, 2)]
     assert torch.isfinite(run[0]).all() and torch.equal(run[0], run[1]) and not torch.allclose(run[0], run[2])
     outs = []
     for _ in range(2):
         torch.manual_seed(11)
-        outs.append(_pipeline_loop(unet, sched, (2, 4, 16, 16), steps=4, seed=3, ctx=ctx, uctx=uctx, guidance=3.0))
+        outs.append(_pipeline_loop(unet, sched, (2, 4, 16, 16), **kw))
     assert torch.equal(outs[0], outs[1])
+    if name == "TCDScheduler":  # a pipeline's default eta = 0: deterministic, whatever the generator
+        kw["eta"] = 0.0
+        a, b = (_pipeline_loop(unet, sched, (2, 4, 16, 16), generator=torch.Generator().manual_seed(s), **kw)
+                for s in (1, 2))
+        assert torch.equal(a, b) and sched.sampler.config["eta"] == 0.0
 
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler",

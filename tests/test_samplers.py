@@ -13,7 +13,7 @@ from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolver
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
                                 KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
-                                PNDMSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
+                                PNDMSampler, TCDSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
 try:
@@ -1006,6 +1006,9 @@ DIFFUSERS_CASES = [
                                                                 "prediction_type": "v_prediction"}),
     ("KDPM2AncestralDiscreteScheduler", KDPM2AncestralSampler, {"timestep_spacing": "trailing",
                                                                 "use_beta_sigmas": True}),
+    ("TCDScheduler", TCDSampler, {}),  # eta 0.3 (diffusers' step default): the generator's noise, as diffusers draws
+    ("TCDScheduler", TCDSampler, {"prediction_type": "v_prediction", "original_inference_steps": 30}),
+    ("TCDScheduler", TCDSampler, {"prediction_type": "sample", "clip_sample": True}),  # (clipping not applied)
     # EDM preconditioning (Playground v2.5's scheduler is EDMDPMSolverMultistepScheduler)
     ("EDMEulerScheduler", EDMEulerSampler, {}),
     ("EDMEulerScheduler", EDMEulerSampler, {"sigma_schedule": "exponential", "prediction_type": "v_prediction",
@@ -1236,6 +1239,34 @@ def test_kdpm2_ancestral_noise():
     for _ in range(3):  # three draws for the three midpoint calls
         torch.randn(x.shape, generator=after)
     assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=after))
+
+
+@needs_diffusers
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_tcd_eta_matches_diffusers(eta):
+    # eta (gamma): 0 deterministic (no noise, whatever the seed), 1 a full re-noising at every step
+    ds = dsched.TCDScheduler()
+    ours = TCDSampler.from_config(ds.config, eta=eta)
+    ds.set_timesteps(6)
+    want, x = [], _x((2, 3, 8, 8))
+    gen = torch.Generator().manual_seed(2)
+    for t in ds.timesteps:
+        x = ds.step(eps_model(x, t), t, x, eta=eta, generator=gen).prev_sample
+        want.append(x)
+    got = _ours_run(ours, 6, _x((2, 3, 8, 8)), torch.Generator().manual_seed(2))
+    for a, b in zip(got, want):
+        _close(a, b, 5e-4)
+    runs = []
+    for seed in (1, 2):  # the same start, the kernel's noise keyed by another seed
+        s, x = TCDSampler(eta=eta).set_timesteps(4, seed=seed), _x()
+        for i in range(4):
+            x = s.step(eps_model(x, s.timesteps[i]), i, x)
+        runs.append(x)
+    assert torch.equal(runs[0], runs[1]) == (eta == 0.0)
+    with pytest.raises(ValueError, match="^eta: expected a float in"):
+        TCDSampler(eta=1.5)
+    with pytest.raises(ValueError, match="^num_inference_steps: 51 exceeds original_inference_steps=50"):
+        TCDSampler().set_timesteps(51)
 
 
 def test_custom_timesteps_run_through_sample():

@@ -3,11 +3,12 @@ from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler,
                                          EDMDPMSolverPPSampler, EDMEulerSampler, EulerAncestralSampler, EulerSampler,
                                          FlowMatchEulerSampler, HeunSampler, KDPM2AncestralSampler, KDPM2Sampler,
-                                         LCMSampler, LMSSampler, PNDMSampler, Sampler, UniPCSampler, from_scheduler)
+                                         LCMSampler, LMSSampler, PNDMSampler, Sampler, TCDSampler, UniPCSampler,
+                                         from_scheduler)
 from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
            "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler", "KDPM2AncestralSampler", "DPMSolverPPSampler", "DEISSampler", "UniPCSampler",
-           "PNDMSampler", "LMSSampler", "LCMSampler", "FlowMatchEulerSampler", "EDMEulerSampler",
+           "PNDMSampler", "LMSSampler", "LCMSampler", "TCDSampler", "FlowMatchEulerSampler", "EDMEulerSampler",
            "EDMDPMSolverPPSampler", "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

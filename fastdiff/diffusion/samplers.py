@@ -921,8 +921,7 @@ class LCMSampler(Sampler):
         if n > orig:
             raise ValueError(f"num_inference_steps: {n} exceeds original_inference_steps={orig} (the steps are a "
                              f"subset of the schedule the model was distilled on)")
-        origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-        ts = origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
+        ts = _lcm_timesteps(T, orig, n)
         acp = self._acp()
         a_t = acp[ts]
         last = np.arange(n) == n - 1
@@ -936,6 +935,65 @@ class LCMSampler(Sampler):
         rows[:, _A] = np.sqrt(a_p) * c_skip
         rows[:, _C] = np.sqrt(a_p) * c_out
         rows[:, _S] = np.where(last, 0.0, np.sqrt(1 - a_p))
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
+
+
+def _lcm_timesteps(T: int, orig: int, n: int) -> np.ndarray:
+    """LCM's and TCD's n timesteps: evenly skipped ones of the `orig`-step distillation schedule k - 1, 2k - 1, ...,
+    T - 1 (k = T // orig), as diffusers picks them."""
+    origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
+
+
+class TCDSampler(LCMSampler):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024), as diffusers'
+    TCDScheduler: for TCD-distilled models (TCD LoRAs, 2-8 steps). With the next timestep t' and
+    s = floor((1 - eta) t'), each step predicts x0 and the noise from the model output, goes to s,
+
+        x_s = sqrt(a_s) x0 + sqrt(1 - a_s) eps,
+
+    and re-noises x_s forward to t': x' = sqrt(a_t' / a_s) x_s + sqrt(1 - a_t' / a_s) z (the last step, to t' = 0,
+    returns x_s). `eta` (the paper's gamma, diffusers' step(eta=), default 0.3) sets the stochasticity: 0 is
+    deterministic. The timesteps are LCM's; like diffusers' TCD step, clip_sample and thresholding are not applied.
+    """
+
+    _options = {**LCMSampler._options, "timestep_spacing": "leading", "eta": 0.3}
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if not _is_real(cfg["eta"]) or not 0 <= cfg["eta"] <= 1:
+            raise ValueError(f"eta: expected a float in [0, 1], got {cfg['eta']!r}")
+
+    @property
+    def _stochastic(self):
+        return self.config["eta"] > 0
+
+    def _clip(self):
+        return "none"  # (diffusers' TCD step applies neither clip_sample nor thresholding)
+
+    def _plan(self, n):
+        cfg = self.config
+        T, orig, eta = self.schedule.num_train_timesteps, int(cfg["original_inference_steps"]), float(cfg["eta"])
+        if n > orig:
+            raise ValueError(f"num_inference_steps: {n} exceeds original_inference_steps={orig} (the steps are a "
+                             f"subset of the schedule the model was distilled on)")
+        ts = _lcm_timesteps(T, orig, n)
+        acp = self._acp()
+        prev = np.append(ts[1:], 0)  # the last step goes to t' = 0
+        s_t = np.floor((1 - eta) * prev).astype(np.int64)
+        a_t, a_p, a_s = acp[ts], acp[prev], acp[s_t]
+        alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
+        pred = cfg["prediction_type"]
+        ex, em = {"epsilon": (np.zeros(n), np.ones(n)), "sample": (1 / sigma, -alpha / sigma),
+                  "v_prediction": (sigma, alpha)}[pred]  # eps = ex x + em m
+        noisy = (np.arange(n) < n - 1) & (eta > 0)
+        k = np.where(noisy, np.sqrt(a_p / a_s), 1.0)
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(pred, alpha, sigma)
+        rows[:, _C] = k * np.sqrt(a_s)
+        rows[:, _A] = k * np.sqrt(1 - a_s) * ex
+        rows[:, _B] = k * np.sqrt(1 - a_s) * em
+        rows[:, _S] = np.where(noisy, np.sqrt(np.maximum(1 - a_p / a_s, 0.0)), 0.0)
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
@@ -2243,7 +2301,7 @@ class EDMDPMSolverPPSampler(_EDM, DPMSolverPPSampler):
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
-            "deis": DEISSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
+            "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
             "edm_euler": EDMEulerSampler,
             "edm_dpmsolver++": EDMDPMSolverPPSampler}
 
@@ -2257,7 +2315,7 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "LCMScheduler": LCMSampler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerSampler,
                         "UniPCMultistepScheduler": UniPCSampler, "PNDMScheduler": PNDMSampler,
                         "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler,
-                        "KDPM2DiscreteScheduler": KDPM2Sampler,
+                        "KDPM2DiscreteScheduler": KDPM2Sampler, "TCDScheduler": TCDSampler,
                         "KDPM2AncestralDiscreteScheduler": KDPM2AncestralSampler, "EDMEulerScheduler": EDMEulerSampler,
                         "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler}
 
