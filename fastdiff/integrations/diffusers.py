@@ -205,7 +205,7 @@ class FastdiffAttnProcessor:
 # -- patch / unpatch ----------------------------------------------------------------------------------------------
 def _named_parents(model):
     """(parent, attribute name, child) for every submodule, the root's children included."""
-    for pname, parent in model.named_modules():
+    for parent in model.modules():
         for name, child in parent.named_children():
             yield parent, name, child
 
