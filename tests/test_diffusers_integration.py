@@ -758,6 +758,7 @@ AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps
     ("EulerDiscreteScheduler", {}, {"sigmas": [14.6, 6.0, 2.5, 1.0, 0.3, 0.0]}),
     ("HeunDiscreteScheduler", {}, {"timesteps": AYS_SD15[::2]}),
     ("DDPMScheduler", {}, {"timesteps": AYS_SD15}),
+    ("LCMScheduler", {}, {"timesteps": [999, 759, 499, 259]}),
 ])
 def test_fastdiff_scheduler_custom_timesteps_in_a_pipeline_loop(models, name, cfg, custom):
     # a pipeline called with timesteps= (Align Your Steps) or sigmas= hands them to set_timesteps through
@@ -768,7 +769,7 @@ def test_fastdiff_scheduler_custom_timesteps_in_a_pipeline_loop(models, name, cf
     g = torch.Generator().manual_seed(5)
     ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
     kw = dict(steps=None, seed=3, ctx=ctx, uctx=uctx, guidance=3.0, custom=custom)
-    stochastic = name == "DDPMScheduler" or cfg.get("algorithm_type") == "sde-dpmsolver++"
+    stochastic = name in ("DDPMScheduler", "LCMScheduler") or cfg.get("algorithm_type") == "sde-dpmsolver++"
     gen = (lambda: torch.Generator().manual_seed(9)) if stochastic else (lambda: None)
     sched = fdd.FastdiffScheduler.from_scheduler(base)
     got = _pipeline_loop(unet, sched, (2, 4, 16, 16), generator=gen(), **kw)
@@ -789,8 +790,9 @@ def test_fastdiff_scheduler_custom_timesteps_in_a_pipeline_loop(models, name, cf
     assert sched.timesteps.tolist() == ts
 
 
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
 def test_fastdiff_scheduler_refuses_custom_schedules_it_cannot_follow():
-    for name, kw in (("DDIMScheduler", {}), ("UniPCMultistepScheduler", {}), ("LCMScheduler", {}),
+    for name, kw in (("DDIMScheduler", {}), ("UniPCMultistepScheduler", {}), ("KDPM2DiscreteScheduler", {}),
                      ("PNDMScheduler", {"skip_prk_steps": True})):
         sched = fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**kw))
         with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by"):

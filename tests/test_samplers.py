@@ -1063,6 +1063,9 @@ CUSTOM_TIMESTEP_CASES = [
     ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {**SD, "lower_order_final": False, "solver_type": "heun",
                                                          "final_sigmas_type": "sigma_min",
                                                          "prediction_type": "v_prediction"}, [980, 700, 410, 90, 3]),
+    ("LCMScheduler", LCMSampler, {}, [999, 759, 499, 259]),  # the distilled schedule's 4 steps, given
+    ("LCMScheduler", LCMSampler, {"prediction_type": "v_prediction"}, [990, 640, 333, 100, 7]),  # any timesteps
+    ("TCDScheduler", TCDSampler, {}, [999, 845, 690, 499, 270]),
 ]
 
 
@@ -1317,9 +1320,10 @@ def test_custom_schedule_errors():
     with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with timestep_type="):
         EulerSampler(timestep_type="continuous", prediction_type="v_prediction").set_timesteps(timesteps=[999, 5])
     # samplers whose diffusers scheduler takes no custom timesteps refuse them, naming those that do
-    for cls in (DDIMSampler, EulerAncestralSampler, LMSSampler, LCMSampler, PNDMSampler, UniPCSampler, DEISSampler):
+    for cls in (DDIMSampler, EulerAncestralSampler, LMSSampler, PNDMSampler, UniPCSampler, DEISSampler, KDPM2Sampler):
         with pytest.raises(ValueError, match=f"^timesteps: custom timesteps are not supported by {cls.__name__}, .*"
-                                             "DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler"):
+                                             "DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, "
+                                             "TCDSampler"):
             cls().set_timesteps(timesteps=[999, 500])
     with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by FlowMatchEulerSampler"):
         FlowMatchEulerSampler().set_timesteps(timesteps=[999, 500])

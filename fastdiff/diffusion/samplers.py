@@ -281,8 +281,8 @@ class Sampler:
         multistep sampler takes its first-order step there, as diffusers does at a run's first step.
         `timesteps`: the run's training timesteps, strictly decreasing, in place of the spaced ones (e.g. an Align
         Your Steps schedule); their count is the number of steps. Taken where the matching diffusers scheduler takes
-        them (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler), and not kept: a later call without them
-        goes back to the spacing of the config."""
+        them (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, TCDSampler), and not kept: a
+        later call without them goes back to the spacing of the config."""
         given = None
         if timesteps is not None:
             given = self._check_custom_timesteps(timesteps)
@@ -902,6 +902,7 @@ class LCMSampler(Sampler):
                 "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
                 "set_alpha_to_one": True, **_THRESHOLDING, "timestep_scaling": 10.0}
     _fixed = {}
+    _custom_schedules = ("timesteps",)  # as LCMScheduler (any training timesteps, not only the distilled ones)
 
     def _validate(self, cfg):
         super()._validate(cfg)
@@ -916,13 +917,19 @@ class LCMSampler(Sampler):
     def _stochastic(self):
         return True
 
-    def _plan(self, n):
-        cfg = self.config
-        T, orig = self.schedule.num_train_timesteps, int(cfg["original_inference_steps"])
+    def _lcm_run_timesteps(self, n):
+        """The run's timesteps: the custom ones, or n evenly skipped ones of the distillation schedule."""
+        if self._given_timesteps is not None:
+            return self._given_timesteps.astype(np.int64)
+        T, orig = self.schedule.num_train_timesteps, int(self.config["original_inference_steps"])
         if n > orig:
             raise ValueError(f"num_inference_steps: {n} exceeds original_inference_steps={orig} (the steps are a "
                              f"subset of the schedule the model was distilled on)")
-        ts = _lcm_timesteps(T, orig, n)
+        return _lcm_timesteps(T, orig, n)
+
+    def _plan(self, n):
+        cfg = self.config
+        ts = self._lcm_run_timesteps(n)
         acp = self._acp()
         a_t = acp[ts]
         last = np.arange(n) == n - 1
@@ -974,11 +981,8 @@ class TCDSampler(LCMSampler):
 
     def _plan(self, n):
         cfg = self.config
-        T, orig, eta = self.schedule.num_train_timesteps, int(cfg["original_inference_steps"]), float(cfg["eta"])
-        if n > orig:
-            raise ValueError(f"num_inference_steps: {n} exceeds original_inference_steps={orig} (the steps are a "
-                             f"subset of the schedule the model was distilled on)")
-        ts = _lcm_timesteps(T, orig, n)
+        eta = float(cfg["eta"])
+        ts = self._lcm_run_timesteps(n)
         acp = self._acp()
         prev = np.append(ts[1:], 0)  # the last step goes to t' = 0
         s_t = np.floor((1 - eta) * prev).astype(np.int64)
@@ -2306,7 +2310,7 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "edm_euler": EDMEulerSampler,
             "edm_dpmsolver++": EDMDPMSolverPPSampler}
 
-_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler)
+_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, TCDSampler)
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 

@@ -397,9 +397,9 @@ class FastdiffScheduler(SchedulerMixin):
     Noise: a stochastic sampler draws it in the kernel from a seed; the ``generator`` a pipeline passes to ``step``
     gives that seed (one draw from it at a run's first step), so the same generator gives the same images, but not
     the images diffusers' scheduler draws with it. ``eta`` (DDIM) and ``use_clipped_model_output`` take effect at a
-    run's first step; custom ``timesteps=`` (e.g. Align Your Steps) are taken by DDPM, Euler, Heun and
-    DPM-Solver++, custom ``sigmas=`` by Euler and flow matching (Flux's pipeline passes them), as by the diffusers
-    schedulers they replace; the others refuse them with a ValueError naming the argument.
+    run's first step; custom ``timesteps=`` (e.g. Align Your Steps) are taken by DDPM, Euler, Heun,
+    DPM-Solver++, LCM and TCD, custom ``sigmas=`` by Euler and flow matching (Flux's pipeline passes them), as by
+    the diffusers schedulers they replace; the others refuse them with a ValueError naming the argument.
     """
 
     def __init__(self, sampler, scheduler=None):
@@ -490,8 +490,8 @@ class FastdiffScheduler(SchedulerMixin):
 
     # -- the run ----------------------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, sigmas=None, timesteps=None, **options):
-        """As a diffusers scheduler's. `timesteps`: custom timesteps (DDPM, Euler, Heun, DPM-Solver++; e.g. Align
-        Your Steps: pipelines pass them through retrieve_timesteps). `sigmas`: custom sigmas (Euler: n + 1 noise
+        """As a diffusers scheduler's. `timesteps`: custom timesteps (DDPM, Euler, Heun, DPM-Solver++, LCM, TCD; e.g.
+        Align Your Steps: pipelines pass them through retrieve_timesteps). `sigmas`: custom sigmas (Euler: n + 1 noise
         levels; flow matching: n sigmas before shifting, as the Flux pipeline passes them). `options`: scheduler
         options some pipelines pass here (LCM's original_inference_steps), applied to the sampler's config when not
         None."""
