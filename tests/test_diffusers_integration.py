@@ -790,6 +790,50 @@ def test_fastdiff_scheduler_custom_timesteps_in_a_pipeline_loop(models, name, cf
     assert sched.timesteps.tolist() == ts
 
 
+@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler"])
+@pytest.mark.parametrize("strength", [1.0, 0.6, 0.3])
+def test_fastdiff_scheduler_lcm_image_to_image_strength(name, strength):
+    # the LCM img2img pipeline: retrieve_timesteps(scheduler, n, original_inference_steps=None, strength=s), then
+    # x_init noised to the first timestep and every timestep run (the steps from the first int(50 s) of the
+    # distillation schedule). TCD at eta 0 is deterministic: the whole loop equals diffusers'; LCM's noise is the
+    # kernel's (FastdiffScheduler), so there the same generator gives the same run
+    def loop(s, seed=1):
+        s.set_timesteps(4, original_inference_steps=None, strength=strength)
+        ts = s.timesteps
+        x = s.add_noise(_X0, _NOISE, ts[:1])
+        gen = torch.Generator().manual_seed(seed)
+        for t in ts:
+            x = s.step(torch.tanh(x) * 0.8 + float(t) / 1000, t, x, generator=gen, return_dict=False,
+                       **({"eta": 0.0} if name == "TCDScheduler" else {}))[0]
+        return ts, x
+
+    d_ts, want = loop(getattr(diffusers, name)())
+    sched = fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)())
+    ts, got = loop(sched)
+    assert ts.tolist() == d_ts.tolist() and int(ts[0]) == int(50 * strength) * 20 - 1
+    if name == "TCDScheduler":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.isfinite(got).all() and torch.equal(loop(sched)[1], got)
+        assert not torch.equal(loop(sched, seed=2)[1], got)
+    sched.set_begin_index(0)  # a re-plan keeps the strength
+    assert sched.timesteps.tolist() == ts.tolist()
+    # custom timesteps with a strength: the last int(n s) of them, as diffusers' timesteps[t_start:]
+    custom = [999, 759, 499, 259, 19]
+    d = getattr(diffusers, name)()
+    d.set_timesteps(timesteps=custom, strength=strength)
+    sched.set_timesteps(timesteps=custom, strength=strength)
+    assert sched.timesteps.tolist() == d.timesteps.tolist() == custom[5 - int(5 * strength):]
+    with pytest.raises(ValueError, match="^num_inference_steps: 40 exceeds the 15 timesteps of"):
+        sched.set_timesteps(40, strength=0.3)
+    with pytest.raises(ValueError, match="^strength: expected a float in"):
+        sched.set_timesteps(4, strength=0.0)
+
+
+_X0, _NOISE = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(7)), \
+    torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(8))
+
+
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
 def test_fastdiff_scheduler_refuses_custom_schedules_it_cannot_follow():
     for name, kw in (("DDIMScheduler", {}), ("UniPCMultistepScheduler", {}), ("KDPM2DiscreteScheduler", {}),

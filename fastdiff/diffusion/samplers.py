@@ -917,15 +917,44 @@ class LCMSampler(Sampler):
     def _stochastic(self):
         return True
 
+    _strength = 1.0  # set_timesteps' strength, while its _plan runs
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      timesteps=None, strength: float = 1.0):
+        """As Sampler.set_timesteps. `strength` (image-to-image, as diffusers' set_timesteps(strength=), which the
+        LCM img2img pipeline passes): the steps are taken from the first int(original_inference_steps * strength)
+        of the distillation schedule, so the run starts part-way down (noise x_init to the first timestep:
+        add_noise(x0, noise, 0)); with custom timesteps, the last int(n * strength) of them run. For this call
+        only."""
+        if not _is_real(strength) or not 0 < strength <= 1:
+            raise ValueError(f"strength: expected a float in (0, 1], got {strength!r}")
+        if timesteps is not None and strength != 1:
+            given = self._check_custom_timesteps(timesteps)
+            n = len(given)
+            timesteps = given[n - min(int(n * strength), n):]  # diffusers: timesteps[t_start * order:]
+            if len(timesteps) == 0:
+                raise ValueError(f"strength: {strength} of {n} custom timesteps leaves no step to run")
+            num_inference_steps = None
+        self._strength = float(strength)
+        try:
+            return super().set_timesteps(num_inference_steps, device, seed=seed, begin_index=begin_index,
+                                         timesteps=timesteps)
+        finally:
+            self._strength = 1.0
+
     def _lcm_run_timesteps(self, n):
-        """The run's timesteps: the custom ones, or n evenly skipped ones of the distillation schedule."""
+        """The run's timesteps: the custom ones, or n evenly skipped ones of the distillation schedule (its first
+        int(original_inference_steps * strength) timesteps, with set_timesteps' strength)."""
         if self._given_timesteps is not None:
             return self._given_timesteps.astype(np.int64)
         T, orig = self.schedule.num_train_timesteps, int(self.config["original_inference_steps"])
-        if n > orig:
-            raise ValueError(f"num_inference_steps: {n} exceeds original_inference_steps={orig} (the steps are a "
-                             f"subset of the schedule the model was distilled on)")
-        return _lcm_timesteps(T, orig, n)
+        avail = int(orig * self._strength)
+        if n > avail:
+            what = (f"original_inference_steps={orig}" if self._strength == 1 else
+                    f"the {avail} timesteps of original_inference_steps={orig} x strength={self._strength}")
+            raise ValueError(f"num_inference_steps: {n} exceeds {what} (the steps are a subset of the schedule the "
+                             f"model was distilled on)")
+        return _lcm_timesteps(T, orig, n, avail)
 
     def _plan(self, n):
         cfg = self.config
@@ -946,11 +975,13 @@ class LCMSampler(Sampler):
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
-def _lcm_timesteps(T: int, orig: int, n: int) -> np.ndarray:
+def _lcm_timesteps(T: int, orig: int, n: int, avail: int | None = None) -> np.ndarray:
     """LCM's and TCD's n timesteps: evenly skipped ones of the `orig`-step distillation schedule k - 1, 2k - 1, ...,
-    T - 1 (k = T // orig), as diffusers picks them."""
-    origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-    return origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
+    (k = T // orig), its first `avail` (default all: up to T - 1; fewer with img2img's strength), as diffusers picks
+    them."""
+    avail = orig if avail is None else avail
+    origin = (np.arange(1, avail + 1) * (T // orig) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, avail, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
 
 
 class TCDSampler(LCMSampler):

@@ -423,6 +423,7 @@ class FastdiffScheduler(SchedulerMixin):
         self._started = False  # the run's first step has applied eta / use_clipped_model_output / generator
         self._sigmas = None  # the custom sigmas of the run (flow matching, Euler), for its re-plans
         self._timesteps = None  # likewise its custom timesteps
+        self._run_kw = {}  # and the set_timesteps arguments it passed (LCM's strength)
         self._n = None  # the num_inference_steps of the run, likewise
 
     @classmethod
@@ -503,10 +504,13 @@ class FastdiffScheduler(SchedulerMixin):
             s._check_custom_timesteps(timesteps)  # raises, naming the samplers that take them
         if num_inference_steps is None and sigmas is None and timesteps is None:
             raise ValueError("num_inference_steps: required when no custom timesteps or sigmas are given")
+        takes = inspect.signature(s.set_timesteps).parameters
+        run_kw = {k: v for k, v in options.items() if k in takes and k not in s.config and v is not None}
+        options = {k: v for k, v in options.items() if k not in run_kw}  # (LCM's strength: an argument, kept)
         for k, v in options.items():
             if k not in s.config:
                 raise TypeError(f"{k}: not an option of {type(s).__name__} (FastdiffScheduler.set_timesteps)")
-        kw = {}
+        kw = dict(run_kw)
         if mu is not None:
             if "mu" not in inspect.signature(s.set_timesteps).parameters:
                 raise ValueError(f"mu: {type(s).__name__} takes no mu (only dynamic shifting does)")
@@ -525,6 +529,7 @@ class FastdiffScheduler(SchedulerMixin):
             raise
         self._sigmas = sigmas  # given again at every re-plan of this run
         self._timesteps = timesteps
+        self._run_kw = run_kw
         # the steps asked for, which re-plans ask for again (the sampler's num_inference_steps can count otherwise:
         # Heun and PNDM count model calls, DPM-Solver++ can run fewer)
         self._n = num_inference_steps
@@ -544,6 +549,7 @@ class FastdiffScheduler(SchedulerMixin):
             kw["sigmas"] = self._sigmas
         if self._timesteps is not None:
             kw["timesteps"] = self._timesteps
+        kw.update(self._run_kw)
         n = self._n
         if n is None and "sigmas" not in kw and "timesteps" not in kw:
             raise RuntimeError("FastdiffScheduler: call set_timesteps(num_inference_steps) first")
