@@ -750,8 +750,9 @@ def test_from_config():
         DDPMSampler.from_config(cfg, eta=1.0)
     with pytest.raises(ValueError, match="^algorithm_type:"):  # the noise-prediction forms are not implemented
         DPMSolverPPSampler.from_config({"algorithm_type": "dpmsolver"})
-    with pytest.raises(ValueError, match="^config:"):
-        DPMSolverPPSampler.from_config({"use_lu_lambdas": True})
+    with pytest.raises(ValueError, match="^config: interpolation_type='log_linear' is not supported by EulerSampler"):
+        EulerSampler.from_config({"interpolation_type": "log_linear"})
+    assert DPMSolverPPSampler.from_config({"use_lu_lambdas": True}).config["use_lu_lambdas"]
     assert DPMSolverPPSampler.from_config({"algorithm_type": "sde-dpmsolver++"})._stochastic
     with pytest.raises(TypeError, match="^config:"):
         DDIMSampler.from_config([("beta_start", 0.1)])
@@ -992,6 +993,9 @@ DIFFUSERS_CASES = [
     # (with final_sigmas_type="sigma_min" the beta sigmas end at sigma_min twice: diffusers' last 3M step over
     # that zero-length interval is NaN at 25 steps, ours is finite; the earlier steps agree)
     ("DEISMultistepScheduler", DEISSampler, {"use_exponential_sigmas": True, "solver_order": 3}),
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_lu_lambdas": True}),  # Lu et al.'s lambda spacing
+    ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {**SD, "use_lu_lambdas": True, "solver_order": 3,
+                                                         "algorithm_type": "sde-dpmsolver++"}),
     ("UniPCMultistepScheduler", UniPCSampler, {**SD, "use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}),
     ("UniPCMultistepScheduler", UniPCSampler, {"use_exponential_sigmas": True, "solver_type": "bh1",
                                                "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}),
@@ -1157,6 +1161,10 @@ def test_sigma_spacing_options():
     for cls in (EulerSampler, DPMSolverPPSampler):
         with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_exponential"):
             cls(use_exponential_sigmas=True).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="^use_lu_lambdas: not together with use_karras_sigmas"):
+        DPMSolverPPSampler(use_lu_lambdas=True, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_lu_lambdas"):
+        DPMSolverPPSampler(use_lu_lambdas=True).set_timesteps(timesteps=[999, 500])
     with pytest.raises(ValueError, match="^use_beta_sigmas: not implemented together with use_flow_sigmas"):
         DPMSolverPPSampler(use_flow_sigmas=True, prediction_type="flow_prediction", use_beta_sigmas=True)
     # EulerAncestralSampler's diffusers scheduler has no such option

@@ -1414,9 +1414,10 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     """(timesteps, sigmas) of an n-step run of a variance-preserving multistep scheduler, as diffusers'
     DPMSolverMultistepScheduler and UniPCMultistepScheduler compute them: the timesteps spaced over the trained
     range (cut at lambda_min_clipped), or the `given` ones (custom timesteps), sigma = sqrt((1 - acp) / acp) at
-    them (or Karras, exponential or beta sigmas over the trained range, with the timesteps read back: Karras ones
-    rounded unless round_karras is False, the others truncated, as diffusers' int64 cast), then the final sigma (0
-    or sigma_min): n + 1 float64 values rounded through float32."""
+    them (or Karras, exponential or beta sigmas, or (use_lu_lambdas) sigmas evenly spaced in log sigma, over the
+    trained range, with the timesteps read back: Karras and Lu ones rounded unless round_karras is False, the others
+    truncated, as diffusers' int64 cast), then the final sigma (0 or sigma_min): n + 1 float64 values rounded
+    through float32."""
     T = schedule.num_train_timesteps
     acp_t = schedule.alphas_cumprod.clone()
     if cfg["rescale_betas_zero_snr"]:
@@ -1425,11 +1426,11 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(lambda_min_clipped))))
     last_t = T - clipped
     sp = cfg["timestep_spacing"]
-    spacing = _sigma_spacing(cfg)
+    spacing = _sigma_spacing(cfg) or ("lu" if cfg.get("use_lu_lambdas") else None)
     if given is not None:
         if spacing:
-            raise ValueError(f"timesteps: custom timesteps can't be taken with use_{spacing}_sigmas=True (as "
-                             f"diffusers)")
+            opt = "use_lu_lambdas" if spacing == "lu" else f"use_{spacing}_sigmas"
+            raise ValueError(f"timesteps: custom timesteps can't be taken with {opt}=True (as diffusers)")
         ts = given.astype(np.int64)
     elif sp == "linspace":
         ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -1442,11 +1443,15 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
     # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
     log_sigmas = np.log(train_sigmas.astype(np.float32))
-    if spacing:
+    if spacing == "lu":  # Lu et al.'s: evenly spaced in lambda = -log sigma, between the float32 log sigmas' ends
+        lmax, lmin = float(log_sigmas[-1]), float(log_sigmas[0])
+        sigmas = np.exp(lmax + np.linspace(0, 1, n) * (lmin - lmax))
+    elif spacing:
         flipped = np.flip(train_sigmas).copy()
         sigmas = _spaced_sigmas(spacing, flipped[-1].item(), flipped[0].item(), n)
+    if spacing:
         tf = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-        if round_karras and spacing == "karras":
+        if round_karras and spacing in ("karras", "lu"):
             tf = tf.round()
         ts = tf.astype(np.int64)
     else:
@@ -1527,11 +1532,11 @@ class DPMSolverPPSampler(_FlowShiftMu):
 
     _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
                 "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
-                "use_karras_sigmas": False, **_SPACING_OPTIONS, "final_sigmas_type": "zero",
-                "lambda_min_clipped": -float("inf"),
+                "use_karras_sigmas": False, **_SPACING_OPTIONS, "use_lu_lambdas": False,
+                "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"),
                 "variance_type": None, "timestep_spacing": "linspace", "use_flow_sigmas": False, "flow_shift": 1.0,
                 "use_dynamic_shifting": False, "time_shift_type": "exponential"}
-    _fixed = {"use_lu_lambdas": False}
+    _fixed = {}
     _custom_schedules = ("timesteps",)  # as DPMSolverMultistepScheduler (e.g. Align Your Steps)
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
@@ -1540,6 +1545,11 @@ class DPMSolverPPSampler(_FlowShiftMu):
     def _validate(self, cfg):
         super()._validate(cfg)
         _check_dpm_solver(cfg)
+        if not isinstance(cfg["use_lu_lambdas"], (bool, np.bool_)):
+            raise TypeError(f"use_lu_lambdas: expected a bool, got {type(cfg['use_lu_lambdas']).__name__}")
+        if cfg["use_lu_lambdas"] and (_sigma_spacing(cfg) or cfg["use_flow_sigmas"]):
+            other = f"use_{_sigma_spacing(cfg)}_sigmas" if _sigma_spacing(cfg) else "use_flow_sigmas"
+            raise ValueError(f"use_lu_lambdas: not together with {other}")
         if cfg["variance_type"] not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
         if not _is_real(cfg["lambda_min_clipped"]):
