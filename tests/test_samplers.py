@@ -857,7 +857,9 @@ def test_config_edits_take_effect_at_set_timesteps():
 # --- diffusers ------------------------------------------------------------------------------------------------------
 
 def _diffusers_run(sched, n, x, gen, learned=False):
-    sched.set_timesteps(n)
+    """The diffusers scheduler's loop over n steps (n=None: over the steps already set, e.g. custom ones)."""
+    if n is not None:
+        sched.set_timesteps(n)
     out = []
     for t in sched.timesteps:
         m = eps_model(sched.scale_model_input(x, t), t)
@@ -871,7 +873,9 @@ def _diffusers_run(sched, n, x, gen, learned=False):
 
 
 def _ours_run(s, n, x, gen, learned=False):
-    s.set_timesteps(n)
+    """The same loop on a fastdiff sampler (n=None: its steps already set)."""
+    if n is not None:
+        s.set_timesteps(n)
     out = []
     for i in range(s.num_inference_steps):  # n, but 2n - 1 model calls for Heun
         m = eps_model(s.scale_model_input(x, i), s.timesteps[i])
@@ -1073,24 +1077,6 @@ CUSTOM_TIMESTEP_CASES = [
 ]
 
 
-def _diffusers_loop(sched, x, gen):
-    out = []
-    for t in sched.timesteps:
-        m = eps_model(sched.scale_model_input(x, t), t)
-        kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
-        x = sched.step(m, t, x, **kw).prev_sample
-        out.append(x)
-    return out
-
-
-def _ours_loop(s, x, gen):
-    out = []
-    for i in range(s.num_inference_steps):
-        x = s.step(eps_model(s.scale_model_input(x, i), s.timesteps[i]), i, x, generator=gen)
-        out.append(x)
-    return out
-
-
 @needs_diffusers
 @pytest.mark.parametrize("name,cls,cfg,ts", CUSTOM_TIMESTEP_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CUSTOM_TIMESTEP_CASES)])
@@ -1106,8 +1092,8 @@ def test_custom_timesteps_match_diffusers(name, cls, cfg, ts):
         np.testing.assert_allclose(ours.sigmas, ds.sigmas.numpy(), rtol=1e-6)
     assert ours.init_noise_sigma == pytest.approx(float(ds.init_noise_sigma), rel=1e-5)
     x = _x((2, 3, 8, 8)) * ours.init_noise_sigma
-    want = _diffusers_loop(ds, x.clone(), torch.Generator().manual_seed(5))
-    got = _ours_loop(ours, x.clone(), torch.Generator().manual_seed(5))
+    want = _diffusers_run(ds, None, x.clone(), torch.Generator().manual_seed(5))
+    got = _ours_run(ours, None, x.clone(), torch.Generator().manual_seed(5))
     assert len(got) == len(want)
     for a, b in zip(got, want):
         _close(a, b, 5e-4)
@@ -1133,7 +1119,7 @@ def test_euler_custom_sigmas_match_diffusers(cfg, sigmas):
     np.testing.assert_array_equal(ours.sigmas, ds.sigmas.numpy())
     assert ours.init_noise_sigma == pytest.approx(float(ds.init_noise_sigma), rel=1e-6)
     x = _x((2, 3, 8, 8)) * ours.init_noise_sigma
-    for a, b in zip(_ours_loop(ours, x.clone(), None), _diffusers_loop(ds, x.clone(), None)):
+    for a, b in zip(_ours_run(ours, None, x.clone(), None), _diffusers_run(ds, None, x.clone(), None)):
         _close(a, b, 5e-4)
 
 

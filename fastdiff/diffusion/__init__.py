@@ -9,6 +9,6 @@ from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "EulerSampler",
-           "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler", "KDPM2AncestralSampler", "DPMSolverPPSampler", "DEISSampler", "UniPCSampler",
-           "PNDMSampler", "LMSSampler", "LCMSampler", "TCDSampler", "FlowMatchEulerSampler", "EDMEulerSampler",
-           "EDMDPMSolverPPSampler", "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]
+           "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler", "KDPM2AncestralSampler", "DPMSolverPPSampler",
+           "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler", "TCDSampler",
+           "FlowMatchEulerSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler", "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

@@ -975,11 +975,10 @@ class LCMSampler(Sampler):
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
-def _lcm_timesteps(T: int, orig: int, n: int, avail: int | None = None) -> np.ndarray:
-    """LCM's and TCD's n timesteps: evenly skipped ones of the `orig`-step distillation schedule k - 1, 2k - 1, ...,
-    (k = T // orig), its first `avail` (default all: up to T - 1; fewer with img2img's strength), as diffusers picks
-    them."""
-    avail = orig if avail is None else avail
+def _lcm_timesteps(T: int, orig: int, n: int, avail: int) -> np.ndarray:
+    """LCM's and TCD's n timesteps: evenly skipped ones of the first `avail` timesteps k - 1, 2k - 1, ... of the
+    `orig`-step distillation schedule (k = T // orig; all `orig` of them, up to T - 1, unless img2img's strength
+    takes fewer), as diffusers picks them."""
     origin = (np.arange(1, avail + 1) * (T // orig) - 1)[::-1]
     return origin[np.floor(np.linspace(0, avail, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
 
@@ -1467,7 +1466,7 @@ def _check_solver_order(cfg):
 
 def _check_dpm_solver(cfg):
     """DPM-Solver++'s algorithm_type, solver_order and solver_type."""
-    if cfg["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++"):
+    if cfg["algorithm_type"] not in DPMSolverPPSampler.ALGORITHM_TYPES:
         raise ValueError(f"algorithm_type: expected 'dpmsolver++' or 'sde-dpmsolver++' (the noise-prediction "
                          f"'dpmsolver' variants are not implemented), got {cfg['algorithm_type']!r}")
     _check_solver_order(cfg)
@@ -1727,8 +1726,7 @@ class DEISSampler(_FlowShiftMu):
 
     _options = {**_COMMON, "solver_order": 2, "algorithm_type": "deis", "solver_type": "logrho",
                 "lower_order_final": True, "use_karras_sigmas": False, **_SPACING_OPTIONS, "use_flow_sigmas": False,
-                "flow_shift": 1.0,
-                "timestep_spacing": "linspace", "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+                "flow_shift": 1.0, "timestep_spacing": "linspace", "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     _fixed = {"thresholding": False}
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     _multistep = True
@@ -2348,13 +2346,11 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
             "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
-            "edm_euler": EDMEulerSampler,
-            "edm_dpmsolver++": EDMDPMSolverPPSampler}
+            "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, TCDSampler)
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
-
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
                         "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
                         "HeunDiscreteScheduler": HeunSampler, "DPMSolverMultistepScheduler": DPMSolverPPSampler,
@@ -2369,8 +2365,9 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (KDPM2, EDM, ...) raises ValueError: pick a
-    sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion configs)."""
+    (scheduler_config.json). A class without a fastdiff sampler (DPM-Solver single-step, ...) raises ValueError:
+    pick a sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion
+    configs)."""
     config = getattr(scheduler, "config", scheduler)
     if not isinstance(config, Mapping):
         raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")

@@ -512,7 +512,7 @@ class FastdiffScheduler(SchedulerMixin):
                 raise TypeError(f"{k}: not an option of {type(s).__name__} (FastdiffScheduler.set_timesteps)")
         kw = dict(run_kw)
         if mu is not None:
-            if "mu" not in inspect.signature(s.set_timesteps).parameters:
+            if "mu" not in takes:
                 raise ValueError(f"mu: {type(s).__name__} takes no mu (only dynamic shifting does)")
             kw["mu"] = mu
         if sigmas is not None:
