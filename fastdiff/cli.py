@@ -314,13 +314,14 @@ def _cmd_eval(args):
     rows = []
     print(f"classifier: held-out accuracy {fl['accuracy']:.2%}; floor FD(train {fl['n']} vs held-out "
           f"{fl['n_ref']}) = {fl['fd']:.2f}")
-    print(f"{'sampler':<12} {'steps':>5} {'guidance':>8} {'samples':>7} {'accuracy':>8} {'FD':>8} {'img/s':>7}")
+    w = max([12] + [len(s) for s, _, _ in settings])  # the sampler column fits the longest name
+    print(f"{'sampler':<{w}} {'steps':>5} {'guidance':>8} {'samples':>7} {'accuracy':>8} {'FD':>8} {'img/s':>7}")
     for sampler, steps, guidance in settings:
         r = evaluation.evaluate(model, sampler=sampler, steps=steps, guidance=guidance, n_per_class=n,
                                 seed=args.seed, dtype=dtype, device=device, batch_size=args.batch_size, clf=clf,
                                 progress=not args.quiet, checkpoint=args.checkpoint, autoencoder=autoencoder)
         rows.append(r)
-        print(f"{sampler:<12} {steps:>5} {guidance:>8g} {r['n']:>7} {r['accuracy']:>8.1%} {r['fd']:>8.2f} "
+        print(f"{sampler:<{w}} {steps:>5} {guidance:>8g} {r['n']:>7} {r['accuracy']:>8.1%} {r['fd']:>8.2f} "
               f"{r['n'] / r['sampling_s']:>7.1f}", flush=True)
     if args.json:
         _write_atomically(args.json, lambda f: json.dump(

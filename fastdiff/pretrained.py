@@ -129,14 +129,15 @@ def _learns_sigma(model=None, meta_model: dict | None = None) -> bool:
 
 #: the sampler names of make_sampler, generate and the command line's --sampler
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmsolver++", "sde-dpmsolver++", "dpmsolver++3m",
-                 "sde-dpmsolver++3m", "unipc", "pndm", "lms", "deis", "kdpm2", "kdpm2_ancestral")
+                 "sde-dpmsolver++3m", "unipc", "pndm", "lms", "deis", "kdpm2", "kdpm2_ancestral", "dpmsolver_singlestep",
+                 "dpmsolver_singlestep3")
 
 
 def make_sampler(name: str, model=None, checkpoint: str | None = None):
     """A sampler by name (one of SAMPLER_NAMES: ddpm, ddim, euler, euler_ancestral, heun, dpmsolver++,
     sde-dpmsolver++, dpmsolver++3m, sde-dpmsolver++3m (the third-order forms, "DPM++ 3M (SDE)"), unipc, pndm (PLMS:
     n steps are n + 1 model calls), lms (K-LMS), deis, kdpm2, kdpm2_ancestral (DPM2 and DPM2 a: 2 model calls a
-    step but the last)) on the schedule the model was trained with. For a model with learned variances
+    step but the last), dpmsolver_singlestep, dpmsolver_singlestep3 (DPM-Solver++ single-step, order 2 or 3)) on the schedule the model was trained with. For a model with learned variances
     (out_channels = 2 x in_channels) DDPM samples with them (variance_type "learned_range", Improved DDPM's) and
     DPM-Solver++ accepts and drops them (as diffusers does); DDIM and the Euler samplers take only the mean
     channels, which :func:`generate` passes them."""
@@ -151,6 +152,8 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
         name, opts["solver_order"] = name[:-2], 3
     if name == "sde-dpmsolver++":  # DPMSolverPPSampler's SDE form ("DPM++ 2M SDE")
         name, opts["algorithm_type"] = "dpmsolver++", "sde-dpmsolver++"
+    if name == "dpmsolver_singlestep3":  # DPMSolverSinglestepSampler of order 3
+        name, opts["solver_order"] = "dpmsolver_singlestep", 3
     d = checkpoint_dir(checkpoint)
     try:
         with open(os.path.join(d, "checkpoint.json")) as f:
@@ -178,7 +181,7 @@ def make_sampler(name: str, model=None, checkpoint: str | None = None):
     target = train.get("target")
     if target:
         opts["prediction_type"] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[target]
-    if name in ("ddpm", "dpmsolver++") and _learns_sigma(model, meta.get("model")):
+    if name in ("ddpm", "dpmsolver++", "dpmsolver_singlestep") and _learns_sigma(model, meta.get("model")):
         opts["variance_type"] = "learned_range"
     return SAMPLERS[name](**opts)
 

@@ -598,7 +598,8 @@ SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": Fals
                ("UniPCMultistepScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
                ("LMSDiscreteScheduler", {"use_karras_sigmas": True}), ("KDPM2DiscreteScheduler", {}),
                # Playground v2.5's scheduler (EDM DPM-Solver++) and EDM Euler: timesteps log(sigma) / 4, input c_in x
-               ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {"sigma_max": 14.6, "solver_order": 3})]
+               ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {"sigma_max": 14.6, "solver_order": 3}),
+               ("DPMSolverSinglestepScheduler", {}), ("DPMSolverSinglestepScheduler", {"solver_order": 3})]
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
@@ -759,6 +760,7 @@ AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps
     ("HeunDiscreteScheduler", {}, {"timesteps": AYS_SD15[::2]}),
     ("DDPMScheduler", {}, {"timesteps": AYS_SD15}),
     ("LCMScheduler", {}, {"timesteps": [999, 759, 499, 259]}),
+    ("DPMSolverSinglestepScheduler", {"solver_order": 3}, {"timesteps": AYS_SD15}),
 ])
 def test_fastdiff_scheduler_custom_timesteps_in_a_pipeline_loop(models, name, cfg, custom):
     # a pipeline called with timesteps= (Align Your Steps) or sigmas= hands them to set_timesteps through

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, EDMDPMSolverPPSampler,
+from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
+                                EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
                                 KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
@@ -410,7 +411,8 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
                                     (UniPCSampler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                                     "flow_shift": 3.0}),
                                     (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"}),
-                                    (LMSSampler, {"use_karras_sigmas": True}), (DEISSampler, {"solver_order": 3})])
+                                    (LMSSampler, {"use_karras_sigmas": True}), (DEISSampler, {"solver_order": 3}),
+                                    (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -1030,6 +1032,26 @@ DIFFUSERS_CASES = [
                                                                "prediction_type": "v_prediction"}),
     ("EDMDPMSolverMultistepScheduler", EDMDPMSolverPPSampler, {"thresholding": True, "sigma_data": 1.0,
                                                                "sample_max_value": 1.5, "euler_at_final": True}),
+    # DPM-Solver++ single-step (2S, 3S): groups of solver_order steps from the group's first x
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"solver_order": 3}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {**SD, "solver_order": 3, "solver_type": "heun",
+                                                                  "use_karras_sigmas": True,
+                                                                  "prediction_type": "v_prediction"}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"final_sigmas_type": "sigma_min",
+                                                                  "lower_order_final": False, "solver_type": "heun"}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"thresholding": True, "prediction_type": "sample",
+                                                                  "solver_order": 3,
+                                                                  "final_sigmas_type": "sigma_min"}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"use_flow_sigmas": True, "flow_shift": 3.0,
+                                                                  "prediction_type": "flow_prediction",
+                                                                  "solver_order": 3}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"algorithm_type": "sde-dpmsolver++",
+                                                                  "solver_order": 1}),  # the generator's noise
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"variance_type": "learned_range"}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"use_beta_sigmas": True, "solver_order": 3}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"beta_schedule": "squaredcos_cap_v2",
+                                                                  "lambda_min_clipped": -5.1, "solver_order": 3}),
 ]
 
 
@@ -1074,6 +1096,8 @@ CUSTOM_TIMESTEP_CASES = [
     ("LCMScheduler", LCMSampler, {}, [999, 759, 499, 259]),  # the distilled schedule's 4 steps, given
     ("LCMScheduler", LCMSampler, {"prediction_type": "v_prediction"}, [990, 640, 333, 100, 7]),  # any timesteps
     ("TCDScheduler", TCDSampler, {}, [999, 845, 690, 499, 270]),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {}, AYS_SD15),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"solver_order": 3, "solver_type": "heun"}, AYS_SD15),
 ]
 
 
@@ -1139,7 +1163,7 @@ def test_sigma_spacing_options():
     assert gaps[0] < gaps[1] and gaps[3] < gaps[2]
     # one spacing at a time; bools only; not with custom timesteps or flow sigmas (as diffusers)
     for cls in (EulerSampler, HeunSampler, LMSSampler, DPMSolverPPSampler, DEISSampler, UniPCSampler,
-                FlowMatchEulerSampler):
+                FlowMatchEulerSampler, DPMSolverSinglestepSampler):
         with pytest.raises(ValueError, match="^use_beta_sigmas: only one of use_karras_sigmas, use_exponential"):
             cls(use_karras_sigmas=True, use_beta_sigmas=True)
         with pytest.raises(TypeError, match="^use_exponential_sigmas: expected a bool"):
@@ -1316,8 +1340,8 @@ def test_custom_schedule_errors():
     # samplers whose diffusers scheduler takes no custom timesteps refuse them, naming those that do
     for cls in (DDIMSampler, EulerAncestralSampler, LMSSampler, PNDMSampler, UniPCSampler, DEISSampler, KDPM2Sampler):
         with pytest.raises(ValueError, match=f"^timesteps: custom timesteps are not supported by {cls.__name__}, .*"
-                                             "DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, "
-                                             "TCDSampler"):
+                                             "DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, "
+                                             "DPMSolverSinglestepSampler, LCMSampler, TCDSampler"):
             cls().set_timesteps(timesteps=[999, 500])
     with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by FlowMatchEulerSampler"):
         FlowMatchEulerSampler().set_timesteps(timesteps=[999, 500])
@@ -1615,8 +1639,8 @@ def test_from_scheduler():
     ds = dsched.UniPCMultistepScheduler.from_config(wan)
     ds.set_timesteps(30)
     assert isinstance(s, UniPCSampler) and torch.equal(s.timesteps, ds.timesteps)
-    with pytest.raises(ValueError, match="^scheduler: DPMSolverSinglestepScheduler has no fastdiff sampler"):
-        from_scheduler(dsched.DPMSolverSinglestepScheduler())
+    with pytest.raises(ValueError, match="^scheduler: IPNDMScheduler has no fastdiff sampler"):
+        from_scheduler(dsched.IPNDMScheduler())
     with pytest.raises(ValueError, match="^config: skip_prk_steps=False is not supported by PNDMSampler"):
         from_scheduler(dsched.PNDMScheduler())  # diffusers' default: the Runge-Kutta warm-up
     with pytest.raises(ValueError, match="^scheduler: the config does not name its class"):
@@ -1634,7 +1658,8 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                  ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                               "flow_shift": 3.0}),
                  ("PNDMScheduler", {"skip_prk_steps": True}), ("LMSDiscreteScheduler", {}),
-                 ("DEISMultistepScheduler", {"solver_order": 3})]
+                 ("DEISMultistepScheduler", {"solver_order": 3}), ("DPMSolverSinglestepScheduler", {}),
+                 ("DPMSolverSinglestepScheduler", {"solver_order": 3, "solver_type": "heun"})]
 
 
 @needs_diffusers
@@ -1880,7 +1905,8 @@ class TinyModel(torch.nn.Module):
 
 @pytest.mark.parametrize("cls", [DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPPSampler, LCMSampler,
                                  FlowMatchEulerSampler, HeunSampler,
-                                 functools.partial(DPMSolverPPSampler, algorithm_type="sde-dpmsolver++")])
+                                 functools.partial(DPMSolverPPSampler, algorithm_type="sde-dpmsolver++"),
+                                 functools.partial(DPMSolverSinglestepSampler, solver_order=3)])
 def test_sample_is_reproducible(cls):
     torch.manual_seed(0)
     model = TinyModel()
@@ -2017,3 +2043,75 @@ def test_no_sync_on_gpu_and_graph_equals_eager(cls, kw):
                      progress=False)
     torch.testing.assert_close(eager2, eager)
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("lower", [False, True])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_singlestep_order_list_matches_diffusers(order, lower, final):
+    # the orders of a run's steps, diffusers' get_order_list after set_timesteps (which switches lower_order_final
+    # on for a step count not divisible by the order, or with final_sigmas_type="zero")
+    for n in range(1, 14):
+        ds = dsched.DPMSolverSinglestepScheduler(solver_order=order, lower_order_final=lower, final_sigmas_type=final)
+        ours = DPMSolverSinglestepSampler.from_config(ds.config)
+        ds.set_timesteps(n)
+        assert ours.order_list(n) == list(ds.order_list), n
+    assert ours.config["lower_order_final"] is lower  # decided per run here, not written into the config
+
+
+@needs_diffusers
+def test_singlestep_duplicate_timesteps_match_diffusers():
+    # squaredcos_cap_v2 with Karras sigmas gives the timesteps 999, 999, 998, 998, ...: diffusers' own loop then
+    # starts at the second 999 (index_for_timestep) and runs off its order list; stepping it by index
+    # (set_begin_index(0)) gives its trajectory, which ours follows
+    cfg = {"beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True, "solver_order": 3}
+    ds = dsched.DPMSolverSinglestepScheduler(**cfg)
+    ours = DPMSolverSinglestepSampler.from_config(ds.config).set_timesteps(9)
+    ds.set_timesteps(9)
+    ds.set_begin_index(0)
+    assert ours.timesteps.tolist() == ds.timesteps.tolist() and ours.timesteps[0] == ours.timesteps[1]
+    x = y = _x((2, 3, 8, 8))
+    for i, t in enumerate(ds.timesteps):
+        x = ds.step(eps_model(x, t), t, x).prev_sample
+        y = ours.step(eps_model(y, t), i, y)
+        _close(y, x, 5e-4)
+
+
+@needs_diffusers
+def test_singlestep_fp16_error_is_no_worse_than_diffusers():
+    # the group's first x is re-derived from the x each step is given: in fp16 that adds rounding error, which the
+    # kernel's fp32 arithmetic more than makes up for (measured 0.5-0.85x diffusers' own fp16 error at 4-20 steps)
+    sd = {**SD, "use_karras_sigmas": True}
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 14.6
+    for order, n in ((2, 6), (3, 9)):
+        ds = dsched.DPMSolverSinglestepScheduler(**sd, solver_order=order)
+        ours = DPMSolverSinglestepSampler.from_config(ds.config)
+        ref = _diffusers_run(ds, n, x.clone(), None)[-1]
+        err_d = (_diffusers_run(ds, n, x.half(), None)[-1].float() - ref).abs().max().item()
+        got = _ours_run(ours, n, x.half(), None)[-1]
+        assert got.dtype == torch.float16
+        assert (got.float() - ref).abs().max().item() <= 1.2 * err_d
+
+
+def test_singlestep_errors():
+    with pytest.raises(ValueError, match="^algorithm_type: 'sde-dpmsolver\\+\\+' is implemented for solver_order=1"):
+        DPMSolverSinglestepSampler(algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError, match="^algorithm_type:"):
+        DPMSolverSinglestepSampler(algorithm_type="dpmsolver")
+    with pytest.raises(ValueError, match="^final_sigmas_type:"):
+        DPMSolverSinglestepSampler(final_sigmas_type="last")
+    with pytest.raises(TypeError, match="^lower_order_final:"):
+        DPMSolverSinglestepSampler(lower_order_final="yes")
+    with pytest.raises(TypeError, match="^use_lu_lambdas: not an option of DPMSolverSinglestepSampler"):
+        DPMSolverSinglestepSampler(use_lu_lambdas=True)
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps can't be taken with use_karras_sigmas"):
+        DPMSolverSinglestepSampler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 500, 100])
+    # beyond diffusers' single-step (linspace only): the other spacings, as the multistep sampler spaces them
+    assert (DPMSolverSinglestepSampler(timestep_spacing="trailing").set_timesteps(8).timesteps.tolist()
+            == DPMSolverPPSampler(timestep_spacing="trailing").set_timesteps(8).timesteps.tolist())
+    s = DPMSolverSinglestepSampler(algorithm_type="sde-dpmsolver++", solver_order=1).set_timesteps(4)
+    assert s._stochastic and s.order == 1
+    a, b = (fastdiff.diffusion.sample(eps_model, s, (1, 3, 4, 4), num_inference_steps=4, seed=k, progress=False)
+            for k in (1, 2))
+    assert torch.isfinite(a).all() and not torch.equal(a, b)

@@ -1,6 +1,6 @@
 """Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2) and DPM2 ancestral, K-LMS, DPM-Solver++ (2M, 3M
-and their SDE forms), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler, and EDM's Euler and DPM-Solver++, each
-one fused kernel per step and no host sync.
+and their SDE forms; single-step 2S/3S), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler, and EDM's Euler and
+DPM-Solver++, each one fused kernel per step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -16,7 +16,7 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler).
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler).
 """
 from __future__ import annotations
 
@@ -1540,13 +1540,15 @@ class DPMSolverPPSampler(_FlowShiftMu):
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
     _multistep = True
+    _round_karras = False  # Karras timesteps rounded for every beta schedule (else not for squaredcos_cap_v2)
 
     def _validate(self, cfg):
         super()._validate(cfg)
         _check_dpm_solver(cfg)
-        if not isinstance(cfg["use_lu_lambdas"], (bool, np.bool_)):
-            raise TypeError(f"use_lu_lambdas: expected a bool, got {type(cfg['use_lu_lambdas']).__name__}")
-        if cfg["use_lu_lambdas"] and (_sigma_spacing(cfg) or cfg["use_flow_sigmas"]):
+        lu = cfg.get("use_lu_lambdas", False)  # (not an option of the single-step subclass)
+        if not isinstance(lu, (bool, np.bool_)):
+            raise TypeError(f"use_lu_lambdas: expected a bool, got {type(lu).__name__}")
+        if lu and (_sigma_spacing(cfg) or cfg["use_flow_sigmas"]):
             other = f"use_{_sigma_spacing(cfg)}_sigmas" if _sigma_spacing(cfg) else "use_flow_sigmas"
             raise ValueError(f"use_lu_lambdas: not together with {other}")
         if cfg["variance_type"] not in (None, "learned", "learned_range"):
@@ -1586,7 +1588,8 @@ class DPMSolverPPSampler(_FlowShiftMu):
             alpha, sigma_vp = 1 - sig, sig
         else:
             ts, sig = _vp_sigmas(cfg, self.schedule, n, cfg["lambda_min_clipped"],
-                                 round_karras=cfg["beta_schedule"] != "squaredcos_cap_v2", given=self._given_timesteps)
+                                 round_karras=self._round_karras or cfg["beta_schedule"] != "squaredcos_cap_v2",
+                                 given=self._given_timesteps)
             alpha = 1 / np.sqrt(sig**2 + 1)
             sigma_vp = sig * alpha
         m = len(ts)
@@ -1675,6 +1678,130 @@ class DPMSolverPPSampler(_FlowShiftMu):
         row[_C] = c0 + k / r0
         row[_D] = -k / r0 + l_ / r1
         row[_E] = -l_ / r1
+
+
+class DPMSolverSinglestepSampler(DPMSolverPPSampler):
+    """DPM-Solver++ single-step (Lu et al. 2022, "DPM++ 2S" / "3S" without noise), order 1, 2 or 3, as diffusers'
+    DPMSolverSinglestepScheduler with algorithm_type="dpmsolver++": the steps come in groups of `solver_order`
+    (orders 1, 2[, 3] in turn; see ``order_list``), and each step of a group goes from the group's first x, x_g, with
+    the x0 of the group's steps so far (lambda = log(alpha / sigma), h = lambda_t - lambda_g, r_k = (lambda_k -
+    lambda_g) / h, D0 = the group's first x0):
+
+        order 2:  x_t = (sigma_t / sigma_g) x_g - alpha_t (e^-h - 1) D0 - alpha_t (e^-h - 1) D1 / 2   (midpoint)
+        order 3:  the third-order update of the paper with the group's three x0 (solver_type midpoint or heun)
+
+    Each step is still one fused kernel call on x and the x0 kept in the sampler's buffers: x_g is re-derived from the
+    x the step is given, by undoing the group's previous step (x_i = a x_g + the x0 terms of that step), as
+    HeunSampler does. Two consequences: in fp16/bf16 the re-derivation adds rounding error (in fp16 latents the end
+    result measured 0.5-0.85x diffusers' own fp16 error, the kernel's arithmetic being fp32), and an edit made to x
+    between the steps of a group (an inpainting blend) is carried into the rest of the group, where diffusers
+    restarts from its stored x_g and drops it.
+
+    Orders as diffusers: a run's steps before `solver_order` model outputs exist run at the order they allow (an
+    image-to-image run starting at begin_index), lower_order_final ends on a shorter group, and with
+    final_sigmas_type="zero" (the default) the last step is first order. diffusers switches lower_order_final on
+    when the step count is not a multiple of solver_order, or with final_sigmas_type="zero"; it does so here too, for
+    that run (diffusers writes it into its config for good). algorithm_type="sde-dpmsolver++" is taken at
+    solver_order=1 only: a later step of a group would have to undo the noise the group's earlier steps added, which
+    the kernel does not keep; the noise-prediction "dpmsolver" is refused, as by DPMSolverPPSampler.
+    """
+
+    _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
+                "solver_type": "midpoint", "lower_order_final": False, "use_karras_sigmas": False,
+                **_SPACING_OPTIONS, "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"),
+                "variance_type": None, "timestep_spacing": "linspace", "use_flow_sigmas": False, "flow_shift": 1.0,
+                "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    _round_karras = True  # diffusers' single-step rounds its Karras timesteps for every beta schedule
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if not isinstance(cfg["lower_order_final"], (bool, np.bool_)):
+            raise TypeError(f"lower_order_final: expected a bool, got {type(cfg['lower_order_final']).__name__}")
+        if cfg["algorithm_type"] == "sde-dpmsolver++" and cfg["solver_order"] != 1:
+            raise ValueError(f"algorithm_type: 'sde-dpmsolver++' is implemented for solver_order=1 only in the "
+                             f"single-step sampler, got solver_order={cfg['solver_order']!r} (DPMSolverPPSampler "
+                             f"has the multistep SDE forms)")
+        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type: expected 'zero' or 'sigma_min', got {cfg['final_sigmas_type']!r}")
+
+    def order_list(self, n: int) -> list:
+        """The solver order of each of an n-step run's steps, as diffusers' get_order_list: groups 1, 2[, 3] in
+        turn; with lower_order_final (in effect when n is not a multiple of solver_order, or with
+        final_sigmas_type="zero") the last group shortened to fit and the final step first order."""
+        cfg = self.config
+        order = cfg["solver_order"]
+        lower = cfg["lower_order_final"] or n % order != 0 or cfg["final_sigmas_type"] == "zero"
+        if order == 1:
+            orders = [1] * n
+        elif not lower:
+            orders = list(range(1, order + 1)) * (n // order)
+        elif order == 3:
+            orders = ([1, 2, 3] * (n // 3 - 1) + [1, 2, 1] if n % 3 == 0
+                      else [1, 2, 3] * (n // 3) + ([1] if n % 3 == 1 else [1, 2]))
+        else:
+            orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+        if cfg["final_sigmas_type"] == "zero":
+            orders[-1] = 1
+        return orders
+
+    def _group_step(self, i, o, alpha, sigma, lam):
+        """Step i of order o from its group's first x, x_g (g = i - o + 1): x_{i+1} = a x_g + sum_k w[k] x0_k, the
+        sum over the group's steps g..i; returns (a, w, noise std)."""
+        g, t = i - o + 1, i + 1
+        a_t, s_t = alpha[t], sigma[t]
+        h = lam[t] - lam[g]
+        if abs(h) <= 1e-6:  # two equal sigmas: every form's limit is x_t = x_g (see DPMSolverPPSampler)
+            return 1.0, {}, 0.0
+        if self.config["algorithm_type"] == "sde-dpmsolver++":  # order 1 only (_validate)
+            phi2 = -np.expm1(-2 * h) if np.isfinite(h) else 1.0  # 1 - e^-2h
+            return s_t / sigma[i] * np.exp(-h), {i: a_t * phi2}, s_t * np.sqrt(phi2)
+        phi = np.expm1(-h) if np.isfinite(h) else -1.0  # e^-h - 1
+        a, c0 = s_t / sigma[g], -a_t * phi  # c0: the weight of D0 = x0_g
+        if o == 1:
+            return a, {i: c0}, 0.0
+        c1 = a_t * (phi / h + 1.0)  # the weight of the first difference (heun; midpoint's second order: -phi / 2)
+        if o == 2:  # D1 = (x0_i - x0_g) / r0
+            r0 = (lam[i] - lam[g]) / h
+            if self.config["solver_type"] == "midpoint":
+                c1 = -0.5 * a_t * phi
+            return a, {g: c0 - c1 / r0, i: c1 / r0}, 0.0
+        # order 3: D1_0 = (x0_{i-1} - x0_g) / r1, D1_1 = (x0_i - x0_g) / r0
+        r0, r1 = (lam[i] - lam[g]) / h, (lam[i - 1] - lam[g]) / h
+        if self.config["solver_type"] == "midpoint":  # c1 D1_1 (x0_{i-1} enters only the group's second step)
+            return a, {g: c0 - c1 / r0, i: c1 / r0}, 0.0
+        # heun: c1 D1 + c2 D2, D1 = (r0 D1_0 - r1 D1_1) / (r0 - r1), D2 = 2 (D1_1 - D1_0) / (r0 - r1)
+        c2 = -a_t * ((phi + h) / h**2 - 0.5)
+        k10 = (c1 * r0 - 2 * c2) / (r0 - r1)  # weight of D1_0
+        k11 = (2 * c2 - c1 * r1) / (r0 - r1)  # weight of D1_1
+        return a, {g: c0 - k10 / r1 - k11 / r0, i - 1: k10 / r1, i: k11 / r0}, 0.0
+
+    def _plan(self, n):
+        ts, sig, alpha, sigma_vp, px, pm = self._run_sigmas(n)
+        n = len(ts)
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
+        orders, b = self.order_list(n), self._begin_index
+        rows = np.zeros((n, 10))
+        rows[:, _PX], rows[:, _PM] = px, pm
+        prev = None  # the previous step's (a, w) from its group's first x
+        for i in range(n):
+            # as diffusers: no higher order than the model outputs of this run allow (steps before begin_index are
+            # not run; their rows are first order)
+            o = min(orders[i], i - b + 1) if i >= b else 1
+            a, w, std = self._group_step(i, o, alpha, sigma_vp, lam)
+            # o > 1: x_g re-derived from x_i = pa x_g + sum pw[k] x0_k, the group's previous step
+            pa, pw = prev if o > 1 else (1.0, {})
+            prev = (a, w)
+            rows[i, _A] = a / pa
+            for k, col in ((i, _C), (i - 1, _D), (i - 2, _E)):
+                rows[i, col] = w.get(k, 0.0) - a / pa * pw.get(k, 0.0)
+            rows[i, _S] = std
+        self._sigmas_np = sig
+        plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
+        if self.config["prediction_type"] == "flow_prediction":
+            with np.errstate(divide="ignore"):
+                plan["cg_k"] = -sigma_vp[:n] / alpha[:n]
+        return plan
 
 
 def _set_timesteps_with_mu(sampler, set_timesteps, n, device, seed, begin_index, mu, timesteps=None):
@@ -2346,9 +2473,11 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
             "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
-            "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler}
+            "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
+            "dpmsolver_singlestep": DPMSolverSinglestepSampler}
 
-_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, TCDSampler)
+_CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
+                             LCMSampler, TCDSampler)
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
@@ -2359,13 +2488,14 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "LMSDiscreteScheduler": LMSSampler, "DEISMultistepScheduler": DEISSampler,
                         "KDPM2DiscreteScheduler": KDPM2Sampler, "TCDScheduler": TCDSampler,
                         "KDPM2AncestralDiscreteScheduler": KDPM2AncestralSampler, "EDMEulerScheduler": EDMEulerSampler,
-                        "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler}
+                        "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler,
+                        "DPMSolverSinglestepScheduler": DPMSolverSinglestepSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (DPM-Solver single-step, ...) raises ValueError:
+    (scheduler_config.json). A class without a fastdiff sampler (IPNDM, DPM-Solver SDE, ...) raises ValueError:
     pick a sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion
     configs)."""
     config = getattr(scheduler, "config", scheduler)
