@@ -749,6 +749,24 @@ def test_fastdiff_scheduler_flux_style_sigmas(cfg):
         fdd.FastdiffScheduler.from_scheduler(diffusers.DPMSolverMultistepScheduler()).set_timesteps(sigmas=[1.0])
 
 
+@pytest.mark.parametrize("custom", [{"timesteps": [1000.0, 800.0, 550.0, 300.0, 90.0]},
+                                    {"timesteps": [950.0, 700.0, 400.0], "sigmas": [0.9, 0.6, 0.3]}])
+def test_fastdiff_scheduler_flow_custom_timesteps(custom):
+    # an SD3 pipeline called with timesteps= (retrieve_timesteps(scheduler, timesteps=...)): the model sees them as
+    # given, the sigmas are timesteps / 1000 shifted (or the sigmas passed beside them), as diffusers does
+    def loop(s):
+        s.set_timesteps(device="cpu", **custom)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        for t in s.timesteps:
+            x = s.step(torch.tanh(x) + t / 1000, t, x, return_dict=False)[0]
+        return x, s.timesteps.tolist()
+
+    want, ts_want = loop(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    got, ts_got = loop(fdd.FastdiffScheduler.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    assert ts_got == ts_want == custom["timesteps"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, Stable Diffusion 1.5, 10 steps
 
 

@@ -1341,10 +1341,9 @@ def test_custom_schedule_errors():
     for cls in (DDIMSampler, EulerAncestralSampler, LMSSampler, PNDMSampler, UniPCSampler, DEISSampler, KDPM2Sampler):
         with pytest.raises(ValueError, match=f"^timesteps: custom timesteps are not supported by {cls.__name__}, .*"
                                              "DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, "
-                                             "DPMSolverSinglestepSampler, LCMSampler, TCDSampler"):
+                                             "DPMSolverSinglestepSampler, LCMSampler, TCDSampler, "
+                                             "FlowMatchEulerSampler"):
             cls().set_timesteps(timesteps=[999, 500])
-    with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by FlowMatchEulerSampler"):
-        FlowMatchEulerSampler().set_timesteps(timesteps=[999, 500])
     # custom sigmas: Euler's (n + 1 noise levels)
     e = EulerSampler().set_timesteps(4)
     sig_before = e.sigmas.copy()
@@ -1545,6 +1544,35 @@ def test_flow_match_euler_custom_sigmas_match_diffusers(cfg, mu):
         np.testing.assert_array_equal(ours.sigmas, default.sigmas)
 
 
+@needs_diffusers
+@pytest.mark.parametrize("cfg,kw", [
+    ({"shift": 3.0}, {"timesteps": [1000.0, 750.0, 500.0, 250.0]}),  # the sigmas shifted, the timesteps not
+    ({"use_dynamic_shifting": True}, {"timesteps": [980.5, 700.0, 420.0, 100.0], "mu": 0.9}),
+    ({"shift": 3.0}, {"timesteps": [900.0, 600.0, 300.0], "sigmas": [1.0, 0.66, 0.33]}),  # both: each as given
+    ({"shift": 2.0, "use_karras_sigmas": True}, {"timesteps": [999, 800, 600, 400, 200]}),
+    ({"stochastic_sampling": True}, {"timesteps": [1000, 500, 250]}),
+])
+def test_flow_match_euler_custom_timesteps_match_diffusers(cfg, kw):
+    # diffusers' set_timesteps(timesteps=): the model sees the given timesteps, the sigmas are timesteps / T shifted
+    # as its default ones are (it warns that the two may disagree), or the given sigmas
+    ds = dsched.FlowMatchEulerDiscreteScheduler(**cfg)
+    ours = FlowMatchEulerSampler.from_config(ds.config)
+    ds.set_timesteps(**kw)
+    ours.set_timesteps(**kw)
+    np.testing.assert_array_equal(ours.timesteps.numpy(), ds.timesteps.numpy())
+    np.testing.assert_allclose(ours.sigmas, ds.sigmas.numpy(), rtol=1e-6)
+    x = _x((2, 3, 8, 8))
+    want, got = x.clone(), x.clone()
+    g_want, g_got = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for i, t in enumerate(ds.timesteps):
+        v = torch.tanh(0.7 * want + t / 1000)
+        want = ds.step(v, t, want, generator=g_want).prev_sample
+        got = ours.step(torch.tanh(0.7 * got + ours.timesteps[i] / 1000), i, got, generator=g_got)
+        _close(got, want, 1e-5)
+    n = len(kw["timesteps"])
+    assert ours.set_timesteps(n, mu=kw.get("mu")).timesteps.tolist() != ds.timesteps.tolist()  # not kept
+
+
 def test_flow_match_euler_custom_sigmas_errors():
     s = FlowMatchEulerSampler()
     with pytest.raises(ValueError, match="^num_inference_steps: 3 but 2 sigmas"):
@@ -1554,6 +1582,13 @@ def test_flow_match_euler_custom_sigmas_errors():
             s.set_timesteps(sigmas=bad)
     with pytest.raises(ValueError, match="^num_inference_steps: required"):
         s.set_timesteps()
+    for bad in ([], [1001.0, 500.0], [500.0, 500.0], [100.0, 500.0], [500.0, 0.0], [[900.0]], [900.0, float("inf")]):
+        with pytest.raises(ValueError, match="^timesteps:"):
+            s.set_timesteps(timesteps=bad)
+    with pytest.raises(TypeError, match="^timesteps: expected a sequence of numbers"):
+        s.set_timesteps(timesteps=["a"])
+    with pytest.raises(ValueError, match="^num_inference_steps: 2 but 3 timesteps"):
+        s.set_timesteps(sigmas=[1.0, 0.5], timesteps=[900.0, 600.0, 300.0])
     assert s.num_inference_steps is None  # nothing was set by the refused calls
 
 

@@ -281,7 +281,8 @@ class Sampler:
         multistep sampler takes its first-order step there, as diffusers does at a run's first step.
         `timesteps`: the run's training timesteps, strictly decreasing, in place of the spaced ones (e.g. an Align
         Your Steps schedule); their count is the number of steps. Taken where the matching diffusers scheduler takes
-        them (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, LCMSampler, TCDSampler), and not kept: a
+        them (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler, LCMSampler,
+        TCDSampler; FlowMatchEulerSampler has its own), and not kept: a
         later call without them goes back to the spacing of the config."""
         given = None
         if timesteps is not None:
@@ -2024,7 +2025,7 @@ class FlowMatchEulerSampler(Sampler):
                 **_SPACING_OPTIONS,
                 "stochastic_sampling": False}
     _fixed = {"invert_sigmas": False}
-    _custom_schedules = ("sigmas",)  # n values in (0, 1], before shifting (set_timesteps)
+    _custom_schedules = ("sigmas", "timesteps")  # n values in (0, 1] / (0, T], before shifting (set_timesteps)
 
     def _build_schedule(self):
         self.schedule = None  # no discrete-time VP schedule: the sigmas are the schedule
@@ -2069,27 +2070,33 @@ class FlowMatchEulerSampler(Sampler):
         """As Sampler.set_timesteps; `mu` (use_dynamic_shifting only, required there) is the resolution-dependent
         shift: kept in ``self.mu`` for later calls (fastdiff.sample calls set_timesteps without it). `sigmas`: this
         run's sigmas before shifting, in place of the default linspace (as diffusers' ``set_timesteps(sigmas=)``,
-        which the Flux pipeline passes: ``np.linspace(1, 1 / n, n)``); their count is the number of steps. Not kept:
-        a later call without them goes back to the default. Custom `timesteps` are refused (pass sigmas: a flow
-        model's timestep is sigma * num_train_timesteps)."""
-        if timesteps is not None:
-            raise ValueError("timesteps: custom timesteps are not supported by FlowMatchEulerSampler: pass the "
-                             "sigmas (timesteps / num_train_timesteps) instead")
-        if sigmas is not None:
-            arr = np.asarray(sigmas, dtype=np.float32)
-            if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all() or not ((arr > 0) & (arr <= 1)).all():
-                raise ValueError(f"sigmas: expected a non-empty 1-D sequence of values in (0, 1], got {sigmas!r}")
+        which the Flux pipeline passes: ``np.linspace(1, 1 / n, n)``); their count is the number of steps.
+        `timesteps`: the model's timesteps, used as given (values in (0, num_train_timesteps], strictly
+        decreasing); without `sigmas` the sigmas are timesteps / num_train_timesteps, shifted as the default ones
+        are, so the model then sees unshifted timesteps at shifted noise levels, exactly as diffusers does (and
+        warns of); pass both, of the same length, to set each. Neither is kept: a later call without them goes back
+        to the default."""
+        given = {}
+        for name, vals, hi in (("sigmas", sigmas, 1), ("timesteps", timesteps, self.config["num_train_timesteps"])):
+            if vals is None:
+                continue
+            arr = _float64_array(vals, name) if name == "timesteps" else np.asarray(vals, dtype=np.float32)
+            if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all() or not ((arr > 0) & (arr <= hi)).all():
+                raise ValueError(f"{name}: expected a non-empty 1-D sequence of values in (0, {hi}], got {vals!r}")
+            if name == "timesteps" and arr.size > 1 and not (np.diff(arr) < 0).all():
+                raise ValueError(f"timesteps: expected a strictly decreasing sequence, got {vals!r}")
             if num_inference_steps is not None and num_inference_steps != arr.size:
-                raise ValueError(f"num_inference_steps: {num_inference_steps!r} but {arr.size} sigmas were given")
+                raise ValueError(f"num_inference_steps: {num_inference_steps!r} but {arr.size} {name} were given")
             num_inference_steps = int(arr.size)
-        elif num_inference_steps is None:
-            raise ValueError("num_inference_steps: required when no sigmas are given")
-        self._custom_sigmas = None if sigmas is None else arr
+            given[name] = arr.astype(np.float32)  # float32, as diffusers takes them
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps: required when no sigmas or timesteps are given")
+        self._custom_sigmas, self._custom_timesteps = given.get("sigmas"), given.get("timesteps")
         try:
             return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index,
                                           mu)
         finally:
-            self._custom_sigmas = None
+            self._custom_sigmas = self._custom_timesteps = None
 
     def _sigmas(self, n):
         cfg = self.config
@@ -2100,9 +2107,15 @@ class FlowMatchEulerSampler(Sampler):
         if not cfg["use_dynamic_shifting"]:
             init = cfg["shift"] * init / (1 + (cfg["shift"] - 1) * init)
         smax, smin = init[0].item(), init[-1].item()
-        custom = getattr(self, "_custom_sigmas", None)
-        # given sigmas are float32 from here on, as diffusers' (the default ones float64 until the end, as its)
-        sig = custom.copy() if custom is not None else np.linspace(smax * T, smin * T, n) / T
+        custom, given_ts = getattr(self, "_custom_sigmas", None), getattr(self, "_custom_timesteps", None)
+        # given sigmas (or timesteps) are float32 from here on, as diffusers' (the default ones float64 until the
+        # end, as its)
+        if custom is not None:
+            sig = custom.copy()
+        elif given_ts is not None:
+            sig = given_ts / np.float32(T)
+        else:
+            sig = np.linspace(smax * T, smin * T, n) / T
         if cfg["use_dynamic_shifting"]:
             sig = _time_shift(self, sig)
         else:
@@ -2120,7 +2133,8 @@ class FlowMatchEulerSampler(Sampler):
     def _plan(self, n):
         T = self.config["num_train_timesteps"]
         s32 = self._sigmas(n)
-        ts = s32 * np.float32(T)
+        given_ts = getattr(self, "_custom_timesteps", None)
+        ts = given_ts.copy() if given_ts is not None else s32 * np.float32(T)
         sig = np.concatenate([s32, [0.0]]).astype(np.float64)
         s, s_next = sig[:-1], sig[1:]
         rows = np.zeros((n, 9))
@@ -2477,7 +2491,7 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "dpmsolver_singlestep": DPMSolverSinglestepSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
-                             LCMSampler, TCDSampler)
+                             LCMSampler, TCDSampler, FlowMatchEulerSampler)
 
 #: diffusers scheduler class -> the sampler that follows its trajectory (from_scheduler)
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampler,
