@@ -2035,7 +2035,8 @@ def test_sample_errors():
                                     (EulerSampler, {"use_karras_sigmas": True}),
                                     (DPMSolverPPSampler, {"thresholding": True}),
                                     (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {"thresholding": True}),
-                                    (PNDMSampler, {}), (LMSSampler, {})])
+                                    (PNDMSampler, {}), (LMSSampler, {}),
+                                    (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True})])
 def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
     """No .item(), .tolist(), .nonzero() or Python branch on a tensor value anywhere in the sampling loop (the GPU
     version of this check, with torch.cuda.set_sync_debug_mode, is test_no_sync_on_gpu)."""
@@ -2059,7 +2060,7 @@ def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
                                     (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {}), (PNDMSampler, {}),
-                                    (LMSSampler, {})])
+                                    (LMSSampler, {}), (DPMSolverSinglestepSampler, {"solver_order": 3})])
 def test_no_sync_on_gpu_and_graph_equals_eager(cls, kw):
     torch.manual_seed(0)
     model = TinyModel().cuda()
