@@ -599,7 +599,8 @@ SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": Fals
                ("LMSDiscreteScheduler", {"use_karras_sigmas": True}), ("KDPM2DiscreteScheduler", {}),
                # Playground v2.5's scheduler (EDM DPM-Solver++) and EDM Euler: timesteps log(sigma) / 4, input c_in x
                ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {"sigma_max": 14.6, "solver_order": 3}),
-               ("DPMSolverSinglestepScheduler", {}), ("DPMSolverSinglestepScheduler", {"solver_order": 3})]
+               ("DPMSolverSinglestepScheduler", {}), ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
+               ("DDIMInverseScheduler", {"clip_sample": False})]  # (a pipeline's inverse_scheduler: DiffEdit, ...)
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2

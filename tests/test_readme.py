@@ -261,7 +261,24 @@ def _run_custom_timesteps(code):
     assert seen == ns["ays"]  # one batched (CFG) model call at each of the custom timesteps
 
 
+def _run_ddim_inversion(code):
+    from fastdiff.diffusion import DDIMInverseSampler, DDIMSampler
+
+    unet = _tiny_unet(context_dim=32).to(_DEVICE)
+    g = torch.Generator().manual_seed(0)
+    ns = {"pipe": types.SimpleNamespace(scheduler=types.SimpleNamespace(config=_sd_scheduler_config())),
+          "DDIMInverseSampler": DDIMInverseSampler, "DDIMSampler": DDIMSampler, "fastdiff": fastdiff, "unet": unet,
+          "latents": torch.randn(1, 4, 16, 16, generator=g).to(_DEVICE),
+          "ctx": torch.randn(1, 7, 32, generator=g).to(_DEVICE), "edited_ctx": torch.randn(1, 7, 32).to(_DEVICE)}
+    code = _replace(code, "num_inference_steps=50)", "num_inference_steps=4, progress=False)")
+    exec(code, ns)
+    assert ns["x_T"].shape == ns["x0"].shape == (1, 4, 16, 16)
+    assert torch.isfinite(ns["x_T"]).all() and torch.isfinite(ns["x0"]).all()
+    assert not torch.allclose(ns["x_T"], ns["latents"])
+
+
 _RUNNERS = {
+    "inv = DDIMInverseSampler.from_config": _run_ddim_inversion,
     'with fastdiff.set_backend("torch")': _run_set_backend,
     "y = fastdiff.ops.group_norm(": _run_group_norm_signature,
     "norm = fastdiff.nn.GroupNorm(": _run_layers,

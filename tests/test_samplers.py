@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
+from fastdiff.diffusion import (DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                                 EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
                                 KDPM2Sampler,
@@ -1050,6 +1050,14 @@ DIFFUSERS_CASES = [
                                                                   "solver_order": 1}),  # the generator's noise
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"variance_type": "learned_range"}),
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"use_beta_sigmas": True, "solver_order": 3}),
+    # DDIM inversion: the timesteps ascend, x goes from clean to noise
+    ("DDIMInverseScheduler", DDIMInverseSampler, {}),
+    ("DDIMInverseScheduler", DDIMInverseSampler, {**SD, "steps_offset": 1, "set_alpha_to_one": False,
+                                                  "clip_sample": False}),
+    ("DDIMInverseScheduler", DDIMInverseSampler, {"timestep_spacing": "trailing", "prediction_type": "v_prediction",
+                                                  "rescale_betas_zero_snr": True}),
+    ("DDIMInverseScheduler", DDIMInverseSampler, {"prediction_type": "sample", "set_alpha_to_one": False,
+                                                  "clip_sample_range": 0.8}),
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"beta_schedule": "squaredcos_cap_v2",
                                                                   "lambda_min_clipped": -5.1, "solver_order": 3}),
 ]
@@ -2151,3 +2159,88 @@ def test_singlestep_errors():
     a, b = (fastdiff.diffusion.sample(eps_model, s, (1, 3, 4, 4), num_inference_steps=4, seed=k, progress=False)
             for k in (1, 2))
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pred,spacing,one", [("epsilon", "leading", True), ("epsilon", "trailing", False),
+                                              ("sample", "trailing", False)])
+def test_ddim_inversion_round_trip(pred, spacing, one):
+    # with a model whose eps (or x0) prediction depends on t alone, DDIM inversion and DDIM sampling with the same
+    # settings are exact inverses of each other: x0 -> inverted x_T -> x0 again. (Not so for v_prediction: there
+    # eps depends on x, which the two directions see at different levels.)
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(1000, 3, 1, 1, generator=g, dtype=torch.float64) * 0.5
+
+    def model(x, t):
+        return table[int(t)].expand_as(x).contiguous()
+
+    # ("sample" needs a first level below 1: there eps = (x - x0) / sigma)
+    kw = {"prediction_type": pred, "timestep_spacing": spacing, "clip_sample": False, "set_alpha_to_one": one}
+    inv = DDIMInverseSampler(**kw).set_timesteps(10)
+    fwd = DDIMSampler(**kw).set_timesteps(10)
+    assert inv.timesteps.tolist() == fwd.timesteps.flip(0).tolist()
+    x0 = _x((2, 3, 8, 8)).clamp(-1, 1)
+    x = x0.double()
+    for i, t in enumerate(inv.timesteps):
+        x = inv.step(model(x, t), i, x)
+    assert (x - x0.double()).abs().max() > 0.5  # it did move toward noise
+    for i, t in enumerate(fwd.timesteps):
+        x = fwd.step(model(x, t), i, x)
+    torch.testing.assert_close(x, x0.double(), atol=5e-5, rtol=0)  # (the step coefficients are float32)
+
+
+def test_ddim_inverse_errors():
+    with pytest.raises(ValueError, match="^timestep_spacing: expected 'leading' or 'trailing'"):
+        DDIMInverseSampler(timestep_spacing="linspace")
+    with pytest.raises(ValueError, match="^num_inference_steps: 1001 exceeds"):
+        DDIMInverseSampler().set_timesteps(1001)
+    with pytest.raises(TypeError, match="^eta: not an option of DDIMInverseSampler"):
+        DDIMInverseSampler(eta=1.0)
+    with pytest.raises(ValueError, match="^num_inference_steps: the schedule gives non-finite"):
+        DDIMInverseSampler(prediction_type="sample").set_timesteps(4)  # eps = (x - x0) / 0 at the first step
+    s = DDIMInverseSampler().set_timesteps(4)
+    assert not s._stochastic and s.order == 1 and s.timesteps.tolist() == [0, 250, 500, 750]
+
+
+def test_sample_runs_an_inversion_and_starts_from_given_noise():
+    # fastdiff.sample(x_init=) with an inverting sampler runs from x_init as it is; noise= starts a run from given
+    # noise (times init_noise_sigma): together, invert then regenerate
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(1000, 3, 1, 1, generator=g) * 0.5
+
+    def model(x, t):  # eps depends on t alone: DDIM inversion is then exact (test_ddim_inversion_round_trip)
+        return table[t.long()].expand_as(x).contiguous()
+
+    x0 = _x((2, 3, 8, 8)).clamp(-1, 1)
+    inv = DDIMInverseSampler(clip_sample=False)
+    x_t = sample(model, inv, (2, 3, 8, 8), x_init=x0, num_inference_steps=10, progress=False)
+    want = x0.clone()
+    for i, t in enumerate(inv.timesteps):
+        want = inv.step(model(want, t.reshape(1)), i, want)
+    torch.testing.assert_close(x_t, want, atol=0, rtol=0)
+    back = sample(model, DDIMSampler(clip_sample=False), (2, 3, 8, 8), noise=x_t, num_inference_steps=10,
+                  progress=False)
+    torch.testing.assert_close(back, x0, atol=5e-5, rtol=0)
+    # noise= with init_noise_sigma != 1 (Euler): the run starts at noise * init_noise_sigma, as diffusers' latents=
+    e = EulerSampler()
+    z = _x((2, 3, 8, 8), seed=7)
+    got = sample(lambda x, t: eps_model(x, t), e, (2, 3, 8, 8), noise=z, num_inference_steps=4, progress=False)
+    x = z * e.init_noise_sigma
+    for i in range(4):
+        x = e.step(eps_model(e.scale_model_input(x, i), e.timesteps[i]), i, x)
+    torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-6)
+    # image-to-image noises x_init with the given noise: the run's start is add_noise(x_init, noise, t_start)
+    d = DDIMSampler()
+    a = sample(lambda x, t: eps_model(x, t), d, (2, 3, 8, 8), x_init=x0, strength=0.5, noise=z,
+               num_inference_steps=4, seed=1, progress=False)
+    b = sample(lambda x, t: eps_model(x, t), d, (2, 3, 8, 8), x_init=x0, strength=0.5, noise=z,
+               num_inference_steps=4, seed=2, progress=False)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # (DDIM eta 0: the seed's noise is not used)
+    with pytest.raises(ValueError, match="^x_init: DDIMInverseSampler inverts a clean sample"):
+        sample(model, inv, (2, 3, 8, 8), num_inference_steps=4, progress=False)
+    for kw, arg in (({"strength": 0.5}, "strength"), ({"mask": torch.ones(1, 1, 8, 8)}, "mask"),
+                    ({"noise": z}, "noise")):
+        with pytest.raises(ValueError, match=f"^{arg}: not taken by an inversion run"):
+            sample(model, inv, (2, 3, 8, 8), x_init=x0, num_inference_steps=4, progress=False, **kw)
+    for bad in (z[:1], z.long(), "z"):
+        with pytest.raises(ValueError, match="^noise: expected a floating-point tensor of shape"):
+            sample(model, d, (2, 3, 8, 8), noise=bad, num_inference_steps=4, progress=False)

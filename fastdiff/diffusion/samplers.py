@@ -16,7 +16,8 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler).
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler; DDIMInverseScheduler, which runs
+DDIM backwards for inversion).
 """
 from __future__ import annotations
 
@@ -884,6 +885,58 @@ class DDIMSampler(Sampler):
         rows[:, _B] = direction * em
         rows[:, _C] = np.sqrt(a_p) + direction * e0
         rows[:, _S] = std
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
+
+
+class DDIMInverseSampler(DDIMSampler):
+    """DDIM inversion (Song et al. 2021; Mokady et al.'s null-text inversion and diffusers' DiffEdit and pix2pix-zero
+    pipelines start from it): the deterministic DDIM step run backwards, from a clean sample up to noise, as
+    diffusers' DDIMInverseScheduler. Its timesteps ascend (leading: 0, T/n, ..., with steps_offset; trailing: T/n - 1,
+    ..., T - 1); step i evaluates the model at timesteps[i] on x at the level of timesteps[i] - T // n (at the first
+    step: a_cumprod = 1 with set_alpha_to_one, else alphas_cumprod[0]) and moves x to timesteps[i]:
+
+        x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps,   x0 clamped to +-clip_sample_range with clip_sample
+
+    (eps the model's, or re-derived from x and the unclamped prediction for "sample" / "v_prediction", as diffusers
+    does). ``fastdiff.sample(model, sampler, shape, x_init=x0, ...)`` runs it from x0 (CFG, conditioning and the
+    CUDA-graph loop as for sampling); so do step() over ``timesteps``, or FastdiffScheduler as a pipeline's
+    inverse_scheduler. The inverted x is then the start (``fastdiff.sample(..., noise=x_T)``) of a DDIMSampler run
+    with the same settings.
+    """
+
+    _options = {**_COMMON, **_CLIPPING, "set_alpha_to_one": True, "timestep_spacing": "leading"}
+    _fixed = {"set_alpha_to_zero": None}  # diffusers' deprecated name for set_alpha_to_one
+    _inverts = True  # fastdiff.sample starts it from x_init as it is
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+        if cfg["timestep_spacing"] not in ("leading", "trailing"):
+            raise ValueError(f"timestep_spacing: expected 'leading' or 'trailing' (as diffusers' DDIMInverseScheduler), "
+                             f"got {cfg['timestep_spacing']!r}")
+
+    @property
+    def _stochastic(self):
+        return False
+
+    def _plan(self, n):
+        T = self.schedule.num_train_timesteps
+        if n > T:
+            raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
+        acp = self._acp()
+        first = 1.0 if self.config["set_alpha_to_one"] else acp[0]
+        ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])[::-1].copy()
+        cur = np.minimum(ts - T // n, T - 1)  # the level x is at when the model is called at ts
+        a_c = np.where(cur >= 0, acp[np.maximum(cur, 0)], first)
+        a_n = acp[ts]
+        alpha, sigma = np.sqrt(a_c), np.sqrt(1 - a_c)
+        pred = self.config["prediction_type"]
+        with np.errstate(divide="ignore"):  # "sample" at a_c = 1: eps = (x - x0) / 0, as in diffusers (refused)
+            ex, em = {"epsilon": (np.zeros(n), np.ones(n)), "sample": (1 / sigma, -alpha / sigma),
+                      "v_prediction": (sigma, alpha)}[pred]
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(pred, alpha, sigma)
+        direction = np.sqrt(1 - a_n)
+        rows[:, _A], rows[:, _B], rows[:, _C] = direction * ex, direction * em, np.sqrt(a_n)
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
@@ -2488,7 +2541,7 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
             "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
             "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
-            "dpmsolver_singlestep": DPMSolverSinglestepSampler}
+            "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -2503,7 +2556,8 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "KDPM2DiscreteScheduler": KDPM2Sampler, "TCDScheduler": TCDSampler,
                         "KDPM2AncestralDiscreteScheduler": KDPM2AncestralSampler, "EDMEulerScheduler": EDMEulerSampler,
                         "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler,
-                        "DPMSolverSinglestepScheduler": DPMSolverSinglestepSampler}
+                        "DPMSolverSinglestepScheduler": DPMSolverSinglestepSampler,
+                        "DDIMInverseScheduler": DDIMInverseSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:

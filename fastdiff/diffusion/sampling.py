@@ -102,7 +102,7 @@ def _as_sampling_model(model):
 def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_context=None, uncond_y=None,
            guidance_scale=1.0, classifier=None, classifier_scale=0.0, seed=None, dtype=None, num_inference_steps=None,
            device=None, cuda_graph="auto", progress=True, backend="auto", model_kwargs=None,
-           uncond_model_kwargs=None, x_init=None, strength=1.0, mask=None):
+           uncond_model_kwargs=None, x_init=None, strength=1.0, mask=None, noise=None):
     """Draw samples of `shape` by running `sampler` over `model`; returns x_0 (a tensor of `shape`).
 
     model(x, t, y=..., context=...) -> prediction (only the keyword arguments given here are passed); t is a (N,)
@@ -122,6 +122,11 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     sample is generated, where 0 it is x_init, noised to each step's level after the step (x_init itself after the
     last); values between blend. Broadcastable to `shape` (e.g. (N, 1, H, W)); needs x_init. At strength 1 the run
     starts from pure noise (diffusers' inpainting pipelines), else from x_init noised as for image-to-image.
+    noise: the initial noise (a tensor of `shape`) in place of the draw from `seed`: a run from pure noise starts at
+    noise * init_noise_sigma (as diffusers' pipelines take their `latents=`), image-to-image and inpainting noise
+    x_init with it. E.g. the output of a DDIMInverseSampler run, to regenerate (or edit) the inverted image.
+    Inversion: with a sampler that inverts (DDIMInverseSampler), x_init is the clean sample the run starts from, as
+    it is (no noise added, strength 1, no mask), and the result is its inverted noise.
     seed: makes the initial noise and the per-step noise reproducible. dtype: of x (default: the model's).
     num_inference_steps: calls sampler.set_timesteps first (else the sampler's current steps are used).
     cuda_graph: "auto" (on for CUDA devices), True or False. progress: a tqdm bar.
@@ -158,6 +163,18 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
             raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     elif strength != 1.0:
         raise ValueError("strength: image-to-image strength without x_init (the image to start from)")
+    inverts = getattr(sampler, "_inverts", False)
+    if inverts:
+        what = f"{type(sampler).__name__} inverts a clean sample"
+        if x_init is None:
+            raise ValueError(f"x_init: {what}: pass it as x_init (the run starts from it as it is)")
+        if strength != 1.0 or mask is not None or noise is not None:
+            arg = "strength" if strength != 1.0 else "mask" if mask is not None else "noise"
+            raise ValueError(f"{arg}: not taken by an inversion run ({what}, from x_init as it is)")
+    if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape
+                              or not noise.is_floating_point()):
+        raise ValueError(f"noise: expected a floating-point tensor of shape {shape}, got "
+                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     if mask is not None:
         if x_init is None:
             raise ValueError("mask: inpainting needs x_init (the image whose unmasked part is kept)")
@@ -224,8 +241,13 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU generator: no device sync
     sampler.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(int(seed) & ((1 << 63) - 1))
-    noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if x_init is not None and not (mask is not None and strength == 1.0):
+    if noise is None:
+        noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    else:
+        noise = noise.to(device=device, dtype=torch.float32)
+    if inverts:
+        x = x_init.to(device=device, dtype=dtype)
+    elif x_init is not None and not (mask is not None and strength == 1.0):
         x = sampler.add_noise(x_init.to(device=device, dtype=torch.float32), noise, begin).to(dtype)
     else:  # (inpainting at strength 1 starts from pure noise, as diffusers' inpainting pipelines do)
         x = (noise * sampler.init_noise_sigma).to(dtype)
