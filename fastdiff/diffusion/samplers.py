@@ -745,6 +745,12 @@ def _x0_from_ve(pred: str, s):
     return 1 / (s**2 + 1), -s / np.sqrt(s**2 + 1)  # v_prediction
 
 
+def _eps_from_vp(pred: str, alpha, sigma):
+    """(EX, EM): the noise a prediction of type pred implies, eps = EX x + EM m, at x = alpha x0 + sigma eps."""
+    return {"epsilon": (np.zeros_like(alpha), np.ones_like(alpha)), "sample": (1 / sigma, -alpha / sigma),
+            "v_prediction": (sigma, alpha)}[pred]
+
+
 def _x0_from_vp(pred: str, alpha, sigma):
     """(PX, PM) for x0 = PX x + PM m with x = alpha x0 + sigma eps (variance preserving)."""
     if pred == "epsilon":
@@ -856,13 +862,18 @@ class DDIMSampler(Sampler):
     def _stochastic(self):
         return bool(self.config["eta"] > 0)
 
-    def _plan(self, n):
+    def _ddim_run(self, n):
+        """(T, alphas_cumprod, the cumulative alpha past the first training step (1 with set_alpha_to_one, else
+        alphas_cumprod[0]), the run's timesteps, descending)."""
         T = self.schedule.num_train_timesteps
         if n > T:
             raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
         acp = self._acp()
-        final = 1.0 if self.config["set_alpha_to_one"] else acp[0]
-        ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
+        edge = 1.0 if self.config["set_alpha_to_one"] else acp[0]
+        return T, acp, edge, _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
+
+    def _plan(self, n):
+        T, acp, final, ts = self._ddim_run(n)
         prev = ts - T // n
         a_t = acp[ts]
         a_p = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
@@ -873,12 +884,8 @@ class DDIMSampler(Sampler):
         pred = self.config["prediction_type"]
         if self.config["use_clipped_model_output"]:  # eps re-derived from the clipped x0 (GLIDE)
             ex, em, e0 = 1 / sigma, np.zeros(n), -alpha / sigma
-        elif pred == "epsilon":
-            ex, em, e0 = np.zeros(n), np.ones(n), np.zeros(n)
-        elif pred == "sample":
-            ex, em, e0 = 1 / sigma, -alpha / sigma, np.zeros(n)
         else:
-            ex, em, e0 = sigma, alpha, np.zeros(n)
+            (ex, em), e0 = _eps_from_vp(pred, alpha, sigma), np.zeros(n)
         rows = np.zeros((n, 9))
         rows[:, _PX], rows[:, _PM] = _x0_from_vp(pred, alpha, sigma)
         rows[:, _A] = direction * ex
@@ -919,20 +926,15 @@ class DDIMInverseSampler(DDIMSampler):
         return False
 
     def _plan(self, n):
-        T = self.schedule.num_train_timesteps
-        if n > T:
-            raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps={T}")
-        acp = self._acp()
-        first = 1.0 if self.config["set_alpha_to_one"] else acp[0]
-        ts = _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])[::-1].copy()
+        T, acp, first, ts = self._ddim_run(n)
+        ts = ts[::-1].copy()
         cur = np.minimum(ts - T // n, T - 1)  # the level x is at when the model is called at ts
         a_c = np.where(cur >= 0, acp[np.maximum(cur, 0)], first)
         a_n = acp[ts]
         alpha, sigma = np.sqrt(a_c), np.sqrt(1 - a_c)
         pred = self.config["prediction_type"]
         with np.errstate(divide="ignore"):  # "sample" at a_c = 1: eps = (x - x0) / 0, as in diffusers (refused)
-            ex, em = {"epsilon": (np.zeros(n), np.ones(n)), "sample": (1 / sigma, -alpha / sigma),
-                      "v_prediction": (sigma, alpha)}[pred]
+            ex, em = _eps_from_vp(pred, alpha, sigma)
         rows = np.zeros((n, 9))
         rows[:, _PX], rows[:, _PM] = _x0_from_vp(pred, alpha, sigma)
         direction = np.sqrt(1 - a_n)
