@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
-                                EDMDPMSolverPPSampler,
+from fastdiff.diffusion import (DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler,
+                                DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
                                 KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,

@@ -918,8 +918,8 @@ class DDIMInverseSampler(DDIMSampler):
     def _validate(self, cfg):
         Sampler._validate(self, cfg)
         if cfg["timestep_spacing"] not in ("leading", "trailing"):
-            raise ValueError(f"timestep_spacing: expected 'leading' or 'trailing' (as diffusers' DDIMInverseScheduler), "
-                             f"got {cfg['timestep_spacing']!r}")
+            raise ValueError(f"timestep_spacing: expected 'leading' or 'trailing' (as diffusers' "
+                             f"DDIMInverseScheduler), got {cfg['timestep_spacing']!r}")
 
     @property
     def _stochastic(self):
