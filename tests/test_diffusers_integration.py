@@ -600,7 +600,8 @@ SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": Fals
                # Playground v2.5's scheduler (EDM DPM-Solver++) and EDM Euler: timesteps log(sigma) / 4, input c_in x
                ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {"sigma_max": 14.6, "solver_order": 3}),
                ("DPMSolverSinglestepScheduler", {}), ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
-               ("DDIMInverseScheduler", {"clip_sample": False})]  # (a pipeline's inverse_scheduler: DiffEdit, ...)
+               # a pipeline's inverse_scheduler (DiffEdit, ...)
+               ("DDIMInverseScheduler", {"clip_sample": False}), ("DPMSolverMultistepInverseScheduler", {})]
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler, DPMSolverPPSampler,
-                                DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
+from fastdiff.diffusion import (DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
+                                DPMSolverMultistepInverseSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
+                                EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
                                 KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
@@ -1058,6 +1059,21 @@ DIFFUSERS_CASES = [
                                                   "rescale_betas_zero_snr": True}),
     ("DDIMInverseScheduler", DDIMInverseSampler, {"prediction_type": "sample", "set_alpha_to_one": False,
                                                   "clip_sample_range": 0.8}),
+    ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {}),
+    ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {"solver_order": 3, "thresholding": True,
+                                                                              "prediction_type": "sample"}),
+    # (Karras, exponential and beta sigmas repeat the last one: diffusers' heun step over that zero gap is NaN)
+    ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {**SD, "use_karras_sigmas": True}),
+    ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {"timestep_spacing": "trailing",
+                                                                              "prediction_type": "v_prediction",
+                                                                              "lower_order_final": False}),
+    ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {"timestep_spacing": "leading",
+                                                                              "steps_offset": 1,
+                                                                              "use_exponential_sigmas": True,
+                                                                              "lower_order_final": False}),
+    ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {"beta_schedule": "squaredcos_cap_v2",
+                                                                              "lambda_min_clipped": -5.1,
+                                                                              "euler_at_final": True}),
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"beta_schedule": "squaredcos_cap_v2",
                                                                   "lambda_min_clipped": -5.1, "solver_order": 3}),
 ]
@@ -2244,3 +2260,40 @@ def test_sample_runs_an_inversion_and_starts_from_given_noise():
     for bad in (z[:1], z.long(), "z"):
         with pytest.raises(ValueError, match="^noise: expected a floating-point tensor of shape"):
             sample(model, d, (2, 3, 8, 8), noise=bad, num_inference_steps=4, progress=False)
+
+
+@needs_diffusers
+def test_dpm_inverse_sampler_runs_through_sample_and_refuses():
+    # fastdiff.sample(x_init=) runs the inversion from x_init as it is, the manual loop's result
+    inv = DPMSolverMultistepInverseSampler(solver_order=3)
+    x0 = _x((2, 3, 8, 8)).clamp(-1, 1)
+    got = sample(lambda x, t: eps_model(x, t), inv, (2, 3, 8, 8), x_init=x0, num_inference_steps=8, progress=False)
+    want = _ours_run(inv, 8, x0.clone(), None)[-1]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert inv.timesteps[0] < inv.timesteps[-1] and inv.sigmas[0] < inv.sigmas[-1]  # upward, to noise
+    with pytest.raises(ValueError, match="^algorithm_type: the inverse sampler implements 'dpmsolver\\+\\+' only"):
+        DPMSolverMultistepInverseSampler(algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError, match="^config: use_flow_sigmas=True is not supported"):
+        DPMSolverMultistepInverseSampler.from_config(dsched.DPMSolverMultistepInverseScheduler(use_flow_sigmas=True)
+                                                     .config)
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported"):
+        inv.set_timesteps(timesteps=[100, 500])
+    # 1000 steps: diffusers' timesteps repeat and it keeps every sigma, so two steps share one sigma and the next
+    # divides by their zero gap (its run is NaN from there); here that is an error naming the step count
+    with pytest.raises(ValueError, match="^num_inference_steps: the schedule gives non-finite"):
+        DPMSolverMultistepInverseSampler().set_timesteps(1000)
+    ds = dsched.DPMSolverMultistepInverseScheduler()
+    ds.set_timesteps(999)
+    assert DPMSolverMultistepInverseSampler().set_timesteps(999).timesteps.tolist() == ds.timesteps.tolist()
+    # SD's schedule with exponential sigmas: two fractional timesteps truncate to 0, which diffusers keeps (its own
+    # loop then finds the second 0 first and runs past its sigmas); stepped by index, the runs agree
+    ds = dsched.DPMSolverMultistepInverseScheduler(**SD, use_exponential_sigmas=True)
+    ours = DPMSolverMultistepInverseSampler.from_config(ds.config).set_timesteps(25)
+    ds.set_timesteps(25)
+    ds._step_index = 0  # (its private step counter: this scheduler has no set_begin_index)
+    assert ours.timesteps.tolist() == ds.timesteps.tolist() and ours.timesteps.tolist()[:2] == [0, 0]
+    x = y = x0
+    for i, t in enumerate(ds.timesteps):
+        x = ds.step(eps_model(x, t), t, x).prev_sample
+        y = ours.step(eps_model(y, t), i, y)
+        _close(y, x, 5e-4)

@@ -1,7 +1,8 @@
 """Noise schedules, samplers, guidance and the sampling loop (one fused kernel per step, no host sync)."""
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
-                                         DPMSolverPPSampler, DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
+                                         DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
+                                         DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                          EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
                                          HeunSampler, KDPM2AncestralSampler, KDPM2Sampler, LCMSampler, LMSSampler,
                                          PNDMSampler, Sampler, TCDSampler, UniPCSampler, from_scheduler)
@@ -10,6 +11,6 @@ from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_sn
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "DDIMInverseSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler", "KDPM2AncestralSampler",
-           "DPMSolverPPSampler", "DPMSolverSinglestepSampler", "DEISSampler", "UniPCSampler", "PNDMSampler",
+           "DPMSolverPPSampler", "DPMSolverSinglestepSampler", "DPMSolverMultistepInverseSampler", "DEISSampler", "UniPCSampler", "PNDMSampler",
            "LMSSampler", "LCMSampler", "TCDSampler", "FlowMatchEulerSampler", "EDMEulerSampler",
            "EDMDPMSolverPPSampler", "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

@@ -16,8 +16,8 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler; DDIMInverseScheduler, which runs
-DDIM backwards for inversion).
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler; DDIMInverseScheduler and
+DPMSolverMultistepInverseScheduler, which run backwards for inversion).
 """
 from __future__ import annotations
 
@@ -1661,48 +1661,54 @@ class DPMSolverPPSampler(_FlowShiftMu):
         n = len(ts)
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
-        lower_final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
+        lower_final = (cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15)
+                       or cfg.get("final_sigmas_type") == "zero")  # (the inverse sampler has no final sigma)
         lower_second = cfg["lower_order_final"] and n < 15
         rows = np.zeros((n, 10))
         pred = cfg["prediction_type"]
         sde = cfg["algorithm_type"] == "sde-dpmsolver++"
         order = cfg["solver_order"]
         rows[:, _PX], rows[:, _PM] = px, pm
-        for i in range(n):
-            a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
-            h = lam[i + 1] - lam[i]
-            if abs(h) <= 1e-6:  # two equal sigmas (Karras sigmas ending at sigma_min; or, EDM, a float32 sigma_min
-                # and the config's, 1 ulp apart, equal in diffusers' float32 lambdas): every form's limit is x_t = x_s
-                rows[i, _A] = 1.0  # (diffusers' heun 2M and 3M give NaN there, 0 / 0)
-                continue
-            first = order == 1 or i <= self._begin_index or (i == n - 1 and lower_final)
-            third = (not first and order == 3 and i >= self._begin_index + 2 and not (i == n - 2 and lower_second))
-            r0 = None if first else (lam[i] - lam[i - 1]) / h
-            if third:
-                self._third_order_row(rows[i], a_t, s_t, s_s, h, r0, (lam[i - 1] - lam[i - 2]) / h, sde)
-                continue
-            if sde:  # the SDE form: e^-h in place of 1 on x, 1 - e^-2h in place of 1 - e^-h, noise of variance
-                # sigma_t^2 (1 - e^-2h)
-                phi2 = -np.expm1(-2 * h) if np.isfinite(h) else 1.0  # 1 - e^-2h
-                rows[i, _A] = s_t / s_s * np.exp(-h)
-                rows[i, _C] = a_t * phi2
-                rows[i, _S] = s_t * np.sqrt(phi2)
-                if not first:
-                    k = 0.5 * a_t * phi2 / r0 if cfg["solver_type"] == "midpoint" else a_t * (phi2 / (-2 * h) + 1) / r0
-                    rows[i, _C] += k
-                    rows[i, _D] = -k
-                continue
-            phi = np.expm1(-h) if np.isfinite(h) else -1.0  # e^-h - 1
-            rows[i, _A] = s_t / s_s
-            if first:
-                rows[i, _C] = -a_t * phi
-            else:
-                if cfg["solver_type"] == "midpoint":
-                    k = -0.5 * a_t * phi / r0
+        # (a zero gap between two steps divides by zero: the rows are then non-finite, which set_timesteps refuses
+        # with a ValueError naming the step count, not with numpy warnings)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for i in range(n):
+                a_s, s_s, a_t, s_t = alpha[i], sigma_vp[i], alpha[i + 1], sigma_vp[i + 1]
+                h = lam[i + 1] - lam[i]
+                if abs(h) <= 1e-6:  # two equal sigmas (Karras sigmas ending at sigma_min; or, EDM, a float32
+                    # sigma_min and the config's, 1 ulp apart, equal in diffusers' float32 lambdas): every form's limit
+                    # is x_t = x_s
+                    rows[i, _A] = 1.0  # (diffusers' heun 2M and 3M give NaN there, 0 / 0)
+                    continue
+                first = order == 1 or i <= self._begin_index or (i == n - 1 and lower_final)
+                third = (not first and order == 3 and i >= self._begin_index + 2 and not (i == n - 2 and lower_second))
+                r0 = None if first else (lam[i] - lam[i - 1]) / h
+                if third:
+                    self._third_order_row(rows[i], a_t, s_t, s_s, h, r0, (lam[i - 1] - lam[i - 2]) / h, sde)
+                    continue
+                if sde:  # the SDE form: e^-h in place of 1 on x, 1 - e^-2h in place of 1 - e^-h, noise of variance
+                    # sigma_t^2 (1 - e^-2h)
+                    phi2 = -np.expm1(-2 * h) if np.isfinite(h) else 1.0  # 1 - e^-2h
+                    rows[i, _A] = s_t / s_s * np.exp(-h)
+                    rows[i, _C] = a_t * phi2
+                    rows[i, _S] = s_t * np.sqrt(phi2)
+                    if not first:
+                        k = (0.5 * a_t * phi2 / r0 if cfg["solver_type"] == "midpoint"
+                             else a_t * (phi2 / (-2 * h) + 1) / r0)
+                        rows[i, _C] += k
+                        rows[i, _D] = -k
+                    continue
+                phi = np.expm1(-h) if np.isfinite(h) else -1.0  # e^-h - 1
+                rows[i, _A] = s_t / s_s
+                if first:
+                    rows[i, _C] = -a_t * phi
                 else:
-                    k = a_t * (phi / h + 1.0) / r0
-                rows[i, _C] = -a_t * phi + k
-                rows[i, _D] = -k
+                    if cfg["solver_type"] == "midpoint":
+                        k = -0.5 * a_t * phi / r0
+                    else:
+                        k = a_t * (phi / h + 1.0) / r0
+                    rows[i, _C] = -a_t * phi + k
+                    rows[i, _D] = -k
         self._sigmas_np = sig
         plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
         if pred == "flow_prediction":
@@ -1734,6 +1740,87 @@ class DPMSolverPPSampler(_FlowShiftMu):
         row[_C] = c0 + k / r0
         row[_D] = -k / r0 + l_ / r1
         row[_E] = -l_ / r1
+
+
+class DPMSolverMultistepInverseSampler(DPMSolverPPSampler):
+    """DPM-Solver++ multistep run backwards, from a clean sample up to noise (inversion), as diffusers'
+    DPMSolverMultistepInverseScheduler (DiffEdit's faster inverse_scheduler): the timesteps and sigmas ascend, from
+    the first spaced timestep to the noisiest one (num_train_timesteps - 1, or where lambda_min_clipped cuts), and
+    each step is DPMSolverPPSampler's update with the sign of h turned (orders 1-3, midpoint / heun, the same
+    lower-order steps). With Karras, exponential or beta sigmas the last sigma is repeated, as diffusers does (the
+    last step keeps x). ``fastdiff.sample(model, sampler, shape, x_init=x0)`` runs it from x0 as it is (see
+    DDIMInverseSampler); its output starts a DPMSolverPPSampler run. The SDE forms and flow sigmas are refused
+    (diffusers' flow-sigma inverse runs its sigmas downwards).
+    """
+
+    _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
+                "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+                "use_karras_sigmas": False, **_SPACING_OPTIONS, "lambda_min_clipped": -float("inf"),
+                "variance_type": None, "timestep_spacing": "linspace"}
+    _fixed = {"use_flow_sigmas": False, "flow_shift": 1.0}
+    _custom_schedules = ()
+    _prediction_types = PREDICTION_TYPES
+    _inverts = True  # fastdiff.sample starts it from x_init as it is
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+        _check_dpm_solver(cfg)
+        if cfg["algorithm_type"] != "dpmsolver++":
+            raise ValueError(f"algorithm_type: the inverse sampler implements 'dpmsolver++' only, got "
+                             f"{cfg['algorithm_type']!r}")
+        _check_sigma_spacing(cfg)
+        if cfg["variance_type"] not in (None, "learned", "learned_range"):
+            raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got "
+                             f"{cfg['variance_type']!r}")
+        if not _is_real(cfg["lambda_min_clipped"]):
+            raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      timesteps=None):
+        """As Sampler.set_timesteps (no custom timesteps, no mu: as diffusers' inverse scheduler)."""
+        return Sampler.set_timesteps(self, num_inference_steps, device, seed=seed, begin_index=begin_index,
+                                     timesteps=timesteps)
+
+    def _run_sigmas(self, n):
+        cfg = self.config
+        T = self.schedule.num_train_timesteps
+        acp_t = self.schedule.alphas_cumprod.clone()
+        if cfg["rescale_betas_zero_snr"]:
+            acp_t[-1] = 2**-24
+        lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
+        clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(cfg["lambda_min_clipped"]))))
+        top = T - 1 - clipped  # the noisiest timestep
+        sp = cfg["timestep_spacing"]
+        if sp == "linspace":
+            ts = np.linspace(0, top, n + 1).round()[:-1].copy().astype(np.int64)
+        elif sp == "leading":
+            ts = (np.arange(0, n + 1) * ((top + 1) // (n + 1))).round()[:-1].copy().astype(np.int64)
+            ts += cfg["steps_offset"]
+        else:
+            ts = np.arange(top + 1, 0, -T / n).round()[::-1].copy().astype(np.int64) - 1
+        train = (((1 - acp_t) / acp_t) ** 0.5).numpy()  # float32, as diffusers' np.array of its tensor
+        log_sigmas = np.log(train)
+        spacing = _sigma_spacing(cfg)
+        if spacing:  # from the smallest trained sigma up (diffusers passes its ascending sigmas as they are)
+            sig = _spaced_sigmas(spacing, float(train[-1]), float(train[0]), n)
+            tf = np.array([_sigma_to_t(v, log_sigmas) for v in sig])
+            # Karras timesteps rounded to integers; the others kept fractional until after the de-duplication
+            # below (then truncated), as diffusers has them: two of those can truncate to the same timestep
+            ts = tf.round().astype(np.int64) if spacing == "karras" else tf
+            sig = np.concatenate([sig, sig[-1:]])
+        else:
+            sig = np.interp(ts, np.arange(0, len(train)), train.astype(np.float64))
+            sig = np.concatenate([sig, [((1 - acp_t[top]) / acp_t[top]).item() ** 0.5]])
+        # where n approaches num_train_timesteps the timesteps repeat: diffusers keeps the first of each (and all
+        # the sigmas, so the steps run over the first len(ts) + 1 of them)
+        _, first = np.unique(ts, return_index=True)
+        ts = ts[np.sort(first)].astype(np.int64)
+        m = len(ts)
+        sig = sig.astype(np.float32).astype(np.float64)[:m + 1]
+        alpha = 1 / np.sqrt(sig**2 + 1)
+        sigma_vp = sig * alpha
+        px, pm = _x0_from_vp(cfg["prediction_type"], alpha[:m], sigma_vp[:m])
+        return ts, sig, alpha, sigma_vp, px, pm
 
 
 class DPMSolverSinglestepSampler(DPMSolverPPSampler):
@@ -2543,7 +2630,8 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
             "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
             "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
-            "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler}
+            "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler,
+            "dpmsolver++_inverse": DPMSolverMultistepInverseSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -2559,7 +2647,8 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "KDPM2AncestralDiscreteScheduler": KDPM2AncestralSampler, "EDMEulerScheduler": EDMEulerSampler,
                         "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler,
                         "DPMSolverSinglestepScheduler": DPMSolverSinglestepSampler,
-                        "DDIMInverseScheduler": DDIMInverseSampler}
+                        "DDIMInverseScheduler": DDIMInverseSampler,
+                        "DPMSolverMultistepInverseScheduler": DPMSolverMultistepInverseSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
