@@ -601,7 +601,9 @@ SCHED_CASES = [("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": Fals
                ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {"sigma_max": 14.6, "solver_order": 3}),
                ("DPMSolverSinglestepScheduler", {}), ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
                # a pipeline's inverse_scheduler (DiffEdit, ...)
-               ("DDIMInverseScheduler", {"clip_sample": False}), ("DPMSolverMultistepInverseScheduler", {})]
+               ("DDIMInverseScheduler", {"clip_sample": False}), ("DPMSolverMultistepInverseScheduler", {}),
+               ("CogVideoXDDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                           "prediction_type": "v_prediction"})]
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
+from fastdiff.diffusion import (CogVideoXDDIMSampler, DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
                                 DPMSolverMultistepInverseSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                                 EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
@@ -1059,6 +1059,12 @@ DIFFUSERS_CASES = [
                                                   "rescale_betas_zero_snr": True}),
     ("DDIMInverseScheduler", DDIMInverseSampler, {"prediction_type": "sample", "set_alpha_to_one": False,
                                                   "clip_sample_range": 0.8}),
+    # CogVideoX's DDIM (the SD3-style SNR shift of its cumulative alphas); CogVideoX-2b's config first
+    ("CogVideoXDDIMScheduler", CogVideoXDDIMSampler, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                                      "timestep_spacing": "trailing", "clip_sample": False}),
+    ("CogVideoXDDIMScheduler", CogVideoXDDIMSampler, {}),
+    ("CogVideoXDDIMScheduler", CogVideoXDDIMSampler, {"beta_schedule": "linear", "snr_shift_scale": 1.5,
+                                                      "set_alpha_to_one": False, "prediction_type": "sample"}),
     ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {}),
     ("DPMSolverMultistepInverseScheduler", DPMSolverMultistepInverseSampler, {"solver_order": 3, "thresholding": True,
                                                                               "prediction_type": "sample"}),
@@ -1718,6 +1724,8 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                                               "flow_shift": 3.0}),
                  ("PNDMScheduler", {"skip_prk_steps": True}), ("LMSDiscreteScheduler", {}),
                  ("DEISMultistepScheduler", {"solver_order": 3}), ("DPMSolverSinglestepScheduler", {}),
+                 ("CogVideoXDDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                             "prediction_type": "v_prediction"}),
                  ("DPMSolverSinglestepScheduler", {"solver_order": 3, "solver_type": "heun"})]
 
 
@@ -2297,3 +2305,28 @@ def test_dpm_inverse_sampler_runs_through_sample_and_refuses():
         x = ds.step(eps_model(x, t), t, x).prev_sample
         y = ours.step(eps_model(y, t), i, y)
         _close(y, x, 5e-4)
+
+
+@needs_diffusers
+def test_cogvideox_ddim_schedule_and_errors():
+    # the shifted (and rescaled) cumulative alphas are diffusers', in float64, and the schedule's attributes follow
+    cfg = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    ds = dsched.CogVideoXDDIMScheduler(**cfg)
+    s = CogVideoXDDIMSampler.from_config(ds.config)
+    np.testing.assert_allclose(s._acp(), ds.alphas_cumprod.double().numpy(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.schedule.alphas_cumprod, ds.alphas_cumprod.float())
+    assert s.schedule.alphas_cumprod[-1] == 0 and torch.allclose(torch.cumprod(s.schedule.alphas, 0),
+                                                                  s.schedule.alphas_cumprod)
+    # a config edit takes effect at the next set_timesteps: a smaller shift, more signal at every step
+    before = s._acp().copy()
+    s.config["snr_shift_scale"] = 1.0
+    s.set_timesteps(4)
+    assert (s._acp()[1:-1] > before[1:-1]).all()
+    ds1 = dsched.CogVideoXDDIMScheduler(**cfg, snr_shift_scale=1.0)
+    np.testing.assert_allclose(s._acp(), ds1.alphas_cumprod.double().numpy(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="^snr_shift_scale: expected a positive float"):
+        CogVideoXDDIMSampler(snr_shift_scale=0.0)
+    with pytest.raises(ValueError, match="^beta_schedule: expected linear, scaled_linear or squaredcos_cap_v2"):
+        CogVideoXDDIMSampler(beta_schedule="sigmoid")
+    # clip_sample is in its config but not applied, as diffusers' step does not apply it
+    assert CogVideoXDDIMSampler(clip_sample=True)._clip() == "none"

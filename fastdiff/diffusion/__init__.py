@@ -1,7 +1,7 @@
 """Noise schedules, samplers, guidance and the sampling loop (one fused kernel per step, no host sync)."""
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
-from fastdiff.diffusion.samplers import (SAMPLERS, DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
-                                         DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
+from fastdiff.diffusion.samplers import (SAMPLERS, CogVideoXDDIMSampler, DDIMInverseSampler, DDIMSampler,
+                                         DDPMSampler, DEISSampler, DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
                                          DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                          EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
                                          HeunSampler, KDPM2AncestralSampler, KDPM2Sampler, LCMSampler, LMSSampler,
@@ -10,7 +10,8 @@ from fastdiff.diffusion.sampling import sample
 from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "DDIMInverseSampler",
-           "EulerSampler", "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler", "KDPM2AncestralSampler",
-           "DPMSolverPPSampler", "DPMSolverSinglestepSampler", "DPMSolverMultistepInverseSampler", "DEISSampler", "UniPCSampler", "PNDMSampler",
-           "LMSSampler", "LCMSampler", "TCDSampler", "FlowMatchEulerSampler", "EDMEulerSampler",
-           "EDMDPMSolverPPSampler", "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]
+           "CogVideoXDDIMSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler",
+           "KDPM2AncestralSampler", "DPMSolverPPSampler", "DPMSolverSinglestepSampler",
+           "DPMSolverMultistepInverseSampler", "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
+           "TCDSampler", "FlowMatchEulerSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler", "SAMPLERS",
+           "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

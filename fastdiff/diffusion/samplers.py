@@ -872,11 +872,15 @@ class DDIMSampler(Sampler):
         edge = 1.0 if self.config["set_alpha_to_one"] else acp[0]
         return T, acp, edge, _discrete_timesteps(self.config["timestep_spacing"], T, n, self.config["steps_offset"])
 
-    def _plan(self, n):
+    def _ddim_levels(self, n):
+        """(the run's timesteps, the cumulative alpha at each, the one each step goes to: at t - T // n, past the
+        first training step the edge value)."""
         T, acp, final, ts = self._ddim_run(n)
         prev = ts - T // n
-        a_t = acp[ts]
-        a_p = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
+        return ts, acp[ts], np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
+
+    def _plan(self, n):
+        ts, a_t, a_p = self._ddim_levels(n)
         alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
         variance = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
         std = self.config["eta"] * np.sqrt(variance)
@@ -939,6 +943,74 @@ class DDIMInverseSampler(DDIMSampler):
         rows[:, _PX], rows[:, _PM] = _x0_from_vp(pred, alpha, sigma)
         direction = np.sqrt(1 - a_n)
         rows[:, _A], rows[:, _B], rows[:, _C] = direction * ex, direction * em, np.sqrt(a_n)
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
+
+
+class CogVideoXDDIMSampler(DDIMSampler):
+    """DDIM on CogVideoX's schedule, as diffusers' CogVideoXDDIMScheduler (CogVideoX-2b's): the cumulative alphas
+    shifted toward noise as SD3 shifts its sigmas, a' = a / (s + (1 - s) a) with s = snr_shift_scale, then (with
+    rescale_betas_zero_snr, CogVideoX's config) rescaled to zero terminal SNR, computed in float64 as diffusers does
+    for the scaled_linear betas; each step is
+
+        x_prev = k x + (sqrt(a_prev) - sqrt(a_t) k) x0,   k = sqrt((1 - a_prev) / (1 - a_t))
+
+    (deterministic DDIM with the noise re-derived from x0; diffusers' step ignores eta and clip_sample, and so does
+    this one).
+    """
+
+    _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                **_CLIPPING, "set_alpha_to_one": True, "sample_max_value": 1.0, "timestep_spacing": "leading",
+                "snr_shift_scale": 3.0}
+    _fixed = {}
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+        if cfg["beta_schedule"] == "sigmoid" and cfg["trained_betas"] is None:
+            raise ValueError("beta_schedule: expected linear, scaled_linear or squaredcos_cap_v2 (as diffusers' "
+                             "CogVideoXDDIMScheduler), got 'sigmoid'")
+        if not _is_real(cfg["snr_shift_scale"]) or not cfg["snr_shift_scale"] > 0:
+            raise ValueError(f"snr_shift_scale: expected a positive float, got {cfg['snr_shift_scale']!r}")
+
+    def _build_schedule(self):
+        cfg = self.config
+        key = self._schedule_key
+        super()._build_schedule()
+        shift_key = (self._schedule_key, float(cfg["snr_shift_scale"]))
+        if self._schedule_key != key or getattr(self, "_shift_key", None) != shift_key:
+            if cfg["trained_betas"] is None and cfg["beta_schedule"] == "scaled_linear":  # float64, as diffusers
+                betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5,
+                                       cfg["num_train_timesteps"], dtype=torch.float64) ** 2
+            else:
+                betas = NoiseSchedule(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"],
+                                      cfg["beta_schedule"], cfg["trained_betas"]).betas
+            acp = torch.cumprod(1.0 - betas, dim=0)
+            s = float(cfg["snr_shift_scale"])
+            acp = acp / (s + (1 - s) * acp)
+            if cfg["rescale_betas_zero_snr"]:  # on the shifted cumulative alphas (diffusers' CogVideoX version)
+                r = acp.sqrt()
+                a0, aT = r[0].clone(), r[-1].clone()
+                acp = ((r - aT) * (a0 / (a0 - aT))) ** 2
+            self._acp64 = acp.double().numpy()
+            self.schedule._set_alphas_cumprod(acp)
+            self._shift_key = shift_key
+
+    def _acp(self) -> np.ndarray:
+        return self._acp64
+
+    def _clip(self):
+        return "none"  # (diffusers' CogVideoX step applies neither clip_sample nor thresholding)
+
+    @property
+    def _stochastic(self):
+        return False
+
+    def _plan(self, n):
+        ts, a_t, a_p = self._ddim_levels(n)
+        alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
+        k = np.sqrt((1 - a_p) / (1 - a_t))
+        rows = np.zeros((n, 9))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(self.config["prediction_type"], alpha, sigma)
+        rows[:, _A], rows[:, _C] = k, np.sqrt(a_p) - alpha * k
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
@@ -2631,7 +2703,7 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
             "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
             "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler,
-            "dpmsolver++_inverse": DPMSolverMultistepInverseSampler}
+            "dpmsolver++_inverse": DPMSolverMultistepInverseSampler, "cogvideox_ddim": CogVideoXDDIMSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -2648,7 +2720,8 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "EDMDPMSolverMultistepScheduler": EDMDPMSolverPPSampler,
                         "DPMSolverSinglestepScheduler": DPMSolverSinglestepSampler,
                         "DDIMInverseScheduler": DDIMInverseSampler,
-                        "DPMSolverMultistepInverseScheduler": DPMSolverMultistepInverseSampler}
+                        "DPMSolverMultistepInverseScheduler": DPMSolverMultistepInverseSampler,
+                        "CogVideoXDDIMScheduler": CogVideoXDDIMSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:

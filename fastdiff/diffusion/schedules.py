@@ -85,6 +85,19 @@ class NoiseSchedule:
             self.log_snr = (acp.log() - (1 - acp).log()).float()
         self._on: dict = {}
 
+    def _set_alphas_cumprod(self, alphas_cumprod: torch.Tensor):
+        """Replace the schedule by the one with these cumulative alphas (a schedule defined on them, as
+        CogVideoX's shifted one): betas, alphas, sigmas and log_snr follow."""
+        acp = alphas_cumprod.double()
+        alphas = torch.cat([acp[:1], acp[1:] / acp[:-1]])
+        self.alphas_cumprod = acp.float()
+        self.alphas = alphas.float()
+        self.betas = (1 - alphas).float()
+        with np.errstate(divide="ignore"):
+            self.sigmas = ((1 - acp) / acp).sqrt().float()
+            self.log_snr = (acp.log() - (1 - acp).log()).float()
+        self._on = {}
+
     def to(self, device) -> dict:
         """{"betas", "alphas_cumprod", "sigmas", "log_snr"} on `device`, moved once and cached."""
         device = torch.device(device)
