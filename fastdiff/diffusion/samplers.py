@@ -1,6 +1,6 @@
 """Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2) and DPM2 ancestral, K-LMS, DPM-Solver++ (2M, 3M
-and their SDE forms; single-step 2S/3S), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler, and EDM's Euler and
-DPM-Solver++, each one fused kernel per step and no host sync.
+and their SDE forms; single-step 2S/3S), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler, EDM's Euler and
+DPM-Solver++, CogVideoX's DDIM, and DDIM and DPM-Solver++ inversion, each one fused kernel per step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -16,8 +16,8 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler; DDIMInverseScheduler and
-DPMSolverMultistepInverseScheduler, which run backwards for inversion).
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler;
+DDIMInverseScheduler and DPMSolverMultistepInverseScheduler, which run backwards for inversion).
 """
 from __future__ import annotations
 
