@@ -771,6 +771,22 @@ def test_fastdiff_scheduler_flow_custom_timesteps(custom):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_fastdiff_scheduler_flow_match_heun():
+    # SD3's loop with FlowMatchHeunDiscreteScheduler: timesteps list every call (2n - 1), the model's velocity
+    def loop(s):
+        s.set_timesteps(5, device="cpu")
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        for t in s.timesteps:
+            x = s.step(torch.tanh(x) + t / 1000, t, x, return_dict=False)[0]
+        return x, len(s.timesteps)
+
+    want, n_want = loop(diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0))
+    sched = fdd.FastdiffScheduler.from_scheduler(diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0))
+    got, n_got = loop(sched)
+    assert n_got == n_want == 9 and sched.order == 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, Stable Diffusion 1.5, 10 steps
 
 

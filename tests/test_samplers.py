@@ -12,7 +12,8 @@ import fastdiff
 from fastdiff.diffusion import (CogVideoXDDIMSampler, DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
                                 DPMSolverMultistepInverseSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                                 EDMDPMSolverPPSampler,
-                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, KDPM2AncestralSampler,
+                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchHeunSampler,
+                                KDPM2AncestralSampler,
                                 KDPM2Sampler,
                                 FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
                                 PNDMSampler, TCDSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
@@ -1719,6 +1720,7 @@ IMG2IMG_CASES = [("DDIMScheduler", {}), ("DDPMScheduler", {"variance_type": "fix
                  ("HeunDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
                  ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
                  ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+                 ("FlowMatchHeunDiscreteScheduler", {"shift": 3.0}),
                  ("DPMSolverMultistepScheduler", {"solver_order": 3}), ("UniPCMultistepScheduler", {}),
                  ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                               "flow_shift": 3.0}),
@@ -2330,3 +2332,28 @@ def test_cogvideox_ddim_schedule_and_errors():
         CogVideoXDDIMSampler(beta_schedule="sigmoid")
     # clip_sample is in its config but not applied, as diffusers' step does not apply it
     assert CogVideoXDDIMSampler(clip_sample=True)._clip() == "none"
+
+
+@needs_diffusers
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", [1, 4, 28])
+def test_flow_match_heun_matches_diffusers(shift, n):
+    ds = dsched.FlowMatchHeunDiscreteScheduler(shift=shift)
+    ours = FlowMatchHeunSampler.from_config(ds.config)
+    ds.set_timesteps(n)
+    ours.set_timesteps(n)
+    assert ours.num_inference_steps == len(ds.timesteps) == 2 * n - 1 and ours.order == 2
+    np.testing.assert_allclose(ours.timesteps.numpy(), ds.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.sigmas, ds.sigmas.numpy(), rtol=1e-6)
+    x = _x((2, 3, 8, 8))
+    want, got = x.clone(), x.clone()
+    for i, t in enumerate(ds.timesteps):
+        want = ds.step(torch.tanh(0.7 * want + t / 1000), t, want).prev_sample
+        got = ours.step(torch.tanh(0.7 * got + ours.timesteps[i] / 1000), i, got)
+        _close(got, want, 1e-4)  # (the correction re-derives x from the Euler point: fp32 rounding, up to 3e-5)
+    with pytest.raises(ValueError, match="^begin_index: 1 is a correction call"):
+        ours.set_timesteps(4, begin_index=1)
+    with pytest.raises(ValueError, match="^timesteps: custom timesteps are not supported by FlowMatchHeunSampler"):
+        ours.set_timesteps(timesteps=[900.0, 500.0])
+    with pytest.raises(ValueError, match="^shift: expected a positive float"):
+        FlowMatchHeunSampler(shift=0)

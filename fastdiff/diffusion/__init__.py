@@ -4,6 +4,7 @@ from fastdiff.diffusion.samplers import (SAMPLERS, CogVideoXDDIMSampler, DDIMInv
                                          DDPMSampler, DEISSampler, DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
                                          DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                          EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
+                                         FlowMatchHeunSampler,
                                          HeunSampler, KDPM2AncestralSampler, KDPM2Sampler, LCMSampler, LMSSampler,
                                          PNDMSampler, Sampler, TCDSampler, UniPCSampler, from_scheduler)
 from fastdiff.diffusion.sampling import sample
@@ -13,5 +14,5 @@ __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler
            "CogVideoXDDIMSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler",
            "KDPM2AncestralSampler", "DPMSolverPPSampler", "DPMSolverSinglestepSampler",
            "DPMSolverMultistepInverseSampler", "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
-           "TCDSampler", "FlowMatchEulerSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler", "SAMPLERS",
+           "TCDSampler", "FlowMatchEulerSampler", "FlowMatchHeunSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler", "SAMPLERS",
            "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

@@ -1,6 +1,7 @@
 """Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2) and DPM2 ancestral, K-LMS, DPM-Solver++ (2M, 3M
-and their SDE forms; single-step 2S/3S), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler, EDM's Euler and
-DPM-Solver++, CogVideoX's DDIM, and DDIM and DPM-Solver++ inversion, each one fused kernel per step and no host sync.
+and their SDE forms; single-step 2S/3S), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler and Heun, EDM's
+Euler and DPM-Solver++, CogVideoX's DDIM, and DDIM and DPM-Solver++ inversion, each one fused kernel per step and no
+host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -16,7 +17,8 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler;
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler,
+FlowMatchHeunDiscreteScheduler;
 DDIMInverseScheduler and DPMSolverMultistepInverseScheduler, which run backwards for inversion).
 """
 from __future__ import annotations
@@ -2367,6 +2369,84 @@ class FlowMatchEulerSampler(Sampler):
         return bool(self.config["stochastic_sampling"])
 
 
+class FlowMatchHeunSampler(FlowMatchEulerSampler):
+    """Heun's method on a flow-matching model, as diffusers' FlowMatchHeunDiscreteScheduler (an SD3 alternative):
+    each step from sigma to sigma_next is an Euler step with the velocity v there, then, unless sigma_next = 0, a
+    correction with the velocity v' at the Euler point:
+
+        x_next = x + (sigma_next - sigma) (v + v') / 2
+
+    so n steps take 2n - 1 model calls (``timesteps`` lists every one after the first twice, as diffusers does, and
+    ``num_inference_steps`` counts them). The correction reads the Euler call's x0 = x - sigma v from the sampler's
+    buffer and re-derives x from the Euler point (x_next = x_e + (sigma_next - sigma) / (2 sigma_next) (x0 - x0')),
+    so each call is one fused kernel; in fp16/bf16 keep the latents fp32, as for HeunSampler. Sigmas as diffusers'
+    (the shift applied twice, as its FlowMatchEulerDiscreteScheduler does); its step's churn (s_churn > 0) is not
+    implemented.
+    """
+
+    _options = {"num_train_timesteps": 1000, "shift": 1.0}
+    _fixed = {}
+    _custom_schedules = ()
+    _multistep = True
+
+    def _validate(self, cfg):
+        T = cfg["num_train_timesteps"]
+        if not _is_int(T) or T < 1:
+            raise ValueError(f"num_train_timesteps: expected a positive int, got {T!r}")
+        if not _is_real(cfg["shift"]) or not cfg["shift"] > 0:
+            raise ValueError(f"shift: expected a positive float, got {cfg['shift']!r}")
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
+                      timesteps=None):
+        """As Sampler.set_timesteps (no custom schedules and no mu, as diffusers' FlowMatchHeunDiscreteScheduler)."""
+        return Sampler.set_timesteps(self, num_inference_steps, device, seed=seed, begin_index=begin_index,
+                                     timesteps=timesteps)
+
+    @property
+    def order(self) -> int:
+        return 2
+
+    @property
+    def _stochastic(self):
+        return False
+
+    def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
+        super()._check_begin(begin, n, name)
+        if begin % 2:
+            raise ValueError(f"{name}: {begin} is a correction call; a Heun run starts at an even index "
+                             f"(t_start * order)")
+
+    def _sigmas(self, n):
+        T, shift = self.config["num_train_timesteps"], self.config["shift"]
+        init = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        init = shift * init / (1 + (shift - 1) * init)  # the constructor's (float32), then set_timesteps' shift
+        smax, smin = init[0].item(), init[-1].item()
+        sig = np.linspace(smax * T, smin * T, n) / T
+        return (shift * sig / (1 + (shift - 1) * sig)).astype(np.float32)
+
+    def _plan(self, n):
+        T = self.config["num_train_timesteps"]
+        s32 = self._sigmas(n)
+        sig = np.concatenate([s32, [0.0]]).astype(np.float64)
+        ev = [0]  # the calls: step k's Euler part (the model at sig[k]), then its correction (at sig[k + 1])
+        for k in range(1, n):
+            ev += [k, k]
+        s_ev = sig[ev]
+        rows = np.zeros((2 * n - 1, 9))
+        rows[:, _PX], rows[:, _PM] = 1.0, -s_ev  # x0 = x - sigma v
+        for j, k in enumerate(ev):
+            if j % 2 == 0:  # Euler from sig[k] to sig[k + 1]: x + dt v
+                rows[j, _A], rows[j, _B] = 1.0, sig[k + 1] - sig[k]
+            else:  # the correction of the step from sig[k - 1] to sig[k], at the Euler point (x re-derived)
+                dt, sn = sig[k] - sig[k - 1], sig[k]
+                rows[j, _A], rows[j, _C], rows[j, _D] = 1.0, -dt / (2 * sn), dt / (2 * sn)
+        self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]])  # diffusers' 2n sigmas
+        with np.errstate(divide="ignore"):
+            cg_k = -s_ev / (1 - s_ev)  # as FlowMatchEulerSampler's
+        ts = (s32 * np.float32(T))[ev]
+        return {"timesteps": ts.astype(np.float32), "rows": rows, "alpha": 1 - s_ev, "sigma": s_ev, "cg_k": cg_k}
+
+
 class UniPCSampler(Sampler):
     """UniPC (Zhao et al. 2023): the UniP predictor with the UniC corrector, B(h) variants, order 1 to 3, as diffusers'
     UniPCMultistepScheduler (the scheduler of Wan 2.x and many fast-sampling setups; flow matching with
@@ -2703,7 +2783,8 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "deis": DEISSampler, "tcd": TCDSampler, "kdpm2": KDPM2Sampler, "kdpm2_ancestral": KDPM2AncestralSampler,
             "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
             "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler,
-            "dpmsolver++_inverse": DPMSolverMultistepInverseSampler, "cogvideox_ddim": CogVideoXDDIMSampler}
+            "dpmsolver++_inverse": DPMSolverMultistepInverseSampler, "cogvideox_ddim": CogVideoXDDIMSampler,
+            "flow_match_heun": FlowMatchHeunSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -2721,7 +2802,8 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "DPMSolverSinglestepScheduler": DPMSolverSinglestepSampler,
                         "DDIMInverseScheduler": DDIMInverseSampler,
                         "DPMSolverMultistepInverseScheduler": DPMSolverMultistepInverseSampler,
-                        "CogVideoXDDIMScheduler": CogVideoXDDIMSampler}
+                        "CogVideoXDDIMScheduler": CogVideoXDDIMSampler,
+                        "FlowMatchHeunDiscreteScheduler": FlowMatchHeunSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
