@@ -14,5 +14,5 @@ __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler
            "CogVideoXDDIMSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler",
            "KDPM2AncestralSampler", "DPMSolverPPSampler", "DPMSolverSinglestepSampler",
            "DPMSolverMultistepInverseSampler", "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
-           "TCDSampler", "FlowMatchEulerSampler", "FlowMatchHeunSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler", "SAMPLERS",
-           "from_scheduler", "cfg_combine", "classifier_grad", "sample"]
+           "TCDSampler", "FlowMatchEulerSampler", "FlowMatchHeunSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler",
+           "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

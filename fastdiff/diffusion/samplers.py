@@ -1371,7 +1371,22 @@ class EulerAncestralSampler(EulerSampler):
         return plan
 
 
-class HeunSampler(EulerSampler):
+class _TwoCallSteps:
+    """Samplers whose steps are two model calls (a correction after each but the last, Heun's way): order 2, and a
+    run (image-to-image) starts at an even call index."""
+
+    @property
+    def order(self) -> int:
+        return 2
+
+    def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
+        super()._check_begin(begin, n, name)
+        if begin % 2:
+            raise ValueError(f"{name}: {begin} is a correction call; a Heun run starts at an even index "
+                             f"(t_start * order)")
+
+
+class HeunSampler(_TwoCallSteps, EulerSampler):
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn), as
     diffusers' HeunDiscreteScheduler: each step from sigma to sigma_next is an Euler step (the model at sigma), then,
     unless sigma_next = 0, a correction with the model at sigma_next:
@@ -1393,16 +1408,6 @@ class HeunSampler(EulerSampler):
 
     def _validate(self, cfg):
         Sampler._validate(self, cfg)
-
-    @property
-    def order(self) -> int:
-        return 2
-
-    def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
-        super()._check_begin(begin, n, name)
-        if begin % 2:
-            raise ValueError(f"{name}: {begin} is a correction call; a Heun run starts at an even index "
-                             f"(t_start * order)")
 
     def _plan(self, n):
         base = super()._plan(n)
@@ -2369,7 +2374,7 @@ class FlowMatchEulerSampler(Sampler):
         return bool(self.config["stochastic_sampling"])
 
 
-class FlowMatchHeunSampler(FlowMatchEulerSampler):
+class FlowMatchHeunSampler(_TwoCallSteps, FlowMatchEulerSampler):
     """Heun's method on a flow-matching model, as diffusers' FlowMatchHeunDiscreteScheduler (an SD3 alternative):
     each step from sigma to sigma_next is an Euler step with the velocity v there, then, unless sigma_next = 0, a
     correction with the velocity v' at the Euler point:
@@ -2403,18 +2408,8 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
                                      timesteps=timesteps)
 
     @property
-    def order(self) -> int:
-        return 2
-
-    @property
     def _stochastic(self):
         return False
-
-    def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
-        super()._check_begin(begin, n, name)
-        if begin % 2:
-            raise ValueError(f"{name}: {begin} is a correction call; a Heun run starts at an even index "
-                             f"(t_start * order)")
 
     def _sigmas(self, n):
         T, shift = self.config["num_train_timesteps"], self.config["shift"]
