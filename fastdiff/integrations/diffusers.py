@@ -491,11 +491,11 @@ class FastdiffScheduler(SchedulerMixin):
 
     # -- the run ----------------------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, sigmas=None, timesteps=None, **options):
-        """As a diffusers scheduler's. `timesteps`: custom timesteps (DDPM, Euler, Heun, DPM-Solver++, LCM, TCD; e.g.
-        Align Your Steps: pipelines pass them through retrieve_timesteps). `sigmas`: custom sigmas (Euler: n + 1 noise
-        levels; flow matching: n sigmas before shifting, as the Flux pipeline passes them). `options`: scheduler
-        options some pipelines pass here (LCM's original_inference_steps), applied to the sampler's config when not
-        None."""
+        """As a diffusers scheduler's. `timesteps`: custom timesteps (DDPM, Euler, Heun, DPM-Solver++ multistep and
+        single-step, LCM, TCD, flow matching; e.g. Align Your Steps: pipelines pass them through
+        retrieve_timesteps). `sigmas`: custom sigmas (Euler: n + 1 noise levels; flow matching: n sigmas before
+        shifting, as the Flux pipeline passes them). `options`: scheduler options some pipelines pass here (LCM's
+        original_inference_steps), applied to the sampler's config when not None."""
         s = self.sampler
         if sigmas is not None and "sigmas" not in s._custom_schedules:
             raise ValueError(f"sigmas: custom sigmas are not supported by {type(s).__name__} (Euler and flow "
