@@ -1149,8 +1149,7 @@ class TCDSampler(LCMSampler):
         a_t, a_p, a_s = acp[ts], acp[prev], acp[s_t]
         alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
         pred = cfg["prediction_type"]
-        ex, em = {"epsilon": (np.zeros(n), np.ones(n)), "sample": (1 / sigma, -alpha / sigma),
-                  "v_prediction": (sigma, alpha)}[pred]  # eps = ex x + em m
+        ex, em = _eps_from_vp(pred, alpha, sigma)  # eps = ex x + em m
         noisy = (np.arange(n) < n - 1) & (eta > 0)
         k = np.where(noisy, np.sqrt(a_p / a_s), 1.0)
         rows = np.zeros((n, 9))
@@ -1544,6 +1543,16 @@ class KDPM2AncestralSampler(KDPM2Sampler):
                              classifier_scale)
 
 
+def _clipped_alphas_cumprod(cfg, schedule, lambda_min_clipped):
+    """The schedule's float32 cumulative alphas as diffusers' DPM-Solver family holds them (the last one 2^-24 with
+    rescale_betas_zero_snr), and how many of the noisiest timesteps lambda_min_clipped cuts off."""
+    acp_t = schedule.alphas_cumprod.clone()
+    if cfg["rescale_betas_zero_snr"]:
+        acp_t[-1] = 2**-24
+    lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
+    return acp_t, int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(lambda_min_clipped))))
+
+
 def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karras=True, given=None):
     """(timesteps, sigmas) of an n-step run of a variance-preserving multistep scheduler, as diffusers'
     DPMSolverMultistepScheduler and UniPCMultistepScheduler compute them: the timesteps spaced over the trained
@@ -1553,11 +1562,7 @@ def _vp_sigmas(cfg, schedule, n, lambda_min_clipped=-float("inf"), *, round_karr
     truncated, as diffusers' int64 cast), then the final sigma (0 or sigma_min): n + 1 float64 values rounded
     through float32."""
     T = schedule.num_train_timesteps
-    acp_t = schedule.alphas_cumprod.clone()
-    if cfg["rescale_betas_zero_snr"]:
-        acp_t[-1] = 2**-24
-    lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
-    clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(lambda_min_clipped))))
+    acp_t, clipped = _clipped_alphas_cumprod(cfg, schedule, lambda_min_clipped)
     last_t = T - clipped
     sp = cfg["timestep_spacing"]
     spacing = _sigma_spacing(cfg) or ("lu" if cfg.get("use_lu_lambdas") else None)
@@ -1607,6 +1612,14 @@ def _check_dpm_solver(cfg):
     _check_solver_order(cfg)
     if cfg["solver_type"] not in ("midpoint", "heun"):
         raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {cfg['solver_type']!r}")
+
+
+def _check_dpm_outputs(cfg):
+    """DPM-Solver++'s variance_type (learned variances: the channels dropped) and lambda_min_clipped."""
+    if cfg["variance_type"] not in (None, "learned", "learned_range"):
+        raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
+    if not _is_real(cfg["lambda_min_clipped"]):
+        raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
 
 
 def _check_flow_options(cfg, time_shift_types):
@@ -1686,10 +1699,7 @@ class DPMSolverPPSampler(_FlowShiftMu):
         if lu and (_sigma_spacing(cfg) or cfg["use_flow_sigmas"]):
             other = f"use_{_sigma_spacing(cfg)}_sigmas" if _sigma_spacing(cfg) else "use_flow_sigmas"
             raise ValueError(f"use_lu_lambdas: not together with {other}")
-        if cfg["variance_type"] not in (None, "learned", "learned_range"):
-            raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got {cfg['variance_type']!r}")
-        if not _is_real(cfg["lambda_min_clipped"]):
-            raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
+        _check_dpm_outputs(cfg)
         _check_flow_options(cfg, ("exponential",))
 
     @property
@@ -1848,26 +1858,15 @@ class DPMSolverMultistepInverseSampler(DPMSolverPPSampler):
             raise ValueError(f"algorithm_type: the inverse sampler implements 'dpmsolver++' only, got "
                              f"{cfg['algorithm_type']!r}")
         _check_sigma_spacing(cfg)
-        if cfg["variance_type"] not in (None, "learned", "learned_range"):
-            raise ValueError(f"variance_type: expected None, 'learned' or 'learned_range', got "
-                             f"{cfg['variance_type']!r}")
-        if not _is_real(cfg["lambda_min_clipped"]):
-            raise ValueError(f"lambda_min_clipped: expected a float, got {cfg['lambda_min_clipped']!r}")
+        _check_dpm_outputs(cfg)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
-                      timesteps=None):
-        """As Sampler.set_timesteps (no custom timesteps, no mu: as diffusers' inverse scheduler)."""
-        return Sampler.set_timesteps(self, num_inference_steps, device, seed=seed, begin_index=begin_index,
-                                     timesteps=timesteps)
+    # the base set_timesteps: no mu (as diffusers' inverse scheduler)
+    set_timesteps = Sampler.set_timesteps
 
     def _run_sigmas(self, n):
         cfg = self.config
         T = self.schedule.num_train_timesteps
-        acp_t = self.schedule.alphas_cumprod.clone()
-        if cfg["rescale_betas_zero_snr"]:
-            acp_t[-1] = 2**-24
-        lambda_t = torch.log(torch.sqrt(acp_t)) - torch.log(torch.sqrt(1 - acp_t))
-        clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), torch.tensor(float(cfg["lambda_min_clipped"]))))
+        acp_t, clipped = _clipped_alphas_cumprod(cfg, self.schedule, cfg["lambda_min_clipped"])
         top = T - 1 - clipped  # the noisiest timestep
         sp = cfg["timestep_spacing"]
         if sp == "linspace":
@@ -2075,7 +2074,8 @@ class DEISSampler(_FlowShiftMu):
 
     _options = {**_COMMON, "solver_order": 2, "algorithm_type": "deis", "solver_type": "logrho",
                 "lower_order_final": True, "use_karras_sigmas": False, **_SPACING_OPTIONS, "use_flow_sigmas": False,
-                "flow_shift": 1.0, "timestep_spacing": "linspace", "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+                "flow_shift": 1.0, "timestep_spacing": "linspace", "use_dynamic_shifting": False,
+                "time_shift_type": "exponential"}
     _fixed = {"thresholding": False}
     _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
     _multistep = True
@@ -2226,6 +2226,15 @@ class PNDMSampler(Sampler):
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": np.sqrt(1 - acp[ts])}
 
 
+def _flow_sigma_ends(T: int, shift: float):
+    """(sigma_max, sigma_min) as diffusers' flow-matching constructors leave them: t / T for t = T .. 1 in float32,
+    shifted by `shift` (1: unshifted, as with dynamic shifting)."""
+    init = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+    if shift != 1:
+        init = shift * init / (1 + (shift - 1) * init)
+    return init[0].item(), init[-1].item()
+
+
 class FlowMatchEulerSampler(Sampler):
     """Euler sampling of a rectified-flow / flow-matching model (Stable Diffusion 3, Flux, ...), as diffusers'
     FlowMatchEulerDiscreteScheduler: x_t = (1 - sigma) x0 + sigma noise, the model predicts the velocity
@@ -2247,6 +2256,9 @@ class FlowMatchEulerSampler(Sampler):
                 "stochastic_sampling": False}
     _fixed = {"invert_sigmas": False}
     _custom_schedules = ("sigmas", "timesteps")  # n values in (0, 1] / (0, T], before shifting (set_timesteps)
+    # set_timesteps' custom timesteps while its _plan runs (not _given_timesteps: the base set_timesteps, which
+    # this one calls without them, resets that; the sigmas are kept in _given_sigmas, as EulerSampler's)
+    _given_flow_timesteps = None
 
     def _build_schedule(self):
         self.schedule = None  # no discrete-time VP schedule: the sigmas are the schedule
@@ -2312,23 +2324,20 @@ class FlowMatchEulerSampler(Sampler):
             given[name] = arr.astype(np.float32)  # float32, as diffusers takes them
         if num_inference_steps is None:
             raise ValueError("num_inference_steps: required when no sigmas or timesteps are given")
-        self._custom_sigmas, self._custom_timesteps = given.get("sigmas"), given.get("timesteps")
+        self._given_sigmas, self._given_flow_timesteps = given.get("sigmas"), given.get("timesteps")
         try:
             return _set_timesteps_with_mu(self, super().set_timesteps, num_inference_steps, device, seed, begin_index,
                                           mu)
         finally:
-            self._custom_sigmas = self._custom_timesteps = None
+            self._given_sigmas = self._given_flow_timesteps = None
 
     def _sigmas(self, n):
         cfg = self.config
         T = cfg["num_train_timesteps"]
         # sigma_max and sigma_min as diffusers' constructor leaves them (float32; the static shift applied once
         # there and once more below, as diffusers does)
-        init = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
-        if not cfg["use_dynamic_shifting"]:
-            init = cfg["shift"] * init / (1 + (cfg["shift"] - 1) * init)
-        smax, smin = init[0].item(), init[-1].item()
-        custom, given_ts = getattr(self, "_custom_sigmas", None), getattr(self, "_custom_timesteps", None)
+        smax, smin = _flow_sigma_ends(T, 1.0 if cfg["use_dynamic_shifting"] else cfg["shift"])
+        custom, given_ts = self._given_sigmas, self._given_flow_timesteps
         # given sigmas (or timesteps) are float32 from here on, as diffusers' (the default ones float64 until the
         # end, as its)
         if custom is not None:
@@ -2354,7 +2363,7 @@ class FlowMatchEulerSampler(Sampler):
     def _plan(self, n):
         T = self.config["num_train_timesteps"]
         s32 = self._sigmas(n)
-        given_ts = getattr(self, "_custom_timesteps", None)
+        given_ts = self._given_flow_timesteps
         ts = given_ts.copy() if given_ts is not None else s32 * np.float32(T)
         sig = np.concatenate([s32, [0.0]]).astype(np.float64)
         s, s_next = sig[:-1], sig[1:]
@@ -2401,11 +2410,8 @@ class FlowMatchHeunSampler(_TwoCallSteps, FlowMatchEulerSampler):
         if not _is_real(cfg["shift"]) or not cfg["shift"] > 0:
             raise ValueError(f"shift: expected a positive float, got {cfg['shift']!r}")
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
-                      timesteps=None):
-        """As Sampler.set_timesteps (no custom schedules and no mu, as diffusers' FlowMatchHeunDiscreteScheduler)."""
-        return Sampler.set_timesteps(self, num_inference_steps, device, seed=seed, begin_index=begin_index,
-                                     timesteps=timesteps)
+    # the base set_timesteps: no mu (as diffusers' FlowMatchHeunDiscreteScheduler)
+    set_timesteps = Sampler.set_timesteps
 
     @property
     def _stochastic(self):
@@ -2413,9 +2419,7 @@ class FlowMatchHeunSampler(_TwoCallSteps, FlowMatchEulerSampler):
 
     def _sigmas(self, n):
         T, shift = self.config["num_train_timesteps"], self.config["shift"]
-        init = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
-        init = shift * init / (1 + (shift - 1) * init)  # the constructor's (float32), then set_timesteps' shift
-        smax, smin = init[0].item(), init[-1].item()
+        smax, smin = _flow_sigma_ends(T, shift)  # shifted once there, and again here, as diffusers does
         sig = np.linspace(smax * T, smin * T, n) / T
         return (shift * sig / (1 + (shift - 1) * sig)).astype(np.float32)
 
@@ -2755,11 +2759,8 @@ class EDMDPMSolverPPSampler(_EDM, DPMSolverPPSampler):
     def _split_channels(self):
         return False
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, seed=None, begin_index: int = 0,
-                      timesteps=None):
-        """As Sampler.set_timesteps (no mu: there are no flow sigmas here)."""
-        return Sampler.set_timesteps(self, num_inference_steps, device, seed=seed, begin_index=begin_index,
-                                     timesteps=timesteps)
+    # the base set_timesteps: no mu (there are no flow sigmas here)
+    set_timesteps = Sampler.set_timesteps
 
     def _run_sigmas(self, n):
         sig, last = self._edm_sigmas(n)

@@ -79,8 +79,11 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._set_levels(self.alphas_cumprod.double())
+
+    def _set_levels(self, acp: torch.Tensor):
+        """sigmas and log_snr from the float64 cumulative alphas; the device copies dropped."""
         with np.errstate(divide="ignore"):
-            acp = self.alphas_cumprod.double()
             self.sigmas = ((1 - acp) / acp).sqrt().float()
             self.log_snr = (acp.log() - (1 - acp).log()).float()
         self._on: dict = {}
@@ -93,10 +96,7 @@ class NoiseSchedule:
         self.alphas_cumprod = acp.float()
         self.alphas = alphas.float()
         self.betas = (1 - alphas).float()
-        with np.errstate(divide="ignore"):
-            self.sigmas = ((1 - acp) / acp).sqrt().float()
-            self.log_snr = (acp.log() - (1 - acp).log()).float()
-        self._on = {}
+        self._set_levels(acp)
 
     def to(self, device) -> dict:
         """{"betas", "alphas_cumprod", "sigmas", "log_snr"} on `device`, moved once and cached."""

@@ -397,9 +397,10 @@ class FastdiffScheduler(SchedulerMixin):
     Noise: a stochastic sampler draws it in the kernel from a seed; the ``generator`` a pipeline passes to ``step``
     gives that seed (one draw from it at a run's first step), so the same generator gives the same images, but not
     the images diffusers' scheduler draws with it. ``eta`` (DDIM) and ``use_clipped_model_output`` take effect at a
-    run's first step; custom ``timesteps=`` (e.g. Align Your Steps) are taken by DDPM, Euler, Heun,
-    DPM-Solver++, LCM and TCD, custom ``sigmas=`` by Euler and flow matching (Flux's pipeline passes them), as by
-    the diffusers schedulers they replace; the others refuse them with a ValueError naming the argument.
+    run's first step; custom ``timesteps=`` (e.g. Align Your Steps) are taken by DDPM, Euler, Heun, DPM-Solver++
+    (multistep and single-step), LCM, TCD and flow matching, custom ``sigmas=`` by Euler and flow matching (Flux's
+    pipeline passes them), as by the diffusers schedulers they replace; the others refuse them with a ValueError
+    naming the argument.
     """
 
     def __init__(self, sampler, scheduler=None):
