@@ -130,18 +130,18 @@ def _learns_sigma(model=None, meta_model: dict | None = None) -> bool:
 #: the sampler names of make_sampler, generate and the command line's --sampler
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmsolver++", "sde-dpmsolver++", "dpmsolver++3m",
                  "sde-dpmsolver++3m", "unipc", "pndm", "lms", "deis", "kdpm2", "kdpm2_ancestral", "dpmsolver_singlestep",
-                 "dpmsolver_singlestep3")
+                 "dpmsolver_singlestep3", "dpmsolver_sde")
 
 
 def make_sampler(name: str, model=None, checkpoint: str | None = None):
     """A sampler by name (one of SAMPLER_NAMES: ddpm, ddim, euler, euler_ancestral, heun, dpmsolver++,
     sde-dpmsolver++, dpmsolver++3m, sde-dpmsolver++3m (the third-order forms, "DPM++ 3M (SDE)"), unipc, pndm (PLMS:
     n steps are n + 1 model calls), lms (K-LMS), deis, kdpm2, kdpm2_ancestral (DPM2 and DPM2 a: 2 model calls a
-    step but the last), dpmsolver_singlestep, dpmsolver_singlestep3 (DPM-Solver++ single-step, order 2 or 3)) on
-    the schedule the model was trained with. For a model with learned variances (out_channels = 2 x in_channels)
-    DDPM samples with them (variance_type "learned_range", Improved DDPM's) and DPM-Solver++ (both forms) accepts
-    and drops them (as diffusers does); DDIM and the Euler samplers take only the mean channels, which
-    :func:`generate` passes them."""
+    step but the last), dpmsolver_singlestep, dpmsolver_singlestep3 (DPM-Solver++ single-step, order 2 or 3),
+    dpmsolver_sde (DPM++ SDE: 2 model calls a step but the last)) on the schedule the model was trained with. For a
+    model with learned variances (out_channels = 2 x in_channels) DDPM samples with them (variance_type
+    "learned_range", Improved DDPM's) and DPM-Solver++ (both forms) accepts and drops them (as diffusers does); DDIM
+    and the Euler samplers take only the mean channels, which :func:`generate` passes them."""
     import json
 
     from fastdiff.diffusion import SAMPLERS

@@ -388,19 +388,20 @@ def test_device_spellings(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "sde-dpmsolver++", "heun", "dpmsolver++3m", "sde-dpmsolver++3m",
                                   "unipc", "pndm", "lms", "deis", "kdpm2", "kdpm2_ancestral", "dpmsolver_singlestep",
-                                  "dpmsolver_singlestep3"])
+                                  "dpmsolver_singlestep3", "dpmsolver_sde"])
 def test_sample_with_the_new_samplers(name, tmp_path, capsys):
-    from fastdiff.diffusion import (DEISSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler, EulerAncestralSampler,
-                                    HeunSampler, KDPM2AncestralSampler, KDPM2Sampler, LMSSampler, PNDMSampler,
-                                    UniPCSampler)
+    from fastdiff.diffusion import (DEISSampler, DPMSolverPPSampler, DPMSolverSDESampler, DPMSolverSinglestepSampler,
+                                    EulerAncestralSampler, HeunSampler, KDPM2AncestralSampler, KDPM2Sampler,
+                                    LMSSampler, PNDMSampler, UniPCSampler)
 
     s = pretrained.make_sampler(name)
     cls = {"euler_ancestral": EulerAncestralSampler, "heun": HeunSampler, "unipc": UniPCSampler,
            "pndm": PNDMSampler, "lms": LMSSampler, "deis": DEISSampler, "kdpm2": KDPM2Sampler,
            "kdpm2_ancestral": KDPM2AncestralSampler, "dpmsolver_singlestep": DPMSolverSinglestepSampler,
-           "dpmsolver_singlestep3": DPMSolverSinglestepSampler}.get(name, DPMSolverPPSampler)
+           "dpmsolver_singlestep3": DPMSolverSinglestepSampler,
+           "dpmsolver_sde": DPMSolverSDESampler}.get(name, DPMSolverPPSampler)
     assert type(s) is cls
-    assert s._stochastic == name.startswith(("euler_ancestral", "sde-", "kdpm2_ancestral"))
+    assert s._stochastic == name.startswith(("euler_ancestral", "sde-", "kdpm2_ancestral", "dpmsolver_sde"))
     if cls is DPMSolverSinglestepSampler:
         assert s.config["solver_order"] == (3 if name.endswith("3") else 2)
     if cls is DPMSolverPPSampler:

@@ -7,6 +7,7 @@ state_dict unchanged, torch.compile; and fastdiff.sample over a diffusers U-Net 
 """
 import copy
 import gc
+import importlib.util
 import io
 import os
 import subprocess
@@ -962,3 +963,50 @@ def test_fastdiff_scheduler_pipeline_save_and_load(models, tmp_path):
     assert isinstance(back.scheduler, fdd.FastdiffScheduler)
     assert public(back.scheduler.config) == public(pipe.scheduler.config)
     assert public(DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler").config) == public(pipe.scheduler.config)
+
+
+_HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
+
+
+@pytest.mark.skipif(not _HAS_TORCHSDE, reason="diffusers' DPMSolverSDEScheduler needs torchsde (optional test "
+                                              "dependency: pip install torchsde)")
+def test_fastdiff_scheduler_dpmpp_sde(models, monkeypatch, tmp_path):
+    # DPM++ SDE in a pipeline loop: without its noise (s_noise 0 here, diffusers' Brownian tree patched to zeros) the
+    # same latents as diffusers'; with it, the kernel's noise seeded by the pipeline's generator
+    import diffusers.schedulers.scheduling_dpmsolver_sde as sde_mod
+
+    class ZeroNoise:
+        def __init__(self, x, *args, **kwargs):
+            self.x = x
+
+        def __call__(self, sigma, sigma_next):
+            return torch.zeros_like(self.x)
+
+    unet = models["unet_cond"]
+    g = torch.Generator().manual_seed(5)
+    ctx, uctx = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    kw = dict(steps=5, seed=3, ctx=ctx, uctx=uctx, guidance=3.0)
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": True}
+    base = diffusers.DPMSolverSDEScheduler(**sd)
+    sched = fdd.FastdiffScheduler.from_scheduler(base)
+    assert type(sched.sampler).__name__ == "DPMSolverSDESampler" and sched.order == 2
+    with monkeypatch.context() as m:
+        m.setattr(sde_mod, "BrownianTreeNoiseSampler", ZeroNoise)
+        want = _pipeline_loop(unet, base, (2, 4, 16, 16), **kw)
+    sched.sampler.config["s_noise"] = 0.0  # (a config edit takes effect at the next set_timesteps)
+    got = _pipeline_loop(unet, sched, (2, 4, 16, 16), **kw)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    assert len(sched.timesteps) == 9 and sched.step_index == 9
+    torch.testing.assert_close(sched.timesteps.double(), base.timesteps.double(), rtol=1e-6, atol=0)
+    sched.sampler.config["s_noise"] = 1.0
+    run = [_pipeline_loop(unet, sched, (2, 4, 16, 16), generator=torch.Generator().manual_seed(s), **kw)
+           for s in (1, 1, 2)]
+    assert torch.isfinite(run[0]).all() and torch.equal(run[0], run[1]) and not torch.allclose(run[0], run[2])
+    assert not torch.allclose(run[0], got)
+    # s_noise (a step argument in diffusers) goes into the config only where it is not 1, and comes back from it
+    from fastdiff.diffusion import DPMSolverSDESampler
+
+    assert "s_noise" not in fdd.FastdiffScheduler(DPMSolverSDESampler()).config
+    fdd.FastdiffScheduler(DPMSolverSDESampler(s_noise=0.5, use_karras_sigmas=True)).save_pretrained(tmp_path)
+    again = fdd.FastdiffScheduler.from_pretrained(tmp_path).sampler
+    assert type(again) is DPMSolverSDESampler and again.config["s_noise"] == 0.5 and again.config["use_karras_sigmas"]

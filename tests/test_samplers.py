@@ -1,6 +1,7 @@
 """fastdiff.diffusion: schedules, samplers against plain implementations of their papers' equations (and against
 diffusers' schedulers when diffusers is installed), guidance, and the sampling loop."""
 import functools
+import importlib.util
 import inspect
 import math
 
@@ -10,8 +11,8 @@ import torch
 
 import fastdiff
 from fastdiff.diffusion import (CogVideoXDDIMSampler, DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
-                                DPMSolverMultistepInverseSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
-                                EDMDPMSolverPPSampler,
+                                DPMSolverMultistepInverseSampler, DPMSolverPPSampler, DPMSolverSDESampler,
+                                DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchHeunSampler,
                                 KDPM2AncestralSampler,
                                 KDPM2Sampler,
@@ -414,7 +415,8 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
                                                     "flow_shift": 3.0}),
                                     (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"}),
                                     (LMSSampler, {"use_karras_sigmas": True}), (DEISSampler, {"solver_order": 3}),
-                                    (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True})])
+                                    (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True}),
+                                    (DPMSolverSDESampler, {"use_karras_sigmas": True})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -1293,6 +1295,168 @@ def test_kdpm2_ancestral_noise():
     assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=after))
 
 
+# --- DPM++ SDE (DPMSolverSDEScheduler) ------------------------------------------------------------------------------
+
+HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
+needs_torchsde = pytest.mark.skipif(not (HAS_DIFFUSERS and HAS_TORCHSDE),
+                                    reason="diffusers' DPMSolverSDEScheduler needs diffusers and torchsde (optional "
+                                           "test dependencies: pip install diffusers torchsde)")
+
+
+def _brownian(sigma, mid, nxt, w1, z):
+    """The normalised Brownian increment from sigma to nxt, given the one from sigma to mid (w1) and fresh noise z."""
+    return (math.sqrt(sigma - mid) * w1 + math.sqrt(mid - nxt) * z) / math.sqrt(sigma - nxt)
+
+
+def _ancestral(sigma, to):
+    up = min(to, math.sqrt(to**2 * (sigma**2 - to**2) / sigma**2))
+    return up, math.sqrt(to**2 - up**2)
+
+
+def _dpmpp_sde_reference(s, x, Z, s_noise=1.0):
+    """DPM++ SDE as diffusers' DPMSolverSDEScheduler.step computes it, in float64, on the sampler's sigmas and
+    timesteps, epsilon prediction; W1 = Z[2k] and W2 holds it (_brownian with Z[2k + 1])."""
+    sig2 = s.sigmas  # diffusers' 2n sigmas: the first, each later one twice, the final 0
+    sig = np.concatenate([sig2[:1], sig2[1::2]])
+    x = x.double()
+    out = []
+    for k in range(len(sig) - 1):
+        sigma, nxt = float(sig[k]), float(sig[k + 1])
+        x0 = x - sigma * eps_model(x / math.sqrt(sigma**2 + 1), s.timesteps[2 * k]).double()
+        if nxt == 0:
+            out.append(x0)
+            break
+        mid = math.exp(-(-math.log(sigma) + 0.5 * (math.log(sigma) - math.log(nxt))))
+        up, down = _ancestral(sigma, mid)
+        w1 = Z[2 * k].double()
+        x_mid = down / sigma * x - (down / sigma - 1) * x0 + s_noise * up * w1
+        out.append(x_mid)
+        x0 = x_mid - mid * eps_model(x_mid / math.sqrt(mid**2 + 1), s.timesteps[2 * k + 1]).double()
+        up, down = _ancestral(sigma, nxt)
+        x = down / sigma * x - (down / sigma - 1) * x0 + s_noise * up * _brownian(sigma, mid, nxt, w1,
+                                                                                  Z[2 * k + 1].double())
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("cfg,n", [({}, 6), ({"use_karras_sigmas": True, "s_noise": 0.5}, 5),
+                                   ({"timestep_spacing": "trailing", "use_exponential_sigmas": True}, 4),
+                                   ({"s_noise": 0.0}, 3), ({}, 1)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_dpmpp_sde_matches_reference(cfg, n, backend):
+    # each call one fused kernel: the second call of a step recovers W1 from x_mid, the step's x (kept in the second
+    # buffer) and the first x0, so the given noise there is only the fresh part of W2
+    s = DPMSolverSDESampler(**cfg).set_timesteps(n)
+    assert s.num_inference_steps == 2 * n - 1 and s.order == 2
+    x = _x((2, 3, 6, 6)) * s.init_noise_sigma
+    Z = _noises(s.num_inference_steps, x.shape)
+    want = _dpmpp_sde_reference(s, x, Z, cfg.get("s_noise", 1.0))
+    got = _run(s, x, n, noises=Z, backend=backend)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        _close(a, b, 2e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_dpmpp_sde_in_kernel_noise_is_brownian(backend):
+    # with a zero model (x0 = x) x_mid - x = up1 W1 and x_next - x = (1 - r2) up1 W1 + up2 W2: the kernel's noise
+    # makes W1, W2 standard normal, W2 correlated with W1 as Brownian increments over nested intervals are, and
+    # independent of the next step's
+    s = DPMSolverSDESampler().set_timesteps(3, seed=4)
+    sig2 = s.sigmas
+    x = torch.zeros(4, 4, 128, 128)
+    xs = [x]
+    for i in range(s.num_inference_steps - 1):
+        xs.append(s.step(torch.zeros_like(x), i, xs[-1], backend=backend))
+    w1s = []
+    for k in range(2):
+        sigma, nxt = float(sig2[2 * k]), float(sig2[2 * k + 1])
+        mid = math.sqrt(sigma * nxt)
+        up1, down1 = _ancestral(sigma, mid)
+        up2, down2 = _ancestral(sigma, nxt)
+        x, x_mid, x_next = (t.double().flatten() for t in xs[2 * k: 2 * k + 3])
+        w1 = (x_mid - x) / up1
+        w2 = (x_next - x - (1 - down2 / sigma) * (x_mid - x)) / up2
+        for w in (w1, w2):
+            assert abs(w.mean().item()) < 0.01 and abs(w.std().item() - 1) < 0.01
+        corr = torch.corrcoef(torch.stack([w1, w2]))[0, 1].item()
+        assert corr == pytest.approx(math.sqrt((sigma - mid) / (sigma - nxt)), abs=0.01)
+        w1s.append(w1)
+    assert abs(torch.corrcoef(torch.stack(w1s))[0, 1].item()) < 0.01
+    again = DPMSolverSDESampler().set_timesteps(3, seed=4)
+    assert torch.equal(again.step(torch.zeros_like(xs[0]), 0, xs[0], backend=backend), xs[1])
+
+
+def test_dpmpp_sde_seed_index_and_options():
+    # noise_sampler_seed seeds the kernel's noise unless set_timesteps gets one; a tensor step index (the CUDA-graph
+    # loop's) keeps the step's x as an int index does
+    x = _x((2, 3, 6, 6)) * 10
+    runs = [_run(DPMSolverSDESampler(**kw), x, 4, seed=seed)[-1]
+            for kw, seed in (({"noise_sampler_seed": 7}, None), ({"noise_sampler_seed": 7}, None), ({}, 7),
+                             ({"noise_sampler_seed": 7}, 8), ({}, None))]
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert not torch.allclose(runs[0], runs[3]) and not torch.allclose(runs[0], runs[4])
+    runs = [sample(eps_model, DPMSolverSDESampler(), (2, 3, 6, 6), num_inference_steps=4, seed=seed, progress=False)
+            for seed in (1, 1, 2)]
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    s = DPMSolverSDESampler(num_train_timesteps=T_TRAIN, use_karras_sigmas=True)
+    a = _run(s, x, 4, seed=3)
+    s.set_timesteps(4, seed=3)
+    b, xi = [], x
+    for i in range(s.num_inference_steps):
+        xi = s.step(eps_model(s.scale_model_input(xi, i), s.timesteps[i]), torch.tensor(i), xi)
+        b.append(xi)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    with pytest.raises(TypeError, match="^noise_sampler_seed:"):
+        DPMSolverSDESampler(noise_sampler_seed=1.5)
+    with pytest.raises(ValueError, match="^s_noise:"):
+        DPMSolverSDESampler(s_noise=-1.0)
+    with pytest.raises(ValueError, match="^prediction_type:"):
+        DPMSolverSDESampler(prediction_type="sample")
+    with pytest.raises(ValueError, match="^begin_index:"):
+        DPMSolverSDESampler().set_timesteps(4, begin_index=3)  # a second call: runs start at a step's first one
+    with pytest.raises(ValueError, match="^timesteps:"):
+        DPMSolverSDESampler().set_timesteps(timesteps=[900, 500, 100])
+
+
+@needs_torchsde
+@pytest.mark.parametrize("cfg", [{}, {**SD, "use_karras_sigmas": True},
+                                 {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+                                 {"timestep_spacing": "leading", "steps_offset": 1, "use_exponential_sigmas": True},
+                                 {"use_beta_sigmas": True}, {"noise_sampler_seed": 3}])
+@pytest.mark.parametrize("n", [1, 10, 25])
+@pytest.mark.parametrize("s_noise", [1.0, 0.5])
+def test_dpmpp_sde_matches_diffusers(cfg, n, s_noise):
+    # diffusers' Brownian-tree noise swapped for the increments our noise gives (W1 at a step's first call, W2
+    # holding it at the second): the same trajectory
+    ds = dsched.DPMSolverSDEScheduler(**cfg)
+    ours = DPMSolverSDESampler.from_config(ds.config, s_noise=s_noise)
+    ds.set_timesteps(n)
+    ours.set_timesteps(n)
+    np.testing.assert_allclose(ours.timesteps.numpy(), ds.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.sigmas, ds.sigmas.numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(ds.init_noise_sigma), rel=1e-6)
+    Z = _noises(ours.num_inference_steps, (2, 3, 8, 8))
+    state = {}
+
+    def noise_sampler(sigma, to):  # diffusers asks for (sigma, sigma_mid), then (sigma, sigma_next)
+        j = state["j"]
+        if j % 2 == 0:
+            state["w1"], state["mid"] = Z[j], float(to)
+            return Z[j]
+        return _brownian(float(sigma), state["mid"], float(to), state["w1"], Z[j])
+
+    ds.noise_sampler = noise_sampler
+    xd = xo = _x((2, 3, 8, 8)) * ours.init_noise_sigma
+    for j, t in enumerate(ds.timesteps):
+        state["j"] = j
+        xd = ds.step(eps_model(ds.scale_model_input(xd, t), t), t, xd, s_noise=s_noise).prev_sample
+        xo = ours.step(eps_model(ours.scale_model_input(xo, j), ours.timesteps[j]), j, xo, noise=Z[j])
+        _close(xo, xd, 2e-5)
+    assert j == 2 * n - 2
+
+
 @needs_diffusers
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_tcd_eta_matches_diffusers(eta):
@@ -2070,7 +2234,8 @@ def test_sample_errors():
                                     (DPMSolverPPSampler, {"thresholding": True}),
                                     (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {"thresholding": True}),
                                     (PNDMSampler, {}), (LMSSampler, {}),
-                                    (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True})])
+                                    (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True}),
+                                    (DPMSolverSDESampler, {"use_karras_sigmas": True})])
 def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
     """No .item(), .tolist(), .nonzero() or Python branch on a tensor value anywhere in the sampling loop (the GPU
     version of this check, with torch.cuda.set_sync_debug_mode, is test_no_sync_on_gpu)."""
@@ -2094,7 +2259,8 @@ def test_no_host_reads_in_the_loop(cls, kw, monkeypatch):
 @pytest.mark.parametrize("cls,kw", [(DDPMSampler, {"thresholding": True}), (DDIMSampler, {"thresholding": True}),
                                     (EulerSampler, {}), (DPMSolverPPSampler, {"thresholding": True}),
                                     (DPMSolverPPSampler, {"solver_order": 3}), (UniPCSampler, {}), (PNDMSampler, {}),
-                                    (LMSSampler, {}), (DPMSolverSinglestepSampler, {"solver_order": 3})])
+                                    (LMSSampler, {}), (DPMSolverSinglestepSampler, {"solver_order": 3}),
+                                    (DPMSolverSDESampler, {})])
 def test_no_sync_on_gpu_and_graph_equals_eager(cls, kw):
     torch.manual_seed(0)
     model = TinyModel().cuda()

@@ -2,6 +2,7 @@
 from fastdiff.diffusion.guidance import cfg_combine, classifier_grad
 from fastdiff.diffusion.samplers import (SAMPLERS, CogVideoXDDIMSampler, DDIMInverseSampler, DDIMSampler,
                                          DDPMSampler, DEISSampler, DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
+                                         DPMSolverSDESampler,
                                          DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                          EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
                                          FlowMatchHeunSampler,
@@ -12,7 +13,7 @@ from fastdiff.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_sn
 
 __all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "Sampler", "DDPMSampler", "DDIMSampler", "DDIMInverseSampler",
            "CogVideoXDDIMSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler", "KDPM2Sampler",
-           "KDPM2AncestralSampler", "DPMSolverPPSampler", "DPMSolverSinglestepSampler",
+           "KDPM2AncestralSampler", "DPMSolverPPSampler", "DPMSolverSinglestepSampler", "DPMSolverSDESampler",
            "DPMSolverMultistepInverseSampler", "DEISSampler", "UniPCSampler", "PNDMSampler", "LMSSampler", "LCMSampler",
            "TCDSampler", "FlowMatchEulerSampler", "FlowMatchHeunSampler", "EDMEulerSampler", "EDMDPMSolverPPSampler",
            "SAMPLERS", "from_scheduler", "cfg_combine", "classifier_grad", "sample"]

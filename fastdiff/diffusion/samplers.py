@@ -1,7 +1,7 @@
 """Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2) and DPM2 ancestral, K-LMS, DPM-Solver++ (2M, 3M
-and their SDE forms; single-step 2S/3S), DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler and Heun, EDM's
-Euler and DPM-Solver++, CogVideoX's DDIM, and DDIM and DPM-Solver++ inversion, each one fused kernel per step and no
-host sync.
+and their SDE forms; single-step 2S/3S), DPM++ SDE, DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler and Heun,
+EDM's Euler and DPM-Solver++, CogVideoX's DDIM, and DDIM and DPM-Solver++ inversion, each one fused kernel per step and
+no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -18,7 +18,7 @@ DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDisc
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
 EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler,
-FlowMatchHeunDiscreteScheduler;
+FlowMatchHeunDiscreteScheduler, DPMSolverSDEScheduler (in distribution: its Brownian-tree noise is not drawn);
 DDIMInverseScheduler and DPMSolverMultistepInverseScheduler, which run backwards for inversion).
 """
 from __future__ import annotations
@@ -1543,6 +1543,134 @@ class KDPM2AncestralSampler(KDPM2Sampler):
                              classifier_scale)
 
 
+class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, "DPM++ SDE", "DPM++ SDE Karras" with Karras sigmas), as
+    diffusers' DPMSolverSDEScheduler. Each step from sigma to sigma_next takes two model calls: an ancestral step
+    (Euler to sigma_down, then noise of std sigma_up, split as Euler ancestral's) to the midpoint sigma_mid =
+    sqrt(sigma sigma_next) with the model at sigma, then, from the step's own x, the ancestral step to sigma_next
+    with the model at sigma_mid on the midpoint sample:
+
+        x_mid  = r1 x + (1 - r1) x0(x, sigma)            + sigma_up1 W1,         r1 = sigma_down1 / sigma
+        x_next = r2 x + (1 - r2) x0(x_mid, sigma_mid)    + sigma_up2 W2,         r2 = sigma_down2 / sigma
+
+    W1 and W2 are the Brownian increments from sigma to sigma_mid and from sigma to sigma_next, normalised: W2
+    holds W1, W2 = (sqrt(sigma - sigma_mid) W1 + sqrt(sigma_mid - sigma_next) Z) / sqrt(sigma - sigma_next) with Z
+    fresh noise. The last step, to sigma = 0, is Euler's alone, so n steps take 2n - 1 model calls (``timesteps``
+    and ``num_inference_steps`` count them, the midpoints' timesteps read back from their sigmas).
+
+    Every call is one fused kernel: the step's x is kept in the sampler's second buffer (copied there after the
+    first call) and its first x0 in the first, and the second call recovers W1 from x_mid, x and that x0, so the
+    kernel draws only Z (in-kernel Philox noise; ``noise=`` / ``generator=`` given to step replace W1 at a first
+    call and Z at a second one). diffusers draws W1 and W2 from a Brownian tree (torchsde), which also makes the noise
+    of a seed agree between runs of different step counts; this noise has the same distribution within a run, not
+    that cross-run property, and the same seed (``noise_sampler_seed``, or set_timesteps' seed) gives the same
+    samples. ``s_noise`` (diffusers' step argument) scales the noise. Sigmas and input scaling are EulerSampler's
+    (Karras, exponential or beta sigmas optional), defaults DPMSolverSDEScheduler's.
+    """
+
+    _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
+                **_SPACING_OPTIONS, "noise_sampler_seed": None, "timestep_spacing": "linspace", "s_noise": 1.0}
+    _fixed = {}
+    _custom_schedules = ()  # as DPMSolverSDEScheduler
+    _prediction_types = ("epsilon", "v_prediction")  # diffusers' step raises for "sample"
+    _multistep = True
+    _n_buffers = 2  # x0 of the step's first call, and the step's x
+
+    def _validate(self, cfg):
+        Sampler._validate(self, cfg)
+        seed = cfg["noise_sampler_seed"]
+        if seed is not None and not _is_int(seed):
+            raise TypeError(f"noise_sampler_seed: expected None or an int, got {type(seed).__name__}")
+        if not _is_real(cfg["s_noise"]) or not cfg["s_noise"] >= 0:
+            raise ValueError(f"s_noise: expected a non-negative float, got {cfg['s_noise']!r}")
+
+    @property
+    def _stochastic(self):
+        return True
+
+    def _set_timesteps(self, num_inference_steps, device, seed, begin_index):
+        if seed is None and self.config["noise_sampler_seed"] is not None:
+            seed = self.config["noise_sampler_seed"]  # as diffusers: the config's seed unless one is given
+        return super()._set_timesteps(num_inference_steps, device, seed, begin_index)
+
+    def _plan(self, n):
+        cfg = self.config
+        T = self.schedule.num_train_timesteps
+        # the timesteps and sigmas as DPMSolverSDEScheduler.set_timesteps forms them (float64 timesteps)
+        if cfg["timestep_spacing"] == "linspace":
+            ts = np.linspace(0, T - 1, n, dtype=float)[::-1].copy()
+        elif cfg["timestep_spacing"] == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(float) + cfg["steps_offset"]
+        else:
+            ts = np.arange(T, 0, -T / n).round().copy().astype(float) - 1
+        train_sigmas = self._train_sigmas()[0].astype(np.float32)
+        log_sigmas = np.log(train_sigmas)
+        sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+        spacing = _sigma_spacing(cfg)
+        if spacing:
+            sigmas = _spaced_sigmas(spacing, sigmas[-1].item(), sigmas[0].item(), n)
+            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        # the midpoints' timesteps, from the float64 sigmas (as diffusers' _second_order_timesteps)
+        lt = -np.log(sigmas)
+        t_mid = np.array([_sigma_to_t(s, log_sigmas) for s in np.exp(-(lt[:-1] + np.diff(lt) * 0.5))])
+        sig = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+
+        def ancestral(s, to):  # Euler ancestral's split for eta 1: (sigma_up, sigma_down / sigma)
+            up = min(to, math.sqrt(to**2 * (s**2 - to**2) / s**2))
+            return up, math.sqrt(max(to**2 - up**2, 0.0)) / s
+
+        s_noise = float(cfg["s_noise"])
+        rows = np.zeros((2 * n - 1, 12))
+        model_sigma, times, keep_x = [], [], np.zeros(2 * n - 1, dtype=bool)
+        for k in range(n):
+            s, sn = sig[k], sig[k + 1]
+            j = 2 * k
+            model_sigma.append(s)
+            times.append(ts[k])
+            if k == n - 1:  # to sigma = 0: x_next = x0
+                rows[j, _C] = 1.0
+                continue
+            mid = math.sqrt(s * sn)  # exp of the mean of the log sigmas
+            up1, r1 = ancestral(s, mid)
+            rows[j, _A], rows[j, _C], rows[j, _S] = r1, 1 - r1, s_noise * up1
+            keep_x[j] = True  # the step's x, kept for its second call
+            # the second call, on x_mid with the model at sigma_mid: x0_prev (the first call's x0) in the first
+            # buffer, the step's x in the second; W1 = (x_mid - r1 x - (1 - r1) x0_prev) / (s_noise up1)
+            up2, r2 = ancestral(s, sn)
+            a, b = math.sqrt((s - mid) / (s - sn)), math.sqrt((mid - sn) / (s - sn))
+            j += 1
+            model_sigma.append(mid)
+            times.append(t_mid[k])
+            rows[j, _C], rows[j, _E], rows[j, _KEEP] = 1 - r2, r2, 1.0
+            if s_noise * up1 > 0:  # W2's part W1 from x_mid; the kernel's noise is the fresh part
+                w = up2 * a / up1
+                rows[j, _A], rows[j, _D], rows[j, _E] = w, -w * (1 - r1), r2 - w * r1
+                rows[j, _S] = s_noise * up2 * b
+            else:  # no W1 in x_mid: W2 is fresh noise
+                rows[j, _S] = s_noise * up2
+        model_sigma = np.array(model_sigma)
+        rows[:, _PX], rows[:, _PM] = _x0_from_ve(cfg["prediction_type"], model_sigma)
+        alpha = 1 / np.sqrt(model_sigma**2 + 1)
+        self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]])  # diffusers' 2n sigmas
+        return {"timesteps": np.array(times, dtype=np.float32), "rows": rows, "alpha": alpha,
+                "sigma": model_sigma * alpha, "in_div": np.sqrt(model_sigma**2 + 1), "keep_x": keep_x}
+
+    def _to_device(self, device):
+        super()._to_device(device)
+        self._keep_x = torch.tensor(self._plan_host["keep_x"], device=self._device)
+
+    def step(self, model_output, i, x, **kwargs):
+        """As Sampler.step; after a step's first call, x is kept (in the sampler's second buffer) for its second."""
+        out = super().step(model_output, i, x, **kwargs)
+        buf = self._x0_buf2
+        if isinstance(i, torch.Tensor):  # selected on the device (the CUDA-graph loop's index): no sync
+            keep = self._keep_x.index_select(0, self.step_index(i).reshape(1)).reshape(())
+            torch.where(keep, x, buf, out=buf)
+        elif self._plan_host["keep_x"][int(i)]:
+            buf.copy_(x)
+        return out
+
+
 def _clipped_alphas_cumprod(cfg, schedule, lambda_min_clipped):
     """The schedule's float32 cumulative alphas as diffusers' DPM-Solver family holds them (the last one 2^-24 with
     rescale_betas_zero_snr), and how many of the noisiest timesteps lambda_min_clipped cuts off."""
@@ -2780,7 +2908,7 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
             "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler,
             "dpmsolver++_inverse": DPMSolverMultistepInverseSampler, "cogvideox_ddim": CogVideoXDDIMSampler,
-            "flow_match_heun": FlowMatchHeunSampler}
+            "flow_match_heun": FlowMatchHeunSampler, "dpmsolver_sde": DPMSolverSDESampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -2799,13 +2927,14 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "DDIMInverseScheduler": DDIMInverseSampler,
                         "DPMSolverMultistepInverseScheduler": DPMSolverMultistepInverseSampler,
                         "CogVideoXDDIMScheduler": CogVideoXDDIMSampler,
-                        "FlowMatchHeunDiscreteScheduler": FlowMatchHeunSampler}
+                        "FlowMatchHeunDiscreteScheduler": FlowMatchHeunSampler,
+                        "DPMSolverSDEScheduler": DPMSolverSDESampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (IPNDM, DPM-Solver SDE, ...) raises ValueError:
+    (scheduler_config.json). A class without a fastdiff sampler (IPNDM, CogVideoX's DPM, ...) raises ValueError:
     pick a sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion
     configs)."""
     config = getattr(scheduler, "config", scheduler)

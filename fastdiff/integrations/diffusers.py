@@ -415,8 +415,13 @@ class FastdiffScheduler(SchedulerMixin):
             name = next((k for k, v in DIFFUSERS_SCHEDULERS.items() if v is type(sampler)), None)
             if name is None:
                 raise ValueError(f"sampler: {type(sampler).__name__} has no diffusers scheduler counterpart")
-            scheduler = getattr(diffusers, name).from_config(
-                {k: v for k, v in sampler.config.items() if k != "trained_betas" or v is not None})
+            cls = getattr(diffusers, name)
+            # options the diffusers class does not take (DPM++ SDE's s_noise, a step argument there) go into its
+            # config only where they differ from their defaults (kept for save_pretrained; diffusers warns of them)
+            takes = inspect.signature(cls.__init__).parameters
+            scheduler = cls.from_config({k: v for k, v in sampler.config.items()
+                                         if (k != "trained_betas" or v is not None)
+                                         and (k in takes or v != sampler._options[k])})
         self.sampler = sampler
         self._base = scheduler
         self._step = None  # the step index of the run under way (diffusers' step_index)
