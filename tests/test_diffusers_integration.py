@@ -717,6 +717,38 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+@pytest.mark.parametrize("begin_index", [True, False])
+def test_fastdiff_scheduler_two_call_inpainting(models, name, begin_index):
+    # image-to-image from t_start * order, with a soft inpainting blend after every call: the second call of a step
+    # reads the step's x as it was given to the first call (kept in a buffer, as diffusers keeps it), so the blend
+    # made between the two calls enters as it does in diffusers
+    unet = models["unet_cond"]
+    g = torch.Generator().manual_seed(2)
+    image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 7, 16, generator=g)
+    mask = torch.linspace(0, 1, 16).reshape(1, 1, 1, 16).expand(1, 1, 16, 16)  # soft: a ramp across the image
+
+    def run(s):
+        s.set_timesteps(6, device="cpu")
+        ts = s.timesteps[2 * s.order:]
+        if begin_index:
+            s.set_begin_index(2 * s.order)
+        x = s.add_noise(image, noise, ts[:1].repeat(2))
+        for i, t in enumerate(ts):
+            with torch.no_grad():
+                m = unet(s.scale_model_input(x, t), t, encoder_hidden_states=ctx).sample
+            x = s.step(m, t, x).prev_sample
+            if i < len(ts) - 1:
+                x = (1 - mask) * s.add_noise(image, noise, ts[i + 1:i + 2]) + mask * x
+        return x
+
+    want = run(getattr(diffusers, name)())
+    got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)()))
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("cfg", [{"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
                                  {"shift": 3.0}])
 def test_fastdiff_scheduler_flux_style_sigmas(cfg):

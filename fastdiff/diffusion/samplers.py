@@ -458,6 +458,10 @@ class Sampler:
         s = np.append(np.asarray(plan["sigma"][:n], dtype=np.float64) * scale, 0.0)
         return a, s
 
+    def _add_noise_levels(self):
+        """The levels add_noise gives: _noise_levels, but where diffusers' add_noise differs from them."""
+        return self._noise_levels()
+
     def _noising_coefs(self):
         """_noise_levels as float32 tensors on the sampler's device (inpainting's blend, indexed on the device)."""
         return tuple(torch.tensor(v, dtype=torch.float32, device=self._device) for v in self._noise_levels())
@@ -465,7 +469,8 @@ class Sampler:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
         """x0 noised to step index i's noise level, in the form the sampler's x has there (diffusers'
         ``scheduler.add_noise(x0, noise, timesteps[i:i+1])``; flow matching: ``scale_noise``): the start of an
-        image-to-image run of steps i, i+1, ... (``set_timesteps(n, begin_index=i)``)."""
+        image-to-image run of steps i, i+1, ... (``set_timesteps(n, begin_index=i)``), or an inpainting pipeline's
+        blend after step i - 1 (a two-call sampler's second call included: diffusers' level there)."""
         self._require()
         if not isinstance(x0, torch.Tensor) or not isinstance(noise, torch.Tensor):
             raise TypeError("x0, noise: expected tensors")
@@ -475,8 +480,7 @@ class Sampler:
             i = int(i)  # a CPU step-index tensor, as step takes (no device read)
         if not _is_int(i) or not 0 <= i < self.num_inference_steps:
             raise ValueError(f"i: expected a step index in [0, {self.num_inference_steps}), got {i!r}")
-        self._check_begin(int(i), self.num_inference_steps, "i")
-        a, s = (float(v[i]) for v in self._noise_levels())
+        a, s = (float(v[i]) for v in self._add_noise_levels())
         ct = torch.float64 if x0.dtype == torch.float64 else torch.float32  # fp32 math for half x0, fp64 kept
         return (a * x0.to(ct) + s * noise.to(x0.device, ct)).to(x0.dtype)
 
@@ -1370,13 +1374,45 @@ class EulerAncestralSampler(EulerSampler):
         return plan
 
 
+def _second_calls_at_target(sampler):
+    """_noise_levels of a two-call sampler whose second calls run the model at a midpoint (KDPM2, DPM++ SDE), with
+    the level of each second call replaced by what diffusers' add_noise gives there: its sigmas list's entry, the
+    step's target sigma (x0 + sigma noise), where the sample after the first call is at the midpoint's level."""
+    a, s = sampler._noise_levels()
+    odd = np.arange(1, sampler.num_inference_steps, 2)
+    a[odd], s[odd] = 1.0, sampler._sigmas_np[odd]
+    return a, s
+
+
 class _TwoCallSteps:
     """Samplers whose steps are two model calls (a correction after each but the last, Heun's way): order 2, and a
-    run (image-to-image) starts at an even call index."""
+    run (image-to-image) starts at an even call index. Where the plan says so ("keep_x", per call), the x a call is
+    given is copied into history buffer ``_x_buffer`` (1: x0_buf, 2: x0_buf2) after the call, for the step's second
+    call to read exactly (in half precision, re-deriving it from the first call's result would lose digits), as
+    diffusers keeps it."""
+
+    _x_buffer = 2
 
     @property
     def order(self) -> int:
         return 2
+
+    def _to_device(self, device):
+        super()._to_device(device)
+        keep = self._plan_host.get("keep_x")
+        self._keep_x = None if keep is None else torch.tensor(keep, device=self._device)
+
+    def step(self, model_output, i, x, **kwargs):
+        """As Sampler.step; after a step's first call, x is kept (in a history buffer) for its second."""
+        out = super().step(model_output, i, x, **kwargs)
+        if self._keep_x is not None:
+            buf = self._x0_buf if self._x_buffer == 1 else self._x0_buf2
+            if isinstance(i, torch.Tensor):  # selected on the device (the CUDA-graph loop's index): no sync
+                keep = self._keep_x.index_select(0, self.step_index(i).reshape(1)).reshape(())
+                torch.where(keep, x, buf, out=buf)
+            elif self._plan_host["keep_x"][int(i)]:
+                buf.copy_(x)
+        return out
 
     def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
         super()._check_begin(begin, n, name)
@@ -1393,10 +1429,10 @@ class HeunSampler(_TwoCallSteps, EulerSampler):
         x_next = x + (sigma_next - sigma) (d(x, sigma) + d(x_euler, sigma_next)) / 2,   d = (x - x0) / sigma
 
     so n steps take 2n - 1 model evaluations: ``timesteps`` holds 2n - 1 entries (every one after the first
-    twice, as diffusers lists them) and ``num_inference_steps`` counts them. The correction reads the Euler step's
-    x0 from the sampler's buffer and re-derives x from it, so every call is one fused kernel. Sigmas, timesteps and
-    input scaling are EulerSampler's (Karras, exponential or beta sigmas optional); defaults are
-    HeunDiscreteScheduler's.
+    twice, as diffusers lists them) and ``num_inference_steps`` counts them. The step's x (copied after the Euler
+    call) and the Euler call's x0 wait in the sampler's two buffers, so the correction is one fused kernel too.
+    Sigmas, timesteps and input scaling are EulerSampler's (Karras, exponential or beta sigmas optional); defaults
+    are HeunDiscreteScheduler's.
     """
 
     _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
@@ -1404,6 +1440,7 @@ class HeunSampler(_TwoCallSteps, EulerSampler):
     _fixed = {}
     _custom_schedules = ("timesteps",)  # as HeunDiscreteScheduler (no custom sigmas)
     _multistep = True
+    _n_buffers = 2  # the Euler call's x0, and the step's x
 
     def _validate(self, cfg):
         Sampler._validate(self, cfg)
@@ -1417,22 +1454,24 @@ class HeunSampler(_TwoCallSteps, EulerSampler):
         for k in range(1, n):
             ev += [k, k]
         s_ev = sig[ev]
-        rows = np.zeros((2 * n - 1, 9))
+        rows = np.zeros((2 * n - 1, 12))
         rows[:, _PX], rows[:, _PM] = _x0_from_ve(self.config["prediction_type"], s_ev)  # the model at s_ev
+        keep_x = np.zeros(2 * n - 1, dtype=bool)
         for j, k in enumerate(ev):
-            if j % 2 == 0:  # an Euler step from sig[k] to sig[k + 1]
+            if j % 2 == 0:  # an Euler step from sig[k] to sig[k + 1]; x0 into the first buffer, x into the second
                 s, sn = sig[k], sig[k + 1]
                 rows[j, _A], rows[j, _C] = sn / s, 1 - sn / s
-            else:  # the correction of the Euler step from sig[k - 1] to sig[k], at x_euler (x re-derived)
+                keep_x[j] = k < n - 1
+            else:  # the correction of the Euler step from sig[k - 1] to sig[k]: x + dt (d(x) + d(x_euler)) / 2
                 s, sn = sig[k - 1], sig[k]
                 dt = sn - s
-                rows[j, _A] = 1.0
-                rows[j, _C] = -dt / (2 * sn)
-                rows[j, _D] = dt / sn * (1 + dt / (2 * s)) - dt / (2 * s)
+                rows[j, _E], rows[j, _D] = 1 + dt / (2 * s), -dt / (2 * s)  # x, x0 (the Euler call's)
+                rows[j, _A], rows[j, _C] = dt / (2 * sn), -dt / (2 * sn)  # x_euler, its x0
+                rows[j, _KEEP] = 1.0
         alpha = 1 / np.sqrt(s_ev**2 + 1)
         self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]])  # diffusers' 2n sigmas
         return {"timesteps": ts[ev].astype(np.float32), "rows": rows, "alpha": alpha, "sigma": s_ev * alpha,
-                "in_div": np.sqrt(s_ev**2 + 1)}
+                "in_div": np.sqrt(s_ev**2 + 1), "keep_x": keep_x}
 
 
 class KDPM2Sampler(HeunSampler):
@@ -1443,9 +1482,8 @@ class KDPM2Sampler(HeunSampler):
         x_next = x + (sigma_next - sigma) (x_mid - x0_mid) / sigma_mid
 
     The last step, to sigma = 0, is Euler's alone; so n steps take 2n - 1 model calls (``timesteps`` and
-    ``num_inference_steps`` count them, the midpoints' timesteps read back from their sigmas). As HeunSampler's, the
-    second call re-derives x from the Euler point and the first call's x0 (kept in the sampler's buffer), so every
-    call is one fused kernel. Sigmas and input scaling are EulerSampler's (Karras, exponential or beta sigmas
+    ``num_inference_steps`` count them, the midpoints' timesteps read back from their sigmas). The step's x waits in
+    the sampler's buffer (copied after the Euler call), so every call is one fused kernel. Sigmas and input scaling are EulerSampler's (Karras, exponential or beta sigmas
     optional); prediction_type epsilon or v_prediction, as diffusers'.
     """
 
@@ -1454,6 +1492,8 @@ class KDPM2Sampler(HeunSampler):
     _fixed = {}
     _custom_schedules = ()  # as KDPM2DiscreteScheduler
     _prediction_types = ("epsilon", "v_prediction")
+    _n_buffers = 1  # the step's x (the first call's x0 is not needed)
+    _x_buffer = 1
 
     def _plan(self, n):
         sig, ts, log_sigmas = self._base_plan(n)
@@ -1461,6 +1501,9 @@ class KDPM2Sampler(HeunSampler):
         s32 = torch.from_numpy(sig.astype(np.float32))
         mid = s32.log().lerp(s32.roll(1).log(), 0.5).exp().numpy().astype(np.float64)
         return self._two_call_plan(sig, ts, log_sigmas, mid[1:], sig[1:], np.zeros(n))
+
+    def _add_noise_levels(self):
+        return _second_calls_at_target(self)
 
     def _base_plan(self, n):
         """EulerSampler's n + 1 sigmas (float64, the last 0) and n timesteps (Karras ones rounded, as diffusers
@@ -1486,21 +1529,24 @@ class KDPM2Sampler(HeunSampler):
                 model_sigma.append(mid[k])
                 times.append(t_mid[k])
         model_sigma = np.array(model_sigma)
-        rows = np.zeros((len(calls), 9))
+        rows = np.zeros((len(calls), 12))
         rows[:, _PX], rows[:, _PM] = _x0_from_ve(self.config["prediction_type"], model_sigma)
+        rows[:, _KEEP] = 1.0  # the buffer holds the step's x, copied in after its first call
+        keep_x = np.zeros(len(calls), dtype=bool)
         for j, (euler, s, sm, sn, u) in enumerate(calls):
             if euler:  # x_mid = x + (x - x0) / s (sm - s)
                 rows[j, _A], rows[j, _C] = sm / s, 1 - sm / s
-            else:  # x = (s / sm) x_mid - (s / sm - 1) x0_prev, then x + (sn - s) (x_mid - x0) / sm + u z
-                rows[j, _A] = s / sm + (sn - s) / sm
+                keep_x[j] = sm > 0
+            else:  # x + (sn - s) (x_mid - x0) / sm + u z, x from the buffer
+                rows[j, _D] = 1.0
+                rows[j, _A] = (sn - s) / sm
                 rows[j, _C] = -(sn - s) / sm
-                rows[j, _D] = 1 - s / sm
                 rows[j, _S] = u
         alpha = 1 / np.sqrt(model_sigma**2 + 1)
         # diffusers' sigmas: the first, each later one twice, the final 0 twice
         self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:], 2), sig[-1:]])
         return {"timesteps": np.array(times, dtype=np.float32), "rows": rows, "alpha": alpha,
-                "sigma": model_sigma * alpha, "in_div": np.sqrt(model_sigma**2 + 1)}
+                "sigma": model_sigma * alpha, "in_div": np.sqrt(model_sigma**2 + 1), "keep_x": keep_x}
 
 
 class KDPM2AncestralSampler(KDPM2Sampler):
@@ -1588,6 +1634,9 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
     def _stochastic(self):
         return True
 
+    def _add_noise_levels(self):
+        return _second_calls_at_target(self)
+
     def _set_timesteps(self, num_inference_steps, device, seed, begin_index):
         if seed is None and self.config["noise_sampler_seed"] is not None:
             seed = self.config["noise_sampler_seed"]  # as diffusers: the config's seed unless one is given
@@ -1655,20 +1704,6 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
         return {"timesteps": np.array(times, dtype=np.float32), "rows": rows, "alpha": alpha,
                 "sigma": model_sigma * alpha, "in_div": np.sqrt(model_sigma**2 + 1), "keep_x": keep_x}
 
-    def _to_device(self, device):
-        super()._to_device(device)
-        self._keep_x = torch.tensor(self._plan_host["keep_x"], device=self._device)
-
-    def step(self, model_output, i, x, **kwargs):
-        """As Sampler.step; after a step's first call, x is kept (in the sampler's second buffer) for its second."""
-        out = super().step(model_output, i, x, **kwargs)
-        buf = self._x0_buf2
-        if isinstance(i, torch.Tensor):  # selected on the device (the CUDA-graph loop's index): no sync
-            keep = self._keep_x.index_select(0, self.step_index(i).reshape(1)).reshape(())
-            torch.where(keep, x, buf, out=buf)
-        elif self._plan_host["keep_x"][int(i)]:
-            buf.copy_(x)
-        return out
 
 
 def _clipped_alphas_cumprod(cfg, schedule, lambda_min_clipped):
@@ -2040,8 +2075,8 @@ class DPMSolverSinglestepSampler(DPMSolverPPSampler):
         order 3:  the third-order update of the paper with the group's three x0 (solver_type midpoint or heun)
 
     Each step is still one fused kernel call on x and the x0 kept in the sampler's buffers: x_g is re-derived from the
-    x the step is given, by undoing the group's previous step (x_i = a x_g + the x0 terms of that step), as
-    HeunSampler does. Two consequences: in fp16/bf16 the re-derivation adds rounding error (in fp16 latents the end
+    x the step is given, by undoing the group's previous step (x_i = a x_g + the x0 terms of that step). Two
+    consequences: in fp16/bf16 the re-derivation adds rounding error (in fp16 latents the end
     result measured 0.5-0.85x diffusers' own fp16 error, the kernel's arithmetic being fp32), and an edit made to x
     between the steps of a group (an inpainting blend) is carried into the rest of the group, where diffusers
     restarts from its stored x_g and drops it.
@@ -2519,17 +2554,17 @@ class FlowMatchHeunSampler(_TwoCallSteps, FlowMatchEulerSampler):
         x_next = x + (sigma_next - sigma) (v + v') / 2
 
     so n steps take 2n - 1 model calls (``timesteps`` lists every one after the first twice, as diffusers does, and
-    ``num_inference_steps`` counts them). The correction reads the Euler call's x0 = x - sigma v from the sampler's
-    buffer and re-derives x from the Euler point (x_next = x_e + (sigma_next - sigma) / (2 sigma_next) (x0 - x0')),
-    so each call is one fused kernel; in fp16/bf16 keep the latents fp32, as for HeunSampler. Sigmas as diffusers'
-    (the shift applied twice, as its FlowMatchEulerDiscreteScheduler does); its step's churn (s_churn > 0) is not
-    implemented.
+    ``num_inference_steps`` counts them). The Euler call's v (in the x0 slot of the kernel's first buffer) and the
+    step's x (copied into the second after that call) wait for the correction, as diffusers keeps them, so each call
+    is one fused kernel. Sigmas as diffusers' (the shift applied twice, as its FlowMatchEulerDiscreteScheduler
+    does); its step's churn (s_churn > 0) is not implemented.
     """
 
     _options = {"num_train_timesteps": 1000, "shift": 1.0}
     _fixed = {}
     _custom_schedules = ()
     _multistep = True
+    _n_buffers = 2  # the Euler call's velocity, and the step's x
 
     def _validate(self, cfg):
         T = cfg["num_train_timesteps"]
@@ -2559,19 +2594,23 @@ class FlowMatchHeunSampler(_TwoCallSteps, FlowMatchEulerSampler):
         for k in range(1, n):
             ev += [k, k]
         s_ev = sig[ev]
-        rows = np.zeros((2 * n - 1, 9))
+        rows = np.zeros((2 * n - 1, 12))
         rows[:, _PX], rows[:, _PM] = 1.0, -s_ev  # x0 = x - sigma v
+        keep_x = np.zeros(2 * n - 1, dtype=bool)
         for j, k in enumerate(ev):
-            if j % 2 == 0:  # Euler from sig[k] to sig[k + 1]: x + dt v
+            if j % 2 == 0:  # Euler from sig[k] to sig[k + 1]: x + dt v; v into the first buffer, x into the second
                 rows[j, _A], rows[j, _B] = 1.0, sig[k + 1] - sig[k]
-            else:  # the correction of the step from sig[k - 1] to sig[k], at the Euler point (x re-derived)
-                dt, sn = sig[k] - sig[k - 1], sig[k]
-                rows[j, _A], rows[j, _C], rows[j, _D] = 1.0, -dt / (2 * sn), dt / (2 * sn)
+                rows[j, _PX], rows[j, _PM] = 0.0, 1.0  # (the "x0" the kernel keeps: v itself)
+                keep_x[j] = k < n - 1
+            else:  # the correction of the step from sig[k - 1] to sig[k]: x + dt (v + v') / 2
+                dt = sig[k] - sig[k - 1]
+                rows[j, _E], rows[j, _D], rows[j, _B], rows[j, _KEEP] = 1.0, dt / 2, dt / 2, 1.0
         self._sigmas_np = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]])  # diffusers' 2n sigmas
         with np.errstate(divide="ignore"):
             cg_k = -s_ev / (1 - s_ev)  # as FlowMatchEulerSampler's
         ts = (s32 * np.float32(T))[ev]
-        return {"timesteps": ts.astype(np.float32), "rows": rows, "alpha": 1 - s_ev, "sigma": s_ev, "cg_k": cg_k}
+        return {"timesteps": ts.astype(np.float32), "rows": rows, "alpha": 1 - s_ev, "sigma": s_ev, "cg_k": cg_k,
+                "keep_x": keep_x}
 
 
 class UniPCSampler(Sampler):
