@@ -718,12 +718,14 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
-@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+@pytest.mark.parametrize("name,cfg", [("HeunDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}),
+                                      ("DPMSolverSinglestepScheduler", {}),
+                                      ("DPMSolverSinglestepScheduler", {"solver_order": 3})])
 @pytest.mark.parametrize("begin_index", [True, False])
-def test_fastdiff_scheduler_two_call_inpainting(models, name, begin_index):
-    # image-to-image from t_start * order, with a soft inpainting blend after every call: the second call of a step
-    # reads the step's x as it was given to the first call (kept in a buffer, as diffusers keeps it), so the blend
-    # made between the two calls enters as it does in diffusers
+def test_fastdiff_scheduler_kept_x_inpainting(models, name, cfg, begin_index):
+    # image-to-image from t_start * order, with a soft inpainting blend after every call: the second call of a
+    # Heun-type step (a single-step group's later steps) reads the x its first call (step) was given, kept in a
+    # buffer as diffusers keeps it, so the blend made in between enters as it does in diffusers
     unet = models["unet_cond"]
     g = torch.Generator().manual_seed(2)
     image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
@@ -744,8 +746,8 @@ def test_fastdiff_scheduler_two_call_inpainting(models, name, begin_index):
                 x = (1 - mask) * s.add_noise(image, noise, ts[i + 1:i + 2]) + mask * x
         return x
 
-    want = run(getattr(diffusers, name)())
-    got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)()))
+    want = run(getattr(diffusers, name)(**cfg))
+    got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**cfg)))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 

@@ -1053,6 +1053,18 @@ DIFFUSERS_CASES = [
                                                                   "solver_order": 3}),
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"algorithm_type": "sde-dpmsolver++",
                                                                   "solver_order": 1}),  # the generator's noise
+    # the SDE form at orders 2 and 3 (the group's first x kept in a buffer, as diffusers keeps it)
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {**SD, "algorithm_type": "sde-dpmsolver++",
+                                                                  "solver_order": 3, "use_karras_sigmas": True}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"algorithm_type": "sde-dpmsolver++",
+                                                                  "solver_order": 3, "solver_type": "heun",
+                                                                  "prediction_type": "v_prediction",
+                                                                  "final_sigmas_type": "sigma_min",
+                                                                  "lower_order_final": False}),
+    ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"algorithm_type": "sde-dpmsolver++",
+                                                                  "solver_type": "heun", "thresholding": True,
+                                                                  "prediction_type": "sample"}),
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"variance_type": "learned_range"}),
     ("DPMSolverSinglestepScheduler", DPMSolverSinglestepSampler, {"use_beta_sigmas": True, "solver_order": 3}),
     # DDIM inversion: the timesteps ascend, x goes from clean to noise
@@ -2392,8 +2404,6 @@ def test_two_call_half_precision_error_is_no_worse_than_diffusers(name, cls):
 
 
 def test_singlestep_errors():
-    with pytest.raises(ValueError, match="^algorithm_type: 'sde-dpmsolver\\+\\+' is implemented for solver_order=1"):
-        DPMSolverSinglestepSampler(algorithm_type="sde-dpmsolver++")
     with pytest.raises(ValueError, match="^algorithm_type:"):
         DPMSolverSinglestepSampler(algorithm_type="dpmsolver")
     with pytest.raises(ValueError, match="^final_sigmas_type:"):

@@ -1384,18 +1384,14 @@ def _second_calls_at_target(sampler):
     return a, s
 
 
-class _TwoCallSteps:
-    """Samplers whose steps are two model calls (a correction after each but the last, Heun's way): order 2, and a
-    run (image-to-image) starts at an even call index. Where the plan says so ("keep_x", per call), the x a call is
-    given is copied into history buffer ``_x_buffer`` (1: x0_buf, 2: x0_buf2) after the call, for the step's second
-    call to read exactly (in half precision, re-deriving it from the first call's result would lose digits), as
-    diffusers keeps it."""
+class _KeepsX:
+    """Samplers whose later steps start from an x they were given before (a two-call step's first call, a
+    single-step group's first step), as diffusers keeps it (``self.sample``): where the plan says so ("keep_x", per
+    step index), the x a step is given is copied into history buffer ``_x_buffer`` (1: x0_buf, 2: x0_buf2) after the
+    step, for later steps to read as they read the x0 history (in half precision, re-deriving it from the step's
+    result would lose digits; with noise in the step it could not be re-derived at all)."""
 
     _x_buffer = 2
-
-    @property
-    def order(self) -> int:
-        return 2
 
     def _to_device(self, device):
         super()._to_device(device)
@@ -1403,7 +1399,7 @@ class _TwoCallSteps:
         self._keep_x = None if keep is None else torch.tensor(keep, device=self._device)
 
     def step(self, model_output, i, x, **kwargs):
-        """As Sampler.step; after a step's first call, x is kept (in a history buffer) for its second."""
+        """As Sampler.step; after a step the plan marks, the x it was given is kept (in a history buffer)."""
         out = super().step(model_output, i, x, **kwargs)
         if self._keep_x is not None:
             buf = self._x0_buf if self._x_buffer == 1 else self._x0_buf2
@@ -1413,6 +1409,15 @@ class _TwoCallSteps:
             elif self._plan_host["keep_x"][int(i)]:
                 buf.copy_(x)
         return out
+
+
+class _TwoCallSteps(_KeepsX):
+    """Samplers whose steps are two model calls (a correction after each but the last, Heun's way): order 2, and a
+    run (image-to-image) starts at an even call index. The step's x waits in a buffer for the second call."""
+
+    @property
+    def order(self) -> int:
+        return 2
 
     def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
         super()._check_begin(begin, n, name)
@@ -2064,30 +2069,27 @@ class DPMSolverMultistepInverseSampler(DPMSolverPPSampler):
         return ts, sig, alpha, sigma_vp, px, pm
 
 
-class DPMSolverSinglestepSampler(DPMSolverPPSampler):
-    """DPM-Solver++ single-step (Lu et al. 2022, "DPM++ 2S" / "3S" without noise), order 1, 2 or 3, as diffusers'
-    DPMSolverSinglestepScheduler with algorithm_type="dpmsolver++": the steps come in groups of `solver_order`
-    (orders 1, 2[, 3] in turn; see ``order_list``), and each step of a group goes from the group's first x, x_g, with
-    the x0 of the group's steps so far (lambda = log(alpha / sigma), h = lambda_t - lambda_g, r_k = (lambda_k -
-    lambda_g) / h, D0 = the group's first x0):
+class DPMSolverSinglestepSampler(_KeepsX, DPMSolverPPSampler):
+    """DPM-Solver++ single-step (Lu et al. 2022, "DPM++ 2S" / "3S"), order 1, 2 or 3, as diffusers'
+    DPMSolverSinglestepScheduler with algorithm_type="dpmsolver++" or its SDE form "sde-dpmsolver++": the steps come
+    in groups of `solver_order` (orders 1, 2[, 3] in turn; see ``order_list``), and each step of a group goes from
+    the group's first x, x_g, with the x0 of the group's steps so far (lambda = log(alpha / sigma), h = lambda_t -
+    lambda_g, r_k = (lambda_k - lambda_g) / h, D0 = the group's first x0):
 
         order 2:  x_t = (sigma_t / sigma_g) x_g - alpha_t (e^-h - 1) D0 - alpha_t (e^-h - 1) D1 / 2   (midpoint)
         order 3:  the third-order update of the paper with the group's three x0 (solver_type midpoint or heun)
 
-    Each step is still one fused kernel call on x and the x0 kept in the sampler's buffers: x_g is re-derived from the
-    x the step is given, by undoing the group's previous step (x_i = a x_g + the x0 terms of that step). Two
-    consequences: in fp16/bf16 the re-derivation adds rounding error (in fp16 latents the end
-    result measured 0.5-0.85x diffusers' own fp16 error, the kernel's arithmetic being fp32), and an edit made to x
-    between the steps of a group (an inpainting blend) is carried into the rest of the group, where diffusers
-    restarts from its stored x_g and drops it.
+    (the SDE form: x_g's weight times e^-h, e^-2h in place of e^-h in the others, and fresh noise of std
+    sigma_t sqrt(1 - e^-2h) at every step). Each step is one fused kernel call: x_g is copied into a history buffer
+    after the group's first step (as diffusers keeps it) and moves down the buffers with the group's x0, so an
+    edit made to x between the steps of a group (an inpainting blend) is dropped, as diffusers drops it.
 
     Orders as diffusers: a run's steps before `solver_order` model outputs exist run at the order they allow (an
     image-to-image run starting at begin_index), lower_order_final ends on a shorter group, and with
     final_sigmas_type="zero" (the default) the last step is first order. diffusers switches lower_order_final on
     when the step count is not a multiple of solver_order, or with final_sigmas_type="zero"; it does so here too, for
-    that run (diffusers writes it into its config for good). algorithm_type="sde-dpmsolver++" is taken at
-    solver_order=1 only: a later step of a group would have to undo the noise the group's earlier steps added, which
-    the kernel does not keep; the noise-prediction "dpmsolver" is refused, as by DPMSolverPPSampler.
+    that run (diffusers writes it into its config for good). The noise-prediction "dpmsolver" is refused, as by
+    DPMSolverPPSampler.
     """
 
     _options = {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, **_THRESHOLDING,
@@ -2097,14 +2099,16 @@ class DPMSolverSinglestepSampler(DPMSolverPPSampler):
                 "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     _round_karras = True  # diffusers' single-step rounds its Karras timesteps for every beta schedule
 
+    @property
+    def _n_buffers(self):  # a group's x0 but the last, and its first x
+        return self.config["solver_order"]
+
+    _two_buffers = Sampler._two_buffers  # (from _n_buffers, not DPMSolverPPSampler's)
+
     def _validate(self, cfg):
         super()._validate(cfg)
         if not isinstance(cfg["lower_order_final"], (bool, np.bool_)):
             raise TypeError(f"lower_order_final: expected a bool, got {type(cfg['lower_order_final']).__name__}")
-        if cfg["algorithm_type"] == "sde-dpmsolver++" and cfg["solver_order"] != 1:
-            raise ValueError(f"algorithm_type: 'sde-dpmsolver++' is implemented for solver_order=1 only in the "
-                             f"single-step sampler, got solver_order={cfg['solver_order']!r} (DPMSolverPPSampler "
-                             f"has the multistep SDE forms)")
         if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type: expected 'zero' or 'sigma_min', got {cfg['final_sigmas_type']!r}")
 
@@ -2136,28 +2140,31 @@ class DPMSolverSinglestepSampler(DPMSolverPPSampler):
         h = lam[t] - lam[g]
         if abs(h) <= 1e-6:  # two equal sigmas: every form's limit is x_t = x_g (see DPMSolverPPSampler)
             return 1.0, {}, 0.0
-        if self.config["algorithm_type"] == "sde-dpmsolver++":  # order 1 only (_validate)
-            phi2 = -np.expm1(-2 * h) if np.isfinite(h) else 1.0  # 1 - e^-2h
-            return s_t / sigma[i] * np.exp(-h), {i: a_t * phi2}, s_t * np.sqrt(phi2)
-        phi = np.expm1(-h) if np.isfinite(h) else -1.0  # e^-h - 1
-        a, c0 = s_t / sigma[g], -a_t * phi  # c0: the weight of D0 = x0_g
+        # the weights of x_g (a), D0 = x0_g (c0), the first difference (c1: heun's, and the third order's; the
+        # second order's midpoint form) and the second (c2, heun's third order); the SDE form (diffusers'): e^-2h in
+        # place of e^-h (h2 = 2h in place of h), x_g's weight times e^-h, fresh noise. (Orders 2 and 3 never end
+        # at sigma = 0: h is finite where c1, c2 are formed.)
+        sde = self.config["algorithm_type"] == "sde-dpmsolver++"
+        h2 = 2 * h if sde else h
+        phi = np.expm1(-h2) if np.isfinite(h) else -1.0  # e^-h - 1 (SDE: e^-2h - 1)
+        a = s_t / sigma[g] * (np.exp(-h) if sde else 1.0)
+        c0 = -a_t * phi
+        std = s_t * np.sqrt(-phi) if sde else 0.0
         if o == 1:
-            return a, {i: c0}, 0.0
-        c1 = a_t * (phi / h + 1.0)  # the weight of the first difference (heun; midpoint's second order: -phi / 2)
+            return a, {i: c0}, std
+        c1 = a_t * (phi / h2 + 1.0) if self.config["solver_type"] == "heun" or o == 3 else -0.5 * a_t * phi
         if o == 2:  # D1 = (x0_i - x0_g) / r0
             r0 = (lam[i] - lam[g]) / h
-            if self.config["solver_type"] == "midpoint":
-                c1 = -0.5 * a_t * phi
-            return a, {g: c0 - c1 / r0, i: c1 / r0}, 0.0
+            return a, {g: c0 - c1 / r0, i: c1 / r0}, std
         # order 3: D1_0 = (x0_{i-1} - x0_g) / r1, D1_1 = (x0_i - x0_g) / r0
         r0, r1 = (lam[i] - lam[g]) / h, (lam[i - 1] - lam[g]) / h
         if self.config["solver_type"] == "midpoint":  # c1 D1_1 (x0_{i-1} enters only the group's second step)
-            return a, {g: c0 - c1 / r0, i: c1 / r0}, 0.0
+            return a, {g: c0 - c1 / r0, i: c1 / r0}, std
         # heun: c1 D1 + c2 D2, D1 = (r0 D1_0 - r1 D1_1) / (r0 - r1), D2 = 2 (D1_1 - D1_0) / (r0 - r1)
-        c2 = -a_t * ((phi + h) / h**2 - 0.5)
+        c2 = a_t * ((-phi - h2) / h2**2 - 0.5) if sde else -a_t * ((phi + h) / h**2 - 0.5)
         k10 = (c1 * r0 - 2 * c2) / (r0 - r1)  # weight of D1_0
         k11 = (2 * c2 - c1 * r1) / (r0 - r1)  # weight of D1_1
-        return a, {g: c0 - k10 / r1 - k11 / r0, i - 1: k10 / r1, i: k11 / r0}, 0.0
+        return a, {g: c0 - k10 / r1 - k11 / r0, i - 1: k10 / r1, i: k11 / r0}, std
 
     def _plan(self, n):
         ts, sig, alpha, sigma_vp, px, pm = self._run_sigmas(n)
@@ -2165,23 +2172,25 @@ class DPMSolverSinglestepSampler(DPMSolverPPSampler):
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma_vp)  # +inf where sigma = 0
         orders, b = self.order_list(n), self._begin_index
-        rows = np.zeros((n, 10))
+        rows = np.zeros((n, 12))
         rows[:, _PX], rows[:, _PM] = px, pm
-        prev = None  # the previous step's (a, w) from its group's first x
-        for i in range(n):
-            # as diffusers: no higher order than the model outputs of this run allow (steps before begin_index are
-            # not run; their rows are first order)
-            o = min(orders[i], i - b + 1) if i >= b else 1
+        # as diffusers: no higher order than the model outputs of this run allow (steps before begin_index are not
+        # run; their rows are first order)
+        o_run = [min(orders[i], i - b + 1) if i >= b else 1 for i in range(n)]
+        keep_x = np.zeros(n, dtype=bool)
+        for i, o in enumerate(o_run):
             a, w, std = self._group_step(i, o, alpha, sigma_vp, lam)
-            # o > 1: x_g re-derived from x_i = pa x_g + sum pw[k] x0_k, the group's previous step
-            pa, pw = prev if o > 1 else (1.0, {})
-            prev = (a, w)
-            rows[i, _A] = a / pa
+            # x_g: x itself at a group's first step (then copied into the second buffer, where the kernel has just
+            # put the x0 before this one, for the group's next step), the second buffer at its second step, the
+            # third at its third (moved down with the x0)
+            rows[i, (_A, _A, _E, _F)[o]] = a
             for k, col in ((i, _C), (i - 1, _D), (i - 2, _E)):
-                rows[i, col] = w.get(k, 0.0) - a / pa * pw.get(k, 0.0)
+                if k in w:
+                    rows[i, col] += w[k]
             rows[i, _S] = std
+            keep_x[i] = i + 1 < n and o_run[i + 1] == 2
         self._sigmas_np = sig
-        plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n]}
+        plan = {"timesteps": ts, "rows": rows, "alpha": alpha[:n], "sigma": sigma_vp[:n], "keep_x": keep_x}
         if self.config["prediction_type"] == "flow_prediction":
             with np.errstate(divide="ignore"):
                 plan["cg_k"] = -sigma_vp[:n] / alpha[:n]
