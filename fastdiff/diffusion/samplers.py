@@ -2325,7 +2325,7 @@ class DEISSampler(_FlowShiftMu):
         return plan
 
 
-class PNDMSampler(Sampler):
+class PNDMSampler(_KeepsX, Sampler):
     """PNDM's pseudo linear multistep method (Liu et al. 2022, PLMS), as diffusers' PNDMScheduler with
     skip_prk_steps=True (Stable Diffusion 1.x's scheduler config): each step is the transfer
 
@@ -2339,9 +2339,9 @@ class PNDMSampler(Sampler):
     after the combination, as diffusers does. skip_prk_steps=False (Runge-Kutta warm-up, diffusers' default) is not
     implemented.
 
-    The warm-up's second call redoes the first step from its start x_0, which diffusers keeps a copy of and this
-    re-derives from the x it is given and the first output (x_0 = (x_1 - b_0 e_0) / a_0): an edit made to x after
-    the first step (a soft inpainting blend) is kept here and dropped there.
+    The warm-up's second call redoes the first step from its start x_0, which is copied into the second history
+    buffer after the first call (as diffusers keeps it; the history holds one output then), so an edit made to x
+    after the first step (a soft inpainting blend) is dropped, as in diffusers.
     """
 
     _options = {**_COMMON, "set_alpha_to_one": False, "timestep_spacing": "leading"}
@@ -2373,21 +2373,19 @@ class PNDMSampler(Sampler):
         rows = np.zeros((m, 12))
         rows[:, _PX], rows[:, _PM] = 0.0, 1.0  # the history keeps the model outputs themselves
         begin = self._begin_index
-        first = None
+        keep_x = np.zeros(m, dtype=bool)
+        if begin + 1 < m:  # the warm-up's start x_0, for its second call
+            keep_x[begin] = True
         for i in range(m):
             c = max(i - begin, 0)  # the run's counter (steps before begin_index are never run)
             t = int(ts[i])
-            if c == 1:  # the warm-up's second call: redo step 0 from its start x_0 = (x_1 - b0 e0) / a0
+            if c == 1:  # the warm-up's second call: redo step 0 from its start x_0 (the second buffer)
                 a1, b1 = transfer(t + r, t)
-                a0, b0 = first
-                rows[i, _A] = a1 / a0
-                rows[i, _C] = b1 / 2
-                rows[i, _D] = b1 / 2 - a1 * b0 / a0
+                rows[i, _E] = a1
+                rows[i, _C] = rows[i, _D] = b1 / 2  # the mean of the two outputs
                 rows[i, _KEEP] = 1.0  # KEEP: this output is not one of the multistep history
                 continue
             a, b = transfer(t, t - r)
-            if c == 0:
-                first = (a, b)
             coef = {0: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12)}.get(c, (55 / 24, -59 / 24, 37 / 24,
                                                                                        -9 / 24))
             rows[i, _A] = a
@@ -2395,7 +2393,7 @@ class PNDMSampler(Sampler):
                 rows[i, col] = b * w
         alpha = np.sqrt(acp[ts])
         self._sigmas_np = None
-        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": np.sqrt(1 - acp[ts])}
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": np.sqrt(1 - acp[ts]), "keep_x": keep_x}
 
 
 def _flow_sigma_ends(T: int, shift: float):
