@@ -657,7 +657,7 @@ def test_fastdiff_scheduler_in_ddim_and_ddpm_pipelines(models):
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
 @pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "LCMScheduler", "KDPM2AncestralDiscreteScheduler",
-                                  "TCDScheduler"])
+                                  "TCDScheduler", "CogVideoXDPMScheduler"])
 def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, name):
     # their noise is the kernel's (seeded from the pipeline's generator), not diffusers': the same generator gives
     # the same latents, another generator others; with no generator, torch's global seed decides

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (CogVideoXDDIMSampler, DDIMInverseSampler, DDIMSampler, DDPMSampler, DEISSampler,
-                                DPMSolverMultistepInverseSampler, DPMSolverPPSampler, DPMSolverSDESampler,
-                                DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
-                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchHeunSampler,
-                                KDPM2AncestralSampler,
-                                KDPM2Sampler,
-                                FlowMatchEulerSampler, HeunSampler, LCMSampler, LMSSampler, NoiseSchedule,
-                                PNDMSampler, TCDSampler, UniPCSampler, cfg_combine, classifier_grad, sample)
+from fastdiff.diffusion import (CogVideoXDDIMSampler, CogVideoXDPMSampler, DDIMInverseSampler, DDIMSampler,
+                                DDPMSampler, DEISSampler, DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
+                                DPMSolverSDESampler, DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
+                                EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
+                                FlowMatchHeunSampler, HeunSampler, KDPM2AncestralSampler, KDPM2Sampler, LCMSampler,
+                                LMSSampler, NoiseSchedule, PNDMSampler, TCDSampler, UniPCSampler, cfg_combine,
+                                classifier_grad, sample)
 
 HAS_GPU = torch.cuda.is_available()
 try:
@@ -417,7 +416,9 @@ def test_dpmsolverpp_x0_prev_kept_when_x_strides_change(backend, view, batch, so
                                     (PNDMSampler, {}), (PNDMSampler, {"prediction_type": "v_prediction"}),
                                     (LMSSampler, {"use_karras_sigmas": True}), (DEISSampler, {"solver_order": 3}),
                                     (DPMSolverSinglestepSampler, {"solver_order": 3, "thresholding": True}),
-                                    (DPMSolverSDESampler, {"use_karras_sigmas": True})])
+                                    (DPMSolverSDESampler, {"use_karras_sigmas": True}),
+                                    (CogVideoXDPMSampler, {"rescale_betas_zero_snr": True,
+                                                           "prediction_type": "v_prediction"})])
 def test_backends_agree_over_a_run(backend, cls, kw):
     if backend == "cpu" and not fastdiff.info()["cpu_extension"]:
         pytest.skip("the compiled extension is not built")
@@ -1475,6 +1476,35 @@ def test_dpmpp_sde_matches_diffusers(cfg, n, s_noise):
         xo = ours.step(eps_model(ours.scale_model_input(xo, j), ours.timesteps[j]), j, xo, noise=Z[j])
         _close(xo, xd, 2e-5)
     assert j == 2 * n - 2
+
+
+@needs_diffusers
+@pytest.mark.parametrize("cfg", [{}, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                      "snr_shift_scale": 1.0, "timestep_spacing": "trailing"},  # CogVideoX-5b's
+                                 {"set_alpha_to_one": False, "timestep_spacing": "linspace",
+                                  "prediction_type": "sample"},
+                                 {"beta_schedule": "linear", "steps_offset": 1}])
+@pytest.mark.parametrize("n", [1, 2, 10, 25])
+def test_cogvideox_dpm_matches_diffusers(cfg, n, monkeypatch):
+    # diffusers' step takes the previous x0 and timestep as arguments and draws two noises, using the second: with
+    # its draws replaced by ours, the same trajectory as the plain step here (x0_prev in the kernel's buffer)
+    import diffusers.schedulers.scheduling_dpm_cogvideox as cog
+
+    ds = dsched.CogVideoXDPMScheduler(**cfg)
+    ours = CogVideoXDPMSampler.from_config(ds.config)
+    ds.set_timesteps(n)
+    ours.set_timesteps(n)
+    assert torch.equal(ours.timesteps, ds.timesteps) and ours._stochastic
+    Z = _noises(n, (2, 3, 8, 8))
+    j = 0
+    monkeypatch.setattr(cog, "randn_tensor", lambda shape, **kw: Z[j].clone())
+    xd = xo = _x((2, 3, 8, 8))
+    old = None
+    for j, t in enumerate(ds.timesteps):
+        back = ds.timesteps[j - 1] if j > 0 else None
+        xd, old = ds.step(eps_model(xd, t), old, t, back, xd, return_dict=False)
+        xo = ours.step(eps_model(xo, ours.timesteps[j]), j, xo, noise=Z[j])
+        _close(xo, xd, 2e-5)
 
 
 @needs_diffusers

@@ -1,7 +1,7 @@
 """Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2) and DPM2 ancestral, K-LMS, DPM-Solver++ (2M, 3M
 and their SDE forms; single-step 2S/3S), DPM++ SDE, DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler and Heun,
-EDM's Euler and DPM-Solver++, CogVideoX's DDIM, and DDIM and DPM-Solver++ inversion, each one fused kernel per step and
-no host sync.
+EDM's Euler and DPM-Solver++, CogVideoX's DDIM and DPM, and DDIM and DPM-Solver++ inversion, each one fused kernel per
+step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -17,7 +17,8 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler,
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler and
+CogVideoXDPMScheduler,
 FlowMatchHeunDiscreteScheduler, DPMSolverSDEScheduler (in distribution: its Brownian-tree noise is not drawn);
 DDIMInverseScheduler and DPMSolverMultistepInverseScheduler, which run backwards for inversion).
 """
@@ -1017,6 +1018,52 @@ class CogVideoXDDIMSampler(DDIMSampler):
         rows = np.zeros((n, 9))
         rows[:, _PX], rows[:, _PM] = _x0_from_vp(self.config["prediction_type"], alpha, sigma)
         rows[:, _A], rows[:, _C] = k, np.sqrt(a_p) - alpha * k
+        return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
+
+
+class CogVideoXDPMSampler(CogVideoXDDIMSampler):
+    """DPM-Solver++ (2M) with noise on CogVideoX's schedule, as diffusers' CogVideoXDPMScheduler (CogVideoX-5b's):
+    the cumulative alphas shifted and rescaled as CogVideoXDDIMSampler's, DDIM's timesteps (the step goes to
+    t - num_train_timesteps // n), and with lambda = log(sqrt(a / (1 - a))), h = lambda_prev - lambda_t,
+
+        x_prev = sqrt((1 - a_prev) / (1 - a_t)) e^-h x + sqrt(a_prev) (1 - e^-2h) D + sqrt(1 - a_prev) sqrt(1 - e^-2h) z
+
+    D = x0 at a run's first step and at the last (to t < 0), else (1 + 1 / 2r) x0 - x0_prev / 2r, r = h_prev / h
+    (h_prev the previous step's h, measured from its timestep). diffusers' step takes the previous x0 and timestep
+    as arguments (its pipeline passes them); here x0_prev stays in the kernel's buffer, so the step is the plain one
+    and a pipeline given a FastdiffScheduler calls it so. The noise z is the kernel's (or `noise=` / `generator=`);
+    diffusers draws two per step and uses the second. As diffusers' step, clip_sample and eta are not applied.
+    """
+
+    _multistep = True
+
+    @property
+    def _stochastic(self):
+        return True
+
+    def _plan(self, n):
+        ts, a_t, a_p = self._ddim_levels(n)
+        alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
+        T = self.schedule.num_train_timesteps
+        with np.errstate(divide="ignore"):  # lambda = -inf at a zero-SNR step, +inf at a_prev = 1
+            lam, lam_p = 0.5 * (np.log(a_t) - np.log1p(-a_t)), 0.5 * (np.log(a_p) - np.log1p(-a_p))
+        h = lam_p - lam
+        decay = np.exp(-h)  # e^-h (0 where h is infinite)
+        one_m = -np.expm1(-2 * h)  # 1 - e^-2h
+        rows = np.zeros((n, 12))
+        rows[:, _PX], rows[:, _PM] = _x0_from_vp(self.config["prediction_type"], alpha, sigma)
+        rows[:, _A] = np.sqrt((1 - a_p) / (1 - a_t)) * decay
+        rows[:, _S] = np.sqrt(1 - a_p) * np.sqrt(one_m)
+        m2 = np.sqrt(a_p) * one_m
+        rows[:, _C] = m2
+        begin = self._begin_index
+        for i in range(begin + 1, n):
+            if ts[i] - T // n < 0:  # the last step, to t < 0: first order, as diffusers'
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                half_inv_r = h[i] / (2 * (lam[i] - lam[i - 1]))  # 1 / 2r (0 after a zero-SNR step: h_prev = inf)
+            rows[i, _C] = m2[i] * (1 + half_inv_r)
+            rows[i, _D] = -m2[i] * half_inv_r
         return {"timesteps": ts, "rows": rows, "alpha": alpha, "sigma": sigma}
 
 
@@ -2954,7 +3001,8 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "edm_euler": EDMEulerSampler, "edm_dpmsolver++": EDMDPMSolverPPSampler,
             "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler,
             "dpmsolver++_inverse": DPMSolverMultistepInverseSampler, "cogvideox_ddim": CogVideoXDDIMSampler,
-            "flow_match_heun": FlowMatchHeunSampler, "dpmsolver_sde": DPMSolverSDESampler}
+            "flow_match_heun": FlowMatchHeunSampler, "dpmsolver_sde": DPMSolverSDESampler,
+            "cogvideox_dpm": CogVideoXDPMSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -2974,13 +3022,14 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "DPMSolverMultistepInverseScheduler": DPMSolverMultistepInverseSampler,
                         "CogVideoXDDIMScheduler": CogVideoXDDIMSampler,
                         "FlowMatchHeunDiscreteScheduler": FlowMatchHeunSampler,
-                        "DPMSolverSDEScheduler": DPMSolverSDESampler}
+                        "DPMSolverSDEScheduler": DPMSolverSDESampler,
+                        "CogVideoXDPMScheduler": CogVideoXDPMSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
     """The fastdiff sampler that follows a diffusers scheduler's trajectory, with its config (plus overrides):
     `scheduler` is a scheduler (``pipe.scheduler``) or a saved config dict naming its class in "_class_name"
-    (scheduler_config.json). A class without a fastdiff sampler (IPNDM, CogVideoX's DPM, ...) raises ValueError:
+    (scheduler_config.json). A class without a fastdiff sampler (IPNDM, SA-Solver, ...) raises ValueError:
     pick a sampler and call its ``from_config(scheduler.config)`` (DDIMSampler for PNDM's Stable Diffusion
     configs)."""
     config = getattr(scheduler, "config", scheduler)
