@@ -28,6 +28,8 @@ import fastdiff  # noqa: E402
 from fastdiff.diffusion import DDIMSampler  # noqa: E402
 from fastdiff.integrations import diffusers as fdd  # noqa: E402
 
+_HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -657,8 +659,10 @@ def test_fastdiff_scheduler_in_ddim_and_ddpm_pipelines(models):
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # diffusers' KDPM2
 @pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "LCMScheduler", "KDPM2AncestralDiscreteScheduler",
-                                  "TCDScheduler", "CogVideoXDPMScheduler"])
+                                  "TCDScheduler", "CogVideoXDPMScheduler", "CosineDPMSolverMultistepScheduler"])
 def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, name):
+    if name == "CosineDPMSolverMultistepScheduler" and not _HAS_TORCHSDE:
+        pytest.skip("diffusers' CosineDPMSolverMultistepScheduler needs torchsde (pip install torchsde)")
     # their noise is the kernel's (seeded from the pipeline's generator), not diffusers': the same generator gives
     # the same latents, another generator others; with no generator, torch's global seed decides
     unet = models["unet_cond"]
@@ -999,8 +1003,6 @@ def test_fastdiff_scheduler_pipeline_save_and_load(models, tmp_path):
     assert public(back.scheduler.config) == public(pipe.scheduler.config)
     assert public(DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler").config) == public(pipe.scheduler.config)
 
-
-_HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
 
 
 @pytest.mark.skipif(not _HAS_TORCHSDE, reason="diffusers' DPMSolverSDEScheduler needs torchsde (optional test "

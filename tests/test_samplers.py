@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusion import (CogVideoXDDIMSampler, CogVideoXDPMSampler, DDIMInverseSampler, DDIMSampler,
+from fastdiff.diffusion import (CogVideoXDDIMSampler, CogVideoXDPMSampler, CosineDPMSolverSampler, DDIMInverseSampler,
+                                DDIMSampler,
                                 DDPMSampler, DEISSampler, DPMSolverMultistepInverseSampler, DPMSolverPPSampler,
                                 DPMSolverSDESampler, DPMSolverSinglestepSampler, EDMDPMSolverPPSampler,
                                 EDMEulerSampler, EulerAncestralSampler, EulerSampler, FlowMatchEulerSampler,
@@ -1312,7 +1313,8 @@ def test_kdpm2_ancestral_noise():
 # --- DPM++ SDE (DPMSolverSDEScheduler) ------------------------------------------------------------------------------
 
 needs_torchsde = pytest.mark.skipif(not (HAS_DIFFUSERS and HAS_TORCHSDE),
-                                    reason="diffusers' DPMSolverSDEScheduler needs diffusers and torchsde (optional "
+                                    reason="diffusers' Brownian-tree schedulers (DPMSolverSDEScheduler, "
+                                           "CosineDPMSolverMultistepScheduler) need diffusers and torchsde (optional "
                                            "test dependencies: pip install diffusers torchsde)")
 
 
@@ -1504,6 +1506,50 @@ def test_cogvideox_dpm_matches_diffusers(cfg, n, monkeypatch):
         back = ds.timesteps[j - 1] if j > 0 else None
         xd, old = ds.step(eps_model(xd, t), old, t, back, xd, return_dict=False)
         xo = ours.step(eps_model(xo, ours.timesteps[j]), j, xo, noise=Z[j])
+        _close(xo, xd, 2e-5)
+
+
+def test_cosine_dpm_is_edm_sde_with_atan_timesteps():
+    # Stable Audio's scheduler: EDM DPM-Solver++ 2M SDE (whose steps equal diffusers' EDM scheduler's, tested above)
+    # with the model's timestep atan(sigma) 2 / pi and its own defaults
+    for kw in ({}, {"sigma_schedule": "karras", "solver_type": "heun", "prediction_type": "epsilon"},
+               {"solver_order": 1, "final_sigmas_type": "sigma_min", "sigma_data": 0.5}):
+        cos = CosineDPMSolverSampler(**kw).set_timesteps(12)
+        edm = EDMDPMSolverPPSampler(**{**{k: v for k, v in cos.config.items() if k in EDMDPMSolverPPSampler._options},
+                                       "algorithm_type": "sde-dpmsolver++"}).set_timesteps(12)
+        np.testing.assert_array_equal(cos._table_np, edm._table_np)
+        np.testing.assert_array_equal(cos.sigmas, edm.sigmas)
+        sig = torch.from_numpy(cos.sigmas[:-1].astype(np.float32))
+        np.testing.assert_allclose(cos.timesteps.numpy(), (sig.atan() / math.pi * 2).numpy(), rtol=1e-7)
+        assert cos._stochastic and cos.init_noise_sigma == pytest.approx((cos.config["sigma_max"] ** 2 + 1) ** 0.5)
+    c = CosineDPMSolverSampler()
+    assert (c.config["sigma_min"], c.config["sigma_max"], c.config["prediction_type"]) == (0.3, 500.0, "v_prediction")
+    with pytest.raises(ValueError, match="^algorithm_type: CosineDPMSolverSampler runs 'sde-dpmsolver\\+\\+' only"):
+        CosineDPMSolverSampler(algorithm_type="dpmsolver++")
+    with pytest.raises(ValueError, match="^solver_order: expected 1 or 2"):
+        CosineDPMSolverSampler(solver_order=3)
+
+
+@needs_torchsde
+@pytest.mark.parametrize("cfg", [{}, {"sigma_schedule": "karras", "solver_type": "heun", "prediction_type": "epsilon"},
+                                 {"solver_order": 1, "final_sigmas_type": "sigma_min"},
+                                 {"euler_at_final": True, "lower_order_final": False, "sigma_data": 0.5}])
+@pytest.mark.parametrize("n", [1, 2, 10, 25])
+def test_cosine_dpm_matches_diffusers(cfg, n):
+    # diffusers' Brownian-tree increments (independent from step to step) swapped for the noise given to ours
+    ds = dsched.CosineDPMSolverMultistepScheduler(**cfg)
+    ours = CosineDPMSolverSampler.from_config(ds.config)
+    ds.set_timesteps(n)
+    ours.set_timesteps(n)
+    np.testing.assert_allclose(ours.timesteps.numpy(), ds.timesteps.numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(ds.init_noise_sigma, rel=1e-6)
+    Z = _noises(n, (2, 3, 8, 8))
+    j = 0
+    ds.noise_sampler = lambda sigma, sigma_next: Z[j]
+    xd = xo = _x((2, 3, 8, 8)) * ours.init_noise_sigma
+    for j, t in enumerate(ds.timesteps):
+        xd = ds.step(eps_model(ds.scale_model_input(xd, t), t), t, xd).prev_sample
+        xo = ours.step(eps_model(ours.scale_model_input(xo, j), ours.timesteps[j]), j, xo, noise=Z[j])
         _close(xo, xd, 2e-5)
 
 

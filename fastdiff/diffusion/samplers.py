@@ -1,7 +1,7 @@
 """Samplers: DDPM, DDIM, Euler, Euler ancestral, Heun, DPM2 (KDPM2) and DPM2 ancestral, K-LMS, DPM-Solver++ (2M, 3M
 and their SDE forms; single-step 2S/3S), DPM++ SDE, DEIS, UniPC, PNDM (PLMS), LCM, TCD, flow-matching Euler and Heun,
-EDM's Euler and DPM-Solver++, CogVideoX's DDIM and DPM, and DDIM and DPM-Solver++ inversion, each one fused kernel per
-step and no host sync.
+EDM's Euler and DPM-Solver++ (and its cosine form), CogVideoX's DDIM and DPM, and DDIM and DPM-Solver++ inversion,
+each one fused kernel per step and no host sync.
 
 Every sampler here writes its step as x_prev = A x + B m + C x0 + D x0_prev + E x0_prev2 + F x0_prev3 + std z (m the
 model output after classifier-free guidance, x0 = clip(PX x + PM m) -- or whatever the multistep history needs there:
@@ -17,9 +17,9 @@ Options are named as in diffusers' scheduler configs, with the defaults of the m
 DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
 DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, LCMScheduler,
 FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, TCDScheduler,
-EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler and
-CogVideoXDPMScheduler,
-FlowMatchHeunDiscreteScheduler, DPMSolverSDEScheduler (in distribution: its Brownian-tree noise is not drawn);
+EDMEulerScheduler, EDMDPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, CogVideoXDDIMScheduler,
+CogVideoXDPMScheduler, FlowMatchHeunDiscreteScheduler; in distribution, their Brownian-tree noise not drawn:
+DPMSolverSDEScheduler and CosineDPMSolverMultistepScheduler;
 DDIMInverseScheduler and DPMSolverMultistepInverseScheduler, which run backwards for inversion).
 """
 from __future__ import annotations
@@ -2994,6 +2994,34 @@ class EDMDPMSolverPPSampler(_EDM, DPMSolverPPSampler):
         return self._edm_plan_extras(plan, self._sigmas_np[:-1])
 
 
+class CosineDPMSolverSampler(EDMDPMSolverPPSampler):
+    """DPM-Solver++ 2M SDE on the EDM form with the "cosine" noise conditioning, as diffusers'
+    CosineDPMSolverMultistepScheduler (Stable Audio Open's): EDMDPMSolverPPSampler's steps with
+    algorithm_type="sde-dpmsolver++" (always) and solver_order 1 or 2, the model's timestep c_noise = atan(sigma)
+    2 / pi, and Stable Audio's defaults (sigmas exponentially spaced from 500 to 0.3, sigma_data 1, v_prediction).
+    diffusers draws the noise from a Brownian tree (torchsde): each step's increment is independent of the others,
+    so the kernel's fresh noise at every step has the same distribution (the same seed gives the same samples, not
+    diffusers' samples)."""
+
+    _options = {**EDMDPMSolverPPSampler._options, "sigma_min": 0.3, "sigma_max": 500.0, "sigma_data": 1.0,
+                "sigma_schedule": "exponential", "prediction_type": "v_prediction",
+                "algorithm_type": "sde-dpmsolver++"}
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["algorithm_type"] != "sde-dpmsolver++":
+            raise ValueError(f"algorithm_type: CosineDPMSolverSampler runs 'sde-dpmsolver++' only (as diffusers' "
+                             f"CosineDPMSolverMultistepScheduler), got {cfg['algorithm_type']!r}")
+        if cfg["solver_order"] not in (1, 2):
+            raise ValueError(f"solver_order: expected 1 or 2 (as diffusers' CosineDPMSolverMultistepScheduler), got "
+                             f"{cfg['solver_order']!r}")
+
+    def _edm_plan_extras(self, plan, s):
+        plan = super()._edm_plan_extras(plan, s)
+        plan["timesteps"] = (torch.from_numpy(s.astype(np.float32)).atan() / math.pi * 2).numpy()
+        return plan
+
+
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "euler_ancestral": EulerAncestralSampler,
             "dpmsolver++": DPMSolverPPSampler, "lcm": LCMSampler, "flow_match_euler": FlowMatchEulerSampler,
             "heun": HeunSampler, "unipc": UniPCSampler, "pndm": PNDMSampler, "lms": LMSSampler,
@@ -3002,7 +3030,7 @@ SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "eu
             "dpmsolver_singlestep": DPMSolverSinglestepSampler, "ddim_inverse": DDIMInverseSampler,
             "dpmsolver++_inverse": DPMSolverMultistepInverseSampler, "cogvideox_ddim": CogVideoXDDIMSampler,
             "flow_match_heun": FlowMatchHeunSampler, "dpmsolver_sde": DPMSolverSDESampler,
-            "cogvideox_dpm": CogVideoXDPMSampler}
+            "cogvideox_dpm": CogVideoXDPMSampler, "cosine_dpmsolver++": CosineDPMSolverSampler}
 
 _CUSTOM_TIMESTEP_SAMPLERS = (DDPMSampler, EulerSampler, HeunSampler, DPMSolverPPSampler, DPMSolverSinglestepSampler,
                              LCMSampler, TCDSampler, FlowMatchEulerSampler)
@@ -3023,7 +3051,8 @@ DIFFUSERS_SCHEDULERS = {"DDPMScheduler": DDPMSampler, "DDIMScheduler": DDIMSampl
                         "CogVideoXDDIMScheduler": CogVideoXDDIMSampler,
                         "FlowMatchHeunDiscreteScheduler": FlowMatchHeunSampler,
                         "DPMSolverSDEScheduler": DPMSolverSDESampler,
-                        "CogVideoXDPMScheduler": CogVideoXDPMSampler}
+                        "CogVideoXDPMScheduler": CogVideoXDPMSampler,
+                        "CosineDPMSolverMultistepScheduler": CosineDPMSolverSampler}
 
 
 def from_scheduler(scheduler, **overrides) -> Sampler:
