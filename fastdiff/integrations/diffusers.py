@@ -380,6 +380,14 @@ def sampling_model(unet) -> torch.nn.Module:
 
 
 # -- a diffusers pipeline's scheduler -------------------------------------------------------------------------------
+def _same(a, b) -> bool:
+    """Whether an option's value equals its default (arrays and sequences compared by value)."""
+    try:
+        return bool(a == b) if not isinstance(a, (list, tuple)) else list(a) == list(b)
+    except (TypeError, ValueError):  # (an array against a scalar default: not the default)
+        return False
+
+
 class FastdiffScheduler(SchedulerMixin):
     """A diffusers scheduler that steps with a fastdiff sampler: ``pipe.scheduler = FastdiffScheduler.from_scheduler(
     pipe.scheduler)`` and the pipeline's own loop runs the fused sampler step (guidance combination aside, which the
@@ -421,7 +429,7 @@ class FastdiffScheduler(SchedulerMixin):
             takes = inspect.signature(cls.__init__).parameters
             scheduler = cls.from_config({k: v for k, v in sampler.config.items()
                                          if (k != "trained_betas" or v is not None)
-                                         and (k in takes or v != sampler._options[k])})
+                                         and (k in takes or not _same(v, sampler._options[k]))})
         self.sampler = sampler
         self._base = scheduler
         self._step = None  # the step index of the run under way (diffusers' step_index)
