@@ -1044,6 +1044,7 @@ def test_fastdiff_scheduler_dpmpp_sde(models, monkeypatch, tmp_path):
     from fastdiff.diffusion import DPMSolverSDESampler
 
     assert "s_noise" not in fdd.FastdiffScheduler(DPMSolverSDESampler()).config
+    assert fdd._same([1, 2], (1, 2)) and not fdd._same(torch.ones(2).numpy(), None) and not fdd._same(0.5, 1.0)
     fdd.FastdiffScheduler(DPMSolverSDESampler(s_noise=0.5, use_karras_sigmas=True)).save_pretrained(tmp_path)
     again = fdd.FastdiffScheduler.from_pretrained(tmp_path).sampler
     assert type(again) is DPMSolverSDESampler and again.config["s_noise"] == 0.5 and again.config["use_karras_sigmas"]
