@@ -2481,8 +2481,10 @@ def test_two_call_half_precision_error_is_no_worse_than_diffusers(name, cls):
 
 @needs_diffusers
 @_DIFFUSERS_NUMPY_ON_TENSORS
-@pytest.mark.parametrize("name,cls,cfg", [("DDIMScheduler", DDIMSampler, {}), ("EulerDiscreteScheduler", EulerSampler, {}),
-                                          ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"use_karras_sigmas": True}),
+@pytest.mark.parametrize("name,cls,cfg", [("DDIMScheduler", DDIMSampler, {}),
+                                          ("EulerDiscreteScheduler", EulerSampler, {}),
+                                          ("DPMSolverMultistepScheduler", DPMSolverPPSampler,
+                                           {"use_karras_sigmas": True}),
                                           ("DPMSolverMultistepScheduler", DPMSolverPPSampler, {"solver_order": 3}),
                                           ("UniPCMultistepScheduler", UniPCSampler, {}),
                                           ("UniPCMultistepScheduler", UniPCSampler, {"solver_order": 3}),

@@ -1535,8 +1535,9 @@ class KDPM2Sampler(HeunSampler):
 
     The last step, to sigma = 0, is Euler's alone; so n steps take 2n - 1 model calls (``timesteps`` and
     ``num_inference_steps`` count them, the midpoints' timesteps read back from their sigmas). The step's x waits in
-    the sampler's buffer (copied after the Euler call), so every call is one fused kernel. Sigmas and input scaling are EulerSampler's (Karras, exponential or beta sigmas
-    optional); prediction_type epsilon or v_prediction, as diffusers'.
+    the sampler's buffer (copied after the Euler call), so every call is one fused kernel. Sigmas and input scaling
+    are EulerSampler's (Karras, exponential or beta sigmas optional); prediction_type epsilon or v_prediction, as
+    diffusers'.
     """
 
     _options = {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False,
