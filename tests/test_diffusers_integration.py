@@ -6,6 +6,7 @@ attention with its GroupNorm). For each: patched == unpatched, the replacement c
 state_dict unchanged, torch.compile; and fastdiff.sample over a diffusers U-Net equals a diffusers DDIM loop.
 """
 import copy
+import functools
 import gc
 import importlib.util
 import io
@@ -686,6 +687,24 @@ def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, nam
         assert torch.equal(a, b) and sched.sampler.config["eta"] == 0.0
 
 
+def _img2img_loop(unet, s, image, noise, ctx, *, steps, start, begin_index, mask=None):
+    """The img2img pipelines' recipe: timesteps[start:], set_begin_index(start) where asked (older pipelines: none,
+    the run's start is found from its first timestep), latents = add_noise(image, noise, start's timestep); with a
+    mask, the inpainting pipeline's blend after each call but the last (the kept part noised to the next timestep)."""
+    s.set_timesteps(steps, device="cpu")
+    ts = s.timesteps[start:]
+    if begin_index and hasattr(s, "set_begin_index"):  # (diffusers' PNDM has none: it counts from a run's start)
+        s.set_begin_index(start)
+    x = s.add_noise(image, noise, ts[:1].repeat(2))
+    for i, t in enumerate(ts):
+        with torch.no_grad():
+            m = unet(s.scale_model_input(x, t), t, encoder_hidden_states=ctx).sample
+        x = s.step(m, t, x).prev_sample
+        if mask is not None and i < len(ts) - 1:
+            x = (1 - mask) * s.add_noise(image, noise, ts[i + 1:i + 2]) + mask * x
+    return x
+
+
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler",
                                   "PNDMScheduler"])
 @pytest.mark.parametrize("begin_index", [True, False])
@@ -697,25 +716,11 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
     g = torch.Generator().manual_seed(2)
     image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
     ctx = torch.randn(2, 7, 16, generator=g)
-
-    def run(s):
-        s.set_timesteps(8, device="cpu")
-        ts = s.timesteps[3:]
-        if begin_index and hasattr(s, "set_begin_index"):  # (diffusers' PNDM has none: it counts from a run's start)
-            s.set_begin_index(3)
-        x = s.add_noise(image, noise, ts[:1].repeat(2))
-        for i, t in enumerate(ts):
-            with torch.no_grad():
-                m = unet(s.scale_model_input(x, t), t, encoder_hidden_states=ctx).sample
-            x = s.step(m, t, x).prev_sample
-            if inpaint and i < len(ts) - 1:  # the inpainting pipeline: the kept part noised to the next timestep
-                known = s.add_noise(image, noise, ts[i + 1:i + 2])
-                x = (1 - mask) * known + mask * x
-        return x
-
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 2:10] = 1.0  # (hard: UniPC's corrector keeps a blend that diffusers' drops)
     kw = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
+    run = functools.partial(_img2img_loop, unet, image=image, noise=noise, ctx=ctx, steps=8, start=3,
+                            begin_index=begin_index, mask=mask if inpaint else None)
     want = run(getattr(diffusers, name)(**kw))
     got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**kw)))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
@@ -737,19 +742,9 @@ def test_fastdiff_scheduler_kept_x_inpainting(models, name, cfg, begin_index):
     ctx = torch.randn(2, 7, 16, generator=g)
     mask = torch.linspace(0, 1, 16).reshape(1, 1, 1, 16).expand(1, 1, 16, 16)  # soft: a ramp across the image
 
-    def run(s):
-        s.set_timesteps(6, device="cpu")
-        ts = s.timesteps[2 * s.order:]
-        if begin_index and hasattr(s, "set_begin_index"):  # (diffusers' PNDM has none: it counts from a run's start)
-            s.set_begin_index(2 * s.order)
-        x = s.add_noise(image, noise, ts[:1].repeat(2))
-        for i, t in enumerate(ts):
-            with torch.no_grad():
-                m = unet(s.scale_model_input(x, t), t, encoder_hidden_states=ctx).sample
-            x = s.step(m, t, x).prev_sample
-            if i < len(ts) - 1:
-                x = (1 - mask) * s.add_noise(image, noise, ts[i + 1:i + 2]) + mask * x
-        return x
+    def run(s):  # from t_start = 2, at call index t_start * order
+        return _img2img_loop(unet, s, image, noise, ctx, steps=6, start=2 * s.order, begin_index=begin_index,
+                             mask=mask)
 
     want = run(getattr(diffusers, name)(**cfg))
     got = run(fdd.FastdiffScheduler.from_scheduler(getattr(diffusers, name)(**cfg)))

@@ -152,6 +152,23 @@ def _discrete_timesteps(spacing: str, T: int, n: int, offset: int) -> np.ndarray
     return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
 
 
+def _sigma_run_timesteps(spacing: str, T: int, n: int, offset: int, dtype) -> np.ndarray:
+    """The timesteps of the sigma-space samplers (diffusers' Euler family: fractional, in `dtype`, float32 for Euler,
+    float64 for DPM++ SDE) for the three spacings."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n, dtype=dtype)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(dtype) + offset
+    return np.arange(T, 0, -T / n).round().copy().astype(dtype) - 1
+
+
+def _ancestral_split(sigma, to):
+    """Euler ancestral's split of a step from sigma to `to` (eta 1, k-diffusion's get_ancestral_step): (sigma_up,
+    sigma_down), sigma_up^2 + sigma_down^2 = to^2, sigma_up = min(to, to sqrt(1 - to^2 / sigma^2))."""
+    up = np.minimum(to, np.sqrt(np.maximum(to**2 * (sigma**2 - to**2) / sigma**2, 0.0)))
+    return up, np.sqrt(np.maximum(to**2 - up**2, 0.0))
+
+
 def _check_flags(cfg):
     """The options several samplers share, where the config has them: the sigma spacing, the bools, the positive
     floats, the thresholding ratio, final_sigmas_type."""
@@ -1293,12 +1310,8 @@ class EulerSampler(Sampler):
             ts = given_t.astype(np.float32)
         elif given_s is not None:
             ts = None  # read back from the sigmas below
-        elif cfg["timestep_spacing"] == "linspace":
-            ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-        elif cfg["timestep_spacing"] == "leading":
-            ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + cfg["steps_offset"]
         else:
-            ts = np.arange(T, 0, -T / n).round().copy().astype(np.float32) - 1
+            ts = _sigma_run_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"], np.float32)
         train_sigmas, acp = self._train_sigmas()
         # float32 logs, as diffusers takes them (np.log of its float32 sigmas): t(sigma) is truncated, not rounded,
         # for squaredcos_cap_v2, and t(sigma_max) is 998.99999996 there, 999.0 with float64 logs
@@ -1411,24 +1424,13 @@ class EulerAncestralSampler(EulerSampler):
         plan = super()._plan(n)
         sig = self._sigmas_np
         s, s_next = sig[:-1], sig[1:]
-        up = np.sqrt(np.maximum(s_next**2 * (s**2 - s_next**2) / s**2, 0.0))
-        down = np.sqrt(np.maximum(s_next**2 - up**2, 0.0))
+        up, down = _ancestral_split(s, s_next)
         rows = plan["rows"]
         ratio = (down - s) / s
         rows[:, _A] = 1 + ratio
         rows[:, _C] = -ratio
         rows[:, _S] = up
         return plan
-
-
-def _second_calls_at_target(sampler):
-    """_noise_levels of a two-call sampler whose second calls run the model at a midpoint (KDPM2, DPM++ SDE), with
-    the level of each second call replaced by what diffusers' add_noise gives there: its sigmas list's entry, the
-    step's target sigma (x0 + sigma noise), where the sample after the first call is at the midpoint's level."""
-    a, s = sampler._noise_levels()
-    odd = np.arange(1, sampler.num_inference_steps, 2)
-    a[odd], s[odd] = 1.0, sampler._sigmas_np[odd]
-    return a, s
 
 
 class _KeepsX:
@@ -1462,9 +1464,20 @@ class _TwoCallSteps(_KeepsX):
     """Samplers whose steps are two model calls (a correction after each but the last, Heun's way): order 2, and a
     run (image-to-image) starts at an even call index. The step's x waits in a buffer for the second call."""
 
+    _midpoint_calls = False  # the second calls run the model at a midpoint sigma (KDPM2, DPM++ SDE)
+
     @property
     def order(self) -> int:
         return 2
+
+    def _add_noise_levels(self):
+        """Where the second calls run at a midpoint, the sample after a first call is at the midpoint's level, but
+        diffusers' add_noise gives its sigmas list's entry there, the step's target sigma (x0 + sigma noise)."""
+        a, s = self._noise_levels()
+        if self._midpoint_calls:
+            odd = np.arange(1, self.num_inference_steps, 2)
+            a[odd], s[odd] = 1.0, self._sigmas_np[odd]
+        return a, s
 
     def _check_begin(self, begin: int, n: int, name: str = "begin_index"):
         super()._check_begin(begin, n, name)
@@ -1547,6 +1560,7 @@ class KDPM2Sampler(HeunSampler):
     _prediction_types = ("epsilon", "v_prediction")
     _n_buffers = 1  # the step's x (the first call's x0 is not needed)
     _x_buffer = 1
+    _midpoint_calls = True
 
     def _plan(self, n):
         sig, ts, log_sigmas = self._base_plan(n)
@@ -1554,9 +1568,6 @@ class KDPM2Sampler(HeunSampler):
         s32 = torch.from_numpy(sig.astype(np.float32))
         mid = s32.log().lerp(s32.roll(1).log(), 0.5).exp().numpy().astype(np.float64)
         return self._two_call_plan(sig, ts, log_sigmas, mid[1:], sig[1:], np.zeros(n))
-
-    def _add_noise_levels(self):
-        return _second_calls_at_target(self)
 
     def _base_plan(self, n):
         """EulerSampler's n + 1 sigmas (float64, the last 0) and n timesteps (Karras ones rounded, as diffusers
@@ -1674,6 +1685,7 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
     _prediction_types = ("epsilon", "v_prediction")  # diffusers' step raises for "sample"
     _multistep = True
     _n_buffers = 2  # x0 of the step's first call, and the step's x
+    _midpoint_calls = True
 
     def _validate(self, cfg):
         Sampler._validate(self, cfg)
@@ -1687,9 +1699,6 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
     def _stochastic(self):
         return True
 
-    def _add_noise_levels(self):
-        return _second_calls_at_target(self)
-
     def _set_timesteps(self, num_inference_steps, device, seed, begin_index):
         if seed is None and self.config["noise_sampler_seed"] is not None:
             seed = self.config["noise_sampler_seed"]  # as diffusers: the config's seed unless one is given
@@ -1699,12 +1708,7 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
         cfg = self.config
         T = self.schedule.num_train_timesteps
         # the timesteps and sigmas as DPMSolverSDEScheduler.set_timesteps forms them (float64 timesteps)
-        if cfg["timestep_spacing"] == "linspace":
-            ts = np.linspace(0, T - 1, n, dtype=float)[::-1].copy()
-        elif cfg["timestep_spacing"] == "leading":
-            ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(float) + cfg["steps_offset"]
-        else:
-            ts = np.arange(T, 0, -T / n).round().copy().astype(float) - 1
+        ts = _sigma_run_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"], np.float64)
         train_sigmas = self._train_sigmas()[0].astype(np.float32)
         log_sigmas = np.log(train_sigmas)
         sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
@@ -1716,10 +1720,6 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
         lt = -np.log(sigmas)
         t_mid = np.array([_sigma_to_t(s, log_sigmas) for s in np.exp(-(lt[:-1] + np.diff(lt) * 0.5))])
         sig = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
-
-        def ancestral(s, to):  # Euler ancestral's split for eta 1: (sigma_up, sigma_down / sigma)
-            up = min(to, math.sqrt(to**2 * (s**2 - to**2) / s**2))
-            return up, math.sqrt(max(to**2 - up**2, 0.0)) / s
 
         s_noise = float(cfg["s_noise"])
         rows = np.zeros((2 * n - 1, 12))
@@ -1733,12 +1733,14 @@ class DPMSolverSDESampler(_TwoCallSteps, EulerSampler):
                 rows[j, _C] = 1.0
                 continue
             mid = math.sqrt(s * sn)  # exp of the mean of the log sigmas
-            up1, r1 = ancestral(s, mid)
+            up1, down1 = _ancestral_split(s, mid)
+            r1 = down1 / s
             rows[j, _A], rows[j, _C], rows[j, _S] = r1, 1 - r1, s_noise * up1
             keep_x[j] = True  # the step's x, kept for its second call
             # the second call, on x_mid with the model at sigma_mid: x0_prev (the first call's x0) in the first
             # buffer, the step's x in the second; W1 = (x_mid - r1 x - (1 - r1) x0_prev) / (s_noise up1)
-            up2, r2 = ancestral(s, sn)
+            up2, down2 = _ancestral_split(s, sn)
+            r2 = down2 / s
             a, b = math.sqrt((s - mid) / (s - sn)), math.sqrt((mid - sn) / (s - sn))
             j += 1
             model_sigma.append(mid)
