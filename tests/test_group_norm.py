@@ -204,6 +204,36 @@ def test_many_short_rows(shape, G, channels_last):
     assert all(torch.equal(a, b) for a, b in zip(g1, got))
 
 
+# The CPU kernel's channels-first blocks (AVX-512 build): each thread computes the statistics of its next (n, group)
+# block inside the apply loop of the current one, and those of its first block alone (StatsCursor in
+# csrc/cpu/group_norm.cpp). Which blocks come first depends on the thread count, so one thread and two must agree
+# bit for bit: blocks of several statistics chunks with a short last chunk (8 x 2050 values = 8 chunks of 2048 and
+# one of 16; rows of 2050, not a multiple of 16), a large mean with outliers at each block's start (the chunks'
+# pivots), and the 10.5 MB (2, 320, 64, 64) case, whose y is partly streamed on a 32 MB cache. Against float64 too.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,G", [((3, 64, 50, 41), 8), ((2, 320, 64, 64), 32)], ids=["2050-rows", "sd-64x64"])
+def test_cpu_blocks_statistics_thread_invariant(shape, G, dtype):
+    x, p = make_inputs(shape, G, dtype, "cpu", mean=300.0, spread=2.0)
+    cpg, S = shape[1] // G, shape[2] * shape[3]
+    blocks = x.view(shape[0] * G, cpg * S)
+    blocks[:, 0] = 330.0  # the first chunk's pivot comes from its first 16 values; later chunks' from running means
+    blocks[:, 2049] = 270.0
+    runs = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = ops.group_norm(x, G, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"],
+                                     activation="silu", backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[1], runs[2])
+    ref = ref_fp64(x, G, p, "silu")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(runs[2].double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
 # Wide channels-last rows: the CPU's fp32 statistics sum up to 512 channels at a time (kAccC in
 # csrc/cpu/group_norm.cpp), so 1048 channels are two full blocks and a partial one ending in a partial vector
 # (24 = 16 + 8); 150 rows per sample are chunks of 39 rows (an odd count for the two-row steps) and a shorter last
