@@ -16,6 +16,10 @@ bool built_with_cuda() {
 }
 // "avx512" or "portable": which code the CPU kernels were compiled to (csrc/cpu/group_norm.cpp)
 std::string cpu_kernels();
+// The last-level cache size the CPU kernels' store choices assume (bytes), and an override of it (0: back to the
+// detected size); returns the previous override (csrc/cpu/group_norm.cpp)
+int64_t cpu_cache_bytes();
+int64_t set_cpu_cache_bytes(int64_t bytes);
 }  // namespace fastdiff
 
 TORCH_LIBRARY(fastdiff, m) {
@@ -52,6 +56,10 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("_built_with_cuda() -> bool", &fastdiff::built_with_cuda);
   // "avx512" (the AVX-512 loops, fp16/bf16 converted in vector registers) or "portable" (loops GCC vectorises).
   m.def("_cpu_kernels() -> str", &fastdiff::cpu_kernels);
+  // The last-level cache size (bytes) behind the CPU GroupNorm's choice of non-temporal stores, and a setter for
+  // it (tests use it to take the paths of a 32 MiB cache on any machine; 0 restores the detected size).
+  m.def("_cpu_cache_bytes() -> int", &fastdiff::cpu_cache_bytes);
+  m.def("_set_cpu_cache_bytes(int bytes) -> int", &fastdiff::set_cpu_cache_bytes);
 }
 
 // A Python module named _C so `import fastdiff._C` loads the library and runs the registrations above.

@@ -12,6 +12,19 @@ from fastdiff.ops._common import is_channels_last
 
 HAS_EXT = fastdiff.info()["cpu_extension"]
 
+
+@pytest.fixture
+def cache_32mb():
+    """The CPU kernel's store choices as on a 32 MiB last-level cache: outputs over 8 MB written with non-temporal
+    stores, the NCHW path keeping its first blocks in the cache (csrc/cpu/group_norm.cpp, stream_output and
+    cached_blocks). A machine that reports a larger cache (a VM may report its host's whole L3) would otherwise
+    never run those paths in these tests."""
+    prev = torch.ops.fastdiff._set_cpu_cache_bytes(32 << 20)
+    try:
+        yield
+    finally:
+        torch.ops.fastdiff._set_cpu_cache_bytes(prev)
+
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 GRAD_TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}  # relative to max |grad|
 
@@ -187,7 +200,7 @@ def test_statistics_with_offset_and_outliers(backend, device, channels_last, sha
     ((2048, 1280), 32, False), ((96, 64, 2, 3), 32, False), ((5, 48, 1, 3), 16, False), ((16, 1280, 4, 4), 32, False),
     ((5, 48, 7, 9), 16, False), ((96, 64, 2, 3), 32, True), ((5, 48, 7, 9), 16, True), ((16, 1280, 4, 4), 32, True)],
     ids=["0d-streamed", "2x3", "1x3", "4x4", "7x9", "2x3-nhwc", "7x9-nhwc", "4x4-nhwc"])
-def test_many_short_rows(shape, G, channels_last):
+def test_many_short_rows(shape, G, channels_last, cache_32mb):
     x, p = make_inputs(shape, G, torch.float32, "cpu", mean=3.0, spread=2.0, channels_last=channels_last)
     y, gy, got = check_forward_and_grads(x, p, G, "cpu")
     threads = torch.get_num_threads()
@@ -213,7 +226,7 @@ def test_many_short_rows(shape, G, channels_last):
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape,G", [((3, 64, 50, 41), 8), ((2, 320, 64, 64), 32)], ids=["2050-rows", "sd-64x64"])
-def test_cpu_blocks_statistics_thread_invariant(shape, G, dtype):
+def test_cpu_blocks_statistics_thread_invariant(shape, G, dtype, cache_32mb):
     x, p = make_inputs(shape, G, dtype, "cpu", mean=300.0, spread=2.0)
     cpg, S = shape[1] // G, shape[2] * shape[3]
     blocks = x.view(shape[0] * G, cpg * S)
@@ -232,6 +245,45 @@ def test_cpu_blocks_statistics_thread_invariant(shape, G, dtype):
     ref = ref_fp64(x, G, p, "silu")
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(runs[2].double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
+# The CPU kernel writes y with ordinary stores, non-temporal ones, or (NCHW) ordinary ones for its first blocks and
+# non-temporal ones for the rest, by the size of x against the last-level cache: the store kind must not change a
+# value. Caches of 1 GiB (ordinary stores), 32 MiB (the first 30% of blocks kept) and 1 MiB (everything streamed),
+# forward and backward, both layouts, each path's large and small maps.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,channels_last", [((2, 320, 64, 64), False), ((2, 320, 64, 64), True),
+                                                 ((64, 320, 8, 8), True), ((4096, 640), False)],
+                         ids=["nchw", "nhwc", "nhwc-8x8", "0d"])
+def test_cpu_store_kind_changes_no_value(shape, channels_last, dtype):
+    x, p = make_inputs(shape, 32, dtype, "cpu", channels_last=channels_last, mean=1.0)
+    gy = torch.randn_like(x)
+    assert torch.ops.fastdiff._cpu_cache_bytes() > 0
+    outs = []
+    for cache in (1 << 30, 32 << 20, 1 << 20):
+        prev = torch.ops.fastdiff._set_cpu_cache_bytes(cache)
+        try:
+            assert torch.ops.fastdiff._cpu_cache_bytes() == cache
+            y, mean, rstd = torch.ops.fastdiff.group_norm(x, 32, p["weight"], p["bias"], p["scale"], p["shift"],
+                                                          1e-5, "silu")
+            grads = torch.ops.fastdiff.group_norm_backward(gy, x, mean, rstd, 32, p["weight"], p["bias"],
+                                                           p["scale"], p["shift"], "silu")
+        finally:
+            torch.ops.fastdiff._set_cpu_cache_bytes(prev)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        outs.append((y, *grads))
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+    ref = ref_fp64(x, 32, p, "silu")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(outs[0][0].double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_cpu_cache_bytes_setter_checks_its_argument():
+    with pytest.raises(RuntimeError, match="bytes"):
+        torch.ops.fastdiff._set_cpu_cache_bytes(-1)
 
 
 # Wide channels-last rows: the CPU's fp32 statistics sum up to 512 channels at a time (kAccC in

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -1235,9 +1236,21 @@ void fold(const Shape& sh, const float* mrel, const float* rstd, const Param& w,
   });
 }
 
-// The last-level cache's size (from sysfs; 32 MiB where it cannot be read).
+// The size the store choices below assume for the last-level cache, where set (set_cpu_cache_bytes; 0: not set).
+std::atomic<int64_t> g_cache_override{0};
+
+// The last-level cache's size: FASTDIFF_CPU_CACHE_MB where set (a VM may report its host's whole L3, shared
+// with other guests), else from sysfs (32 MiB where it cannot be read); set_cpu_cache_bytes overrides both.
 int64_t llc_bytes() {
+  const int64_t forced = g_cache_override.load(std::memory_order_relaxed);
+  if (forced > 0) return forced;
   static const int64_t bytes = [] {
+    if (const char* env = std::getenv("FASTDIFF_CPU_CACHE_MB")) {
+      char* end = nullptr;
+      const long long mb = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && mb > 0) return static_cast<int64_t>(mb) << 20;
+      TORCH_WARN("FASTDIFF_CPU_CACHE_MB: expected a positive integer (MiB), got '", env, "'; ignored");
+    }
     long long kb = 0;
     char unit = 'K';
     if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
@@ -1673,6 +1686,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
 }  // namespace
 
 std::string cpu_kernels() { return FASTDIFF_AVX512 ? "avx512" : "portable"; }
+
+int64_t cpu_cache_bytes() { return llc_bytes(); }
+
+int64_t set_cpu_cache_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "bytes: expected a cache size in bytes, or 0 to go back to the detected one; got ", bytes);
+  return g_cache_override.exchange(bytes);
+}
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("group_norm", &group_norm_cpu);
