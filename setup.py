@@ -44,6 +44,8 @@ def _cpu_flags():
         if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= feats:
             # 512-bit vectors: the SiLU's exp and division are compute-bound (2x over AVX2 measured here)
             flags += ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512"]
+            if "avx512_bf16" in feats:  # one-instruction fp32 -> bf16 rounding (csrc/cpu/vec.h)
+                flags.append("-mavx512bf16")
     except OSError:
         pass
     return flags

@@ -52,6 +52,11 @@ inline __m256i to_16bit(__m512 v) {
   if constexpr (std::is_same_v<T, c10::Half>) {
     return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds to nearest even as c10 does, but reads denormals as 0 and keeps NaN payloads: vectors
+    // with such lanes (rare) take the integer path below
+    if (_mm512_fpclass_ps_mask(v, 0xA1) == 0) return (__m256i)_mm512_cvtneps_pbh(v);  // 0xA1: QNaN, SNaN, denormal
+#endif
     const __m512i b = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
