@@ -455,19 +455,32 @@ inline void act_backward(const float* x, float* g, int64_t n, AB a, AB b) {
 // chunk of kChunk values: sums of d = x - P and d^2, with the chunk's own pivot P close to the mean (the running
 // mean of the chunks before it; for the first chunk the mean of its first 16 values), so the chunk's
 // M2 = sum d^2 - (sum d)^2 / n loses no digits; chunks are merged with Chan's formula.
+// The pivot of a row's chunk at s0 (len values), as an offset from K: the mean of the first 16 values for the
+// first chunk, else mu, the running mean of the chunks before it.
+template <typename T>
+inline float chunk_pivot_rel(const T* p, int64_t s0, int64_t len, float K, float mu) {
+  if (s0 != 0) return mu;
+  const int64_t m = std::min<int64_t>(len, 16);
+  float acc = 0.f;
+  for (int64_t i = 0; i < m; ++i) acc += static_cast<float>(p[i]) - K;
+  return acc / static_cast<float>(m);
+}
+
+// Merges a chunk of len values with sums `sum` of d = x - pivot and `sq` of d^2 into the row's (n, mu, m2).
+inline void merge_chunk(float& n, float& mu, float& m2, int64_t len, float pivot, float K, float sum, float sq) {
+  const float rel = sum / static_cast<float>(len);
+  // sq = inf (|x| >~ 1e19 in fp32): the M2 is inf, not inf - inf = NaN (std::max keeps a NaN), so rstd is 0
+  // as torch's is
+  chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel,
+             std::isinf(sq) ? sq : std::max(sq - sum * rel, 0.f));
+}
+
 template <typename T>
 inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2_out) {
   float n = 0.f, mu = 0.f, m2 = 0.f;
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
     const int64_t len = std::min(S - s0, kChunk);
-    float rel0 = mu;  // the pivot's offset from K
-    if (s0 == 0) {
-      const int64_t m = std::min<int64_t>(len, 16);
-      float acc = 0.f;
-      for (int64_t i = 0; i < m; ++i) acc += static_cast<float>(p[i]) - K;
-      rel0 = acc / static_cast<float>(m);
-    }
-    const float pivot = K + rel0;
+    const float pivot = K + chunk_pivot_rel(p, s0, len, K, mu);
     float sum = 0.f, sq = 0.f;
 #if FASTDIFF_AVX512
     chunk_sums(p + s0, len, pivot, sum, sq);
@@ -479,11 +492,7 @@ inline void row_stats(const T* p, int64_t S, float K, float& mean_out, float& m2
       sq += d * d;
     }
 #endif
-    const float rel = sum / static_cast<float>(len);
-    // sq = inf (|x| >~ 1e19 in fp32): the M2 is inf, not inf - inf = NaN (std::max keeps a NaN), so rstd is 0
-    // as torch's is
-    chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel,
-               std::isinf(sq) ? sq : std::max(sq - sum * rel, 0.f));
+    merge_chunk(n, mu, m2, len, pivot, K, sum, sq);
   }
   mean_out = mu;
   m2_out = m2;
@@ -514,25 +523,14 @@ struct StatsCursor {
   [[gnu::noinline]] void begin_chunk() {
     len = std::min(total - s0, kChunk);
     i = 0;
-    float rel0 = mu;  // the pivot's offset from K
-    if (s0 == 0) {
-      const int64_t m = std::min<int64_t>(len, 16);
-      float acc = 0.f;
-      for (int64_t j = 0; j < m; ++j) acc += static_cast<float>(p[j]) - K;
-      rel0 = acc / static_cast<float>(m);
-    }
-    pivot = K + rel0;
+    pivot = K + chunk_pivot_rel(p, s0, len, K, mu);
     pv = _mm512_set1_ps(pivot);
     for (int k = 0; k < 4; ++k) s[k] = q[k] = _mm512_setzero_ps();
   }
   [[gnu::noinline]] void end_chunk() {
     const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
     const float sq = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(q[0], q[1]), _mm512_add_ps(q[2], q[3])));
-    const float rel = sum / static_cast<float>(len);
-    // sq = inf (|x| >~ 1e19 in fp32): the M2 is inf, not inf - inf = NaN (std::max keeps a NaN), so rstd is 0
-    // as torch's is
-    chan_merge(n, mu, m2, static_cast<float>(len), (pivot - K) + rel,
-               std::isinf(sq) ? sq : std::max(sq - sum * rel, 0.f));
+    merge_chunk(n, mu, m2, len, pivot, K, sum, sq);
     s0 += len;
     if (s0 < total) begin_chunk();
   }
