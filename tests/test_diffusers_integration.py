@@ -687,6 +687,13 @@ def test_fastdiff_scheduler_stochastic_samplers_follow_the_generator(models, nam
         assert torch.equal(a, b) and sched.sampler.config["eta"] == 0.0
 
 
+def _img2img_inputs():
+    """(image latents, noise, text context) for _img2img_loop: (2, 4, 16, 16), (2, 4, 16, 16), (2, 7, 16), seeded."""
+    g = torch.Generator().manual_seed(2)
+    image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    return image, noise, torch.randn(2, 7, 16, generator=g)
+
+
 def _img2img_loop(unet, s, image, noise, ctx, *, steps, start, begin_index, mask=None):
     """The img2img pipelines' recipe: timesteps[start:], set_begin_index(start) where asked (older pipelines: none,
     the run's start is found from its first timestep), latents = add_noise(image, noise, start's timestep); with a
@@ -713,9 +720,7 @@ def test_fastdiff_scheduler_image_to_image(models, name, begin_index, inpaint):
     # the img2img pipelines' recipe: timesteps[t_start:], set_begin_index (older pipelines: none, the run's start is
     # found from its first timestep), latents = add_noise(image, noise, t_start's timestep)
     unet = models["unet_cond"]
-    g = torch.Generator().manual_seed(2)
-    image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
-    ctx = torch.randn(2, 7, 16, generator=g)
+    image, noise, ctx = _img2img_inputs()
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 2:10] = 1.0  # (hard: UniPC's corrector keeps a blend that diffusers' drops)
     kw = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
@@ -737,9 +742,7 @@ def test_fastdiff_scheduler_kept_x_inpainting(models, name, cfg, begin_index):
     # Heun-type step (a single-step group's later steps, PNDM's warm-up) reads the x its first call (step) was given,
     # kept in a buffer as diffusers keeps it, so the blend made in between enters as it does in diffusers
     unet = models["unet_cond"]
-    g = torch.Generator().manual_seed(2)
-    image, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
-    ctx = torch.randn(2, 7, 16, generator=g)
+    image, noise, ctx = _img2img_inputs()
     mask = torch.linspace(0, 1, 16).reshape(1, 1, 1, 16).expand(1, 1, 16, 16)  # soft: a ramp across the image
 
     def run(s):  # from t_start = 2, at call index t_start * order
