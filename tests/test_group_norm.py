@@ -286,6 +286,86 @@ def test_cpu_cache_bytes_setter_checks_its_argument():
         torch.ops.fastdiff._set_cpu_cache_bytes(-1)
 
 
+class _assumed_l2:
+    """The CPU GroupNorm backward's block-by-block passes (fp32 NCHW, x at least two L2s, a block's x, gy and gx in
+    three quarters of one; csrc/cpu/group_norm.cpp, group_norm_backward_cpu) as on a machine with this L2 size: 64
+    KiB or 16 KiB takes them at the small shapes below, 1 GiB never does."""
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def __enter__(self):
+        self.prev = torch.ops.fastdiff._set_cpu_l2_bytes(self.nbytes)
+        assert torch.ops.fastdiff._cpu_l2_bytes() == self.nbytes
+
+    def __exit__(self, *exc):
+        torch.ops.fastdiff._set_cpu_l2_bytes(self.prev)
+
+
+def _cpu_grads(x, p, G, activation, gy):
+    leaves = [t.detach().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
+    y = ops.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation=activation,
+                       backend="cpu")
+    return torch.autograd.grad(y, leaves, gy)
+
+
+def _ref_grads(x, p, G, activation, gy):
+    leaves = [t.detach().double().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
+    y = reference.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation=activation)
+    return torch.autograd.grad(y, leaves, gy.double())
+
+
+# Both backward paths against float64 (maps of 9 x 7 end in partial vectors; 10 channels per group), and the block
+# path's gradients bit-identical on one thread and two (blocks are handed out dynamically, each computed the same).
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("shape,G", [((2, 64, 16, 16), 32), ((3, 80, 9, 7), 8), ((2, 32, 4, 8, 9), 16)],
+                         ids=["16x16", "9x7", "3d"])
+@pytest.mark.parametrize("l2", [16 << 10, 1 << 30], ids=["blocks", "two-pass"])
+def test_cpu_backward_paths(shape, G, activation, l2):
+    x, p = make_inputs(shape, G, torch.float32, "cpu", mean=2.0)
+    gy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        with _assumed_l2(l2):
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs[n] = _cpu_grads(x, p, G, activation, gy)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
+    for got, want in zip(runs[2], _ref_grads(x, p, G, activation, gy)):
+        torch.testing.assert_close(got.double(), want, atol=GRAD_TOL[torch.float32] * want.abs().max().item(),
+                                   rtol=0)
+
+
+# A mean of 1e4 standard deviations: the block path centres x by each group's mean as the forward computed it (in
+# its pivot's frame), so every gradient keeps fp32's digits; the two-pass path centres by the saved fp32 mean,
+# rounded to ulp(100) = 7.6e-6, 7.6e-4 of the spread (its bound: torch's own CPU backward is off by 1e-3 here).
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("l2,tol", [(64 << 10, 1e-5), (1 << 30, 2e-3)], ids=["blocks", "two-pass"])
+def test_cpu_backward_large_mean(l2, tol, activation):
+    if l2 < (1 << 20) and torch.ops.fastdiff._cpu_kernels() != "avx512":
+        pytest.skip("the block-by-block backward is in the AVX-512 build only; this (portable) build centres x by "
+                    "the saved mean: the two-pass case's bound")
+    x, p = make_inputs((2, 64, 32, 32), 32, torch.float32, "cpu", mean=100.0, spread=0.01)
+    gy = torch.randn_like(x)
+    with _assumed_l2(l2):
+        got = _cpu_grads(x, p, 32, activation, gy)
+    for name, g, want in zip(("x", "weight", "bias", "scale", "shift"), got, _ref_grads(x, p, 32, activation, gy)):
+        err = (g.double() - want).abs().max().item() / want.abs().max().item()
+        assert err <= tol, f"grad of {name}: {err:.2e} of its largest value (bound {tol:.0e})"
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_cpu_l2_bytes_setter_checks_its_argument():
+    assert torch.ops.fastdiff._cpu_l2_bytes() > 0
+    with pytest.raises(RuntimeError, match="bytes"):
+        torch.ops.fastdiff._set_cpu_l2_bytes(-1)
+
+
 # Wide channels-last rows: the CPU's fp32 statistics sum up to 512 channels at a time (kAccC in
 # csrc/cpu/group_norm.cpp), so 1048 channels are two full blocks and a partial one ending in a partial vector
 # (24 = 16 + 8); 150 rows per sample are chunks of 39 rows (an odd count for the two-row steps) and a shorter last

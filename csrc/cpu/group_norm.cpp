@@ -899,11 +899,14 @@ void backward_short_rows(const T* gy, const T* x, T* gx, const float* A, const f
   });
 }
 
-// fold(n0, n1) turns S1, S2 of samples n0 .. n1 - 1 into their P, Q, Rr between the two passes.
-template <bool kSilu, typename T, typename Fold>
+// fold(n0, n1) turns S1, S2 of samples n0 .. n1 - 1 into their P, Q, Rr between the two passes; fold_group(n, g)
+// does it for one group. With `blocks` (channels-first only, see group_norm_backward_cpu), refold(n, g, mu) sets
+// A, B and mean_c of group g of sample n around its mean mu in the pivot's frame.
+template <bool kSilu, typename T, typename Fold, typename FoldGroup, typename Refold>
 void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float* B, const float* Kc,
                      const float* mean_c, const float* P, const float* Q, const float* Rr, const Shape& sh,
-                     float* S1, float* S2, Fold&& fold, bool prefetch) {
+                     float* S1, float* S2, Fold&& fold, FoldGroup&& fold_group, Refold&& refold, bool prefetch,
+                     bool blocks) {
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   auto bc = [](float v) { return _mm512_set1_ps(v); };
   auto fold_all = [&] {
@@ -914,26 +917,72 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
     return;
   }
   if (sh.layout == Layout::kChannelsFirst) {
+    auto sums_row = [&](int64_t row) {  // S1[row], S2[row] (and gz in gx: fp32 with SiLU)
+      __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+      const __m512 a = bc(A[row]), bb = bc(B[row]), k = bc(Kc[row]), mu = bc(mean_c[row]);
+      const __m512 ua = bc(-A[row] * kLog2e), ub = bc(-B[row] * kLog2e);
+      for (int64_t i = 0; i < S; i += 16)
+        bwd_sums16<kSilu>(lane_mask(S - i), x + row * S + i, gy + row * S + i, gx + row * S + i, a, bb, ua, ub, k,
+                          mu, s1, s2);
+      S1[row] = _mm512_reduce_add_ps(s1);
+      S2[row] = _mm512_reduce_add_ps(s2);
+    };
+    auto apply_row = [&](int64_t row, const T* pf_x = nullptr, const T* pf_g = nullptr) {
+      for (int64_t i = 0; i < S; i += 16) {
+        if (pf_x != nullptr) {  // the same line of the next block's x and gy, into L2
+          _mm_prefetch(reinterpret_cast<const char*>(pf_x + i), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(pf_g + i), _MM_HINT_T1);
+        }
+        bwd_apply16<kSilu>(lane_mask(S - i), x + row * S + i, gy + row * S + i, gx + row * S + i, bc(P[row]),
+                           bc(Q[row]), bc(Rr[row]), bc(Kc[row]), bc(mean_c[row]), bc(A[row]), bc(B[row]),
+                           bc(-A[row] * kLog2e), bc(-B[row] * kLog2e));
+      }
+    };
+    if (blocks) {
+      // (n, group) blocks, handed out from a shared counter in batches as in the forward (up to kClaimValues values,
+      // at least eight batches per thread: neighbouring blocks' S1, S2, P, Q, Rr share cache lines). Per block:
+      // its statistics again (row_stats: the arithmetic of the forward's StatsCursor), so that x is centred by
+      // its mean in the pivot's frame as the forward centred it, not by the saved fp32 mean, which is rounded to
+      // the pivot's ulp (at a mean of 1e4 standard deviations that cost 4e-4 of the gradients, relative; now
+      // 3e-7); then the sums pass and the apply pass, during which the next block's x and gy are prefetched into
+      // L2. x and gy come from memory once; the sums and apply passes re-read them (and gz, kept in gx) from L2.
+      const int64_t cpg = sh.cpg, G = sh.G, blocks_n = N * G;
+      const int64_t batch = std::max<int64_t>(
+          1, std::min(kClaimValues / std::max<int64_t>(1, cpg * S), blocks_n / (8 * at::get_num_threads())));
+      std::atomic<int64_t> counter{0};
+      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks_n + batch - 1) / batch), 1,
+                       [&](int64_t, int64_t) {
+        int64_t b0 = counter.fetch_add(batch);
+        while (b0 < blocks_n) {
+          const int64_t b1 = std::min(blocks_n, b0 + batch), following = counter.fetch_add(batch);
+          for (int64_t ng = b0; ng < b1; ++ng) {
+            const int64_t n = ng / G, g = ng % G, row0 = n * C + g * cpg;
+            const int64_t next = ng + 1 < b1 ? ng + 1 : following;  // this thread's next block
+            const int64_t delta = next < blocks_n ? (next - ng) * cpg * S : -1;  // to its x, gy
+            const T* xb = x + row0 * S;
+            float mu, m2;
+            row_stats(xb, cpg * S, static_cast<float>(xb[0]), mu, m2);
+            refold(n, g, mu);
+            for (int64_t row = row0; row < row0 + cpg; ++row) sums_row(row);
+            fold_group(n, g);
+            for (int64_t row = row0; row < row0 + cpg; ++row)
+              if (delta >= 0)
+                apply_row(row, x + row * S + delta, gy + row * S + delta);
+              else
+                apply_row(row);
+          }
+          b0 = following;
+        }
+      });
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
-        const __m512 a = bc(A[row]), bb = bc(B[row]), k = bc(Kc[row]), mu = bc(mean_c[row]);
-        const __m512 ua = bc(-A[row] * kLog2e), ub = bc(-B[row] * kLog2e);
-        for (int64_t i = 0; i < S; i += 16)
-          bwd_sums16<kSilu>(lane_mask(S - i), x + row * S + i, gy + row * S + i, gx + row * S + i, a, bb, ua, ub,
-                            k, mu, s1, s2);
-        S1[row] = _mm512_reduce_add_ps(s1);
-        S2[row] = _mm512_reduce_add_ps(s2);
-      }
+      for (int64_t row = b; row < e; ++row) sums_row(row);
     });
     fold_all();
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row)
-        for (int64_t i = 0; i < S; i += 16)
-          bwd_apply16<kSilu>(lane_mask(S - i), x + row * S + i, gy + row * S + i, gx + row * S + i, bc(P[row]),
-                             bc(Q[row]), bc(Rr[row]), bc(Kc[row]), bc(mean_c[row]), bc(A[row]), bc(B[row]),
-                             bc(-A[row] * kLog2e), bc(-B[row] * kLog2e));
+      for (int64_t row = b; row < e; ++row) apply_row(row);
     });
     return;
   }
@@ -1234,6 +1283,19 @@ void fold(const Shape& sh, const float* mrel, const float* rstd, const Param& w,
   });
 }
 
+// The size of cpu0's cache `index` (2: L2, 3: L3) from sysfs, or `fallback` where it cannot be read.
+int64_t sysfs_cache_bytes(int index, int64_t fallback) {
+  long long kb = 0;
+  char unit = 'K';
+  const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+  if (FILE* f = std::fopen(path.c_str(), "r")) {
+    if (std::fscanf(f, "%lld%c", &kb, &unit) < 1) kb = 0;
+    std::fclose(f);
+  }
+  if (unit == 'M') kb *= 1024;
+  return kb > 0 ? static_cast<int64_t>(kb) * 1024 : fallback;
+}
+
 // The size the store choices below assume for the last-level cache, where set (set_cpu_cache_bytes; 0: not set).
 std::atomic<int64_t> g_cache_override{0};
 
@@ -1249,15 +1311,19 @@ int64_t llc_bytes() {
       if (end != env && *end == '\0' && mb > 0) return static_cast<int64_t>(mb) << 20;
       TORCH_WARN("FASTDIFF_CPU_CACHE_MB: expected a positive integer (MiB), got '", env, "'; ignored");
     }
-    long long kb = 0;
-    char unit = 'K';
-    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
-      if (std::fscanf(f, "%lld%c", &kb, &unit) < 1) kb = 0;
-      std::fclose(f);
-    }
-    if (unit == 'M') kb *= 1024;
-    return kb > 0 ? static_cast<int64_t>(kb) * 1024 : int64_t{32} << 20;
+    return sysfs_cache_bytes(3, int64_t{32} << 20);
   }();
+  return bytes;
+}
+
+// The L2 size the backward's choice of block-by-block passes assumes, where set (set_cpu_l2_bytes; 0: not set).
+std::atomic<int64_t> g_l2_override{0};
+
+// The L2 cache's size per core: from sysfs (1 MiB where it cannot be read); set_cpu_l2_bytes overrides it.
+[[maybe_unused]] int64_t l2_bytes() {
+  const int64_t forced = g_l2_override.load(std::memory_order_relaxed);
+  if (forced > 0) return forced;
+  static const int64_t bytes = sysfs_cache_bytes(2, int64_t{1} << 20);
   return bytes;
 }
 
@@ -1557,44 +1623,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   float* s2 = S2.data_ptr<float>();  // sum gz (x - mean); times rstd gives sum gz xhat
   const float M = static_cast<float>(sh.cpg * sh.S);
   const int64_t nc_grain = std::max<int64_t>(1, kPerChannelGrain / std::max<int64_t>(C, 1));  // samples per task
-  // grad_x = P gz + Q (x - mean) + R per (n, c), from S1 and S2, for samples n0 .. n1 - 1
+  // grad_x = P gz + Q (x - mean) + R per (n, c) of group g of sample n, from S1 and S2
+  auto fold_pqr_group = [&](int64_t n, int64_t g) {
+    const float r = pr[n * G + g];
+#if FASTDIFF_AVX512
+    // 16 channels at a time (sums added lane-wise, then across lanes)
+    const int64_t c0 = g * sh.cpg, o = n * C + c0;
+    __m512 v1 = _mm512_setzero_ps(), v2 = _mm512_setzero_ps();
+    for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
+      const int64_t c = c0 + i;
+      const __m512 sv = param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f);
+      const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f), _mm512_add_ps(_mm512_set1_ps(1.f), sv));
+      v1 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s1 + o + i), v1);
+      v2 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s2 + o + i), v2);
+      _mm512_mask_storeu_ps(P.data() + o + i, m, _mm512_mul_ps(_mm512_set1_ps(r), gc));
+    });
+    const float m1 = _mm512_reduce_add_ps(v1) / M, m2 = _mm512_reduce_add_ps(v2) * r / M;
+    std::fill(Q.data() + o, Q.data() + o + sh.cpg, -r * r * m2);
+    std::fill(Rr.data() + o, Rr.data() + o + sh.cpg, -r * m1);
+#else
+    float m1 = 0.f, m2 = 0.f;
+    for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+      const int64_t nc = n * C + c;
+      const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
+      m1 += gc * s1[nc];
+      m2 += gc * s2[nc] * r;
+    }
+    m1 /= M;
+    m2 /= M;
+    for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+      const int64_t nc = n * C + c;
+      P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
+      Q[nc] = -r * r * m2;
+      Rr[nc] = -r * m1;
+    }
+#endif
+  };
+  // the same for samples n0 .. n1 - 1
   auto fold_pqr = [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t g = 0; g < G; ++g) {
-        const float r = pr[n * G + g];
-#if FASTDIFF_AVX512
-        // 16 channels at a time (sums added lane-wise, then across lanes)
-        const int64_t c0 = g * sh.cpg, o = n * C + c0;
-        __m512 v1 = _mm512_setzero_ps(), v2 = _mm512_setzero_ps();
-        for_vectors(sh.cpg, [&](int64_t i, __mmask16 m) {
-          const int64_t c = c0 + i;
-          const __m512 sv = param16(s, n * s.s0 + c * s.s1, s.s1, m, 0.f);
-          const __m512 gc = _mm512_mul_ps(param16(w, c * w.s0, w.s0, m, 1.f), _mm512_add_ps(_mm512_set1_ps(1.f), sv));
-          v1 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s1 + o + i), v1);
-          v2 = _mm512_fmadd_ps(gc, _mm512_maskz_loadu_ps(m, s2 + o + i), v2);
-          _mm512_mask_storeu_ps(P.data() + o + i, m, _mm512_mul_ps(_mm512_set1_ps(r), gc));
-        });
-        const float m1 = _mm512_reduce_add_ps(v1) / M, m2 = _mm512_reduce_add_ps(v2) * r / M;
-        std::fill(Q.data() + o, Q.data() + o + sh.cpg, -r * r * m2);
-        std::fill(Rr.data() + o, Rr.data() + o + sh.cpg, -r * m1);
-#else
-        float m1 = 0.f, m2 = 0.f;
-        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-          const int64_t nc = n * C + c;
-          const float gc = w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
-          m1 += gc * s1[nc];
-          m2 += gc * s2[nc] * r;
-        }
-        m1 /= M;
-        m2 /= M;
-        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
-          const int64_t nc = n * C + c;
-          P[nc] = r * w.at(c, 1.f) * (1.f + s.at(n, c, 0.f));
-          Q[nc] = -r * r * m2;
-          Rr[nc] = -r * m1;
-        }
-#endif
-      }
+      for (int64_t g = 0; g < G; ++g) fold_pqr_group(n, g);
   };
   bool done = false;
 #if FASTDIFF_AVX512
@@ -1606,12 +1674,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
       // channels-last: prefetch the next sweep's rows where the tensors outgrow the cache (the threshold of y's
       // non-temporal stores); in cache the prefetches only cost instructions (0.8-0.9x measured)
       const bool prefetch = stream_output(x);
+      // fp32 channels-first (maps over 2x4): block by block (see backward_avx512) where x outgrows two L2s, a
+      // block's x, gy and gx fit in three quarters of one, and there are blocks enough for the threads. Measured
+      // on the 2-core Intel VM (2 MB L2), fp32 AdaGN + SiLU, medians of 5 rounds alternating in one process
+      // against the two-pass loops, two runs: (2, 320, 64, 64) 1.06-1.16x, (2, 640, 64, 64) 1.07-1.42x,
+      // (2, 1280, 32, 32) 1.17-1.46x, (4, 512, 64, 64) 1.10-1.18x, (8, 128, 16, 16, 16) 1.11-1.15x; but 0.88-0.93x where x fits in L2 or
+      // about (2, 320, 16, 16), (2, 1280, 16, 16): the statistics pass costs more than the traffic it saves; and
+      // fp16 and bf16 (compute-bound: gz is formed twice) 0.93-1.00x.
+      const bool blocks = std::is_same_v<scalar_t, float> && sh.layout == Layout::kChannelsFirst &&
+                          sh.S > kShortRowBackward && N * G >= 2 * at::get_num_threads() &&
+                          static_cast<int64_t>(x.nbytes()) >= 2 * l2_bytes() &&
+                          3 * sh.cpg * sh.S * static_cast<int64_t>(sizeof(scalar_t)) <= l2_bytes() * 3 / 4;
+      auto refold = [&](int64_t n, int64_t g, float mu) {
+        const int64_t o = n * C + g * sh.cpg;
+        fold_block(w, b, s, t, n, g * sh.cpg, sh.cpg, pr[n * G + g], mu, A.data() + o, B.data() + o, nullptr,
+                   nullptr);
+        std::fill(mean_c.data() + o, mean_c.data() + o + sh.cpg, mu);
+      };
       if (act_code == 1)
         backward_avx512<true>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
-                              Rr.data(), sh, s1, s2, fold_pqr, prefetch);
+                              Rr.data(), sh, s1, s2, fold_pqr, fold_pqr_group, refold, prefetch, blocks);
       else
         backward_avx512<false>(pgy, px, pgx, A.data(), B.data(), Kc.data(), mean_c.data(), P.data(), Q.data(),
-                               Rr.data(), sh, s1, s2, fold_pqr, prefetch);
+                               Rr.data(), sh, s1, s2, fold_pqr, fold_pqr_group, refold, prefetch, blocks);
     });
     done = true;
   }
@@ -1690,6 +1775,13 @@ int64_t cpu_cache_bytes() { return llc_bytes(); }
 int64_t set_cpu_cache_bytes(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "bytes: expected a cache size in bytes, or 0 to go back to the detected one; got ", bytes);
   return g_cache_override.exchange(bytes);
+}
+
+int64_t cpu_l2_bytes() { return l2_bytes(); }
+
+int64_t set_cpu_l2_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "bytes: expected an L2 size in bytes, or 0 to go back to the detected one; got ", bytes);
+  return g_l2_override.exchange(bytes);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
