@@ -310,7 +310,8 @@ def _cpu_grads(x, p, G, activation, gy):
 
 
 def _ref_grads(x, p, G, activation, gy):
-    leaves = [t.detach().double().requires_grad_(True) for t in [x] + [p[k] for k in ("weight", "bias", "scale", "shift")]]
+    params = [p[k] for k in ("weight", "bias", "scale", "shift")]
+    leaves = [t.detach().double().requires_grad_(True) for t in [x] + params]
     y = reference.group_norm(leaves[0], G, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation=activation)
     return torch.autograd.grad(y, leaves, gy.double())
 

@@ -1678,9 +1678,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
       // block's x, gy and gx fit in three quarters of one, and there are blocks enough for the threads. Measured
       // on the 2-core Intel VM (2 MB L2), fp32 AdaGN + SiLU, medians of 5 rounds alternating in one process
       // against the two-pass loops, two runs: (2, 320, 64, 64) 1.06-1.16x, (2, 640, 64, 64) 1.07-1.42x,
-      // (2, 1280, 32, 32) 1.17-1.46x, (4, 512, 64, 64) 1.10-1.18x, (8, 128, 16, 16, 16) 1.11-1.15x; but 0.88-0.93x where x fits in L2 or
-      // about (2, 320, 16, 16), (2, 1280, 16, 16): the statistics pass costs more than the traffic it saves; and
-      // fp16 and bf16 (compute-bound: gz is formed twice) 0.93-1.00x.
+      // (2, 1280, 32, 32) 1.17-1.46x, (4, 512, 64, 64) 1.10-1.18x, (8, 128, 16, 16, 16) 1.11-1.15x. But smaller
+      // tensors, (2, 320, 16, 16) and (2, 1280, 16, 16), 0.88-0.93x (the statistics cost more than the traffic
+      // they save), and fp16 and bf16 (compute-bound: gz is formed twice) 0.93-1.00x: they keep the two passes.
       const bool blocks = std::is_same_v<scalar_t, float> && sh.layout == Layout::kChannelsFirst &&
                           sh.S > kShortRowBackward && N * G >= 2 * at::get_num_threads() &&
                           static_cast<int64_t>(x.nbytes()) >= 2 * l2_bytes() &&
