@@ -117,8 +117,10 @@ def warm_cpu_heap():
     time the allocator: the same kernel measured 0.55 ms or 5 ms at (2, 320, 64, 64) fp32 here. This sets
     M_MMAP_THRESHOLD to 32 MiB (glibc's maximum) and M_TRIM_THRESHOLD to 1 GiB once per process, for every
     provider alike (eager, compile and fastdiff), and returns the setting recorded in the result rows; None where
-    the C library is not glibc. Outside a benchmark the same is had with the environment variables
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824, or with jemalloc/tcmalloc."""
+    the C library is not glibc. The `fastdiff` command sets it too for sample, eval, train and demo (a process of
+    its own: up to 1 GiB of freed memory may then stay in its heap). A program that imports fastdiff gets the same
+    with the environment variables MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824, or with
+    jemalloc/tcmalloc."""
     global _CPU_HEAP
     if _CPU_HEAP is None:
         _CPU_HEAP = ""

@@ -107,6 +107,18 @@ def test_sample_png(tmp_path, monkeypatch, capsys):
         assert im.size == (4 * (2 * 18 + 2), 4 * (10 * 18 + 2))
 
 
+@pytest.mark.parametrize("command", ["sample", "info"])
+def test_commands_that_run_models_keep_freed_heap_blocks(tmp_path, monkeypatch, command):
+    from fastdiff import _bench
+
+    calls = []
+    monkeypatch.setattr(_bench, "warm_cpu_heap", lambda: calls.append(1))
+    monkeypatch.chdir(tmp_path)
+    argv = ["sample", "--n", "1", "--steps", "1", "--quiet"] if command == "sample" else [command]
+    assert cli.main(argv) == 0
+    assert len(calls) == (1 if command == "sample" else 0)
+
+
 def test_sample_npz(tmp_path, capsys):
     out = tmp_path / "s.npz"
     assert cli.main(["sample", "--classes", "1,7", "--n", "3", "--steps", "3", "--sampler", "ddim",
