@@ -366,6 +366,25 @@ def test_generate_samples_in_eval_mode_and_restores_the_mode():
     torch.testing.assert_close(x, pretrained.generate(ref, **kw)[0], rtol=0, atol=0)
 
 
+def test_generate_runs_channels_last_on_the_cpu_by_default():
+    import copy
+
+    import torch
+
+    model = pretrained.load(None, device="cpu")
+    nchw = copy.deepcopy(model)
+    kw = dict(sampler="dpmsolver++", steps=3, guidance=2.0, classes=[1, 7], n=2, seed=5, device="cpu")
+    def conv_weight(m):  # a convolution with input channels to lay out (one input channel: both layouts agree)
+        return next(c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.weight.shape[1] > 1)
+
+    x = pretrained.generate(model, **kw)[0]
+    w = conv_weight(model)
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    ref = pretrained.generate(nchw, channels_last=False, **kw)[0]
+    assert conv_weight(nchw).is_contiguous()
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-4)  # oneDNN's NHWC and NCHW convolutions round apart
+
+
 def test_sample_npz_name_kept(tmp_path, capsys):
     out = tmp_path / "S.NPZ"  # numpy alone would write S.NPZ.npz
     assert cli.main(["sample", "--n", "1", "--classes", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 0
