@@ -910,3 +910,27 @@ def test_float64_custom_schedule_resumes_bit_for_bit(tmp_path):
     back.train(2)
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, back.model.state_dict()[k]), k
+
+
+# -- memory format -------------------------------------------------------------------------------------------------
+
+def test_cpu_trainer_runs_channels_last_and_matches_nchw():
+    # On the CPU the trainer lays the model's 4-D weights out channels_last (oneDNN's convolutions take NHWC without
+    # reordering; activations follow the weights): the same two steps as a trainer put back to NCHW, to fp32 rounding
+    def trainer(nchw):
+        torch.manual_seed(0)
+        t = Trainer(tiny_unet(num_classes=3, learn_null_class=True, out_channels=2, resblock_updown=True),
+                    synthetic(), batch_size=4, lr=1e-3, cfg_dropout=0.3, ema_decay=0.9, seed=3)
+        if nchw:
+            t.model.to(memory_format=torch.contiguous_format)
+        return t
+
+    cl, nchw = trainer(False), trainer(True)
+    convs = [m.weight for m in cl.model.modules()  # (1x1 kernels, or one input channel: both layouts agree)
+             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[2:].numel() > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    a, b = _two_steps(cl), _two_steps(nchw)
+    assert [r["step"] for r in a["history"]] == [r["step"] for r in b["history"]]
+    for key in ("grads", "weights"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-5, msg=f"{key} {k}")

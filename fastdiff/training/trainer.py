@@ -155,6 +155,11 @@ class Trainer:
         cfg = self.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
+        if self.device.type == "cpu":
+            # channels_last weights (and so activations, which convolutions lay out like their weights): oneDNN's
+            # convolutions take NHWC without reordering. A 40-step `fastdiff train` (batch 128) on the 2-core Intel
+            # VM: 44.6-44.8 -> 39.4-40.7 s. (On a GPU this is not measured yet: NCHW stays.)
+            self.model.to(memory_format=torch.channels_last)
         self.dataset, self.out_dir, self.verbose = dataset, out_dir, verbose
         self.context_fn = context_fn
         self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
