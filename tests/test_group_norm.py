@@ -360,6 +360,33 @@ def test_cpu_backward_large_mean(l2, tol, activation):
         assert err <= tol, f"grad of {name}: {err:.2e} of its largest value (bound {tol:.0e})"
 
 
+# Channels-last samples of up to half an L2, four or more per thread, run one task per sample (statistics in chunks
+# of channel_stats's size, merged in the same order, then the apply from L1/L2): bit-identical to the two passes
+# over the whole tensor, which an assumed L2 of one byte forces. 16x16 (2 chunks of 128 rows at 64 channels),
+# 12x12 at 640 channels (chunks of 64 rows: 3, the last partial), and a 6x6x6 3-D map.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,G", [((8, 64, 16, 16), 32), ((8, 640, 12, 12), 32), ((8, 40, 6, 6, 6), 4)],
+                         ids=["16x16", "12x12-640", "3d"])
+def test_cpu_channels_last_per_sample_path(shape, G, dtype):
+    x, p = make_inputs(shape, G, dtype, "cpu", channels_last=True, mean=5.0)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        torch.set_num_threads(2)
+        for l2 in (1, 1 << 30):
+            with _assumed_l2(l2):
+                outs.append(ops.group_norm(x, G, p["weight"], p["bias"], scale=p["scale"], shift=p["shift"],
+                                           activation="silu", backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert outs[1].is_contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    ref = ref_fp64(x, G, p, "silu")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(outs[1].double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
 def test_cpu_l2_bytes_setter_checks_its_argument():
     assert torch.ops.fastdiff._cpu_l2_bytes() > 0
