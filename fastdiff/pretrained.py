@@ -42,11 +42,28 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices on AMX tiles (Intel Sapphire Rapids and later), from the flags in
+    /proc/cpuinfo (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
+    """'auto' is bf16 on a GPU (fp16 where bf16 is not supported); on the CPU, bf16 where it has AMX-BF16 (oneDNN's
+    bf16 convolutions run on its tiles: the bundled model's sampling 3x faster on a 2-core Sapphire Rapids VM,
+    its scores unchanged) and fp32 elsewhere."""
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_amx_bf16():
+            return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of auto, {', '.join(DTYPES)}, got {dtype!r}")

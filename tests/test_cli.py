@@ -385,6 +385,18 @@ def test_generate_runs_channels_last_on_the_cpu_by_default():
     torch.testing.assert_close(x, ref, rtol=0, atol=1e-4)  # oneDNN's NHWC and NCHW convolutions round apart
 
 
+def test_auto_dtype_is_bf16_on_a_cpu_with_amx(monkeypatch):
+    import torch
+
+    cpu = torch.device("cpu")
+    for amx, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(pretrained, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert pretrained.resolve_dtype("auto", cpu) == want
+        assert pretrained.resolve_dtype(None, cpu) == want
+        assert pretrained.resolve_dtype("fp32", cpu) == torch.float32
+        assert pretrained.resolve_dtype("bf16", cpu) == torch.bfloat16
+
+
 def test_sample_npz_name_kept(tmp_path, capsys):
     out = tmp_path / "S.NPZ"  # numpy alone would write S.NPZ.npz
     assert cli.main(["sample", "--n", "1", "--classes", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 0
