@@ -371,7 +371,7 @@ def _add_sampling_arguments(s):
                    help="classifier-free guidance scale, 1 turns it off (default: 2 for sample, 1 for eval)")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="default: bf16 on a GPU, fp32 on the CPU")
+                   help="default: bf16 on a GPU and on a CPU with AMX-BF16, else fp32")
     s.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     s.add_argument("--batch-size", type=_positive_int, default=None, help="samples per model batch (default: all)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
