@@ -20,7 +20,8 @@ std::string cpu_kernels();
 // detected size); returns the previous override (csrc/cpu/group_norm.cpp)
 int64_t cpu_cache_bytes();
 int64_t set_cpu_cache_bytes(int64_t bytes);
-// The same for the L2 size per core behind the CPU GroupNorm backward's choice of block-by-block passes
+// The same for the L2 size per core behind the CPU GroupNorm's choices of the backward's block-by-block passes and
+// the forward's per-sample channels-last path
 int64_t cpu_l2_bytes();
 int64_t set_cpu_l2_bytes(int64_t bytes);
 }  // namespace fastdiff
@@ -63,8 +64,9 @@ TORCH_LIBRARY(fastdiff, m) {
   // it (tests use it to take the paths of a 32 MiB cache on any machine; 0 restores the detected size).
   m.def("_cpu_cache_bytes() -> int", &fastdiff::cpu_cache_bytes);
   m.def("_set_cpu_cache_bytes(int bytes) -> int", &fastdiff::set_cpu_cache_bytes);
-  // The L2 size (bytes per core) behind the CPU GroupNorm backward's choice of block-by-block passes (fp32 NCHW),
-  // and a setter (tests use it to take either path on any machine; 0 restores the detected size).
+  // The L2 size (bytes per core) behind the CPU GroupNorm's choices of the backward's block-by-block passes (fp32
+  // NCHW) and the forward's per-sample channels-last path, and a setter (tests use it to take either path on any
+  // machine; 0 restores the detected size).
   m.def("_cpu_l2_bytes() -> int", &fastdiff::cpu_l2_bytes);
   m.def("_set_cpu_l2_bytes(int bytes) -> int", &fastdiff::set_cpu_l2_bytes);
 }

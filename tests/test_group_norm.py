@@ -287,9 +287,10 @@ def test_cpu_cache_bytes_setter_checks_its_argument():
 
 
 class _assumed_l2:
-    """The CPU GroupNorm backward's block-by-block passes (fp32 NCHW, x at least two L2s, a block's x, gy and gx in
-    three quarters of one; csrc/cpu/group_norm.cpp, group_norm_backward_cpu) as on a machine with this L2 size: 64
-    KiB or 16 KiB takes them at the small shapes below, 1 GiB never does."""
+    """The CPU GroupNorm's L2-sized choices as on a machine with this L2 size (csrc/cpu/group_norm.cpp): the
+    backward's block-by-block passes (fp32 NCHW, x at least two L2s, a block's x, gy and gx in three quarters of
+    one), which 64 KiB or 16 KiB takes at the small shapes below and 1 GiB never does, and the forward's per-sample
+    channels-last path (samples of up to half an L2), which 1 GiB takes there and one byte never does."""
 
     def __init__(self, nbytes):
         self.nbytes = nbytes

@@ -288,6 +288,12 @@ constexpr int64_t kRowBytes = 32768;    // bytes per row chunk (channels-last)
 constexpr int64_t kStatsValues = 40960; // values per row chunk of the AVX-512 channels-last statistics (160 KB of
                                         // fp32; counted in values so fp16/bf16 chunk exactly as fp32 does)
 
+// Rows per chunk of the AVX-512 channels-last statistics at C channels (channel_stats and the per-sample path of
+// group_norm_cpu chunk alike, so their results are bit-identical).
+#if FASTDIFF_AVX512
+constexpr int64_t stats_chunk_rows(int64_t C) { return std::clamp<int64_t>(kStatsValues / C, 1, kOnePassRows); }
+#endif
+
 struct Shape {
   int64_t N, C, S, G, cpg;
   Layout layout;
@@ -626,7 +632,7 @@ void channel_stats(const T* x, const Shape& sh, const float* Kc, float* cmean, f
   // along C; the partials of one (n, c) are then merged in chunk order.
   // (with AVX-512: rows_stats's one pass, up to kOnePassRows rows of about kStatsValues per chunk)
 #if FASTDIFF_AVX512
-  const int64_t R = std::clamp<int64_t>(kStatsValues / C, 1, kOnePassRows);
+  const int64_t R = stats_chunk_rows(C);
 #else
   const int64_t R = std::max<int64_t>(1, kRowBytes / (C * static_cast<int64_t>(sizeof(T))));
 #endif
@@ -961,18 +967,17 @@ void backward_avx512(const T* gy, const T* x, T* gx, const float* A, const float
           for (int64_t ng = b0; ng < b1; ++ng) {
             const int64_t n = ng / G, g = ng % G, row0 = n * C + g * cpg;
             const int64_t next = ng + 1 < b1 ? ng + 1 : following;  // this thread's next block
-            const int64_t delta = next < blocks_n ? (next - ng) * cpg * S : -1;  // to its x, gy
+            const bool ahead = next < blocks_n;
             const T* xb = x + row0 * S;
             float mu, m2;
             row_stats(xb, cpg * S, static_cast<float>(xb[0]), mu, m2);
             refold(n, g, mu);
             for (int64_t row = row0; row < row0 + cpg; ++row) sums_row(row);
             fold_group(n, g);
-            for (int64_t row = row0; row < row0 + cpg; ++row)
-              if (delta >= 0)
-                apply_row(row, x + row * S + delta, gy + row * S + delta);
-              else
-                apply_row(row);
+            for (int64_t row = row0; row < row0 + cpg; ++row) {
+              const int64_t r = row + (next - ng) * cpg;  // the same row of the next block
+              apply_row(row, ahead ? x + r * S : nullptr, ahead ? gy + r * S : nullptr);
+            }
           }
           b0 = following;
         }
@@ -1319,7 +1324,8 @@ int64_t llc_bytes() {
   return bytes;
 }
 
-// The L2 size the backward's choice of block-by-block passes assumes, where set (set_cpu_l2_bytes; 0: not set).
+// The L2 size the choices of the backward's block-by-block passes (fp32 NCHW) and the forward's per-sample
+// channels-last path assume, where set (set_cpu_l2_bytes; 0: not set).
 std::atomic<int64_t> g_l2_override{0};
 
 // The L2 cache's size per core: from sysfs (1 MiB where it cannot be read); set_cpu_l2_bytes overrides it.
@@ -1547,7 +1553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
     // 1.209 -> 0.800, (16, 320, 16, 16) 0.386 -> 0.273, (8, 640, 16, 16) 0.394 -> 0.293, (32, 128, 32, 32)
     // 1.179 -> 0.811, (160, 64, 12, 12) 0.512 -> 0.342 (1.34-1.51x).
     const int64_t cpg = sh.cpg, S = sh.S;
-    const int64_t R = std::clamp<int64_t>(kStatsValues / C, 1, kOnePassRows);  // rows per chunk over kOnePassRows
+    const int64_t R = stats_chunk_rows(C);  // rows per chunk over kOnePassRows
     const bool stream = stream_output(x);
     FASTDIFF_DISPATCH_FLOATING(x.scalar_type(), "group_norm_cpu", [&] {
       const scalar_t* px = x.const_data_ptr<scalar_t>();
