@@ -388,6 +388,35 @@ def test_cpu_channels_last_per_sample_path(shape, G, dtype):
     torch.testing.assert_close(outs[1].double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
 
 
+# The NCHW forward's per-block path computes the next block's statistics inside the current block's apply loop where
+# the current block's x, the next one's and (ordinary stores) y fit in three quarters of an L2, and each block's
+# statistics first, then its apply, where they do not (csrc/cpu/group_norm.cpp). Both run the same statistics
+# cursor, so outputs are bit-identical: an assumed L2 of 1 GiB takes the first for every block, one byte the second;
+# with ordinary stores and with y streamed (an assumed 64 KiB cache); 9x7 maps end in partial vectors.
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cache", [1 << 30, 64 << 10], ids=["stores", "streamed"])
+@pytest.mark.parametrize("shape,G", [((2, 64, 16, 16), 32), ((3, 80, 9, 7), 8)], ids=["16x16", "9x7"])
+def test_cpu_nchw_statistics_ahead_or_first(shape, G, cache, dtype):
+    x, p = make_inputs(shape, G, dtype, "cpu", mean=3.0)
+    threads = torch.get_num_threads()
+    prev = torch.ops.fastdiff._set_cpu_cache_bytes(cache)
+    outs = []
+    try:
+        torch.set_num_threads(2)
+        for l2 in (1, 1 << 30):
+            with _assumed_l2(l2):
+                outs.append(torch.ops.fastdiff.group_norm(x, G, p["weight"], p["bias"], p["scale"], p["shift"],
+                                                          1e-5, "silu"))
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.fastdiff._set_cpu_cache_bytes(prev)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+    ref = ref_fp64(x, G, p, "silu")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(outs[1][0].double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
 def test_cpu_l2_bytes_setter_checks_its_argument():
     assert torch.ops.fastdiff._cpu_l2_bytes() > 0

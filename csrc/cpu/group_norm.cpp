@@ -1432,6 +1432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
 #if FASTDIFF_AVX512
     const int64_t kept = stream ? cached_blocks(x, blocks) : 0;
     const bool short_rows = S < kShortRow;
+    const int64_t block_bytes = cpg * S * static_cast<int64_t>(x.element_size()), l2 = l2_bytes();
 #else
     const bool short_rows = false;
 #endif
@@ -1496,8 +1497,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
             // process against the previous loop (statistics, then the apply loop with the next block prefetched
             // into L2), fp32 AdaGN + SiLU: (2, 320, 64, 64) 0.453 -> 0.412 ms, (2, 640, 32, 32) 0.250 -> 0.231,
             // (8, 128, 16, 16, 16) 0.738 -> 0.668; 16x16 and 8x8 maps, fp16 and bf16 within 2.5% either way.
+            // It needs the current block's x, the next one's and (ordinary stores) y in L2 at once: an L2 is LRU
+            // enough that the current block's unread lines, loaded first and untouched since, are the first to go.
+            // So it runs where those blocks fit in three quarters of one (as the backward's block path); larger
+            // blocks (640 KB at (2, 1280, 64, 64) fp32) run their statistics first, then the apply from L2. The
+            // statistics are the same cursor's either way, so outputs do not change. Measured on the same VM,
+            // medians of 4 rounds alternating in one process, ordinary stores: 640 KB blocks (2, 1280, 64, 64)
+            // ahead 2.96-3.40 ms, statistics first 2.56-2.74 (a later, noisier run of 6 rounds: 3.21-3.51 against
+            // 2.89-3.34); (1, 1280, 64, 64) 1.09-1.29 -> 0.93-0.95 (later 1.13-1.45 -> 1.04-1.26); at 512 KB
+            // (2, 1024, 64, 64) ahead still wins, 1.38-1.48 against 1.52-1.59. With y streamed (2 blocks) ahead
+            // wins at 640 KB too: 1.73-1.96 against 1.89-2.21.
+            const bool st = stream && ng >= kept;
+            const bool ahead_fits = (st ? 2 : 3) * block_bytes <= l2 * 3 / 4;
             StatsCursor<scalar_t> ahead;
-            if (next != nullptr) ahead.start(next, cpg * S, static_cast<float>(next[0]));
+            if (next != nullptr && ahead_fits) ahead.start(next, cpg * S, static_cast<float>(next[0]));
             int64_t ticks = 0;
             auto tick = [&] {
               if ((++ticks & 3) == 0 && ahead.active()) ahead.step();
@@ -1510,12 +1523,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
             };
             using T_ = std::true_type;
             using F_ = std::false_type;
-            const bool st = stream && ng >= kept;
             if (act_code == 1)
               st ? rows(T_{}, T_{}) : rows(T_{}, F_{});
             else
               st ? rows(F_{}, T_{}) : rows(F_{}, F_{});
-            if (next != nullptr) {
+            if (next != nullptr && ahead_fits) {
               ahead.finish(ahead_mu, ahead_m2);
               ahead_ng = next_ng;
             }
