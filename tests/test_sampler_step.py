@@ -435,10 +435,36 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="^x0_buf3: shares memory with x0_buf2"):
         sampler_step(x, m, t, 0, x0_buf=three[0], x0_buf2=three[1], x0_buf3=three[1])
     sampler_step(x, m, t, 0, x0_buf=three[0], x0_buf2=three[1], x0_buf3=three[2])
+    # a written buffer sharing memory with an input: threads would overwrite values others still read
+    flat = torch.zeros(3 * x.numel())
+    xs = flat[:x.numel()].view(x.shape).copy_(x)
+    for kw, name in (({"x0_buf": flat[3:3 + x.numel()].view(x.shape)}, "x0_buf: shares memory with x"),
+                     ({"x0_buf": m}, "x0_buf: shares memory with model_output"),
+                     ({"x0_buf": three[0], "x0_buf2": m}, "x0_buf2: shares memory with model_output"),
+                     ({"x0_buf": three[0], "x0_buf2": three[1], "x0_buf3": xs}, "x0_buf3: shares memory with x")):
+        with pytest.raises(ValueError, match="^" + name):
+            sampler_step(xs, m, t, 0, **kw)
+    noise = torch.randn_like(x)
+    with pytest.raises(ValueError, match="^x0_buf: shares memory with noise"):
+        sampler_step(x, m, t, 0, noise=noise, x0_buf=noise)
     if fastdiff.info()["cpu_extension"]:  # the op itself checks too (torch.ops.fastdiff.sampler_step called directly)
         with pytest.raises(RuntimeError, match="x0_buf2: given without x0_buf"):
             torch.ops.fastdiff.sampler_step(x, m, None, 1.0, t, torch.tensor(0), None, None, None, None, 0, 0, 0, 1.0,
                                             True, torch.zeros_like(x))
+        op = torch.ops.fastdiff.sampler_step
+        with pytest.raises(RuntimeError, match="x0_buf: its samples overlap in memory"):
+            op(x, m, None, 1.0, t, torch.tensor(0), None, torch.zeros_like(x[:1]).expand_as(x), None, None, 0, 0, 0,
+               1.0, True)
+        with pytest.raises(RuntimeError, match="x0_buf: shares memory with model_output"):
+            op(x, m, None, 1.0, t, torch.tensor(0), None, m, None, None, 0, 0, 0, 1.0, True)
+        with pytest.raises(RuntimeError, match="x0_buf: shares memory with x "):
+            op(xs, m, None, 1.0, t, torch.tensor(0), None, flat[3:3 + x.numel()].view(x.shape), None, None, 0, 0, 0,
+               1.0, True)
+        with pytest.raises(RuntimeError, match="x0_buf2: shares memory with x0_buf3"):
+            op(x, m, None, 1.0, t, torch.tensor(0), None, three[0], None, None, 0, 0, 0, 1.0, True,
+               flat[:x.numel()].view(x.shape), flat[5:5 + x.numel()].view(x.shape))
+        gapped = torch.zeros(2, 2 * x[0].numel())[:, :x[0].numel()].view(x.shape)  # samples with gaps: extents
+        op(x, m, None, 1.0, t, torch.tensor(0), None, gapped, None, None, 0, 0, 0, 1.0, True)  # no overlap: fine
     with pytest.raises(ValueError, match="^clip_range:"):
         sampler_step(x, m, t, 0, clip="clip", clip_range=0)
     with pytest.raises(TypeError, match="^clip_range:"):
@@ -455,3 +481,33 @@ def test_bad_arguments():
         sampler_step(x, m, t, 0, guidance_scale=7.0)
     with pytest.raises(ValueError, match="^backend:"):
         sampler_step(x, m, t, 0, backend="fast")
+
+
+# Inside CUDA-graph capture a Python int (or a CPU tensor) step would need a host-to-device copy, which capture
+# forbids (a cryptic CUDA error): it raises a clear error instead; a step tensor on the device is captured and
+# replays with the step it holds at replay time.
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.triton)])
+def test_step_under_cuda_graph_capture(backend):
+    _skip_unavailable(backend)
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    m = torch.randn_like(x)
+    t = _table(4, "cuda")
+    step = torch.tensor(1, device="cuda")
+    sampler_step(x, m, t, step, backend=backend, seed=3)  # warm-up (Triton compiles outside capture)
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for bad, what in ((1, "a Python int"), (torch.tensor(1), "a torch.int64 tensor on cpu")):
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
+                with pytest.raises(ValueError, match="^step: while a CUDA graph is captured.*" + what):
+                    sampler_step(x, m, t, bad, backend=backend, seed=3)
+        with torch.cuda.graph(g, stream=stream):
+            out = sampler_step(x, m, t, step, backend=backend, seed=3)
+    torch.cuda.current_stream().wait_stream(stream)
+    for s in (1, 2):
+        step.fill_(s)
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, sampler_step(x, m, t, s, backend=backend, seed=3), rtol=0, atol=0)

@@ -9,14 +9,17 @@
 // (and of x0 and the history moved down one buffer, for a multistep solver); one pass, no temporaries the size of
 // the input.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "common/check.h"
 #include "common/philox.h"
@@ -309,6 +312,38 @@ int64_t row_stride(const at::Tensor& t, const at::Tensor& x, const char* name) {
   return x.size(0) == 1 ? 0 : t.stride(0);
 }
 
+// Whether a and b share a byte of memory: ATen's answer where it has one, else (a tensor with gaps between its
+// samples) whether their extents in the same storage intersect.
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus st = at::get_overlap_status(a, b);
+  if (st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial) return true;
+  if (st == at::MemOverlapStatus::No) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  auto extent = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return std::make_pair(lo, lo + static_cast<uintptr_t>((last + 1) * t.element_size()));
+  };
+  const auto [a0, a1] = extent(a);
+  const auto [b0, b1] = extent(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// A buffer the kernel overwrites in place: its samples must not overlap one another (a stride-0 expand would have
+// every sample write the same memory) and it must share no memory with another argument (threads would write what
+// others still read, or two buffers the same values).
+void check_written(const c10::optional<at::Tensor>& buf, const char* name, int64_t L,
+                   std::initializer_list<std::pair<const c10::optional<at::Tensor>*, const char*>> others) {
+  if (!buf.has_value()) return;
+  TORCH_CHECK(buf->size(0) == 1 || buf->stride(0) >= L, name, ": its samples overlap in memory (stride ",
+              buf->stride(0), " for ", L, " values per sample); the kernel writes it in place");
+  for (const auto& [other, oname] : others)
+    if (other->has_value())
+      TORCH_CHECK(!shares_memory(*buf, **other), name, ": shares memory with ", oname, " (the kernel writes ", name,
+                  " in place)");
+}
+
 }  // namespace
 
 // Shared argument checks of the CPU and CUDA entry points; fills the row strides.
@@ -346,6 +381,18 @@ void sampler_step_check(const at::Tensor& x, const at::Tensor& model_output, con
   TORCH_CHECK(!x0_buf3.has_value() || (x0_buf3->data_ptr() != x0_buf->data_ptr() &&
                                        x0_buf3->data_ptr() != x0_buf2->data_ptr()),
               "x0_buf3: must be a different tensor from x0_buf and x0_buf2");
+  {
+    const c10::optional<at::Tensor> xo = x, mo = model_output;
+    check_written(x0_buf, "x0_buf", L,
+                  {{&xo, "x"}, {&mo, "model_output"}, {&uncond, "uncond"}, {&noise, "noise"},
+                   {&var_values, "var_values"}, {&x0_buf2, "x0_buf2"}, {&x0_buf3, "x0_buf3"}});
+    check_written(x0_buf2, "x0_buf2", L,
+                  {{&xo, "x"}, {&mo, "model_output"}, {&uncond, "uncond"}, {&noise, "noise"},
+                   {&var_values, "var_values"}, {&x0_buf3, "x0_buf3"}});
+    check_written(x0_buf3, "x0_buf3", L,
+                  {{&xo, "x"}, {&mo, "model_output"}, {&uncond, "uncond"}, {&noise, "noise"},
+                   {&var_values, "var_values"}});
+  }
   TORCH_CHECK(var_mode == 0 || var_values.has_value(), "var_values: required when var_mode is ", var_mode);
   if (clip_mode == kClipThreshold) {
     TORCH_CHECK(thresh.has_value() && thresh->numel() == N && thresh->scalar_type() == at::kFloat &&

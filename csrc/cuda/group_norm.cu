@@ -83,10 +83,10 @@ __host__ __device__ __forceinline__ I imax(I a, I b) {
 // ---- loads and stores: W values of T at a W-aligned element index ------------------------------------------
 
 // A C++ 16-byte store through a pointer that went through the head/tail arithmetic comes out of nvcc 13 as
-// four 4-byte stores (the loads stay 16 bytes), so stores go through PTX. No "memory" clobber: no kernel
-// here reads what it stores.
+// four 4-byte stores (the loads stay 16 bytes), so stores go through PTX (volatile: never dropped or moved out
+// of its branch). No "memory" clobber: no kernel here reads what it stores.
 __device__ __forceinline__ void st_v4(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d));
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d));
 }
 
 template <typename T, int W>
@@ -858,7 +858,7 @@ __device__ __forceinline__ void bsums_cl(const T* __restrict__ gy, const T* __re
       }
     }
   }
-  constexpr int kStride = 2 * W;
+  constexpr int kStride = 2 * W + 1;  // odd: conflict-free (as gn_stats_cl)
   float* mine = sm + threadIdx.x * kStride;
 #pragma unroll
   for (int j = 0; j < W; ++j) {
@@ -903,7 +903,7 @@ template <typename T, bool kSilu>
 __global__ void __launch_bounds__(kThreads, 2)
     gn_bsums_cl(const T* __restrict__ gy, const T* __restrict__ x, const float* __restrict__ mean,
                 const float* __restrict__ rstd, const Fold fo, float* __restrict__ part, const Plan p) {
-  __shared__ float sm[kThreads * 2 * vec_of<T>()];
+  __shared__ float sm[kThreads * (2 * vec_of<T>() + 1)];
   __shared__ float coef[4][kMaxCtaChannels];
   if (p.W == 1)
     bsums_cl<T, kSilu, 1>(gy, x, mean, rstd, fo, part, p, sm, coef);

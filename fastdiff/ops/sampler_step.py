@@ -117,10 +117,20 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def step_tensor(step, device: torch.device) -> torch.Tensor:
-    """`step` as the one-element int64 tensor on `device` that the kernels read."""
+    """`step` as the one-element int64 tensor on `device` that the kernels read. While a CUDA graph is being
+    captured, only such a tensor can be used: anything else would need a copy from the host, which capture
+    forbids (the samplers' CUDA-graph path passes precomputed step tensors)."""
     if isinstance(step, torch.Tensor):
         if step.dtype == torch.int64 and step.dim() == 0 and step.device == device:
             return step  # already what the kernels read (a sampler's precomputed step tensors)
+    on_device = isinstance(step, torch.Tensor) and step.device == device
+    if (device.type == "cuda" and not on_device and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing()):
+        got = (f"a {step.dtype} tensor on {step.device}" if isinstance(step, torch.Tensor)
+               else f"a Python {type(step).__name__}")
+        raise ValueError(f"step: while a CUDA graph is captured it must be a tensor on {device} (a copy from the "
+                         f"host cannot be captured), got {got}")
+    if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
             raise TypeError(f"step: expected an int or a one-element integer tensor, got {step.dtype} of shape "
                             f"{tuple(step.shape)}")
@@ -197,11 +207,14 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
         if buf is not None and before is None:
             raise ValueError(f"{name}: given without {before_name} (it holds the x0 before the one in {before_name})")
     if not torch.compiler.is_compiling():  # (storage pointers: checked in eager only; the C++ op checks too)
-        for name, buf, others in (("x0_buf2", x0_buf2, (("x0_buf", x0_buf),)),
-                                  ("x0_buf3", x0_buf3, (("x0_buf", x0_buf), ("x0_buf2", x0_buf2)))):
+        inputs = (("x", x), ("model_output", model_output), ("uncond", uncond), ("noise", noise),
+                  ("var_values", var_values))
+        for name, buf, others in (("x0_buf", x0_buf, inputs),
+                                  ("x0_buf2", x0_buf2, (("x0_buf", x0_buf),) + inputs),
+                                  ("x0_buf3", x0_buf3, (("x0_buf", x0_buf), ("x0_buf2", x0_buf2)) + inputs)):
             for oname, other in others:
-                if buf is not None and _overlaps(buf, other):
-                    raise ValueError(f"{name}: shares memory with {oname} (the kernel writes both)")
+                if buf is not None and other is not None and _overlaps(buf, other):
+                    raise ValueError(f"{name}: shares memory with {oname} (the kernel writes {name} in place)")
     if var_mode != "fixed" and var_values is None:
         raise ValueError(f"var_values: required when var_mode is {var_mode!r}")
     if clip == "threshold":
