@@ -349,6 +349,8 @@ def format_table(rows: list, baseline: str = "eager") -> str:
         speed = f"{b / r['median_ms']:.2f}x" if b else "-"
         rate = f"{r['gbps']:.1f} GB/s" if "gbps" in r else (f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else "-")
         pct = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else "-"
+        if "pct_copy" in r:  # GroupNorm forward: also against a same-size copy timed alongside
+            pct += f" ({r['pct_copy']:.0f}% of copy)"
         lines.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['layout'] or '-'} | {r['provider']} | "
                      f"{r['median_ms']:.4f} | {r['p20_ms']:.4f}-{r['p80_ms']:.4f} | {rate} | {pct} | {speed} |")
     return "\n".join(lines)

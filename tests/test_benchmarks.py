@@ -39,6 +39,12 @@ def test_group_norm_run():
                                shapes=[("tiny", (1, 64, 8))])
     assert out == ""
     _check_rows(rows, "group_norm", ["eager"])
+    # each row carries the same-size copy timed alongside, which is no provider of its own
+    assert group_norm._COPY not in {r["provider"] for r in rows}
+    assert len({r["copy_ms"] for r in rows}) == 1
+    for r in rows:
+        assert r["copy_ms"] > 0 and r["pct_copy"] == pytest.approx(100 * r["copy_ms"] / r["median_ms"])
+    assert "% of copy)" in fastdiff._bench.format_table(rows)
 
 
 def test_group_norm_backward_run():
@@ -148,7 +154,11 @@ def test_report_markdown_plots_and_compare(tmp_path):
     rows = [dict(base, op="sampling", case="m B1", provider="eager", median_ms=10.0, images_per_s=100.0),
             dict(base, op="sampling", case="m B1", provider="fastdiff", median_ms=5.0, images_per_s=200.0)]
     md = report.markdown(rows)
-    assert "fastdiff vs eager" in md and "2.00x" in md and "img/s" in md
+    assert "fastdiff vs eager" in md and "2.00x" in md and "img/s" in md and "% of copy" not in md
+    gn = [dict(base, op="group_norm", case="g", provider=p, median_ms=ms, copy_ms=0.5, pct_copy=50 / ms)
+          for p, ms in (("eager", 2.0), ("fastdiff-cpu", 0.625))]
+    md = report.markdown(gn)
+    assert "fastdiff-cpu % of copy" in md and "| 80% |" in md and "3.20x" in md
     pytest.importorskip("matplotlib")
     pngs = report.plots(rows, str(tmp_path))
     assert any("images-per-s" in os.path.basename(p) for p in pngs) and all(os.path.exists(p) for p in pngs)

@@ -4,6 +4,11 @@ Bytes counted per call: x, weight, bias, scale and shift read once and y written
 implementation; the fused kernels read x a second time for the statistics, from L2 where it fits). GB/s and
 % of the measured peak bandwidth follow from that floor, so they compare providers fairly.
 
+The forward rows also carry `copy_ms`, the median of `x.clone()` (read x, write a new tensor of its size: the
+least any out-of-place kernel of this op does) timed in the same interleaved rounds, and `pct_copy` = 100 *
+copy_ms / median_ms: how near a provider runs to that speed of light in the same cache regime. `pct_peak` is
+against one large copy, which runs from DRAM; on a CPU whose caches hold these tensors it can pass 100%.
+
 --backward times a training step instead (op "group_norm_fwd_bwd", file group_norm_fwd_bwd.json): the forward
 and torch.autograd.grad for x, weight, bias, scale and shift; bytes counted: x read twice, y and grad_x written,
 grad_y read; the four parameters read by the forward and again by the backward, and their gradients written.
@@ -23,6 +28,7 @@ from fastdiff.ops.group_norm import _available
 SD15 = [(2, c, hw) for c in (320, 640, 1280) for hw in (64, 32, 16, 8)]  # N, C, H=W; 32 groups
 ADM64 = [(4, c, hw) for c, hw in ((192, 64), (384, 32), (576, 16), (768, 8))]  # ADM 64x64: 192 * (1, 2, 3, 4)
 QUICK_CPU = [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (2, 1280, 8)]
+_COPY = "(copy)"  # the timing key of the same-size x.clone() reference: not a provider, no row of its own
 
 
 def _eager(x, w, b, s, t):
@@ -114,16 +120,22 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw",
                             raise RuntimeError(f"{name} on {case} {layout}: max error {err:.3g} — not timing a wrong "
                                                "answer")
                         fns[name] = (lambda fn=fn: fn(x, w, b, s, t))
+                    fns[_COPY] = x.clone  # the speed-of-light reference (see the module docstring)
                 # CPU: three interleaved rounds, each provider's best (a shared machine's load bursts hit all alike)
                 timings = _bench.time_providers(fns, device, 1 if gpu or quick else 3, flush_l2=gpu,
                                                 min_time_s=0.1 if quick else 0.3)
+                copy = timings.pop(_COPY, None)
                 for name, timing in timings.items():
+                    extra = None if copy is None else {
+                        "copy_ms": copy["median_ms"], "pct_copy": 100 * copy["median_ms"] / timing["median_ms"]}
                     row = _bench.make_row(op=op, case=case, shape=[N, C, HW, HW], dtype=dtype,
-                                          layout=layout, provider=name, timing=timing, device=device, nbytes=nbytes)
+                                          layout=layout, provider=name, timing=timing, device=device, nbytes=nbytes,
+                                          extra=extra)
                     rows.append(row)
                     if verbose:
+                        vs_copy = f" {row['pct_copy']:5.0f}% of copy" if copy is not None else ""
                         print(f"  {case:38s} {layout} {row['dtype']:8s} {name:16s} {row['median_ms']:8.4f} ms "
-                              f"{row['gbps']:7.1f} GB/s", file=sys.stderr)
+                              f"{row['gbps']:7.1f} GB/s{vs_copy}", file=sys.stderr)
     if out is None:
         out = os.path.join(_bench.results_dir(device), "group_norm_fwd_bwd.json" if backward else "group_norm.json")
     if out:

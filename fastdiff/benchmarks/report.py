@@ -104,6 +104,8 @@ def markdown(rows) -> str:
         fast = [p for p in providers if p.startswith("fastdiff")]
         head += [f"{p} vs eager" for p in fast] + [f"{p} vs compile" for p in fast if "compile" in providers]
         head += [f"{p} % peak" for p in fast]
+        copy = [p for p in fast if any("pct_copy" in cell.get(p, {}) for cell in tab.values())]
+        head += [f"{p} % of copy" for p in copy]
         ips = any("images_per_s" in r for cell in tab.values() for r in cell.values())
         if ips:
             head += [f"{p} img/s" for p in providers]
@@ -121,6 +123,7 @@ def markdown(rows) -> str:
                     ok = p in cell and base in cell
                     line.append(f"{cell[base]['median_ms'] / cell[p]['median_ms']:.2f}x" if ok else "-")
             line += [f"{cell[p]['pct_peak']:.0f}%" if p in cell and "pct_peak" in cell[p] else "-" for p in fast]
+            line += [f"{cell[p]['pct_copy']:.0f}%" if p in cell and "pct_copy" in cell[p] else "-" for p in copy]
             if ips:
                 line += [f"{cell[p]['images_per_s']:.3g}" if p in cell and cell[p].get("images_per_s") else "-"
                          for p in providers]
