@@ -109,7 +109,9 @@ def main(argv=None):
                 f"rows in the *.json next "
                 f"to this file. Times are medians (p20/p80 in the JSON); `vs eager` is eager's median over the "
                 f"provider's; `% peak` is of the measured copy bandwidth (GB/s rows) or the measured matmul "
-                f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs).\n\n" + md)
+                f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs); `% of copy` "
+                f"(GroupNorm forward) is a same-size `x.clone()` timed in the same rounds, over the provider's "
+                f"median.\n\n" + md)
     try:
         pngs = report.plots(rows, out_dir)
     except ImportError:
