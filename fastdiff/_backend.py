@@ -24,18 +24,29 @@ def _load_extension():
 HAS_EXTENSION, EXTENSION_ERROR = _load_extension()
 
 
-@functools.lru_cache(None)
+# What is present does not change in a process: the checks below are cached, and torch.compile takes their result
+# as a constant (assume_constant_result: Dynamo neither traces into them nor warns about the lru_cache wrapper).
+def _constant(fn):
+    cached = functools.lru_cache(None)(fn)
+
+    @functools.wraps(fn)
+    def get():
+        return cached()
+
+    return torch.compiler.assume_constant_result(get)
+
+
 def has_cpu_ext() -> bool:
     return HAS_EXTENSION
 
 
-@functools.lru_cache(None)
+@_constant
 def cpu_kernels():
     """Which code the extension's CPU kernels were compiled to: "avx512" or "portable" (None: no extension)."""
     return str(torch.ops.fastdiff._cpu_kernels()) if HAS_EXTENSION else None
 
 
-@functools.lru_cache(None)
+@_constant
 def has_cuda_ext() -> bool:
     """The extension was built with its CUDA kernels (a GPU is a separate question)."""
     return HAS_EXTENSION and bool(torch.ops.fastdiff._built_with_cuda())
@@ -45,7 +56,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(None)
+@_constant
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 

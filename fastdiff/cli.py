@@ -261,7 +261,7 @@ def _cmd_sample(args):
     else:
         _write_atomically(out, lambda f: pretrained.save_grid(x, rows=len(classes), path=f, scale=args.scale))
     name = "bundled digits model" if args.checkpoint is None else args.checkpoint
-    print(f"{n_total} samples ({len(classes)} classes x {args.n}) of the {name} with {args.sampler} {args.steps} steps, "
+    print(f"{_count(n_total, 'sample')} ({_count(len(classes), 'class', 'classes')} x {args.n}) of the {name} with {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance:g}, {str(dtype).replace('torch.', '')} on {device}: {sec:.2f} s, "
           f"{n_total / sec:.1f} images/s -> {out}")
     if names is not None and names != [str(i) for i in range(model.num_classes)]:
@@ -384,8 +384,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastdiff", description="Fused CUDA and Triton kernels for diffusion models.")
+    from fastdiff import __version__
+
+    p.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

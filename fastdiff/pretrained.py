@@ -10,6 +10,7 @@ weights stored in fp16 and cast to fp32 on load). Its ``checkpoint.json`` record
 """
 from __future__ import annotations
 
+import numbers
 import os
 import time
 
@@ -226,6 +227,13 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, model, checkpoint)
     classes = [int(c) for c in classes]
+    if not classes:
+        raise ValueError("classes: expected at least one class, got none")
+    for name, v in (("n", n), ("batch_size", batch_size)):
+        if v is None and name == "batch_size":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
         raise ValueError("checkpoint: the model is not class-conditional")

@@ -22,7 +22,16 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     if compute_dtype is not None:
         x = x.to(compute_dtype)
         weight, bias, scale, shift = (None if t is None else t.to(compute_dtype) for t in (weight, bias, scale, shift))
-    h = F.group_norm(x, num_groups, weight, bias, eps)
+    if x.numel() == 0 and x.shape[0] > 0:
+        # no values to normalise (a 0-sized channel or spatial dim), which F.group_norm rejects: the empty result
+        # the fused kernels give, still connected to x and the parameters for autograd
+        h = x * 0
+        if weight is not None:
+            h = h * _bcast(weight.unsqueeze(0), x.dim())
+        if bias is not None:
+            h = h + _bcast(bias.unsqueeze(0), x.dim())
+    else:
+        h = F.group_norm(x, num_groups, weight, bias, eps)
     if scale is not None:
         h = h * (1 + _bcast(scale, x.dim()))
     if shift is not None:

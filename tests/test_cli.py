@@ -319,6 +319,17 @@ def test_digits_split_is_fixed_and_disjoint():
         digits(16, split="val")
 
 
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastdiff {fastdiff.__version__}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "fastdiff", "--version"], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == f"fastdiff {fastdiff.__version__}", p.stderr
+    assert cli._count(1, "class", "classes") == "1 class" and cli._count(3, "sample") == "3 samples"
+
+
 def test_info_says_which_cpu_kernels():
     info = fastdiff.info()
     if not info["cpu_extension"]:
@@ -364,6 +375,17 @@ def test_generate_samples_in_eval_mode_and_restores_the_mode():
     x = pretrained.generate(unet, **kw)[0]
     assert unet.training
     torch.testing.assert_close(x, pretrained.generate(ref, **kw)[0], rtol=0, atol=0)
+
+
+def test_generate_rejects_nothing_to_sample():
+    # n = 0, no classes, or a batch size of 0 name their argument (they raised range()'s "arg 3 must not be zero")
+    from fastdiff.models import UNet
+
+    unet = UNet(8, 1, 8, 1, 1, (), channel_mult=(1,), num_classes=3, num_groups=4)
+    for kw, name in ((dict(n=0), "n"), (dict(n=-1), "n"), (dict(n=1.5), "n"), (dict(classes=[]), "classes"),
+                     (dict(batch_size=0), "batch_size"), (dict(n=True), "n")):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            pretrained.generate(unet, **{"sampler": "ddim", "steps": 1, "classes": [0], "n": 1, **kw})
 
 
 def test_generate_runs_channels_last_on_the_cpu_by_default():

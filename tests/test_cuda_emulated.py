@@ -246,13 +246,17 @@ def test_group_norm_grad_y_in_the_other_layout_and_strided_params(emu):
     _backward_case(emu, x, p, G, "silu", gy)
 
 
-def test_group_norm_empty_batch(emu):
-    x = torch.empty(0, 8, 3, 3)
-    w, b = torch.randn(8), torch.randn(8)
-    y, mean, rstd = torch.ops.fastdiff_emu.group_norm(x, 4, w, b, None, None, 1e-5, "silu")
-    assert y.shape == x.shape and mean.shape == (0, 4)
-    g = torch.ops.fastdiff_emu.group_norm_backward(torch.empty_like(x), x, mean, rstd, 4, w, b, None, None, "silu")
-    assert torch.equal(g[1], torch.zeros(8)) and torch.equal(g[2], torch.zeros(8))
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0, 3), (2, 0, 3)], ids=["N0", "H0", "C0"])
+def test_group_norm_empty(emu, shape):
+    N, C = shape[:2]
+    x = torch.empty(shape)
+    w, b, s = torch.randn(C), torch.randn(C), torch.randn(N, C)
+    y, mean, rstd = torch.ops.fastdiff_emu.group_norm(x, 4, w, b, s, None, 1e-5, "silu")
+    assert y.shape == x.shape and mean.shape == (N, 4)
+    g = torch.ops.fastdiff_emu.group_norm_backward(torch.empty_like(x), x, mean, rstd, 4, w, b, s, None, "silu")
+    assert g[0].shape == x.shape
+    for got, p in zip(g[1:4], (w, b, s)):
+        assert torch.equal(got, torch.zeros_like(p))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

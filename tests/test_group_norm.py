@@ -3,6 +3,8 @@
 The Triton backend's numerics are tested in test_group_norm_triton.py (interpreter-sized shapes); here the
 `cuda` backend runs on a GPU only (marked, skipped with the reason elsewhere).
 """
+import warnings
+
 import pytest
 import torch
 
@@ -492,6 +494,22 @@ def test_empty_batch(backend, device):
     assert y.shape == x.shape
 
 
+# No values to normalise but samples present (a 0-sized spatial or channel dim): every backend gives the empty
+# result, the eager one included (F.group_norm itself rejects these), with empty or zero gradients.
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("shape,G", [((2, 4, 0), 2), ((2, 4, 0, 5), 4), ((2, 0, 3, 3), 1)], ids=["S0", "H0", "C0"])
+def test_empty_map_or_channels(backend, device, shape, G):
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    C = shape[1]
+    w, b = (torch.randn(C, device=device, requires_grad=True) for _ in range(2))
+    s, t = (torch.randn(2, C, device=device, requires_grad=True) for _ in range(2))
+    y = ops.group_norm(x, G, w, b, scale=s, shift=t, activation="silu", backend=backend)
+    assert y.shape == x.shape
+    grads = torch.autograd.grad(y.sum(), [x, w, b, s, t], allow_unused=True)
+    for g, leaf in zip(grads, [x, w, b, s, t]):
+        assert g is None or (g.shape == leaf.shape and not g.any())
+
+
 @pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("spatial", [(5, 7), (40, 40)], ids=["5x7", "40x40"])
@@ -696,6 +714,20 @@ def test_compile_fullgraph(backend):
         got_grads = torch.autograd.grad(got, leaves, gy)  # the backward traced by AOTAutograd
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+def test_compile_warns_nothing():
+    # The backend checks (what is built, whether Triton is there) are constants to Dynamo: it used to trace through
+    # their lru_cache and warn about it, twice, whenever a user compiled a model with our layers. Dynamo warns once
+    # per process and location, so this sees it only where no earlier test compiled these layers.
+    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = cm(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+    torch.testing.assert_close(got, m(x))
 
 
 # The C++ autograd (csrc/autograd.cpp) for any subset of the inputs requiring grad, with parameters absent: the

@@ -188,7 +188,7 @@ def test_overflowing_variance_is_not_clamped_to_zero(monkeypatch, channels_last)
     torch.testing.assert_close(y, b.view(1, 4, 1, 1).expand_as(y))
 
 
-@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0), (0, 8)])
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0), (0, 8), (2, 0, 3)])
 def test_empty(shape):
     """N = 0 returns without launching; an empty spatial extent gives mean 0 and rstd 1/sqrt(eps), like the
     C++ op; every gradient of an empty input is zero."""

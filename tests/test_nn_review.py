@@ -104,6 +104,25 @@ def test_posterior_sample_refuses_noise_that_would_broadcast():
         post.sample(noise=noise[0])
 
 
+def test_layer_sizes_take_numpy_ints():
+    # sizes read from a config or computed with numpy (np.int64) are ints to torch.nn's layers: ours took them too
+    # for num_groups only, and refused emb_dim, heads, dim_head, channels and the rest
+    import numpy as np
+
+    i = np.int64
+    ada = fastdiff.nn.AdaGroupNorm(i(2), i(4), emb_dim=i(6))
+    assert ada.linear.in_features == 6 and type(ada.linear.in_features) is int
+    att = fastdiff.nn.Attention(i(8), context_dim=i(5), heads=i(2), dim_head=np.int32(4))
+    assert (att.heads, att.dim_head, att.to_k.in_features) == (2, 4, 5) and type(att.heads) is int
+    sa = fastdiff.nn.SpatialSelfAttention(i(8), num_head_channels=i(4), num_groups=i(2))
+    assert sa.num_heads == 2 and type(sa.channels) is int
+    x = torch.randn(2, 8, 3, 3)
+    assert sa(x).shape == x.shape and att(torch.randn(2, 3, 8), torch.randn(2, 4, 5)).shape == (2, 3, 8)
+    for bad in (dict(heads=True), dict(dim_head=1.0), dict(context_dim=i(0))):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))}:"):
+            fastdiff.nn.Attention(8, **bad)
+
+
 def test_ada_group_norm_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="^emb_dim:"):
         fastdiff.nn.AdaGroupNorm(4, 16, emb_dim=0)  # was accepted: a Linear(0, 32) whose scale/shift is its bias

@@ -1641,6 +1641,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   check_param(scale, "scale", {N, C}, x);
   check_param(shift, "shift", {N, C}, x);
   TORCH_CHECK(mean_in.numel() == N * G && rstd_in.numel() == N * G, "mean/rstd: expected ", N * G, " values");
+  if (x.numel() == 0) {  // no values (N, C or a spatial dim of 0): y is empty, so every gradient is zero
+    auto grad_of = [&](const c10::optional<at::Tensor>& p) {
+      return p.has_value() ? at::zeros(p->sizes(), p->options()) : at::empty({0}, x.options());
+    };
+    return {at::empty_like(x), grad_of(weight), grad_of(bias), grad_of(scale), grad_of(shift)};
+  }
   const Shape sh = shape_of(x, G);
   // grad_y must share x's layout for the fused passes; copy only when it does not.
   at::Tensor grad_y = grad_y_in.strides() == x.strides() ? grad_y_in : at::empty_like(x).copy_(grad_y_in);

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import ops
-from fastdiff.nn.norm import GroupNorm
+from fastdiff.nn.norm import GroupNorm, positive_int
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -36,12 +36,13 @@ class Attention(torch.nn.Module):
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
                  device=None, dtype=None):
         super().__init__()
-        for name, val in (("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)):
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
-        if context_dim is not None and (isinstance(context_dim, bool) or not isinstance(context_dim, int)
-                                        or context_dim <= 0):
-            raise ValueError(f"context_dim: expected None or a positive int, got {context_dim!r}")
+        query_dim, heads, dim_head = (positive_int(v, n) for v, n in ((query_dim, "query_dim"), (heads, "heads"),
+                                                                       (dim_head, "dim_head")))
+        if context_dim is not None:
+            try:
+                context_dim = positive_int(context_dim, "context_dim")
+            except ValueError:
+                raise ValueError(f"context_dim: expected None or a positive int, got {context_dim!r}") from None
         inner = heads * dim_head
         kv_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
@@ -90,22 +91,22 @@ class SpatialSelfAttention(torch.nn.Module):
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, num_groups: int = 32,
                  device=None, dtype=None):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels: expected a positive int, got {channels!r}")
+        channels = positive_int(channels, "channels")
         if num_head_channels == -1:
-            if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-                raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+            num_heads = positive_int(num_heads, "num_heads")
             if channels % num_heads != 0:
                 raise ValueError(f"num_heads: {num_heads} heads must divide the {channels} channels")
             heads = num_heads
         else:
-            if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, int) or num_head_channels <= 0:
-                raise ValueError(f"num_head_channels: expected -1 or a positive int, got {num_head_channels!r}")
+            try:
+                num_head_channels = positive_int(num_head_channels, "num_head_channels")
+            except ValueError:
+                raise ValueError(f"num_head_channels: expected -1 or a positive int, got {num_head_channels!r}") \
+                    from None
             if channels % num_head_channels != 0:
                 raise ValueError(f"num_head_channels: {num_head_channels} must divide the {channels} channels")
             heads = channels // num_head_channels
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-            raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+        num_groups = positive_int(num_groups, "num_groups")
         groups = min(num_groups, channels)  # small test models have fewer than 32 channels
         if channels % groups != 0:
             raise ValueError(f"channels: {channels} is not divisible by the {groups} GroupNorm groups")

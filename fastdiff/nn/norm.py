@@ -1,9 +1,18 @@
 """Normalisation layers on the fused GroupNorm op."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastdiff import ops
+
+
+def positive_int(v, name: str) -> int:
+    """v as an int (any integral type: Python's, numpy's), or a ValueError naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return int(v)
 
 _ACTS = (None, "silu")
 
@@ -61,8 +70,7 @@ class AdaGroupNorm(torch.nn.Module):
     def __init__(self, num_groups: int, num_channels: int, emb_dim: int, activation="silu", eps: float = 1e-5,
                  affine: bool = True, emb_activation="silu", device=None, dtype=None):
         super().__init__()
-        if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim <= 0:
-            raise ValueError(f"emb_dim: expected a positive int, got {emb_dim!r}")
+        emb_dim = positive_int(emb_dim, "emb_dim")
         self.norm = GroupNorm(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype,
                               activation=activation)
         self.emb_activation = _check_activation(emb_activation)
