@@ -669,6 +669,25 @@ def test_opcheck_cuda():
     _opcheck_forward_and_backward("cuda", torch.float16)
 
 
+# A group of more than 2^24 values (one group over 64 x 512 x 520): counts and merge weights past fp32's exact
+# integers (the CUDA kernels keep them in float), against float64, forward and the x gradient, both layouts. On
+# the CPU too (its chunk counts are multiples of 2048, exact far beyond that).
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_of_more_than_2_to_24_values(backend, device, channels_last):
+    if backend == "cpu" and not HAS_EXT:
+        pytest.skip("extension not built")
+    x = to_layout(torch.randn(1, 64, 512, 520) * 2 + 3, channels_last).to(device).requires_grad_(True)
+    y = ops.group_norm(x, 1, backend=backend)
+    xr = x.detach().double().requires_grad_(True)
+    yr = reference.group_norm(xr, 1, compute_dtype=torch.float64)
+    torch.testing.assert_close(y.double(), yr, atol=2e-5, rtol=2e-5)
+    gy = torch.randn_like(x)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    (gr,) = torch.autograd.grad(yr, xr, gy.double())
+    torch.testing.assert_close(gx.double(), gr, atol=2e-4 * gr.abs().max().item(), rtol=0)
+
+
 def test_module_is_drop_in():
     ref = torch.nn.GroupNorm(4, 16)
     with torch.no_grad():
