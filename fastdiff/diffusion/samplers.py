@@ -59,10 +59,16 @@ _CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
 def _canonical_device(device) -> torch.device:
     """`device` as tensors report it: "cuda" is cuda:<current device>, "cpu:0" is cpu. A sampler compares x.device
     with its own, and torch.device("cuda") != torch.device("cuda:0")."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from None
     if device.type == "cpu":
         return torch.device("cpu")
-    return torch.empty(0, device=device).device
+    try:
+        return torch.empty(0, device=device).device
+    except (RuntimeError, AssertionError) as e:  # no driver, no such GPU, a backend torch was built without
+        raise ValueError(f"device: {device} cannot be used here ({str(e).splitlines()[0]})") from None
 
 
 def _is_int(v):
@@ -670,8 +676,13 @@ class Sampler:
             raise ValueError(f"model_output: variance_type={self.config['variance_type']!r} needs the model's "
                              f"variance channels: expected {2 * C} channels, got shape {tuple(model_output.shape)}")
         if tuple(model_output.shape) != tuple(x.shape):
+            hint = ""
+            if model_output.dim() == x.dim() and model_output.shape[1] == 2 * C:
+                hint = (f"; {2 * C} channels look like a model with learned variances: this sampler reads only the "
+                        f"first {C} (pass model_output[:, :{C}]), DDPMSampler(variance_type='learned_range') reads "
+                        f"them all")
             raise ValueError(f"model_output: expected shape {tuple(x.shape)} (x's shape), got "
-                             f"{tuple(model_output.shape)}")
+                             f"{tuple(model_output.shape)}{hint}")
         uncond_given = uncond is not None
         if uncond is not None:
             if not isinstance(uncond, torch.Tensor):

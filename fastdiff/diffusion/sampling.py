@@ -8,6 +8,7 @@ device-to-device copy per step.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
@@ -145,10 +146,15 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
         raise TypeError(f"guidance_scale: expected a float, got {type(guidance_scale).__name__}")
     if isinstance(classifier_scale, bool) or not isinstance(classifier_scale, numbers.Real):
         raise TypeError(f"classifier_scale: expected a float, got {type(classifier_scale).__name__}")
+    for name, v in (("guidance_scale", guidance_scale), ("classifier_scale", classifier_scale)):
+        if not math.isfinite(v):  # NaN or inf would make every sample NaN
+            raise ValueError(f"{name}: expected a finite float, got {v!r}")
     if cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph: expected 'auto', True or False, got {cuda_graph!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if seed is not None and not -(1 << 63) <= seed < (1 << 64):  # the kernels' seed is 64 bits: 2**64 would be 0
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:

@@ -242,11 +242,11 @@ def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, chann
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
 
 
-def check_image(x, in_channels: int, multiple: int, name: str = "x"):
+def check_image(x, in_channels: int, multiple: int, name: str = "x", channels_name: str = "in_channels"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"{name}: expected shape (N, {in_channels}, H, W) (in_channels={in_channels}), "
+        raise ValueError(f"{name}: expected shape (N, {in_channels}, H, W) ({channels_name}={in_channels}), "
                          f"got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")

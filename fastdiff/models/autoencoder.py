@@ -182,7 +182,7 @@ class AutoencoderKL(ConfigMixin, nn.Module):
         return DiagonalGaussian(self.quant_conv(self.encoder(x.to(dtype))))
 
     def decode(self, z) -> torch.Tensor:
-        check_image(z, self.latent_channels, 1, name="z")
+        check_image(z, self.latent_channels, 1, name="z", channels_name="latent_channels")
         dtype = self.quant_conv.weight.dtype
         return self.decoder(self.post_quant_conv(z.to(dtype)))
 

@@ -59,28 +59,62 @@ def save(directory: str, tensors: dict, meta: dict) -> str:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (damaged, truncated, not a checkpoint): the message names the file."""
+
+
+def _folder(directory: str) -> str:
+    """A checkpoint folder, given the folder or its checkpoint.json."""
+    if os.path.basename(directory) == JSON_NAME and os.path.isfile(directory):
+        return os.path.dirname(os.path.abspath(directory))
+    return directory
+
+
 def exists(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, JSON_NAME))
+    return os.path.isfile(os.path.join(_folder(directory), JSON_NAME))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: damaged or not a checkpoint's JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged or not a checkpoint's JSON (a {type(meta).__name__}, not an object)")
+    return meta
 
 
 def load_meta(directory: str) -> dict:
-    """The JSON meta of the checkpoint in `directory` (without reading its tensors)."""
-    with open(os.path.join(directory, JSON_NAME)) as f:
-        return json.load(f)
+    """The JSON meta of the checkpoint in `directory` (the folder or its checkpoint.json), without its tensors."""
+    return _read_json(os.path.join(_folder(directory), JSON_NAME))
 
 
 def load(directory: str, device="cpu") -> tuple[dict, dict]:
-    """(tensors, meta) of the checkpoint in `directory`."""
+    """(tensors, meta) of the checkpoint in `directory` (the folder or its checkpoint.json). A file that cannot
+    be read raises CheckpointError (a ValueError) naming it."""
+    directory = _folder(directory)
     path = os.path.join(directory, JSON_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint in {directory!r} (expected {JSON_NAME})")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = _read_json(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fastdiff checkpoint (format={meta.get('format')!r})")
+        raise CheckpointError(f"{path}: not a fastdiff checkpoint (format={meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta['version']} is newer than this fastdiff reads ({VERSION})")
-    tensors = _safetensors().load_file(os.path.join(directory, meta["tensors"]), device=str(device))
+        raise CheckpointError(f"{path}: checkpoint version {meta['version']} is newer than this fastdiff reads "
+                              f"({VERSION})")
+    if not isinstance(meta.get("tensors"), str):
+        raise CheckpointError(f"{path}: damaged: it names no tensor file")
+    tpath = os.path.join(directory, meta["tensors"])
+    if not os.path.isfile(tpath):
+        raise CheckpointError(f"{tpath}: missing (named by {path})")
+    st = _safetensors()
+    try:
+        tensors = st.load_file(tpath, device=str(device))
+    except MemoryError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+        raise CheckpointError(f"{tpath}: damaged or not a safetensors file ({type(e).__name__}: {e})") from None
     return tensors, meta
 
 

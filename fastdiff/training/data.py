@@ -181,5 +181,16 @@ def fetch(dataset, indices: torch.Tensor):
     """(images, labels) of the given indices: vectorised for in-memory datasets, item by item otherwise."""
     if hasattr(dataset, "batch"):
         return dataset.batch(indices)
-    items = [dataset[int(i)] for i in indices]
-    return torch.stack([torch.as_tensor(im) for im, _ in items]), torch.tensor([int(lb) for _, lb in items])
+    images, labels = [], []
+    for i in indices:
+        item = dataset[int(i)]
+        if isinstance(item, (tuple, list)) and len(item) in (1, 2):
+            im, lb = item[0], (item[1] if len(item) == 2 else 0)
+        elif isinstance(item, (tuple, list)) or item is None:
+            raise ValueError(f"dataset: item {int(i)} is a {type(item).__name__} of {len(item) if item else 0}; "
+                             f"expected an image, (image,) or (image, label)")
+        else:  # an image alone (torch.utils.data.TensorDataset(images) gives (image,)): no label, 0
+            im, lb = item, 0
+        images.append(torch.as_tensor(im))
+        labels.append(int(lb))
+    return torch.stack(images), torch.tensor(labels)

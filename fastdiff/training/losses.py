@@ -12,6 +12,7 @@ Conventions: data x0 in [-1, 1]; the model maps (x_t, t, **model_kwargs) to its 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -191,6 +192,10 @@ def _vb_term(c, x0, x_t, t, pred_x0, log_var):
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, target: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for each prediction target."""
+    if target not in TARGETS:
+        raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not gamma > 0 or math.isinf(gamma):
+        raise ValueError(f"min_snr_gamma: expected a positive finite float, got {gamma!r}")
     clipped = snr.clamp(max=gamma)
     if target == "eps":
         # min(snr, gamma) / snr -> 1 as snr -> 0: a zero-terminal-SNR step weighs 1, not 0 / 0 = NaN
@@ -212,12 +217,16 @@ def training_losses(model, x0, t, schedule, *, target: str = "eps", learn_sigma:
     """
     if target not in TARGETS:
         raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+    if isinstance(lambda_vlb, bool) or not isinstance(lambda_vlb, numbers.Real) or not 0 <= lambda_vlb < math.inf:
+        raise ValueError(f"lambda_vlb: expected a non-negative finite float, got {lambda_vlb!r}")
     c = coefs(schedule, x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = q_sample(schedule, x0, t, noise)  # checks t while it may still be on the CPU (no sync)
     t = t.to(x0.device)  # the samplers draw t on the CPU: torch.where in the L_vlb term wants it beside x0
-    out = model(x_t, t, **(model_kwargs or {})).float()
+    # the model sees x_t in x0's dtype (as diffusers' add_noise gives it: a half model need not cast its input);
+    # the loss terms use the fp32 x_t
+    out = model(x_t.to(x0.dtype), t, **(model_kwargs or {})).float()
     if learn_sigma is None:
         learn_sigma = out.shape[1] == 2 * x0.shape[1]
     if learn_sigma and target == "eps" and c.zero_snr:  # the L_vlb term's x0 would be inf * 0 = NaN at T - 1
@@ -228,7 +237,7 @@ def training_losses(model, x0, t, schedule, *, target: str = "eps", learn_sigma:
     mse = _mean_flat((_target(c, target, x0f, x_tf, t, noise.float()) - pred) ** 2)
     if min_snr_gamma is not None:
         snr = c.c["snr"][t].float()
-        mse = mse * min_snr_weight(snr, float(min_snr_gamma), target)
+        mse = mse * min_snr_weight(snr, min_snr_gamma, target)
     terms = {"mse": mse}
     loss = mse
     if learn_sigma:

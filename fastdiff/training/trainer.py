@@ -20,6 +20,7 @@ import numbers
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -371,8 +372,10 @@ class Trainer:
         (metrics averaged over the window) every ``log_every`` steps; a partial window stays pending, and is saved
         with a checkpoint, so an interrupted and resumed run logs the same rows as an uninterrupted one."""
         steps = self.config.steps if steps is None else steps
-        if self.out_dir:  # before any work: the first save would replace another run
+        if self.out_dir:  # before any work: the first save would replace another run, or fail to write at all
             self._check_out_dir(self.out_dir, "out_dir")
+            if self.rank == 0:
+                self._check_writable(self.out_dir, "out_dir")
         t0 = time.perf_counter()
         bar = None
         if progress and self.rank == 0 and self.step < steps:
@@ -496,6 +499,18 @@ class Trainer:
         raise ValueError(f"{name}: {directory!r} already holds a training run{step}; this trainer was not resumed "
                          f"from it, and saving would replace that run. Resume it (Trainer.from_checkpoint("
                          f"{directory!r}, dataset) or trainer.resume()), or choose another {name}")
+
+    @staticmethod
+    def _check_writable(directory: str, name: str):
+        """Create the folder and write (then remove) a file in it now, so that a folder that cannot be written fails
+        before the first step, not at the first save, save_every steps of work later."""
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"{name}: cannot write checkpoints to {directory!r} ({e.strerror or e})") from None
 
     def save(self, directory: str | None = None) -> str | None:
         """Write a checkpoint (rank 0 writes; every process must call it). Returns the JSON path on rank 0. Refuses

@@ -1,0 +1,169 @@
+"""What a user-acceptance pass over the training, checkpoint and sampling API found: each case as a user meets it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.diffusion import DDIMSampler
+from fastdiff.models import AutoencoderKL, UNet
+from fastdiff.training import TensorImageDataset, Trainer, load_model
+from fastdiff.training import checkpoint as ckpt
+from fastdiff.training.losses import _make_schedule, min_snr_weight, training_losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_unet(**kw):
+    args = dict(image_size=8, in_channels=1, model_channels=8, out_channels=1, num_res_blocks=1,
+                attention_resolutions=(), channel_mult=(1, 2), num_groups=4)
+    args.update(kw)
+    return UNet(**args)
+
+
+def _data(n=8):
+    g = torch.Generator().manual_seed(0)
+    return TensorImageDataset(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 2)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A two-step run's checkpoint folder."""
+    out = tmp_path / "run"
+    Trainer(_tiny_unet(), _data(), batch_size=2, steps=2, out_dir=str(out)).train()
+    return out
+
+
+# A damaged checkpoint (a truncated tensors file, a JSON cut short) is a ValueError naming the file, from Python and
+# from the CLI (one line, exit code 2): it was safetensors' own SafetensorError, or a JSONDecodeError naming nothing.
+def test_damaged_checkpoint_names_the_file(run):
+    tensors = next(p for p in run.iterdir() if p.suffix == ".safetensors")
+    with open(tensors, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ckpt.CheckpointError, match=f"^{tensors}: damaged or not a safetensors file"):
+        load_model(str(run))
+    with pytest.raises(ValueError, match=f"{tensors.name}: damaged"):
+        Trainer.from_checkpoint(str(run), _data())
+    p = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--checkpoint", str(run), "--n", "1", "--steps",
+                        "1", "--out", str(run.parent / "s.npz")], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert p.returncode == 2 and "damaged or not a safetensors file" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    (run / "checkpoint.json").write_text('{"format": "fastdiff-checkpoint", "step": ')
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.json: damaged or not a checkpoint's JSON"):
+        load_model(str(run))
+    (run / "checkpoint.json").write_text("[1, 2]")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.json: damaged .*a list, not an object"):
+        ckpt.load_meta(str(run))
+
+
+def test_missing_tensors_file_names_it(run):
+    tensors = next(p for p in run.iterdir() if p.suffix == ".safetensors")
+    tensors.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=f"^{tensors}: missing"):
+        load_model(str(run))
+
+
+def test_load_model_takes_the_checkpoint_json(run):
+    a, b = load_model(str(run)), load_model(str(run / "checkpoint.json"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ckpt.exists(str(run / "checkpoint.json"))
+
+
+# An out_dir that cannot be written fails before the first step (it failed at the first save, save_every steps of
+# work later: 500 by default in the CLI).
+def test_unwritable_out_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    t = Trainer(_tiny_unet(), _data(), batch_size=2, steps=3, out_dir=str(blocker / "run"))
+    with pytest.raises(ValueError, match="^out_dir: cannot write checkpoints to"):
+        t.train()
+    assert t.step == 0
+
+
+# A half-precision model that does not cast its input (any model but ours) gets x_t in x0's dtype, as diffusers'
+# add_noise gives it; the losses match the fp32 x_t's model seeing the same rounded input.
+def test_training_losses_feed_x_t_in_x0s_dtype():
+    seen = []
+
+    def model(x, t):
+        seen.append(x.dtype)
+        if x.dtype != torch.bfloat16:
+            raise RuntimeError("Input type (float) and bias type (c10::BFloat16) should be the same")
+        return x * 0.5
+
+    x0 = (torch.rand(2, 1, 8, 8) * 2 - 1).bfloat16()
+    out = training_losses(model, x0, torch.tensor([0, 999]), _make_schedule("linear", 1000),
+                          noise=torch.randn(2, 1, 8, 8))
+    assert seen == [torch.bfloat16] and out["loss"].dtype == torch.float32 and out["loss"].isfinite().all()
+
+
+def test_loss_weights_check_their_arguments():
+    snr = torch.tensor([0.1, 1.0, 10.0])
+    for gamma in (0, -1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="^min_snr_gamma:"):
+            min_snr_weight(snr, gamma, "eps")
+    with pytest.raises(ValueError, match="^target:"):
+        min_snr_weight(snr, 5.0, "foo")  # was v-prediction's weighting, silently
+    model = lambda x, t: x  # noqa: E731
+    x0, t, sched = torch.zeros(2, 1, 4, 4), torch.tensor([1, 2]), _make_schedule("linear", 100)
+    with pytest.raises(ValueError, match="^min_snr_gamma:"):
+        training_losses(model, x0, t, sched, min_snr_gamma=0)  # gave all-zero losses
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="^lambda_vlb:"):
+            training_losses(model, x0, t, sched, lambda_vlb=bad)
+    assert training_losses(model, x0, t, sched, min_snr_gamma=5)["loss"].shape == (2,)  # an int gamma is fine
+
+
+# Datasets whose items are images alone, or (image,) as torch's TensorDataset(images) gives: unlabeled (label 0).
+def test_trainer_takes_unlabeled_items():
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    for ds in (torch.utils.data.TensorDataset(images), [im for im in images]):
+        t = Trainer(_tiny_unet(), ds, batch_size=2, steps=2)
+        t.train()
+        assert t.step == 2
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return images[i], 0, "extra"
+
+    with pytest.raises(ValueError, match="^dataset: item .* expected an image, \\(image,\\) or \\(image, label\\)"):
+        Trainer(_tiny_unet(), Bad(), batch_size=2, steps=1).train()
+
+
+def test_sample_checks_guidance_seed_and_device():
+    model = lambda x, t: x * 0  # noqa: E731
+    kw = dict(num_inference_steps=2, progress=False)
+    for name, bad in (("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
+                      ("classifier_scale", float("nan"))):
+        with pytest.raises(ValueError, match=f"^{name}: expected a finite float"):
+            fastdiff.sample(model, DDIMSampler(), (1, 1, 4, 4), **{name: bad}, **kw)
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="^seed:"):
+            fastdiff.sample(model, DDIMSampler(), (1, 1, 4, 4), seed=seed, **kw)
+    a = fastdiff.sample(model, DDIMSampler(eta=1.0), (1, 1, 4, 4), seed=2**64 - 1, **kw)
+    assert a.isfinite().all()
+    with pytest.raises(ValueError, match="^device: 'nope' is not a device"):
+        fastdiff.sample(model, DDIMSampler(), (1, 1, 4, 4), device="nope", **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^device: cuda cannot be used here"):
+            fastdiff.sample(model, DDIMSampler(), (1, 1, 4, 4), device="cuda", **kw)
+
+
+def test_learned_variance_output_error_says_what_to_do():
+    s = DDIMSampler()
+    s.set_timesteps(2)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"6 channels look like a model with learned variances.*model_output\[:, :3\]"):
+        s.step(torch.randn(1, 6, 4, 4), 0, x)
+
+
+def test_autoencoder_decode_names_latent_channels():
+    ae = AutoencoderKL(in_channels=1, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4)
+    with pytest.raises(ValueError, match=r"^z: expected shape \(N, 2, H, W\) \(latent_channels=2\)"):
+        ae.decode(torch.randn(1, 3, 4, 4))
