@@ -167,3 +167,17 @@ def test_autoencoder_decode_names_latent_channels():
     ae = AutoencoderKL(in_channels=1, latent_channels=2, model_channels=8, channel_mult=(1, 2), num_groups=4)
     with pytest.raises(ValueError, match=r"^z: expected shape \(N, 2, H, W\) \(latent_channels=2\)"):
         ae.decode(torch.randn(1, 3, 4, 4))
+
+
+# The size a model samples at (its image_size) must be the size it trains on: a 16x16 dataset trained into an
+# image_size=8 model (or resumed into an 8x8 run from Python) went on silently; the CLI refused only a resume.
+def test_trainer_checks_the_image_size(run):
+    big = TensorImageDataset(torch.rand(4, 1, 16, 16) * 2 - 1, torch.arange(4) % 2)
+    with pytest.raises(ValueError, match="^model: image_size=8 but the dataset gives 16x16 images"):
+        Trainer(_tiny_unet(), big, batch_size=2, steps=1)
+    with pytest.raises(ValueError, match="^model: image_size=8 but the dataset gives 16x16 images"):
+        Trainer.from_checkpoint(str(run), big)
+    ae = AutoencoderKL(in_channels=1, latent_channels=1, model_channels=8, channel_mult=(1, 2), num_groups=4)
+    Trainer(_tiny_unet(), big, autoencoder=ae, batch_size=2, steps=1)  # 8x8 latents of 16x16 images: fine
+    with pytest.raises(ValueError, match="^model: image_size=8 but the dataset gives 4x4 latents of the 8x8 images"):
+        Trainer(_tiny_unet(), _data(), autoencoder=ae, batch_size=2, steps=1)

@@ -546,8 +546,12 @@ def test_latent_run_resumes_only_with_its_own_autoencoder(tmp_path):
 
     out = str(tmp_path / "ldm")
     Trainer(unet(), data, autoencoder=ae, batch_size=4, out_dir=out).train(1)
+    # without it, 16x16 images do not even fit the model's 8x8 latents (checked when the trainer is built); 8x8
+    # images would, and resume() refuses them
+    with pytest.raises(ValueError, match="^model: image_size=8 but the dataset gives 16x16 images"):
+        Trainer(unet(), data, batch_size=4, out_dir=out)
     with pytest.raises(ValueError, match="^autoencoder: .*latent space"):
-        Trainer(unet(), data, batch_size=4, out_dir=out).resume()
+        Trainer(unet(), synthetic(channels=3, size=8), batch_size=4, out_dir=out).resume()
     other = copy.deepcopy(ae)
     other.scale_factor = 0.5
     with pytest.raises(ValueError, match="^autoencoder: it differs"):

@@ -241,7 +241,13 @@ def run_train(args: argparse.Namespace, progress: bool = False):
     dataset = load_dataset(args.dataset, image_size, args.channels)
     trainer_cls = TRAINERS[args.task]
     if ckpt.exists(args.out):
-        trainer = trainer_cls.from_checkpoint(args.out, dataset, device=device, verbose=verbose)
+        try:
+            trainer = trainer_cls.from_checkpoint(args.out, dataset, device=device, verbose=verbose)
+        except ValueError as e:
+            if not str(e).startswith("model: image_size="):
+                raise
+            raise SystemExit(f"error: --image-size: {args.out} holds a run whose {str(e)[len('model: '):]} (pass "
+                             f"the run's --image-size)") from None
         _check_resume(args, trainer, dataset)
         trainer.config.steps = args.steps
         if verbose:

@@ -208,6 +208,15 @@ class Trainer:
         if getattr(m, "in_channels", ch) != ch:
             raise ValueError(f"model: in_channels={m.in_channels} but the {'latents' if self.autoencoder else 'data'} "
                              f"have {ch} channels")
+        size = getattr(m, "image_size", None)
+        if size is not None and len(self._sample_shape) == 3 and self._sample_shape[1] == self._sample_shape[2]:
+            # the size the model samples at (its image_size) must be the one it trains on: a 16x16 dataset trained
+            # into an image_size=8 model would later be sampled at 8x8
+            side = self._sample_shape[1]
+            want = (self.autoencoder.latent_shape(self._sample_shape)[1] if self.autoencoder is not None else side)
+            if size != want:
+                what = f"{want}x{want} latents of the {side}x{side}" if self.autoencoder is not None else f"{side}x{side}"
+                raise ValueError(f"model: image_size={size} but the dataset gives {what} images")
         out = getattr(m, "out_channels", ch)
         if out not in (ch, 2 * ch):
             raise ValueError(f"model: out_channels={out}; expected {ch} (fixed variances) or {2 * ch} (learned)")
