@@ -181,3 +181,54 @@ def test_trainer_checks_the_image_size(run):
     Trainer(_tiny_unet(), big, autoencoder=ae, batch_size=2, steps=1)  # 8x8 latents of 16x16 images: fine
     with pytest.raises(ValueError, match="^model: image_size=8 but the dataset gives 4x4 latents of the 8x8 images"):
         Trainer(_tiny_unet(), _data(), autoencoder=ae, batch_size=2, steps=1)
+
+
+# A config carried over from another scheduler keeps keys its new class ignores (diffusers warns "... is not
+# expected and will be ignored"); the conversion applied them, and followed another trajectory than diffusers'.
+def test_from_scheduler_drops_the_keys_diffusers_ignores():
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.diffusion import from_scheduler
+
+    sd15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "timestep_spacing": "leading"}
+    d = diffusers.DPMSolverSinglestepScheduler.from_config(sd15)
+    s = from_scheduler(d)
+    d.set_timesteps(10)
+    s.set_timesteps(10)
+    assert s.timesteps.tolist() == d.timesteps.tolist()  # was [901, 811, ...] for diffusers' [999, 899, ...]
+    ddim = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                   timestep_spacing="trailing")
+    heun = diffusers.HeunDiscreteScheduler.from_config(ddim.config)
+    s = from_scheduler(heun)
+    heun.set_timesteps(5)
+    s.set_timesteps(5)
+    assert s.init_noise_sigma == pytest.approx(float(heun.init_noise_sigma), rel=1e-6)  # was 4096 for 14.6
+    saved = dict(heun.config, _class_name="HeunDiscreteScheduler")  # a saved config dict: the same
+    assert from_scheduler(saved).config.get("rescale_betas_zero_snr") in (None, False)
+
+
+# A training loop's add_noise (any training timestep, before set_timesteps too), as the diffusers scheduler gives it.
+def test_fastdiff_scheduler_add_noise_at_training_timesteps():
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.integrations.diffusers import FastdiffScheduler
+
+    x0, noise, t = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([17, 503])
+    for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
+        want = cls().add_noise(x0, noise, t)
+        fs = FastdiffScheduler.from_scheduler(cls())
+        torch.testing.assert_close(fs.add_noise(x0, noise, t), want, rtol=0, atol=0)  # was AttributeError
+        fs.set_timesteps(10)
+        torch.testing.assert_close(fs.add_noise(x0, noise, t), want, rtol=0, atol=0)  # was "not one of the run's"
+
+
+# Forward-mode derivatives of attention on the CPU (where "auto" runs torch's SDPA, which has none): the reference.
+def test_attention_jvp_and_hessian_on_the_cpu():
+    q, k, v = (torch.randn(1, 2, 3, 8, dtype=torch.float64) for _ in range(3))
+    tq = torch.randn_like(q)
+    out, tan = torch.func.jvp(lambda a: fastdiff.ops.attention(a, k, v), (q,), (tq,))
+    ref, rtan = torch.func.jvp(lambda a: fastdiff.reference.attention(a, k, v), (q,), (tq,))
+    torch.testing.assert_close(tan, rtan)
+    h = torch.func.hessian(lambda a: fastdiff.ops.attention(a, k, v).sum())(q)
+    assert h.shape == q.shape * 2 and h.isfinite().all()

@@ -3086,4 +3086,34 @@ def from_scheduler(scheduler, **overrides) -> Sampler:
     if cls is None:
         raise ValueError(f"scheduler: {name} has no fastdiff sampler (those with one: "
                          f"{', '.join(DIFFUSERS_SCHEDULERS)}); pick a sampler and call its from_config(config)")
-    return cls.from_config(config, **overrides)
+    return cls.from_config(_keys_the_class_takes(scheduler, config, name), **overrides)
+
+
+def _keys_the_class_takes(scheduler, config, name: str):
+    """`config` without the keys the diffusers class ignores. A config carried over from another scheduler keeps
+    keys its new class has no argument for (diffusers warns "... is not expected and will be ignored"): DDIM's
+    rescale_betas_zero_snr in a Heun config, timestep_spacing in DPMSolverSinglestep's. Those do not change the
+    diffusers scheduler's trajectory, so they must not change the sampler that follows it (some fastdiff samplers
+    take them, beyond diffusers: pass them as overrides for that). The keys a FastdiffScheduler saved for its
+    sampler's options beyond diffusers' (listed under "fastdiff_options", e.g. DPM++ SDE's s_noise) are kept."""
+    import inspect
+
+    klass = type(scheduler) if scheduler is not config else None
+    if klass is None:
+        try:
+            import diffusers
+
+            klass = getattr(diffusers, name, None)
+        except ImportError:  # a saved config without diffusers installed: taken as it is
+            return config
+    if klass is None:
+        return config
+    try:
+        params = inspect.signature(klass.__init__).parameters
+    except (TypeError, ValueError):
+        return config
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return config
+    own = config.get("fastdiff_options") or ()  # what a FastdiffScheduler saved beyond the class's arguments
+    own = set(own) if isinstance(own, (list, tuple)) else set()
+    return {k: v for k, v in config.items() if k in params or k in own or k.startswith("_")}

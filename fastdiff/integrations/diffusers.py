@@ -62,7 +62,12 @@ _UNDO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _OUT_NORM_OWNERS = (UNet2DModel, UNet2DConditionModel, Encoder, Decoder)
 
 
+# The config key listing the options a FastdiffScheduler saved beyond its diffusers class's arguments (s_noise, ...).
+FASTDIFF_OPTIONS = "fastdiff_options"
+
+
 # -- the fused pieces ---------------------------------------------------------------------------------------------
+
 def _group_norm(norm: torch.nn.GroupNorm, x, scale=None, shift=None, activation=None):
     """norm(x) (with AdaGN scale/shift and activation) as one fused op, with norm's own parameters."""
     w, b = norm.weight, norm.bias
@@ -427,9 +432,12 @@ class FastdiffScheduler(SchedulerMixin):
             # options the diffusers class does not take (DPM++ SDE's s_noise, a step argument there) go into its
             # config only where they differ from their defaults (kept for save_pretrained; diffusers warns of them)
             takes = inspect.signature(cls.__init__).parameters
-            scheduler = cls.from_config({k: v for k, v in sampler.config.items()
-                                         if (k != "trained_betas" or v is not None)
-                                         and (k in takes or not _same(v, sampler._options[k]))})
+            cfg = {k: v for k, v in sampler.config.items()
+                   if (k != "trained_betas" or v is not None) and (k in takes or not _same(v, sampler._options[k]))}
+            own = sorted(k for k in cfg if k not in takes)
+            if own:  # named, so that a conversion back keeps them (it drops what the class ignores otherwise)
+                cfg[FASTDIFF_OPTIONS] = own
+            scheduler = cls.from_config(cfg)
         self.sampler = sampler
         self._base = scheduler
         self._step = None  # the step index of the run under way (diffusers' step_index)
@@ -640,6 +648,12 @@ class FastdiffScheduler(SchedulerMixin):
         n = original_samples.shape[0]
         if t.numel() not in (1, n):
             raise ValueError(f"timesteps: expected 1 or {n} (the batch) timesteps, got {t.numel()}")
+        if self._begin is None and (self.sampler.num_inference_steps is None or not all(
+                bool((self.sampler.timesteps == v).any()) for v in t.tolist())):
+            # training-time noising (before set_timesteps, or at timesteps outside the run, as a training loop
+            # draws them): the diffusers scheduler's own add_noise, which DDPM/DDIM-style schedulers answer from
+            # their training schedule (and others, as in diffusers, with an error of their own)
+            return self._base.add_noise(original_samples, noise, timesteps)
         if self._begin is None:
             idx = [self._index_of(v) for v in t.tolist()]
         else:

@@ -213,9 +213,10 @@ def attention(q, k, v, *, scale=None, backend="auto"):
     """
     _check(q, k, v, scale)
     name = choose_backend(q, backend)
-    if name in ("cuda", "triton") and autodiff_transform_active():
+    if name in ("cuda", "triton", "cpu") and autodiff_transform_active():
         # the fused ops' autograd (torch.library.register_autograd) has no forward derivative -- jvp and
-        # forward_ad got a zero or no tangent, silently -- and torch.func's grad cannot run it; the reference
+        # forward_ad got a zero or no tangent, silently -- and torch.func's grad cannot run it; on the CPU, torch's
+        # SDPA kernel has no forward derivative (jvp, jacfwd, hessian raise NotImplementedError); the reference
         # has every derivative
         name = "torch"
     if scale is None:  # D ** -0.5; any scale for an empty head dim (the output is empty), as SDPA
