@@ -118,7 +118,7 @@ def features_and_predictions(clf, x, batch_size: int = 512):
 
 
 def _stats(f: np.ndarray):
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))  # one feature: np.cov gives a 0-d array
 
 
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
@@ -128,13 +128,26 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """The Fréchet distance between Gaussians fitted to two feature sets (rows are samples). Uses
-    tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2), a symmetric PSD matrix, so two eigendecompositions do it."""
+    tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2), a symmetric PSD matrix, so two eigendecompositions do it.
+    Each set needs two or more samples of the same number of features; the distance is clamped at 0 (rounding
+    took a set's distance to itself to -4e-15)."""
+    feats = []
+    for name, f in (("feats_a", feats_a), ("feats_b", feats_b)):
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 2 or f.shape[1] < 1:
+            raise ValueError(f"{name}: expected (samples, features) with 2 or more samples, got shape {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError(f"{name}: holds NaN or infinite values")
+        feats.append(f)
+    feats_a, feats_b = feats
+    if feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"feats_b: expected {feats_a.shape[1]} features (feats_a's), got {feats_b.shape[1]}")
     mu_a, s_a = _stats(feats_a)
     mu_b, s_b = _stats(feats_b)
     r = _sqrtm_psd(s_a)
     m = r @ s_b @ r
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
+    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt))
 
 
 _REF_CACHE = weakref.WeakKeyDictionary()  # classifier -> (its weights' versions, features)

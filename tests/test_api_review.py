@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,29 @@ def test_attention_jvp_and_hessian_on_the_cpu():
     torch.testing.assert_close(tan, rtan)
     h = torch.func.hessian(lambda a: fastdiff.ops.attention(a, k, v).sum())(q)
     assert h.shape == q.shape * 2 and h.isfinite().all()
+
+
+def test_frechet_distance_edges():
+    from fastdiff.evaluation import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (200, 1)), rng.normal(2, 3, (300, 1))  # one feature: was a LinAlgError
+    va, vb = np.var(a, ddof=1), np.var(b, ddof=1)
+    want = (a.mean() - b.mean()) ** 2 + va + vb - 2 * np.sqrt(va * vb)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    f = rng.normal(size=(50, 6))
+    assert frechet_distance(f, f) >= 0.0  # was -3.6e-15
+    with pytest.raises(ValueError, match="^feats_a: expected .* 2 or more samples"):
+        frechet_distance(f[:1], f)
+    with pytest.raises(ValueError, match="^feats_b: expected 6 features"):
+        frechet_distance(f, f[:, :5])
+    with pytest.raises(ValueError, match="^feats_b: holds NaN"):
+        frechet_distance(f, np.full((3, 6), np.nan))
+
+
+def test_attention_layer_names_a_context_of_another_dtype():
+    att = fastdiff.nn.Attention(8, context_dim=5, heads=2, dim_head=4)
+    with pytest.raises(TypeError, match="^context: expected x's dtype torch.float32, got torch.float64"):
+        att(torch.randn(1, 3, 8), torch.randn(1, 2, 5, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes itself: fine
+        assert att(torch.randn(1, 3, 8), torch.randn(1, 2, 5).bfloat16()).dtype == torch.bfloat16

@@ -65,6 +65,8 @@ class Attention(torch.nn.Module):
         if ctx.dim() != 3 or ctx.shape[0] != x.shape[0] or ctx.shape[-1] != self.to_k.in_features:
             raise ValueError(f"context: expected shape ({x.shape[0]}, S_ctx, {self.to_k.in_features}), "
                              f"got {tuple(ctx.shape)}")
+        if ctx.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"context: expected x's dtype {x.dtype}, got {ctx.dtype}")
         q = _heads(self.to_q(x), self.heads)
         k = _heads(self.to_k(ctx), self.heads)
         v = _heads(self.to_v(ctx), self.heads)
