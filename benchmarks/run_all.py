@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from fastdiff import _bench  # noqa: E402
+from fastdiff._io import atomic_write  # noqa: E402
 from fastdiff.benchmarks import report  # noqa: E402
 
 # (label, module, file (None: one file per op, <op>.json), extra run() kwargs)
@@ -41,8 +42,6 @@ OP_TO_LABEL = {"group_norm": "group_norm", "attention": "attention", "sampler_st
 
 
 def main(argv=None):
-    import importlib
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short run (on the CPU: small shapes, tiny U-Nets)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -59,7 +58,21 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: rewrite REPORT.md and the plots from the result files in the folder")
     a = ap.parse_args(argv)
+    from fastdiff.cli import CLIError, run_reporting_errors
 
+    def run():
+        return _run(a, argv, CLIError)
+
+    return run_reporting_errors("run_all.py", run)  # a user's error: one line, exit 2 (FASTDIFF_DEBUG=1: traceback)
+
+
+def _run(a, argv, CLIError):
+    import importlib
+
+    if a.threads is not None and a.threads < 1:
+        raise CLIError(f"--threads: expected a positive int, got {a.threads}")
+    if not 0 <= a.threshold < float("inf"):  # NaN too
+        raise CLIError(f"--threshold: expected a non-negative fraction (0.05 = 5%), got {a.threshold}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     cpu_quick = a.quick and device.type == "cpu"
     if a.threads or (cpu_quick and a.threads is None):
@@ -68,12 +81,25 @@ def main(argv=None):
         # attention and the U-Nets use one thread in quick mode anyway, so the whole folder is one configuration.
         torch.set_num_threads(a.threads or 1)
     out_dir = a.out_dir or _bench.results_dir(device)
+    if a.report_only and not os.path.isdir(out_dir):
+        raise CLIError(f"--out-dir: {out_dir}: no such folder (--report-only reads the result files there)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CLIError(f"--out-dir: {out_dir}: not a folder")
     # read the old rows before anything is overwritten (OLD is often this very folder)
-    old_rows = report.load_rows([a.compare]) if a.compare else None
+    old_rows = None
+    if a.compare:
+        if not os.path.exists(a.compare):
+            raise CLIError(f"--compare: {a.compare}: no such file or folder")
+        old_rows = _read_rows(a.compare, "--compare", CLIError)
+        if not old_rows:  # it would compare nothing and report "0 regression(s)", exit 0: a gate that always passes
+            raise CLIError(f"--compare: {a.compare}: no benchmark rows in it")
+        if a.report_only:
+            raise CLIError("--compare: --report-only runs nothing, so there is nothing to compare")
     wanted = {OP_TO_LABEL[o] for o in a.op} if a.op else None
     ops = {"unet_step", "sampling"} & set(a.op or ())
-    print(f"device: {_bench.device_name(device)}; peak {_bench.peak_bandwidth_gbps(str(device)):.1f} GB/s copy, "
-          f"{_bench.peak_tflops(str(device)):.3f} TFLOP/s matmul; results -> {out_dir}", flush=True)
+    if not a.report_only:  # (the report itself reads no peaks: they are in the rows)
+        print(f"device: {_bench.device_name(device)}; peak {_bench.peak_bandwidth_gbps(str(device)):.1f} GB/s "
+              f"copy, {_bench.peak_tflops(str(device)):.3f} TFLOP/s matmul; results -> {out_dir}", flush=True)
     all_rows = []
     for label, mod_name, fname, extra in SUITE:
         if (wanted and label not in wanted) or a.report_only:
@@ -96,22 +122,32 @@ def main(argv=None):
         print(f"   {len(rows)} rows -> {path} in {time.perf_counter() - t0:.0f} s", flush=True)
         all_rows += rows
 
-    rows = report.load_rows([out_dir])  # everything in the folder, this run's rows and any earlier ones kept there
+    rows = _read_rows(out_dir, "--out-dir", CLIError)  # everything in the folder: this run's rows and earlier ones
+    if not rows:
+        raise CLIError(f"--out-dir: {out_dir}: no benchmark rows in it, no report to write")
     md = report.markdown(rows)
     tg = report.targets(rows)
     if tg:
         md = ("## End-to-end targets\n\nIssue 7's targets are for an H100 (fastdiff's U-Net step >= 1.5x eager and "
               ">= 1.1x torch.compile max-autotune; sampling >= 1.6x eager images/s); rows from other devices are "
               "shown for reference only.\n\n" + tg + "\n\n## All results\n\n" + md)
-    with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
-        f.write(f"# Benchmark results: {_bench.device_name(device)}\n\n"
-                f"Written by `python benchmarks/run_all.py{''.join(' ' + x for x in (argv or sys.argv[1:]))}`; "
-                f"rows in the *.json next "
-                f"to this file. Times are medians (p20/p80 in the JSON); `vs eager` is eager's median over the "
-                f"provider's; `% peak` is of the measured copy bandwidth (GB/s rows) or the measured matmul "
-                f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs); `% of copy` "
-                f"(GroupNorm forward) is a same-size `x.clone()` timed in the same rounds, over the provider's "
-                f"median.\n\n" + md)
+    # the devices the rows were measured on (a report of another machine's folder names that machine)
+    devices = list(dict.fromkeys(str(r.get("device")) for r in rows if r.get("device")))
+    title = ", ".join(devices) if devices else _bench.device_name(device)
+    text = (f"# Benchmark results: {title}\n\n"
+            f"Written by `python benchmarks/run_all.py{''.join(' ' + x for x in (argv or sys.argv[1:]))}`; "
+            f"rows in the *.json next "
+            f"to this file. Times are medians (p20/p80 in the JSON); `vs eager` is eager's median over the "
+            f"provider's; `% peak` is of the measured copy bandwidth (GB/s rows) or the measured matmul "
+            f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs); `% of copy` "
+            f"(GroupNorm forward) is a same-size `x.clone()` timed in the same rounds, over the provider's "
+            f"median.\n\n" + md)
+
+    def write(p):
+        with open(p, "w") as f:
+            f.write(text)
+
+    atomic_write(os.path.join(out_dir, "REPORT.md"), write)
     try:
         pngs = report.plots(rows, out_dir)
     except ImportError:
@@ -124,6 +160,14 @@ def main(argv=None):
         print(f"\n{len(regs)} regression(s) over {100 * a.threshold:.0f}%")
         return 1 if regs else 0
     return 0
+
+
+def _read_rows(path, flag, CLIError):
+    """The benchmark rows in a results file or folder; a file that is not one: a one-line error naming `flag`."""
+    try:
+        return report.load_rows([path])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # bad JSON, {} without "rows"
+        raise CLIError(f"{flag}: {path}: not a results file or folder ({type(e).__name__}: {e})") from None
 
 
 if __name__ == "__main__":

@@ -332,3 +332,40 @@ def test_group_norm_bytes_count_the_parameters(backward):
     want = 5 * xb + 3 * pb if backward else 2 * xb + pb
     for r in rows:
         assert r["gbps"] * 1e9 * r["median_ms"] * 1e-3 == pytest.approx(want, rel=1e-9)
+
+
+def _run_all():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "benchmarks", "run_all.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --report-only of another machine's folder names that machine (it took the title from the machine running it) and
+# measures nothing; bad arguments are one line and exit code 2 (they were tracebacks); a --compare that compares
+# nothing is refused (it passed, as a CI gate, whatever changed).
+def test_run_all_report_only_and_its_errors(tmp_path, capsys):
+    import shutil
+
+    run_all = _run_all()
+    src = os.path.join(ROOT, "benchmarks", "results", "amd-epyc-2-threads")
+    folder = tmp_path / "amd"
+    shutil.copytree(src, folder)
+    assert run_all.main(["--report-only", "--out-dir", str(folder)]) == 0
+    assert (folder / "REPORT.md").read_text().splitlines()[0] == "# Benchmark results: AMD EPYC (2 threads)"
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    assert "peak" not in capsys.readouterr().out.split("wrote")[0]  # no copy / matmul peak measured
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "e.json").write_text("{}")
+    for argv, needle in ((["--out-dir", str(tmp_path / "missing")], "--out-dir: "),
+                         (["--out-dir", str(tmp_path / "empty")], "no benchmark rows in it"),
+                         (["--out-dir", str(folder), "--compare", str(tmp_path / "e.json")], "--compare: "),
+                         (["--out-dir", str(folder), "--compare", str(tmp_path / "nope.json")], "no such file"),
+                         (["--out-dir", str(folder), "--compare", str(folder)], "--report-only runs nothing"),
+                         (["--out-dir", str(folder), "--threads", "-3"], "--threads: "),
+                         (["--out-dir", str(folder), "--threshold", "nan"], "--threshold: ")):
+        assert run_all.main(["--report-only"] + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("run_all.py: error: ") and needle in err and err.count("\n") == 1, err

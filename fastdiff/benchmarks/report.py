@@ -17,6 +17,8 @@ import re
 import sys
 from collections import OrderedDict
 
+from fastdiff._io import atomic_write
+
 KEY = ("op", "case", "dtype", "layout", "provider", "device")
 
 
@@ -172,7 +174,7 @@ def _bar_png(plt, outdir, name, cases, provs, value, *, ticks, ylabel, title, pe
     fig.tight_layout()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = os.path.join(outdir, f"{slug}.png")
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))  # a reader never sees half a plot
     plt.close(fig)
     return path
 
@@ -256,8 +258,11 @@ def main(argv=None):
         return 1 if regs else 0
     md = markdown(rows)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(md)
+        def write(p):
+            with open(p, "w") as f:
+                f.write(md)
+
+        atomic_write(a.out, write)
     else:
         print(md)
     if a.plots:
