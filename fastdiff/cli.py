@@ -279,6 +279,15 @@ def _check_model_arguments(checkpoint, model, settings, table=False):
     steps = max(s for _, s, _ in settings)
     if steps > T:
         raise CLIError(f"--steps{flag}: {steps} steps exceed the {T} timesteps the model was trained with")
+    for name, n, _ in dict.fromkeys(settings):  # a schedule the sampler refuses (DPM-Solver++ at n = T: two equal
+        try:                                    # timesteps) is named by the flag, before any sampling
+            pretrained.make_sampler(name, model, checkpoint).set_timesteps(n)
+        except ValueError as e:
+            msg = str(e)
+            if not msg.startswith("num_inference_steps: "):
+                raise
+            raise CLIError(f"--steps{flag}: {n} steps with --sampler {name}: {msg[len('num_inference_steps: '):]}") \
+                from None
     if getattr(model, "null_class_id", None) is None and any(g != 1.0 for _, _, g in settings):
         raise CLIError(f"--guidance{flag}: this model has no null class (trained without --cfg-dropout), so it can "
                        "only be sampled at guidance 1" + ("" if table else ": pass --guidance 1"))

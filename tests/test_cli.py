@@ -439,6 +439,16 @@ def _one_line_error(capsys, needle):
     return err
 
 
+def test_steps_the_sampler_refuses_name_the_flag(tmp_path, capsys):
+    # 1000 steps of the 1000-timestep model pass the "exceed the T timesteps" check, but DPM-Solver++ refuses the
+    # schedule (two equal timesteps): the error named num_inference_steps, after loading, not the flag
+    out = str(tmp_path / "x.npz")
+    assert cli.main(["sample", "--n", "1", "--steps", "1000", "--out", out, "--quiet"]) == 2
+    _one_line_error(capsys, "--steps: 1000 steps with --sampler dpmsolver++: the schedule gives non-finite")
+    assert not os.path.exists(out)
+    assert cli.main(["sample", "--n", "1", "--steps", "2", "--out", out, "--quiet"]) == 0
+
+
 def test_device_spellings(tmp_path, capsys):
     # "cpu:0" is the CPU (safetensors refused it: a traceback); meta / mps / xpu where torch has none are refused
     # naming the argument (meta was a traceback, mps blamed the checkpoint)
