@@ -58,16 +58,18 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: rewrite REPORT.md and the plots from the result files in the folder")
     a = ap.parse_args(argv)
-    from fastdiff.cli import CLIError, run_reporting_errors
+    from fastdiff.cli import run_reporting_errors
 
     def run():
-        return _run(a, argv, CLIError)
+        return _run(a, argv)
 
     return run_reporting_errors("run_all.py", run)  # a user's error: one line, exit 2 (FASTDIFF_DEBUG=1: traceback)
 
 
-def _run(a, argv, CLIError):
+def _run(a, argv):
     import importlib
+
+    from fastdiff.cli import CLIError, read_result_rows
 
     if a.threads is not None and a.threads < 1:
         raise CLIError(f"--threads: expected a positive int, got {a.threads}")
@@ -90,7 +92,7 @@ def _run(a, argv, CLIError):
     if a.compare:
         if not os.path.exists(a.compare):
             raise CLIError(f"--compare: {a.compare}: no such file or folder")
-        old_rows = _read_rows(a.compare, "--compare", CLIError)
+        old_rows = read_result_rows(a.compare, "--compare")
         if not old_rows:  # it would compare nothing and report "0 regression(s)", exit 0: a gate that always passes
             raise CLIError(f"--compare: {a.compare}: no benchmark rows in it")
         if a.report_only:
@@ -122,7 +124,7 @@ def _run(a, argv, CLIError):
         print(f"   {len(rows)} rows -> {path} in {time.perf_counter() - t0:.0f} s", flush=True)
         all_rows += rows
 
-    rows = _read_rows(out_dir, "--out-dir", CLIError)  # everything in the folder: this run's rows and earlier ones
+    rows = read_result_rows(out_dir, "--out-dir")  # everything in the folder: this run's rows and earlier ones
     if not rows:
         raise CLIError(f"--out-dir: {out_dir}: no benchmark rows in it, no report to write")
     md = report.markdown(rows)
@@ -160,14 +162,6 @@ def _run(a, argv, CLIError):
         print(f"\n{len(regs)} regression(s) over {100 * a.threshold:.0f}%")
         return 1 if regs else 0
     return 0
-
-
-def _read_rows(path, flag, CLIError):
-    """The benchmark rows in a results file or folder; a file that is not one: a one-line error naming `flag`."""
-    try:
-        return report.load_rows([path])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # bad JSON, {} without "rows"
-        raise CLIError(f"{flag}: {path}: not a results file or folder ({type(e).__name__}: {e})") from None
 
 
 if __name__ == "__main__":

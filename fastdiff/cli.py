@@ -55,17 +55,23 @@ def _bench_plan(op):
     return plan
 
 
+def read_result_rows(path: str, flag: str) -> list:
+    """The benchmark rows in a results file or folder; one that is not: a one-line error naming `flag` (bad JSON,
+    {} without "rows"). Shared with benchmarks/run_all.py."""
+    from fastdiff.benchmarks import report
+
+    try:
+        return report.load_rows([path])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{flag}: {path}: not a results file or folder ({type(e).__name__}: {e})") from None
+
+
 def _cmd_bench(args):
     from fastdiff import _bench
 
     old_rows = None
     if getattr(args, "compare", None):
-        from fastdiff.benchmarks import report
-
-        try:
-            old_rows = report.load_rows([args.compare])
-        except (ValueError, KeyError, TypeError) as e:  # bad JSON, {} without "rows": one line, exit 2
-            raise CLIError(f"--compare: {args.compare}: not a results file ({type(e).__name__}: {e})") from None
+        old_rows = read_result_rows(args.compare, "--compare")
         if not old_rows:  # it compared nothing and reported "0 regression(s)", exit 0: a CI gate that always passed
             raise CLIError(f"--compare: {args.compare}: no benchmark rows in it")
     if args.out:  # checked before the run, not after minutes of benchmarks

@@ -10,7 +10,6 @@ weights stored in fp16 and cast to fp32 on load). Its ``checkpoint.json`` record
 """
 from __future__ import annotations
 
-import numbers
 import os
 import time
 
@@ -222,6 +221,7 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     pixel-space run), None decodes nothing, or pass an AutoencoderKL (moved like the model; it decodes in eval
     mode, and its mode is restored after)."""
     import fastdiff
+    from fastdiff.nn.norm import positive_int
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if isinstance(sampler, str):
@@ -229,11 +229,9 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     classes = [int(c) for c in classes]
     if not classes:
         raise ValueError("classes: expected at least one class, got none")
-    for name, v in (("n", n), ("batch_size", batch_size)):
-        if v is None and name == "batch_size":
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    n = positive_int(n, "n")
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
         raise ValueError("checkpoint: the model is not class-conditional")
