@@ -92,10 +92,21 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     const auto cd = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto up = [&](const OptT& p) { return p.has_value() ? OptT(p->to(cd)) : std::nullopt; };
     const int64_t G = ctx->saved_data["num_groups"].toInt();
-    at::Tensor h = at::group_norm(x.to(cd), G, up(w), up(b), ctx->saved_data["eps"].toDouble());
     std::vector<int64_t> nc(x.dim(), 1);  // (N, C, 1, ...): scale and shift broadcast over the spatial dims
     nc[0] = x.size(0);
     nc[1] = x.size(1);
+    at::Tensor h;
+    if (x.numel() == 0) {
+      // a 0-sized channel or spatial dim, which at::group_norm rejects: the empty result, still connected to x
+      // and the parameters (as fastdiff.reference.group_norm builds it)
+      std::vector<int64_t> c(x.dim(), 1);
+      c[1] = x.size(1);
+      h = x.to(cd).mul(0);
+      if (w.has_value()) h = h.mul(w->to(cd).reshape(c));
+      if (b.has_value()) h = h.add(b->to(cd).reshape(c));
+    } else {
+      h = at::group_norm(x.to(cd), G, up(w), up(b), ctx->saved_data["eps"].toDouble());
+    }
     if (s.has_value()) h = h.mul(s->to(cd).reshape(nc).add(1));
     if (t.has_value()) h = h.add(t->to(cd).reshape(nc));
     if (activation == "silu") h = at::silu(h);

@@ -1,5 +1,6 @@
 """What a user-acceptance pass over the training, checkpoint and sampling API found: each case as a user meets it."""
 import os
+import re
 import subprocess
 import sys
 
@@ -259,3 +260,36 @@ def test_attention_layer_names_a_context_of_another_dtype():
         att(torch.randn(1, 3, 8), torch.randn(1, 2, 5, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes itself: fine
         assert att(torch.randn(1, 3, 8), torch.randn(1, 2, 5).bfloat16()).dtype == torch.bfloat16
+
+
+def test_models_and_train_config_take_numpy_ints_and_save_them_as_json():
+    # the models' and TrainConfig's size checks refused numpy ints (np.int64(8): "expected a positive int"), which
+    # the fastdiff.nn layers took; taken now, and saved as JSON ints
+    import json
+
+    from fastdiff.models import NoisyClassifier
+    from fastdiff.training import TrainConfig
+
+    i = np.int64
+    models = [UNet(i(8), i(1), i(8), i(1), i(1), channel_mult=(i(1), i(2)), num_groups=i(4), num_classes=i(3),
+                   num_heads_upsample=i(2), context_dim=i(4)),
+              NoisyClassifier(i(8), i(1), i(8), i(3), i(1), channel_mult=(1, 2), num_groups=i(4)),
+              AutoencoderKL(in_channels=i(1), model_channels=i(8), channel_mult=(i(1), i(2)), num_res_blocks=i(1),
+                            latent_channels=i(2), num_groups=i(4))]
+    for m in models:
+        text = json.dumps(m.config)  # raised TypeError on a numpy int
+        assert type(m).from_config(json.loads(text)).config == m.config
+        assert all(type(v) is not np.int64 for v in m.config.values())
+    x = torch.randn(2, 1, 8, 8)
+    assert models[0](x, torch.tensor([3, 5]), y=torch.tensor([0, 2]), context=torch.randn(2, 3, 4)).shape == x.shape
+    cfg = TrainConfig(batch_size=i(4), steps=i(3), save_every=i(0))
+    cfg.validate()
+    assert json.loads(json.dumps(cfg.__dict__))["batch_size"] == 4 and type(cfg.steps) is int
+    for bad, needle in [(dict(num_heads_upsample=0), "num_heads_upsample: expected -1 (num_heads) or a positive int"),
+                        (dict(num_classes=True), "num_classes: expected None or a positive int"),
+                        (dict(context_dim=i(0)), "context_dim: expected None or a positive int"),
+                        (dict(num_groups=np.float64(4)), "num_groups: expected a positive int")]:
+        with pytest.raises(ValueError, match="^" + re.escape(needle)):
+            UNet(8, 1, 8, 1, 1, channel_mult=(1, 2), **{"num_groups": 4, **bad})
+    with pytest.raises(ValueError, match="^batch_size: expected a positive int"):
+        TrainConfig(batch_size=np.float64(4)).validate()

@@ -508,6 +508,12 @@ def test_empty_map_or_channels(backend, device, shape, G):
     grads = torch.autograd.grad(y.sum(), [x, w, b, s, t], allow_unused=True)
     for g, leaf in zip(grads, [x, w, b, s, t]):
         assert g is None or (g.shape == leaf.shape and not g.any())
+    # create_graph=True (a gradient penalty): the cpu/cuda op's composite backward raised ATen's "Expected HxW to
+    # be greater than 0"
+    y = ops.group_norm(x, G, w, b, scale=s, shift=t, activation="silu", backend=backend)
+    grads = torch.autograd.grad(y.sum(), [x, w, b, s, t], allow_unused=True, create_graph=True)
+    for g, leaf in zip(grads, [x, w, b, s, t]):
+        assert g is None or (g.shape == leaf.shape and not g.any())
 
 
 @pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] != "torch"])
@@ -880,6 +886,38 @@ def test_torch_func_transforms_like_torch(backend, silu_group_norm_pair):
                                rtol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="needs the compiled extension (the cpu op)")
+def test_compiled_torch_func_transforms_run_the_reference_and_plain_compile_the_op(silu_group_norm_pair):
+    # torch.compile(torch.func.grad(f), fullgraph=True) failed: the transform check answered False whenever Dynamo
+    # traced, so the C++ autograd op went under the traced grad ("cannot use C++ torch::autograd::Function with
+    # functorch transforms")
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.func import functional_call, grad, vmap
+
+    ref, m = silu_group_norm_pair
+    x = torch.randn(3, 16, 3, 2)
+    params = dict(m.named_parameters())
+
+    def per_sample(mod):
+        return vmap(grad(lambda p, xi: functional_call(mod, p, (xi[None],)).square().sum()), in_dims=(None, 0))
+
+    torch._dynamo.reset()
+    got = torch.compile(per_sample(m), fullgraph=True)(params, x)
+    want = per_sample(m)(params, x)  # eager: the reference under the transforms (test above)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    gx = torch.compile(grad(lambda a: m(a).square().sum()), fullgraph=True)(x)
+    torch.testing.assert_close(gx, grad(lambda a: torch.nn.functional.silu(ref(a)).square().sum())(x),
+                               atol=1e-4, rtol=1e-4)
+    # outside transforms the compiled graph holds the fused op; the same compiled function under grad still works
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda a: m(a).square().sum(), backend=cnt)
+    f(x)
+    assert "fastdiff.group_norm" in [str(n.target) for n in cnt.graphs[0].graph.nodes]
+    torch.testing.assert_close(grad(f)(x), gx, atol=1e-5, rtol=1e-5)
+
+
 def test_set_backend_switches_and_restores():
     x = torch.randn(2, 8, 4, 4)
     assert fastdiff.get_backend() == "auto"
@@ -989,3 +1027,24 @@ def test_direct_op_call_is_checked():
         torch.ops.fastdiff.group_norm(torch.randn(2, 8, 3), 4, None, None, torch.randn(3, 8), None, 1e-5, "none")
     with pytest.raises(RuntimeError, match="activation"):
         torch.ops.fastdiff.group_norm(torch.randn(2, 8, 3), 4, None, None, None, None, 1e-5, "relu")
+
+
+def test_compile_does_not_recompile_at_the_second_call():
+    # Dynamo guarded on the backend-choice cache, which the first compiled call itself filled: the second call
+    # recompiled once (TORCH_LOGS=recompiles)
+    from torch._dynamo.testing import CompileCounter
+
+    from fastdiff.ops import _common
+
+    m = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+    table = torch.rand(5, 12)
+    table[:, 11] = 0
+    for fn in (lambda x: m(x), lambda x: ops.sampler_step(x, x, table, 1)):
+        _common._CHOICES.clear()
+        torch._dynamo.reset()
+        cnt = CompileCounter()
+        f = torch.compile(fn, backend=cnt, fullgraph=True)
+        x = torch.randn(2, 16, 4, 4)
+        for _ in range(3):
+            f(x)
+        assert cnt.frame_count == 1

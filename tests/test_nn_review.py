@@ -234,3 +234,70 @@ def test_attention_modules_bad_inputs_name_themselves():
         attn(x, torch.randn(2, 3, 12).tolist())
     with pytest.raises(TypeError, match="^x:"):
         fastdiff.nn.SpatialSelfAttention(16, num_heads=2, num_groups=4)(torch.randn(1, 16, 2, 2).tolist())
+
+
+def test_layer_errors_name_the_argument_and_torch_call_forms_work():
+    # emb_activation's error said "activation", SpatialSelfAttention's groups error said "channels", a cross-
+    # attention called without its context asked for a context of x's width; GroupNorm(input=x) (torch's keyword)
+    # raised TypeError; an emb of batch 1 (which diffusers' AdaGroupNorm broadcasts) was refused
+    with pytest.raises(ValueError, match="^emb_activation: expected None or 'silu', got 'gelu'"):
+        fastdiff.nn.AdaGroupNorm(4, 16, 8, emb_activation="gelu")
+    with pytest.raises(ValueError, match="^num_groups: 3 GroupNorm groups do not divide the 32 channels"):
+        fastdiff.nn.SpatialSelfAttention(32, num_groups=3)
+    attn = fastdiff.nn.Attention(32, context_dim=24, heads=2, dim_head=8)
+    with pytest.raises(ValueError, match=r"^context: this cross-attention \(context_dim=24\) needs a context of "
+                                         r"shape \(2, S_ctx, 24\), got None"):
+        attn(torch.randn(2, 7, 32))
+    assert attn(torch.randn(2, 7, 32), torch.randn(2, 5, 24)).shape == (2, 7, 32)
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(4, 16)
+    m = fastdiff.nn.GroupNorm(4, 16)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 3, 3)
+    torch.testing.assert_close(m(input=x), ref(input=x))
+    ada = fastdiff.nn.AdaGroupNorm(4, 16, 8)
+    emb = torch.randn(1, 8)
+    torch.testing.assert_close(ada(x, emb), ada(x, emb.expand(2, 8)))
+    with pytest.raises(ValueError, match=r"^emb: expected shape \(2, 8\)"):
+        ada(x, torch.randn(3, 8))
+
+
+def test_fx_symbolic_trace_records_the_layers():
+    # torch.fx.symbolic_trace failed on every fastdiff layer ("x: expected a torch.Tensor, got Proxy"): fx traces
+    # into modules outside torch.nn, and the layers' checks refuse a Proxy. GroupNorm and AdaGroupNorm now trace
+    # to the op on their parameters (alone too, as torch.nn.GroupNorm does); the attention layers, whose layout
+    # branches cannot be traced, are one call each inside the traced model
+    import copy
+    import pickle
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.norm = fastdiff.nn.GroupNorm(4, 16, activation="silu")
+            self.ada = fastdiff.nn.AdaGroupNorm(4, 16, 8)
+            self.attn = fastdiff.nn.SpatialSelfAttention(16, num_groups=4)
+            self.xattn = fastdiff.nn.Attention(16, context_dim=6, heads=2, dim_head=8)
+            torch.nn.init.normal_(self.attn.proj_out.weight)
+
+        def forward(self, x, emb, ctx):
+            h = self.attn(self.ada(self.norm(self.conv(x)), emb))
+            return self.xattn(h.flatten(2).transpose(1, 2), ctx)
+
+    torch.manual_seed(0)
+    m = Net()
+    gm = torch.fx.symbolic_trace(m)
+    calls = [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls.count("fx_group_norm") == 2 and calls.count("fx_leaf_call") == 2, calls
+    args = (torch.randn(2, 3, 5, 5), torch.randn(2, 8), torch.randn(2, 4, 6))
+    want = m(*args)
+    for g in (gm, copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        torch.testing.assert_close(g(*args), want, atol=0, rtol=0)
+    ada = fastdiff.nn.AdaGroupNorm(4, 16, 8)
+    x, emb = torch.randn(2, 16, 3, 3), torch.randn(2, 8)
+    for e in (emb, emb[:1]):
+        torch.testing.assert_close(torch.fx.symbolic_trace(ada)(x, e), ada(x, e), atol=0, rtol=0)
+    gn = fastdiff.nn.GroupNorm(4, 16)
+    torch.testing.assert_close(torch.fx.symbolic_trace(gn)(x), gn(x), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="^symbolic_trace: fastdiff.nn.Attention is recorded as one call inside"):
+        torch.fx.symbolic_trace(fastdiff.nn.Attention(16, heads=2, dim_head=8))

@@ -511,3 +511,64 @@ def test_step_under_cuda_graph_capture(backend):
         g.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, sampler_step(x, m, t, s, backend=backend, seed=3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
+def test_differentiated_step_runs_the_reference_with_its_gradients(clip):
+    # the fused op has no backward: its output claimed requires_grad and backward gave no gradient, silently
+    # (reward fine-tuning through the sampling loop lost every gradient). A differentiated step runs the reference
+    x, m, u, z, v = _inputs((2, 3, 4, 5), torch.float64, "cpu")
+    table = _table(6, "cpu")
+    kw = dict(guidance_scale=3.0, clip=clip, thresh=torch.tensor([1.5, 0.7]) if clip == "threshold" else None,
+              var_mode="learned_range")
+    ins = [t.clone().requires_grad_() for t in (x, m, u, z, v)]
+
+    def f(x, m, u, z, v):
+        return sampler_step(x, m, table, 2, uncond=u, noise=z, var_values=v, **kw)
+
+    assert torch.autograd.gradcheck(f, ins)  # float64 computes in float64 on the reference
+    x32 = [t.float().requires_grad_() for t in (x, m, u, z, v)]
+    with torch.no_grad():
+        fused = f(*(t.detach() for t in x32))
+    got = f(*x32)
+    torch.testing.assert_close(got, fused, atol=2e-5, rtol=2e-5)  # the reference agrees with the kernel
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, x32, g)
+    want = torch.autograd.grad(sampler_step(*x32[:2], table, 2, uncond=x32[2], noise=x32[3], var_values=x32[4],
+                                            backend="torch", **kw), x32, g)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+    assert all(t.abs().sum() > 0 for t in grads[:2])
+
+
+@pytest.mark.parametrize("sampler", ["DDIMSampler", "DDPMSampler", "DPMSolverPPSampler", "DPMSolverPPSampler3"])
+def test_gradients_flow_through_a_sampling_loop(sampler):
+    # the history buffers of multistep solvers carry gradients from step to step; the fast path (taken from the
+    # second step of a loop) runs the fused op, which has none, and must not be taken for a differentiated step
+    from fastdiff import diffusion
+
+    kw = {"solver_order": 3} if sampler.endswith("3") else {}
+    cls = getattr(diffusion, sampler.rstrip("3"))
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+
+    def run(x0, dtype=torch.float64, grad=True):
+        s = cls(**kw)
+        s.set_timesteps(4, seed=1)
+        x = x0.to(dtype) * s.init_noise_sigma
+        with torch.set_grad_enabled(grad):
+            for i in range(4):
+                x = s.step(0.1 * net.to(dtype)(s.scale_model_input(x, i)), i, x)
+        return x
+
+    x0 = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (x0,))
+    a = x0.detach().float().requires_grad_()
+    y = run(a, torch.float32)
+    torch.testing.assert_close(y, run(a.detach(), torch.float32, grad=False), atol=1e-4, rtol=1e-4)
+    (ga,) = torch.autograd.grad(y.square().sum(), a)
+    with fastdiff.set_backend("torch"):
+        b = a.detach().requires_grad_()
+        (gb,) = torch.autograd.grad(run(b, torch.float32).square().sum(), b)
+    torch.testing.assert_close(ga, gb)
+    net.double()

@@ -685,6 +685,36 @@ def test_cli_resume_checks_the_autoencoder_flag(tmp_path):
     _cli_refuses(common + ["--out", pixel, "--steps", "2", "--autoencoder", same], "--autoencoder: ")
 
 
+@needs_sklearn
+def test_cli_resume_without_image_size_trains_at_the_runs_size(tmp_path):
+    # a resume without --image-size loaded the data at the default size (16 for digits): a run trained at 8 then
+    # failed ("pass the run's --image-size"), and an autoencoder run silently went on at another resolution
+    from fastdiff.training.cli import _run_image_size, train_main
+
+    common = ["--dataset", "digits", "--batch-size", "2", "--quiet", "--device", "cpu", "--model-channels", "8",
+              "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2"]
+    ae, ldm, pixel = (str(tmp_path / n) for n in ("ae", "ldm", "pixel"))
+    assert train_main(common + ["--task", "autoencoder", "--out", ae, "--latent-channels", "2", "--steps", "1",
+                                "--image-size", "8"]) == 0
+    assert train_main(common + ["--out", ldm, "--autoencoder", ae, "--steps", "1", "--image-size", "8"]) == 0
+    assert train_main(common + ["--out", pixel, "--steps", "1", "--image-size", "8"]) == 0
+    for out in (ae, ldm, pixel):
+        meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
+        assert meta["image_shape"] == [1, 8, 8], meta  # the training images' (a latent run's too)
+        assert train_main(common + ["--out", out, "--steps", "2"]) == 0, out
+        meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
+        assert meta["step"] == 2 and meta["image_shape"] == [1, 8, 8]
+        # a checkpoint from before image_shape was recorded: the model's size (times the autoencoder's factor)
+        del meta["image_shape"]
+        assert _run_image_size(meta) == (None if out == ae else 8)
+    _cli_refuses(common + ["--out", pixel, "--steps", "3", "--image-size", "16"], "--image-size: ")
+    # the run's task is taken when --task is not given (above: the autoencoder resumed without it); another is refused
+    _cli_refuses(common + ["--out", ae, "--steps", "3", "--task", "diffusion"],
+                 f"--task: {ae} holds an autoencoder run, which resumes with --task autoencoder")
+    _cli_refuses(common + ["--out", pixel, "--steps", "3", "--task", "classifier"],
+                 f"--task: {pixel} holds a diffusion run")
+
+
 def test_module_cli_reports_errors_in_one_line(tmp_path, capsys):
     # python -m fastdiff.training printed a traceback for a user's error (fastdiff train printed one line)
     from fastdiff.training.cli import train_main

@@ -623,7 +623,9 @@ class Sampler:
 
     def step(self, model_output, i, x, *, uncond=None, guidance_scale=1.0, noise=None, generator=None,
              backend="auto", classifier_grad=None, classifier_scale=1.0):
-        """x_{t-1} from x_t and the model output at step index i (an int or a 0-d device tensor).
+        """x_{t-1} from x_t and the model output at step index i (an int or a 0-d device tensor): 0 to
+        num_inference_steps - 1 in order, or negative, counting from the end as Python's indexing does (-1: the last
+        step). Not the timestep t: ``for i, t in enumerate(sampler.timesteps)``.
 
         uncond: the unconditional model output; the step then uses uncond + guidance_scale (model_output - uncond)
         (classifier-free guidance, inside the kernel). noise: explicit standard-normal noise replacing the in-kernel
@@ -642,7 +644,8 @@ class Sampler:
             g1 = guidance_scale == 1.0
             u = None if g1 else uncond
             key = _call_key(x, model_output, u, uncond is not None, g1, backend)
-            if key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]:
+            if (key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]
+                    and not _records_grad(x, model_output, u, fast[2])):
                 op, rest = fast[1], fast[4]
                 return op(x, model_output, u, float(guidance_scale), self._table, self._step_list[i], None,
                           fast[2], *rest)  # rest ends with x0_buf2, x0_buf3
@@ -761,6 +764,14 @@ def _shares_storage(a: torch.Tensor, b) -> bool:
     except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional): nothing to compare
         return False
     return pa != 0 and pa == pb
+
+
+def _records_grad(x, model_output, u, x0_buf) -> bool:
+    """Sampler.step's fast path calls the fused op, which has no backward: not taken where autograd would record
+    the step (ops.sampler_step then runs the differentiable reference)."""
+    return torch.is_grad_enabled() and (x.requires_grad or model_output.requires_grad
+                                        or (u is not None and u.requires_grad)
+                                        or (x0_buf is not None and x0_buf.requires_grad))
 
 
 def _call_key(x, model_output, u, uncond_given: bool, g1: bool, backend: str) -> tuple:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.nn import Attention, GroupNorm, SpatialSelfAttention
+from fastdiff.nn.norm import positive_int
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -36,8 +37,7 @@ def zero_(module: nn.Module) -> nn.Module:
 
 
 def check_groups(channels: int, num_groups: int, where: str):
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    num_groups = positive_int(num_groups, "num_groups")
     if channels % num_groups:
         raise ValueError(f"num_groups: {num_groups} groups do not divide the {channels} channels of {where}; "
                          f"pick model_channels / channel_mult so that every width is a multiple of num_groups")
@@ -226,12 +226,26 @@ def attention_downsample_rates(image_size: int, attention_resolutions, num_level
     return out
 
 
+def positive_ints(**values) -> tuple:
+    """The values as ints (Python's or numpy's integers), in the order given; a ValueError names the first that is
+    not a positive int."""
+    return tuple(positive_int(v, name) for name, v in values.items())
+
+
+def optional_positive_int(v, name: str, unset=None, says: str = "None"):
+    """`unset` (None, or a sentinel such as -1), returned as it is, or a positive int; a ValueError naming `name`
+    that says what `unset` means."""
+    if v is None if unset is None else (not isinstance(v, bool) and v == unset):
+        return v
+    try:
+        return positive_int(v, name)
+    except ValueError:
+        raise ValueError(f"{name}: expected {says} or a positive int, got {v!r}") from None
+
+
 def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, channel_mult, dropout):
-    for name, v in (("image_size", image_size), ("in_channels", in_channels), ("model_channels", model_channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    if isinstance(num_res_blocks, bool) or not isinstance(num_res_blocks, int) or num_res_blocks < 1:
-        raise ValueError(f"num_res_blocks: expected a positive int, got {num_res_blocks!r}")
+    positive_ints(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+                  num_res_blocks=num_res_blocks)
     if len(channel_mult) == 0 or any(isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0
                                      for m in channel_mult):
         raise ValueError(f"channel_mult: expected a non-empty sequence of positive numbers, got {channel_mult!r}")
@@ -310,11 +324,16 @@ def check_context(context, N: int, context_dim: int | None):
 
 
 def jsonable(v):
-    """Tuples to lists (recursively), so a config survives a JSON round trip unchanged."""
+    """Tuples to lists and numpy numbers to Python's (recursively), so a config survives a JSON round trip
+    unchanged."""
     if isinstance(v, dict):
         return {k: jsonable(u) for k, u in v.items()}
     if isinstance(v, (tuple, list)):
         return [jsonable(u) for u in v]
+    if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+        return int(v)
+    if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+        return float(v)
     return v
 
 

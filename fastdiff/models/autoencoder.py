@@ -12,7 +12,8 @@ import numbers
 import torch
 from torch import nn
 
-from fastdiff.models._blocks import ConfigMixin, Downsample, ResBlock, Upsample, check_groups, check_image, jsonable
+from fastdiff.models._blocks import (ConfigMixin, Downsample, ResBlock, Upsample, check_groups, check_image, jsonable,
+                                     positive_ints)
 from fastdiff.nn import GroupNorm, SpatialSelfAttention
 
 
@@ -141,11 +142,9 @@ class AutoencoderKL(ConfigMixin, nn.Module):
             raise ValueError(f"channel_mult: expected a non-empty sequence of positive ints, got {channel_mult!r}")
         channel_mult = tuple(int(m) for m in channel_mult)
         out_channels = in_channels if out_channels is None else out_channels
-        for name, v in (("in_channels", in_channels), ("latent_channels", latent_channels),
-                        ("model_channels", model_channels), ("out_channels", out_channels),
-                        ("num_res_blocks", num_res_blocks)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        in_channels, latent_channels, model_channels, out_channels, num_res_blocks = positive_ints(
+            in_channels=in_channels, latent_channels=latent_channels, model_channels=model_channels,
+            out_channels=out_channels, num_res_blocks=num_res_blocks)
         for m in channel_mult:
             check_groups(model_channels * m, num_groups, "the autoencoder")
         self.config = jsonable(dict(

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.models._blocks import (ConfigMixin, attention_downsample_rates, build_down_path, check_arch,
-                                     check_class_ids, check_groups, check_image, jsonable, prepare_timesteps,
-                                     timestep_embedding, zero_)
+                                     check_class_ids, check_groups, check_image, jsonable, positive_int,
+                                     positive_ints, prepare_timesteps, timestep_embedding, zero_)
 from fastdiff.nn import Attention, GroupNorm
 
 _POOLS = ("attention", "adaptive")
@@ -32,8 +32,14 @@ class NoisyClassifier(ConfigMixin, nn.Module):
         attention_resolutions = tuple(attention_resolutions)
         check_arch(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                    num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels <= 0:
-            raise ValueError(f"out_channels: expected the number of classes (a positive int), got {out_channels!r}")
+        image_size, in_channels, model_channels, num_res_blocks = positive_ints(
+            image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+            num_res_blocks=num_res_blocks)
+        try:
+            out_channels = positive_int(out_channels, "out_channels")
+        except ValueError:
+            raise ValueError(f"out_channels: expected the number of classes (a positive int), "
+                             f"got {out_channels!r}") from None
         if pool not in _POOLS:
             raise ValueError(f"pool: expected one of {_POOLS}, got {pool!r}")
         self.config = jsonable(dict(

@@ -8,8 +8,8 @@ from torch import nn
 
 from fastdiff.models._blocks import (AttentionBlock, ConfigMixin, EmbedSequential, ResBlock, Upsample,
                                      attention_downsample_rates, build_down_path, check_arch, check_class_ids,
-                                     check_context, check_groups, check_image, jsonable, prepare_timesteps,
-                                     timestep_embedding, zero_)
+                                     check_context, check_groups, check_image, jsonable, optional_positive_int,
+                                     positive_int, positive_ints, prepare_timesteps, timestep_embedding, zero_)
 from fastdiff.nn import GroupNorm
 
 
@@ -53,22 +53,16 @@ class UNet(ConfigMixin, nn.Module):
         attention_resolutions = tuple(attention_resolutions)
         check_arch(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                    num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels <= 0:
-            raise ValueError(f"out_channels: expected a positive int, got {out_channels!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes <= 0):
-            raise ValueError(f"num_classes: expected None or a positive int, got {num_classes!r}")
+        image_size, in_channels, model_channels, out_channels, num_res_blocks = positive_ints(
+            image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+            out_channels=out_channels, num_res_blocks=num_res_blocks)
+        num_classes = optional_positive_int(num_classes, "num_classes")
         if learn_null_class and num_classes is None:
             raise ValueError("learn_null_class: needs num_classes (the null class is one more class)")
-        if context_dim is not None and (isinstance(context_dim, bool) or not isinstance(context_dim, int)
-                                        or context_dim <= 0):
-            raise ValueError(f"context_dim: expected None or a positive int, got {context_dim!r}")
-        if num_head_channels == -1 and (not isinstance(num_heads, int) or num_heads <= 0):
-            raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
-        if num_heads_upsample != -1 and (isinstance(num_heads_upsample, bool)
-                                         or not isinstance(num_heads_upsample, int) or num_heads_upsample <= 0):
-            raise ValueError(f"num_heads_upsample: expected -1 (num_heads) or a positive int, "
-                             f"got {num_heads_upsample!r}")
+        context_dim = optional_positive_int(context_dim, "context_dim")
+        if num_head_channels == -1:
+            num_heads = positive_int(num_heads, "num_heads")
+        num_heads_upsample = optional_positive_int(num_heads_upsample, "num_heads_upsample", -1, "-1 (num_heads)")
         self.config = jsonable(dict(
             image_size=image_size, in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
             num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import ops
-from fastdiff.nn.norm import GroupNorm, positive_int
+from fastdiff.nn.norm import GroupNorm, positive_int, traced_as_leaf
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -55,12 +55,17 @@ class Attention(torch.nn.Module):
         self.to_out = torch.nn.Linear(inner, query_dim, **kw)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return traced_as_leaf(self, x, context)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if context is not None and not isinstance(context, torch.Tensor):
             raise TypeError(f"context: expected None or a torch.Tensor, got {type(context).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.to_q.in_features:
             raise ValueError(f"x: expected shape (B, S, {self.to_q.in_features}), got {tuple(x.shape)}")
+        if context is None and self.to_k.in_features != self.to_q.in_features:
+            raise ValueError(f"context: this cross-attention (context_dim={self.to_k.in_features}) needs a context "
+                             f"of shape ({x.shape[0]}, S_ctx, {self.to_k.in_features}), got None")
         ctx = x if context is None else context
         if ctx.dim() != 3 or ctx.shape[0] != x.shape[0] or ctx.shape[-1] != self.to_k.in_features:
             raise ValueError(f"context: expected shape ({x.shape[0]}, S_ctx, {self.to_k.in_features}), "
@@ -111,7 +116,7 @@ class SpatialSelfAttention(torch.nn.Module):
         num_groups = positive_int(num_groups, "num_groups")
         groups = min(num_groups, channels)  # small test models have fewer than 32 channels
         if channels % groups != 0:
-            raise ValueError(f"channels: {channels} is not divisible by the {groups} GroupNorm groups")
+            raise ValueError(f"num_groups: {groups} GroupNorm groups do not divide the {channels} channels")
         self.channels = channels
         self.num_heads = heads
         self.dim_head = channels // heads
@@ -124,6 +129,8 @@ class SpatialSelfAttention(torch.nn.Module):
         torch.nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return traced_as_leaf(self, x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.channels:

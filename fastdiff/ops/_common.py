@@ -49,15 +49,17 @@ def check_like(t, name: str, ref: torch.Tensor, shape: tuple, *, dtype=None, dev
 _AUTODIFF_TRANSFORMS = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp) if _functorch else ()
 
 
+@torch.compiler.assume_constant_result
 def autodiff_transform_active() -> bool:
     """Whether the call is differentiated by something the fused ops' registered autograd cannot serve: a
     torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd, hessian) or forward-mode AD
     (torch.autograd.forward_ad). The ops then run their eager reference, which has every derivative.
 
-    A C call and an attribute read when neither is active (vmap alone runs the fused ops); never true while
-    torch.compile traces (Dynamo cannot trace the query; AOTAutograd differentiates without torch.func)."""
-    if torch.compiler.is_compiling():
-        return False
+    A C call and an attribute read when neither is active (vmap alone runs the fused ops). Under torch.compile
+    Dynamo runs it at trace time and takes the answer as a constant (it cannot trace CInterpreter.key): a traced
+    transform (``torch.compile(torch.func.grad(f))``) is on the real transform stack while Dynamo traces it, and the
+    compiled code is guarded on that stack. Outside transforms the fused ops are traced; AOTAutograd
+    differentiates them without torch.func."""
     if getattr(_forward_ad, "_current_level", -1) >= 0:  # inside a forward_ad.dual_level() (a private name)
         return True
     if _functorch is None or _functorch.peek_interpreter_stack() is None:
@@ -121,6 +123,11 @@ def choose_elementwise(op: str, backend: str, x: torch.Tensor, has_triton_ops: b
     TRITON_INTERPRET where Triton could be picked: "auto" never picks it for a CPU tensor), so a call in a sampling
     loop does not rebuild the availability table (nor, on the CPU, read the environment: ~1 us a call)."""
     name = _backend.resolve(backend)
+    if torch.compiler.is_compiling():
+        # not through the cache: Dynamo would guard on its contents, which this call's own entry changes (one
+        # needless recompile at the second call)
+        return pick(name, x.device, x.dtype, available=elementwise_availability(x, has_triton_ops),
+                    order_cuda=("cuda", "triton"), order_cpu=("cpu",), op=op)
     interp = _backend.triton_interpret() if name == "triton" or x.device.type != "cpu" else None
     key = (op, name, x.device, x.dtype, interp)
     got = _CHOICES.get(key)

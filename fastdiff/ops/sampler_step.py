@@ -11,7 +11,9 @@ the kernel by Philox4x32-10 from (seed, step, element index) unless `noise` is g
 numbers (fastdiff.reference.philox_normal).
 
 Backends: ``cuda`` (csrc/cuda/sampler_step.cu), ``triton`` (fastdiff/triton/sampler_step.py), ``cpu``
-(csrc/cpu/sampler_step.cpp), ``torch`` (fastdiff.reference.sampler_step). Inference only: no autograd.
+(csrc/cpu/sampler_step.cpp), ``torch`` (fastdiff.reference.sampler_step). The fused kernels have no backward: a
+step whose inputs require grad (with grad mode on), or under a differentiating torch.func transform, runs the
+reference, which is differentiable and draws the same noise.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import KERNEL_DTYPES, check_tensor, choose_elementwise, elementwise_availability
+from fastdiff.ops._common import (KERNEL_DTYPES, autodiff_transform_active, check_tensor, choose_elementwise,
+                                  elementwise_availability)
 
 TABLE_WIDTH = reference.SAMPLER_TABLE_WIDTH
 CLIP_MODES = {"none": 0, "clip": 1, "threshold": 2}
@@ -114,6 +117,11 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     (a0, a1), (b0, b1) = extent(a), extent(b)
     return a0 < b1 and b0 < a1
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def step_tensor(step, device: torch.device) -> torch.Tensor:
@@ -229,6 +237,12 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
         thresh = None
 
     name = choose_backend(x, backend)
+    if name != "torch" and (needs_grad(x, model_output, uncond, noise, var_values, thresh, x0_buf, x0_buf2, x0_buf3)
+                            or autodiff_transform_active()):
+        # the fused kernels have no backward: a step that is differentiated (reward fine-tuning through the
+        # sampling loop, gradients of the output with respect to the noise) runs the reference, which has every
+        # derivative and draws the same Philox noise
+        name = "torch"
     args = (x, model_output, uncond, float(guidance_scale), table.contiguous(), step, noise, x0_buf, var_values,
             thresh, seed, VAR_MODES[var_mode], CLIP_MODES[clip], float(clip_range), bool(stochastic), x0_buf2,
             x0_buf3)
@@ -237,6 +251,7 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
                                       noise=noise, x0_buf=x0_buf, var_values=var_values, thresh=thresh,
                                       seed=seed & ((1 << 64) - 1), var_mode=VAR_MODES[var_mode],
                                       clip_mode=CLIP_MODES[clip], clip_range=float(clip_range),
-                                      stochastic=bool(stochastic), x0_buf2=x0_buf2, x0_buf3=x0_buf3)
+                                      stochastic=bool(stochastic), x0_buf2=x0_buf2, x0_buf3=x0_buf3,
+                                      compute_dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
     return op(*args)

@@ -219,6 +219,21 @@ def _check_resume(args, trainer, dataset):
                              f"{'x'.join(map(str, shape[1:]))} (pass the run's --image-size)")
 
 
+def _run_image_size(meta: dict):
+    """The image size a saved run trained at: its recorded image shape, else (checkpoints from before it was
+    recorded) the model's image_size, times the autoencoder's downsampling for a latent run; None if unknown."""
+    shape = meta.get("image_shape")
+    if shape:
+        return int(shape[-1])
+    size = meta.get("model", {}).get("config", {}).get("image_size")
+    if size is None:
+        return None
+    ae = meta.get("autoencoder")
+    if ae is not None:
+        size *= 2 ** (len(ae.get("config", {}).get("channel_mult", (1,))) - 1)
+    return int(size)
+
+
 def run_train(args: argparse.Namespace, progress: bool = False):
     """Run the training that parsed `args` describe; returns the trainer."""
     from fastdiff.training import checkpoint as ckpt
@@ -236,8 +251,20 @@ def run_train(args: argparse.Namespace, progress: bool = False):
     else:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     verbose = not args.quiet and rank == 0
-    image_size = args.image_size if args.image_size is not None else (
-        16 if args.dataset.startswith("digits") else 64)
+    image_size = args.image_size
+    if ckpt.exists(args.out):  # a resume trains its run's task at its run's resolution unless told otherwise
+        meta = ckpt.load_meta(args.out)
+        task = meta.get("task")
+        if task in TRAINERS and task != args.task:
+            typed = getattr(args, "given_flags", None)
+            if ("task" in typed) if typed is not None else args.task != "diffusion":
+                raise SystemExit(f"error: --task: {args.out} holds {'an' if task[0] in 'aeiou' else 'a'} {task} "
+                                 f"run, which resumes with --task {task} (or train into another --out)")
+            args.task = task
+        if image_size is None:
+            image_size = _run_image_size(meta)
+    if image_size is None:
+        image_size = 16 if args.dataset.startswith("digits") else 64
     dataset = load_dataset(args.dataset, image_size, args.channels)
     trainer_cls = TRAINERS[args.task]
     if ckpt.exists(args.out):

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastdiff.nn.norm import positive_int
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import fetch
 from fastdiff.training.losses import TARGETS, _make_schedule, create_timestep_sampler, q_sample, training_losses
@@ -61,17 +62,13 @@ class TrainConfig:
     save_every: int = 0                 # 0: save only at the end of train()
 
     def validate(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-
         for name in ("batch_size", "num_train_timesteps", "log_every"):
-            positive_int(name)
+            setattr(self, name, positive_int(getattr(self, name), name))
         for name in ("steps", "warmup_steps", "save_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
                 raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+            setattr(self, name, int(v))  # numpy's ints too, as Python's (the config is saved as JSON)
         def real(name, positive):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
@@ -472,6 +469,8 @@ class Trainer:
             "pending_log": [{k: float(v) for k, v in m.items()} for m in self._pending],
             # label i means class_names[i]: kept so a resume (or a sampler elsewhere) uses the same numbering
             "class_names": self._class_names(),
+            # (C, H, W) of one training image: the resolution a resume without --image-size trains at
+            "image_shape": list(self._sample_shape),
         }
         if self.autoencoder is not None:
             meta["autoencoder"] = ckpt.model_meta(self.autoencoder)
