@@ -75,7 +75,7 @@ def _run(a, argv):
         raise CLIError(f"--threads: expected a positive int, got {a.threads}")
     if not 0 <= a.threshold < float("inf"):  # NaN too
         raise CLIError(f"--threshold: expected a non-negative fraction (0.05 = 5%), got {a.threshold}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    device = _bench.resolve_device(a.device)
     cpu_quick = a.quick and device.type == "cpu"
     if a.threads or (cpu_quick and a.threads is None):
         # One thread by default on the CPU quick run: on a shared machine a parallel region waits for its slowest,

@@ -32,6 +32,29 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def resolve_device(device) -> torch.device:
+    """A benchmark's --device: "auto" (cuda when available), cpu, cuda, cuda:N; a device this machine lacks is a
+    ValueError naming --device (it was torch's "Found no NVIDIA driver" traceback after the first allocation)."""
+    if isinstance(device, torch.device):
+        return device
+    from fastdiff.pretrained import resolve_device as resolve
+
+    try:
+        return resolve(device)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+
+
+def run_main(main, argv=None) -> int:
+    """A benchmark script's main(argv) with a user's error (a bad --device, an unwritable --out) printed as one line
+    naming the script (exit 2), as `fastdiff bench` prints it, instead of a traceback."""
+    import sys
+
+    from fastdiff.cli import run_reporting_errors
+
+    return run_reporting_errors(os.path.basename(sys.argv[0]) or "benchmark", lambda: main(argv))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

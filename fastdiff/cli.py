@@ -119,17 +119,16 @@ def _check_output_file(flag, path):
 
 
 def _check_bench_out(path):
-    """bench --out: the folders are created (write_rows), but a directory, a file in the way or an existing file
-    that holds no results (write_rows merges into it and refuses those) failed only after the whole run."""
+    """bench --out, checked before the run: a directory, a missing folder (as sample's and eval's --out: a typo
+    in the path used to create a tree of folders), or an existing file that holds no results (write_rows merges
+    into it and refuses those) failed only after the whole run or not at all."""
     from fastdiff import _bench
 
     if os.path.isdir(path):
         raise CLIError(f"--out: {path!r} is a directory; expected a JSON file name")
     parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise CLIError(f"--out: {parent!r} is a file, not a directory")
+        raise CLIError(f"--out: no such directory: {os.path.dirname(path)!r}")
     try:
         _bench.read_results_file(path)  # what write_rows will merge into
     except _bench.ResultsFileError as e:
@@ -177,9 +176,11 @@ def _non_negative_float(s):
 
 def _classes(s):
     """--classes as written: ids or class names, resolved against the checkpoint by _resolve_classes."""
-    v = [c.strip() for c in s.split(",") if c.strip()]
-    if not v:
+    v = [c.strip() for c in s.split(",")]
+    if v == [""]:
         raise argparse.ArgumentTypeError("expected at least one class id or name")
+    if "" in v:  # "3,,7": a typo, taken as "3,7" before
+        raise argparse.ArgumentTypeError(f"an empty entry in {s!r}; expected comma-separated class ids or names")
     return v
 
 
@@ -266,8 +267,8 @@ def _cmd_sample(args):
             **({"class_names": np.array(names)} if names is not None else {})))
     else:
         _write_atomically(out, lambda f: pretrained.save_grid(x, rows=len(classes), path=f, scale=args.scale))
-    name = "bundled digits model" if args.checkpoint is None else args.checkpoint
-    print(f"{_count(n_total, 'sample')} ({_count(len(classes), 'class', 'classes')} x {args.n}) of the {name} with {args.sampler} {args.steps} steps, "
+    name = "the bundled digits model" if args.checkpoint is None else args.checkpoint
+    print(f"{_count(n_total, 'sample')} ({_count(len(classes), 'class', 'classes')} x {args.n}) of {name} with {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance:g}, {str(dtype).replace('torch.', '')} on {device}: {sec:.2f} s, "
           f"{n_total / sec:.1f} images/s -> {out}")
     if names is not None and names != [str(i) for i in range(model.num_classes)]:
@@ -458,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(s)
     s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: 20; 10 with --quick)")
     s.add_argument("--n", type=_positive_int, default=None, help="samples per class (default: 50; 10 with --quick)")
-    s.add_argument("--quick", action="store_true", help="a small fast run")
+    s.add_argument("--quick", action="store_true",
+                   help="a small fast run: 10 samples per class, 10 steps (with --table: 10 per class, its steps)")
     s.add_argument("--table", action="store_true",
                    help="the README's table: DDPM 1000, DDIM 50/20/10, DPM-Solver++ 20/10 steps, guidance 1/2/4")
     s.add_argument("--json", default=None, help="also write the results to this JSON file")

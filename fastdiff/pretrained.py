@@ -223,7 +223,8 @@ def generate(model, *, sampler="dpmsolver++", steps: int = 20, guidance: float =
     import fastdiff
     from fastdiff.nn.norm import positive_int
 
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    # a device this machine lacks: a ValueError naming it (it was torch's RuntimeError at the first copy)
+    device = resolve_device(str(device)) if device is not None else next(model.parameters()).device
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, model, checkpoint)
     classes = [int(c) for c in classes]

@@ -369,3 +369,23 @@ def test_run_all_report_only_and_its_errors(tmp_path, capsys):
         assert run_all.main(["--report-only"] + argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("run_all.py: error: ") and needle in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a device this machine lacks")
+def test_bench_refuses_a_missing_device_and_out_folder_in_one_line(tmp_path, capsys):
+    # --device cuda without a GPU was torch's "Found no NVIDIA driver" traceback (exit 1) from fastdiff bench,
+    # run_all.py and the bench_<op>.py scripts; bench --out into a missing folder created the folders
+    needle = "--device: cuda was asked for but torch sees no CUDA device"
+    assert cli.main(["bench", "--device", "cuda", "--op", "group_norm", "--quick"]) == 2
+    assert needle in capsys.readouterr().err
+    for mod in (group_norm, unet, sampler):
+        assert mod.main(["--device", "cuda", "--quick"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+    missing = tmp_path / "typo" / "rows.json"
+    assert cli.main(["bench", "--op", "group_norm", "--quick", "--out", str(missing)]) == 2
+    assert "--out: no such directory" in capsys.readouterr().err and not missing.parent.exists()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "run_all.py"), "--device", "cuda",
+                        "--quick"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

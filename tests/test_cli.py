@@ -155,7 +155,7 @@ def test_train_then_resume_then_sample(tmp_path, capsys):
     before = (run / "checkpoint.json").read_text()
     assert cli.main(common + ["--steps", "4", "--lr", "0.5", "--save-every", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--lr 0.5 (the run has 0.0002)" in err and "--save-every 1" in err
+    assert "--lr 0.5 (the run has 0.0002)" in err and "--save-every" not in err  # (an interval may change)
     assert cli.main(common + ["--steps", "4", "--image-size", "8"]) == 2
     assert "--image-size" in capsys.readouterr().err
     assert (run / "checkpoint.json").read_text() == before

@@ -4,6 +4,7 @@ import functools
 import importlib.util
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -2107,6 +2108,12 @@ def test_inpainting_arguments():
     out = sample(model, s, (1, 3, 4, 4), x_init=x0, mask=torch.zeros(1, 1, 4, 4, dtype=torch.bool),
                  num_inference_steps=2, progress=False)
     assert torch.equal(out, x0)  # nothing masked: the image back
+    # values outside [0, 1] extrapolated past x_init / the sample, silently
+    for bad, shown in ((3.0, "0 to 3"), (-0.5, "-0.5 to 0"), (float("nan"), "nan to nan")):
+        m = torch.zeros(1, 1, 4, 4)
+        m[0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"^mask: expected values in \[0, 1\].*got " + re.escape(shown)):
+            sample(model, s, (1, 3, 4, 4), x_init=x0, mask=m, num_inference_steps=2, progress=False)
 
 
 def test_image_to_image_arguments():
@@ -2698,3 +2705,20 @@ def test_flow_match_heun_matches_diffusers(shift, n):
         ours.set_timesteps(timesteps=[900.0, 500.0])
     with pytest.raises(ValueError, match="^shift: expected a positive float"):
         FlowMatchHeunSampler(shift=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_step_refuses_a_non_finite_guidance_scale(bad):
+    # sampler.step took guidance_scale=nan and returned all NaN, silently (fastdiff.sample refused it)
+    from fastdiff.diffusion import DDIMSampler
+
+    s = DDIMSampler()
+    s.set_timesteps(5)
+    x, m, u = (torch.randn(2, 3, 4, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="^guidance_scale: expected a finite float"):
+        s.step(m, 0, x, uncond=u, guidance_scale=bad)
+    s.step(m, 0, x, uncond=u, guidance_scale=2.0)  # a checked call: the next like it takes the fast path
+    with pytest.raises(ValueError, match="^guidance_scale: expected a finite float"):
+        s.step(m, 1, x, uncond=u, guidance_scale=bad)
+    with pytest.raises(ValueError, match="^guidance_scale: expected a finite float"):
+        fastdiff.ops.sampler_step(x, m, s._table, 1, uncond=u, guidance_scale=bad)

@@ -3,6 +3,7 @@
 Small models and few steps: the file runs in about a minute or two on a shared 2-core CPU.
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -420,8 +421,7 @@ def test_resume_refuses_another_train_config(tmp_path):
                            (dict(beta_schedule="linear"), "beta_schedule"), (dict(num_train_timesteps=100),
                                                                             "num_train_timesteps=100"),
                            (dict(lambda_vlb=0.0), "lambda_vlb"), (dict(precision="bf16"), "precision='bf16'"),
-                           (dict(ema_decay=None), "ema_decay=None (the run has 0.9999)"),
-                           (dict(save_every=1), "save_every")]:
+                           (dict(ema_decay=None), "ema_decay=None (the run has 0.9999)")]:  # (save_every may change)
         with pytest.raises(ValueError, match="^config: .*" + needle.replace("(", r"\(").replace(")", r"\)")):
             Trainer(tiny_unet(), data, TrainConfig(steps=2, **{**run, **change}), out_dir=out).resume()
     with pytest.raises(ValueError, match="lr=0.5"):  # a keyword override too
@@ -968,3 +968,119 @@ def test_cpu_trainer_runs_channels_last_and_matches_nchw():
     for key in ("grads", "weights"):
         for k in a[key]:
             torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-5, msg=f"{key} {k}")
+
+
+@needs_sklearn
+def test_cli_same_command_trains_the_same_run(tmp_path):
+    # --seed seeded the data order and the noise but not the model's initial weights: the same command twice gave
+    # different runs
+    from safetensors.torch import load_file
+
+    from fastdiff.training.cli import train_main
+
+    common = ["--dataset", "digits", "--batch-size", "2", "--quiet", "--device", "cpu", "--model-channels", "8",
+              "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2", "--steps", "2"]
+    runs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = str(tmp_path / name)
+        torch.manual_seed(int(name.encode()[0]))  # whatever the global RNG held before
+        assert train_main(common + ["--out", out, "--seed", seed]) == 0
+        meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
+        runs.append(load_file(os.path.join(out, meta["tensors"])))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    conv = sorted(k for k, v in runs[0].items() if k.startswith("model.") and v.dim() == 4)[0]
+    assert not torch.equal(runs[0][conv], runs[2][conv])  # another --seed, other weights
+
+
+def test_train_config_checks_its_values_when_made():
+    # TrainConfig(lr=nan), (seed=1.5), (steps=-1), ... were accepted until a Trainer took them; seed=2**70 was
+    # accepted even there (torch.manual_seed then overflowed)
+    from fastdiff.training import TrainConfig
+
+    for kw, err, needle in [(dict(seed=1.5), TypeError, "seed: expected an int"),
+                            (dict(seed=2 ** 70), ValueError, "seed: expected a 64-bit int"),
+                            (dict(lr=float("nan")), ValueError, "lr: expected a finite positive float"),
+                            (dict(lr="1e-3"), TypeError, "lr: expected a float"),
+                            (dict(steps=-1), ValueError, "steps: expected a non-negative int"),
+                            (dict(precision="fp8"), ValueError, "precision: expected one of")]:
+        with pytest.raises(err, match="^" + needle):
+            TrainConfig(**kw)
+    assert TrainConfig(seed=2 ** 64 - 1).seed == 2 ** 64 - 1
+
+
+@needs_sklearn
+def test_cli_resume_steps(tmp_path):
+    # a resume with --steps below the run's step printed "trained to step 8" and saved steps=3 in its config; one
+    # without --steps took the default 2000 as the target, cutting short an interrupted longer run
+    from fastdiff.training.cli import train_main
+
+    out = str(tmp_path / "run")
+    common = ["--dataset", "digits", "--batch-size", "2", "--quiet", "--device", "cpu", "--model-channels", "8",
+              "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2", "--out", out]
+    assert train_main(common + ["--steps", "2"]) == 0
+    path = os.path.join(out, "checkpoint.json")
+    before = open(path).read()
+    _cli_refuses(common + ["--steps", "1"], f"--steps: {out} is at step 2 already, past 1")
+    assert open(path).read() == before
+    meta = json.loads(before)
+    meta["train_config"]["steps"] = 3  # as a run of --steps 3 stopped (Ctrl-C) at step 2 leaves it
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert train_main(common) == 0  # no --steps: the run's own target
+    meta = json.loads(open(path).read())
+    assert meta["step"] == 3 and meta["train_config"]["steps"] == 3
+
+
+def test_resume_on_another_process_count_warns(tmp_path):
+    # a run trained on 2 processes resumed on 1 at half the global batch, silently
+    run = str(tmp_path / "run")
+    torch.manual_seed(0)
+    Trainer(tiny_unet(), synthetic(), batch_size=2, out_dir=run).train(1)
+    path = os.path.join(run, "checkpoint.json")
+    meta = json.loads(open(path).read())
+    meta["world_size"] = 2  # as a torchrun --nproc_per_node=2 run saves it
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.warns(UserWarning, match="trained on 2 process.*global batch of 4; it resumes on 1, a global batch of 2"):
+        Trainer.from_checkpoint(run, synthetic())
+    meta["world_size"] = 1
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer.from_checkpoint(run, synthetic())
+
+
+@needs_sklearn
+def test_cli_resume_may_change_the_log_and_save_intervals(tmp_path, capsys):
+    # --log-every / --save-every on a resume were refused like an optimisation flag; they only say how often the
+    # run logs and saves. --help now shows every default (--lr, --dataset, --weight-decay had none)
+    import argparse
+
+    from fastdiff.training import TrainConfig, digits
+    from fastdiff.training.cli import add_train_arguments, train_main
+
+    out = str(tmp_path / "run")
+    common = ["--dataset", "digits", "--batch-size", "2", "--quiet", "--device", "cpu", "--model-channels", "8",
+              "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2", "--out", out]
+    assert train_main(common + ["--steps", "2", "--log-every", "1"]) == 0
+    assert train_main(common + ["--steps", "4", "--log-every", "2", "--save-every", "3"]) == 0
+    meta = json.loads(open(os.path.join(out, "checkpoint.json")).read())
+    assert meta["step"] == 4 and meta["train_config"]["log_every"] == 2 and meta["train_config"]["save_every"] == 3
+    assert [r["step"] for r in meta["history"]] == [1, 2, 4]
+    _cli_refuses(common + ["--steps", "5", "--lr", "0.1"], "--lr 0.1 (the run has 0.0002)")
+    # the Python API alike: a trainer built with other intervals resumes the run
+    t = Trainer.from_checkpoint(out, digits(16))
+    cfg = TrainConfig(**{**dataclasses.asdict(t.config), "log_every": 7, "save_every": 0})
+    Trainer(t.model, t.dataset, cfg, out_dir=out).resume()
+    with pytest.raises(SystemExit):
+        add_train_arguments(argparse.ArgumentParser(prog="p")).parse_args(["--help"])
+    text = capsys.readouterr().out
+    for needle in ("(default: digits)", "default: 0.0002", "--weight-decay WEIGHT_DECAY", "default: 0.0",
+                   "(default: 1,2)"):
+        assert needle in text, needle
+    with pytest.raises(ValueError, match="^weight_decay: expected a finite non-negative float"):
+        TrainConfig(weight_decay=-1)

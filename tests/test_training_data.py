@@ -125,3 +125,70 @@ def test_cli_cfg_dropout_on_an_unlabelled_folder_names_the_flag(tmp_path, capsys
     assert rc == 2 and not os.path.exists(tmp_path / "run" / "checkpoint.json")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: --cfg-dropout:" in err[0] and "has no labels" in err[0], err
+
+
+def test_plain_labelled_datasets_train_class_conditional_models_with_their_labels_checked(tmp_path):
+    # an (image, label) TensorDataset was refused for a class-conditional model ("the dataset has no labels": only
+    # a num_classes attribute counted), and labels outside the classes trained silently
+    from torch.utils.data import TensorDataset
+
+    from fastdiff.models import NoisyClassifier
+    from fastdiff.training.trainer import ClassifierTrainer
+
+    torch.manual_seed(0)
+    imgs = torch.rand(6, 3, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    t = Trainer(_tiny(3), TensorDataset(imgs, labels), batch_size=2, out_dir=str(tmp_path / "a"), ema_decay=None)
+    t.train(2)
+    assert t.step == 2
+    clf = NoisyClassifier(8, 3, 8, 3, 1, channel_mult=(1, 2), num_groups=4, pool="adaptive")
+    ct = ClassifierTrainer(clf, TensorDataset(imgs, labels), batch_size=2, out_dir=str(tmp_path / "c"))
+    ct.train(1)
+    assert ct.step == 1
+    with pytest.raises(ValueError, match="^dataset: the model is class-conditional but the dataset has no labels"):
+        Trainer(_tiny(3), TensorDataset(imgs), batch_size=2, out_dir=str(tmp_path / "b"))
+    bad = TensorDataset(imgs, torch.tensor([0, 1, 2, 3, 1, 2]))  # label 3 of a 3-class model
+    with pytest.raises(ValueError, match=r"^dataset: item 3 has label 3, outside 0..2 \(the 3 classes of the model"):
+        Trainer(_tiny(3), bad, batch_size=6, out_dir=str(tmp_path / "d")).train(1)
+    declared = TensorDataset(imgs, labels)
+    declared.num_classes = 2  # says 2 classes, holds a label 2
+    with pytest.raises(ValueError, match=r"outside 0..1 \(the 2 classes of the dataset\)"):
+        Trainer(_tiny(3), declared, batch_size=6, out_dir=str(tmp_path / "e")).train(1)
+
+
+def test_cli_resume_of_a_greyscale_folder_run_needs_no_channels_flag(tmp_path):
+    # resuming a --channels 1 folder run without the flag loaded the images as RGB: "model: in_channels=1 but
+    # the data have 3 channels", naming no flag
+    from fastdiff.training.cli import _run_channels, train_main
+
+    data_dir, run = tmp_path / "data", str(tmp_path / "run")
+    for i, cls in enumerate(("a", "b")):
+        _png(str(data_dir / cls / "1.png"), _rgb(i))
+    common = ["--dataset", str(data_dir), "--out", run, "--batch-size", "2", "--model-channels", "8",
+              "--num-groups", "4", "--num-res-blocks", "1", "--channel-mult", "1,2", "--quiet", "--device", "cpu"]
+    assert train_main(common + ["--image-size", "8", "--channels", "1", "--steps", "1"]) == 0
+    assert train_main(common + ["--steps", "2"]) == 0  # the run's size and channels
+    meta = json.loads(open(os.path.join(run, "checkpoint.json")).read())
+    assert meta["step"] == 2 and meta["image_shape"] == [1, 8, 8]
+    del meta["image_shape"]  # a checkpoint from before: the model's in_channels
+    assert _run_channels(meta) == 1
+
+
+def test_unreadable_image_mid_run_saves_the_steps_done(tmp_path):
+    # a data error stopped training without a checkpoint (Ctrl-C saves one): every step since the last save was
+    # lost. The failed step has not started, so the steps done are saved and the run resumes once the file is fixed
+    data_dir, run = tmp_path / "data", str(tmp_path / "run")
+    for i in range(4):
+        _png(str(data_dir / "a" / f"{i}.png"), _rgb(i))
+    ds = ImageFolder(str(data_dir), 8)
+    with open(data_dir / "a" / "3.png", "wb") as f:
+        f.write(b"not a png")  # broken after the folder was listed (as a file damaged mid-run)
+    t = Trainer(_tiny(None), ds, batch_size=2, out_dir=run, ema_decay=None)
+    with pytest.raises(Exception, match="3.png"):
+        t.train(10)
+    meta = json.loads(open(os.path.join(run, "checkpoint.json")).read())
+    assert meta["step"] == t.step > 0
+    _png(str(data_dir / "a" / "3.png"), _rgb(3))
+    resumed = Trainer.from_checkpoint(run, ImageFolder(str(data_dir), 8))
+    assert resumed.step == t.step
+    resumed.train(resumed.step + 1)

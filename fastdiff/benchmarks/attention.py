@@ -144,7 +144,7 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
     D, label) tuples that replace the default list (the tests pass tiny ones). out: the JSON path (None: the
     default under benchmarks/results/<device-slug>/; '' writes nothing).
     """
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = _bench.resolve_device(device)
     cpu = device.type == "cpu"
     if dtypes is None:
         dtypes = [torch.float32, torch.bfloat16] if cpu else [torch.float16, torch.bfloat16]
@@ -164,6 +164,10 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, out=None, verbos
 
 
 def main(argv=None):
+    return _bench.run_main(_main, argv)
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short CPU run: small shapes, eager/sdpa/fastdiff-cpu")
     ap.add_argument("--dtypes", default=None, help="comma-separated, e.g. float16,bfloat16")

@@ -72,7 +72,7 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw",
         shapes=None, backward=False):
     """Returns (rows, out_path). shapes: (model label, (N, C, HW)) pairs that replace the default list.
     backward: time forward + backward (op "group_norm_fwd_bwd") instead of the forward."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = _bench.resolve_device(device)
     gpu = device.type == "cuda"
     shapes_arg = shapes
     if dtypes is None:
@@ -144,6 +144,10 @@ def run(device="auto", dtypes=None, quick=False, compile_=True, layouts=("nchw",
 
 
 def main(argv=None):
+    return _bench.run_main(_main, argv)
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],

@@ -340,7 +340,7 @@ def run(device="auto", quick=False, compile_=True, out=None, verbose=True, shape
     import contextlib
     import io
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = _bench.resolve_device(device)
     args = argparse.Namespace(quick=quick, no_compile=not compile_, shapes=shapes, loop_steps=loop_steps,
                               loop_shape=tuple(loop_shape))
     rows = []
@@ -357,6 +357,10 @@ def run(device="auto", quick=False, compile_=True, out=None, verbose=True, shape
 
 
 def main(argv=None):
+    return _bench.run_main(_main, argv)
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="a short run: fewer repetitions (and on the CPU, the two "

@@ -152,7 +152,7 @@ def run(device="auto", dtypes=None, quick=False, compile_="auto", out=None, verb
     """Returns (rows, out_path); see _run. Timed with torch's current thread count (benchmarks/run_all.py --quick
     sets one thread unless --threads says otherwise: on a shared machine a parallel region waits for its
     slowest, descheduled thread)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = _bench.resolve_device(device)
     return _run(device, dtypes, quick, compile_, out, verbose, models, batches, steps, ops, diffusers, reps, specs)
 
 
@@ -340,6 +340,10 @@ def _diffusers_loop(unet, x_like, context, steps, device, dtype):
 
 
 def main(argv=None):
+    return _bench.run_main(_main, argv)
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Writes benchmarks/results/<device>/unet_step.json and sampling.json, "
                                        "replacing only the rows it measures again.")

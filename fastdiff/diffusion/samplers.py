@@ -640,7 +640,8 @@ class Sampler:
         fast = self._fast
         if (fast is not None and noise is None and generator is None and classifier_grad is None
                 and type(i) is int and type(x) is torch.Tensor and type(model_output) is torch.Tensor
-                and type(guidance_scale) in (float, int) and -fast[3] <= i < fast[3]):
+                and type(guidance_scale) in (float, int) and -fast[3] <= i < fast[3]
+                and -_INF < guidance_scale < _INF):  # (NaN fails it too: the checked path names it)
             g1 = guidance_scale == 1.0
             u = None if g1 else uncond
             key = _call_key(x, model_output, u, uncond is not None, g1, backend)
@@ -663,6 +664,8 @@ class Sampler:
             raise ValueError(f"x: expected shape (N, C, ...), got {tuple(x.shape)}")
         if not _is_real(guidance_scale):
             raise TypeError(f"guidance_scale: expected a float, got {type(guidance_scale).__name__}")
+        if not math.isfinite(guidance_scale):  # every output NaN, silently
+            raise ValueError(f"guidance_scale: expected a finite float, got {guidance_scale!r}")
         if x.device != self._device:
             raise ValueError(f"x: on {x.device} but the sampler's tables are on {self._device}: call "
                              f"set_timesteps(n, device=...) or sampler.to(device)")
@@ -764,6 +767,9 @@ def _shares_storage(a: torch.Tensor, b) -> bool:
     except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional): nothing to compare
         return False
     return pa != 0 and pa == pb
+
+
+_INF = float("inf")
 
 
 def _records_grad(x, model_output, u, x0_buf) -> bool:

@@ -191,6 +191,11 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
             torch.broadcast_shapes(mask.shape, shape)
         except RuntimeError:
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to {shape}") from None
+        if mask.is_floating_point() and mask.numel():
+            lo, hi = torch.aminmax(mask.detach())  # once per sampling call (a sync on a GPU mask, before the loop)
+            if not (0 <= float(lo) and float(hi) <= 1):  # NaN fails too
+                raise ValueError(f"mask: expected values in [0, 1] (1: generate, 0: keep x_init), got "
+                                 f"{float(lo):g} to {float(hi):g}")
         if sampler.order != 1:
             raise ValueError(f"mask: inpainting blends after every model call, which {type(sampler).__name__}'s "
                              f"correction calls do not allow; use a one-call-a-step sampler")

@@ -187,6 +187,8 @@ def sampler_step(x, model_output, table, step, *, uncond=None, guidance_scale=1.
         raise ValueError(f"table: expected a tensor on {x.device} (x's device), got {table.device}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
         raise TypeError(f"guidance_scale: expected a float, got {type(guidance_scale).__name__}")
+    if not -float("inf") < guidance_scale < float("inf"):
+        raise ValueError(f"guidance_scale: expected a finite float, got {guidance_scale!r}")
     if uncond is None and guidance_scale != 1.0:  # would be ignored: m = model_output
         raise ValueError("uncond: classifier-free guidance (guidance_scale != 1) needs the unconditional output")
     if clip not in CLIP_MODES:

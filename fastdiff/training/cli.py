@@ -10,6 +10,7 @@ command hooks them in); ``train_main(argv)`` is the whole command.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -23,6 +24,7 @@ def _ints(s: str) -> tuple:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    first = len(parser._actions)
     a = parser.add_argument
     a("--task", choices=("diffusion", "classifier", "autoencoder"), default="diffusion",
       help="what to train: the diffusion U-Net, the noisy classifier, or the KL autoencoder (default: diffusion)")
@@ -33,7 +35,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--channels", type=int, choices=(1, 3), default=None,
       help="image folders: 1 (greyscale) or 3 (RGB), whatever the files hold (default: 3)")
     a("--out", required=True, help="checkpoint directory; resumes when it holds a checkpoint")
-    a("--steps", type=int, default=2000, help="train until this step (default: 2000)")
+    a("--steps", type=int, default=2000, help="train until this step (default: 2000; on a resume, the run's own)")
     a("--batch-size", type=int, default=32, help="per process (default: 32)")
     a("--lr", type=float, default=2e-4)
     a("--weight-decay", type=float, default=0.0)
@@ -67,11 +69,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--latent-channels", type=int, default=4, help="autoencoder latent channels")
     a("--kl-weight", type=float, default=1e-6)
     a("--autoencoder", default=None, help="checkpoint directory of a trained autoencoder: train in its latent space")
-    a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=100)
-    a("--save-every", type=int, default=500)
+    a("--seed", type=int, default=0, help="the initial weights, the data order and the noise")
+    a("--log-every", type=int, default=100, help="steps per logged row (a resume may change it)")
+    a("--save-every", type=int, default=500, help="steps between checkpoints; 0: only at the end and on Ctrl-C "
+      "(a resume may change it)")
     a("--device", default=None, help="default: cuda when available, else cpu")
     a("--quiet", action="store_true")
+    for act in parser._actions[first:]:  # every default in --help (they were missing for --lr, --dataset, ...)
+        if act.default is None or act.default is False or act.default == argparse.SUPPRESS or \
+                "default" in (act.help or ""):
+            continue
+        shown = ",".join(map(str, act.default)) if isinstance(act.default, tuple) else act.default
+        act.help = f"{act.help} (default: {shown})" if act.help else f"default: {shown}"
     return parser
 
 
@@ -163,6 +172,15 @@ def given_flags(argv) -> set:
     return set(vars(ns))
 
 
+def _flag_given(args, dest: str) -> bool:
+    """Whether the command line wrote the flag of `dest` (args.given_flags), or, where run_train is called without
+    that record, whether its value differs from the default."""
+    typed = getattr(args, "given_flags", None)
+    if typed is not None:
+        return dest in typed
+    return getattr(args, dest, None) != add_train_arguments(argparse.ArgumentParser()).get_default(dest)
+
+
 def _check_resume(args, trainer, dataset):
     """A resumed run keeps its own configuration: a training flag given with another value than the checkpoint's,
     or data of another size than the model's, is refused rather than silently dropped or mixed in. (Re-running
@@ -171,16 +189,13 @@ def _check_resume(args, trainer, dataset):
 
     from fastdiff.training.data import fetch
 
-    defaults = add_train_arguments(argparse.ArgumentParser()).parse_args(["--out", "-"])
-    typed = getattr(args, "given_flags", None)
-
-    def given(dest):
-        return dest in typed if typed is not None else getattr(args, dest, None) != getattr(defaults, dest, None)
-
+    given = functools.partial(_flag_given, args)
     want = _config_from_args(args)
     differ = []
+    from fastdiff.training.trainer import RESUME_MAY_CHANGE
+
     for f in dataclasses.fields(want):
-        if f.name == "steps":
+        if f.name in RESUME_MAY_CHANGE:  # applied by run_train
             continue
         flag = _FLAG_OF.get(f.name, "--" + f.name.replace("_", "-"))
         dest = flag[2:].replace("-", "_")
@@ -234,6 +249,17 @@ def _run_image_size(meta: dict):
     return int(size)
 
 
+def _run_channels(meta: dict):
+    """The image channels a saved run trained on: its recorded image shape's, else the model's (the autoencoder's
+    for a latent run) in_channels; None if unknown."""
+    shape = meta.get("image_shape")
+    if shape:
+        return int(shape[0])
+    model = meta.get("autoencoder") or meta.get("model") or {}
+    ch = model.get("config", {}).get("in_channels")
+    return int(ch) if ch in (1, 3) else None
+
+
 def run_train(args: argparse.Namespace, progress: bool = False):
     """Run the training that parsed `args` describe; returns the trainer."""
     from fastdiff.training import checkpoint as ckpt
@@ -256,13 +282,14 @@ def run_train(args: argparse.Namespace, progress: bool = False):
         meta = ckpt.load_meta(args.out)
         task = meta.get("task")
         if task in TRAINERS and task != args.task:
-            typed = getattr(args, "given_flags", None)
-            if ("task" in typed) if typed is not None else args.task != "diffusion":
+            if _flag_given(args, "task"):
                 raise SystemExit(f"error: --task: {args.out} holds {'an' if task[0] in 'aeiou' else 'a'} {task} "
                                  f"run, which resumes with --task {task} (or train into another --out)")
             args.task = task
         if image_size is None:
             image_size = _run_image_size(meta)
+        if args.channels is None and not args.dataset.startswith("digits"):
+            args.channels = _run_channels(meta)  # a folder run trained greyscale (--channels 1) resumes greyscale
     if image_size is None:
         image_size = 16 if args.dataset.startswith("digits") else 64
     dataset = load_dataset(args.dataset, image_size, args.channels)
@@ -276,7 +303,16 @@ def run_train(args: argparse.Namespace, progress: bool = False):
             raise SystemExit(f"error: --image-size: {args.out} holds a run whose {str(e)[len('model: '):]} (pass "
                              f"the run's --image-size)") from None
         _check_resume(args, trainer, dataset)
-        trainer.config.steps = args.steps
+        if _flag_given(args, "steps"):
+            if args.steps < trainer.step:  # it printed "trained to step N" and saved the smaller target
+                raise SystemExit(f"error: --steps: {args.out} is at step {trainer.step} already, past "
+                                 f"{args.steps}; pass a larger --steps to extend the run")
+            trainer.config.steps = args.steps
+        # --steps left out: the run's own target (the default 2000 replaced it, cutting a longer run short)
+        for dest in ("log_every", "save_every"):  # other intervals for the rest of the run
+            if _flag_given(args, dest):
+                setattr(trainer.config, dest, getattr(args, dest))
+        trainer.config.validate()
         if verbose:
             print(f"resuming {args.out} at step {trainer.step} (its model and training configuration are used)",
                   file=sys.stderr)
@@ -288,8 +324,9 @@ def run_train(args: argparse.Namespace, progress: bool = False):
         shape = tuple(fetch(dataset, torch.tensor([0]))[0].shape[1:])
         if autoencoder is not None:
             shape = autoencoder.latent_shape(shape)
+        config = _config_from_args(args)  # checks the flags' values (the seed's too) before any work
+        torch.manual_seed(args.seed)  # the initial weights too: the same command trains the same run
         model = _build_model(args, args.task, shape, getattr(dataset, "num_classes", 0))
-        config = _config_from_args(args)
         kwargs = {"autoencoder": autoencoder} if autoencoder is not None else {}
         trainer = trainer_cls(model.to(device), dataset, config, out_dir=args.out, device=device, verbose=verbose,
                               **kwargs)

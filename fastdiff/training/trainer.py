@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,9 @@ class TrainConfig:
     log_every: int = 100
     save_every: int = 0                 # 0: save only at the end of train()
 
+    def __post_init__(self):
+        self.validate()  # a bad value is named when the config is made, not at the first Trainer that takes it
+
     def validate(self):
         for name in ("batch_size", "num_train_timesteps", "log_every"):
             setattr(self, name, positive_int(getattr(self, name), name))
@@ -78,10 +82,14 @@ class TrainConfig:
                                  f"got {v!r}")
 
         real("lr", positive=True)
+        real("weight_decay", positive=False)  # torch's AdamW raised "Invalid weight_decay value" at the first Trainer
         real("lambda_vlb", positive=False)  # a negative weight would maximise L_vlb
         real("kl_weight", positive=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed: expected an int, got {type(self.seed).__name__} {self.seed!r}")
+        if not -(1 << 63) <= self.seed < 1 << 64:  # what torch.manual_seed takes (2**70 overflowed there)
+            raise ValueError(f"seed: expected a 64-bit int, got {self.seed!r}")
+        self.seed = int(self.seed)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -100,6 +108,11 @@ class TrainConfig:
             raise ValueError(f"beta_schedule: expected 'linear' or 'cosine', got {self.beta_schedule!r}")
         _make_schedule(self.beta_schedule, self.num_train_timesteps)  # the schedule's own limits on T
         return self
+
+
+# TrainConfig fields a resumed run may change: how far it trains, and how often it logs and saves (nothing of the
+# optimisation itself)
+RESUME_MAY_CHANGE = ("steps", "log_every", "save_every")
 
 
 def init_distributed():
@@ -170,6 +183,8 @@ class Trainer:
         if len(dataset) == 0:
             raise ValueError("dataset: it is empty")
         self._sample_shape = tuple(fetch(dataset, torch.tensor([0]))[0].shape[1:])
+        self._label_limit = None  # labels must lie in [0, this) where the model reads them (set by _check)
+        self._batch_failed = False  # train_step's data fetch raised (the state is still at a step boundary)
         self._check()
         self.ddp = None
         if self.world > 1:
@@ -219,12 +234,13 @@ class Trainer:
             raise ValueError(f"model: out_channels={out}; expected {ch} (fixed variances) or {2 * ch} (learned)")
         self.learn_sigma = out == 2 * ch
         num_classes = getattr(m, "num_classes", None)
-        data_classes = getattr(self.dataset, "num_classes", 0)
+        data_classes = self._data_classes()
         if num_classes is not None:
             if data_classes == 0:
                 raise ValueError("dataset: the model is class-conditional but the dataset has no labels")
-            if data_classes > num_classes:
+            if data_classes is not None and data_classes > num_classes:
                 raise ValueError(f"model: num_classes={num_classes} but the dataset has {data_classes} classes")
+            self._label_limit = data_classes or num_classes
         null_id = getattr(m, "null_class_id", None)
         if cfg.cfg_dropout > 0 and num_classes is not None and null_id is None:
             raise ValueError("cfg_dropout: label dropout needs a null class: build the model with "
@@ -268,7 +284,9 @@ class Trainer:
     def _batch(self, step: int):
         idx = self._global_indices(step)
         B = self.config.batch_size
-        x, y = fetch(self.dataset, idx[self.rank * B:(self.rank + 1) * B])
+        idx = idx[self.rank * B:(self.rank + 1) * B]
+        x, y = fetch(self.dataset, idx)
+        self._check_labels(y, idx)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _autocast(self):
@@ -322,7 +340,11 @@ class Trainer:
         lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for g in self.opt.param_groups:
             g["lr"] = lr
-        x, y = self._batch(self.step)
+        try:
+            x, y = self._batch(self.step)
+        except Exception:
+            self._batch_failed = True  # at a step boundary still: train() saves what the run has done
+            raise
         gen = _generator(cfg.seed, _SALT_STEP, self.step)
         self.opt.zero_grad(set_to_none=True)
         with self._autocast():
@@ -393,6 +415,7 @@ class Trainer:
                 pass
         self._bar = bar
         saved, interrupted, installed = self.step, [], False
+        self._batch_failed = False
         if self.world == 1 and threading.current_thread() is threading.main_thread():
             # Ctrl-C finishes the step in progress, saves (when out_dir is set) and then raises KeyboardInterrupt,
             # so the checkpoint is a step boundary and resumes bit for bit; a second Ctrl-C interrupts at once.
@@ -420,6 +443,16 @@ class Trainer:
                         if self.verbose:
                             print(f"interrupted: saved step {self.step} to {self.out_dir}", file=sys.stderr)
                     raise KeyboardInterrupt
+        except Exception:
+            # the data failed (an unreadable image, a bad label): nothing of the failed step has run, so the steps
+            # done since the last save are saved, as Ctrl-C saves them (one process: a save with several gathers)
+            if self._batch_failed and self.out_dir and self.step > saved and self.world == 1:
+                self._batch_failed = False
+                self.save()
+                if self.verbose:
+                    print(f"the data failed at step {self.step + 1}: saved step {self.step} to {self.out_dir}",
+                          file=sys.stderr)
+            raise
         finally:
             if installed:
                 signal.signal(signal.SIGINT, prev)
@@ -490,6 +523,29 @@ class Trainer:
         if cur == {k: [float(v) for v in getattr(own, k).reshape(-1)] for k in cur}:
             return None
         return cur
+
+    def _data_classes(self):
+        """The dataset's class count: its ``num_classes`` where it says, else None for a dataset whose items are
+        (image, label) (a TensorDataset(images, labels): the labels are checked batch by batch against the
+        model's classes), 0 for one without labels."""
+        n = getattr(self.dataset, "num_classes", None)
+        if n is not None:
+            return n
+        item = self.dataset[0]
+        return None if isinstance(item, (tuple, list)) and len(item) == 2 else 0
+
+    def _check_labels(self, y: torch.Tensor, idx: torch.Tensor):
+        """Labels outside [0, classes) would index another class's embedding (or, on a GPU, trip a device
+        assert): refused naming the dataset item. Only CPU labels are read (no device sync)."""
+        limit = self._label_limit
+        if limit is None or y.numel() == 0 or y.device.type != "cpu":
+            return
+        bad = (y < 0) | (y >= limit)
+        if bad.any():
+            k = int(bad.nonzero()[0, 0])
+            whose = "dataset" if getattr(self.dataset, "num_classes", None) else "model"
+            raise ValueError(f"dataset: item {int(idx[k])} has label {int(y[k])}, outside 0..{limit - 1} (the "
+                             f"{limit} classes of the {whose})")
 
     def _class_names(self):
         names = getattr(self.dataset, "class_names", None)
@@ -584,7 +640,13 @@ class Trainer:
         if meta.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(meta["scaler"])
         rng = ckpt.prefixed(tensors, "rng.")
-        r = self.rank if meta.get("world_size") == self.world else 0
+        saved_world = meta.get("world_size")
+        r = self.rank if saved_world == self.world else 0
+        if saved_world not in (None, self.world) and self.rank == 0:
+            # allowed (a run moved to another machine), but not silently: the global batch and the data order change
+            warnings.warn(f"{directory}: the run trained on {saved_world} process(es), a global batch of "
+                          f"{self.config.batch_size * saved_world}; it resumes on {self.world}, a global batch of "
+                          f"{self.global_batch} (the per-process --batch-size is kept)", stacklevel=2)
         if f"torch.{r}" in rng:
             torch.set_rng_state(rng[f"torch.{r}"])
         if self.device.type == "cuda" and f"cuda.{r}" in rng:
@@ -601,14 +663,14 @@ class Trainer:
 
     def _check_resumed_config(self, saved: dict | None, directory: str):
         """A run resumes with its own training configuration: another one went into the resumed run (the schedule,
-        the loss, the optimiser) and the next save replaced the run's. Only ``steps`` may differ: a resume may
-        extend a run (the command line's --steps does)."""
+        the loss, the optimiser) and the next save replaced the run's. Only RESUME_MAY_CHANGE may differ: a resume
+        may extend a run (the command line's --steps does), and log or save at other intervals."""
         if saved is None:
             return
         mine = dataclasses.asdict(self.config)
         differ = [f"{f.name}={mine[f.name]!r} (the run has {saved.get(f.name, f.default)!r})"
                   for f in dataclasses.fields(TrainConfig)
-                  if f.name != "steps" and mine[f.name] != saved.get(f.name, f.default)]
+                  if f.name not in RESUME_MAY_CHANGE and mine[f.name] != saved.get(f.name, f.default)]
         if differ:
             raise ValueError(f"config: {directory!r} holds a run, which resumes with its own training configuration: "
                              f"{'; '.join(differ)}. Pass the run's values (Trainer.from_checkpoint does), or train "
@@ -676,11 +738,12 @@ class ClassifierTrainer(Trainer):
 
     def _check(self):
         m = self.model
-        if getattr(self.dataset, "num_classes", 0) == 0:
+        data_classes = self._data_classes()
+        if data_classes == 0:
             raise ValueError("dataset: a classifier needs labels; this dataset has none")
-        if self.dataset.num_classes > m.out_channels:
-            raise ValueError(f"model: out_channels={m.out_channels} but the dataset has {self.dataset.num_classes} "
-                             f"classes")
+        if data_classes is not None and data_classes > m.out_channels:
+            raise ValueError(f"model: out_channels={m.out_channels} but the dataset has {data_classes} classes")
+        self._label_limit = data_classes or m.out_channels
         ch = self._data_channels()
         if m.in_channels != ch:
             raise ValueError(f"model: in_channels={m.in_channels} but the data have {ch} channels")
