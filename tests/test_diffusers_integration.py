@@ -132,7 +132,7 @@ def test_patch_matches_unpatched_and_unpatch_restores(models, name):
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
             assert fdd.patch(model) == 0  # idempotent
         finally:
-            assert fdd.unpatch(model) > 0
+            assert fdd.unpatch(model) == n  # the layers patch replaced (it counted undo steps: 22 for 29)
         assert not fdd.is_patched(model)
         after = _snapshot(model)
         assert after[0].keys() == before[0].keys() and all(after[0][k] is before[0][k] for k in before[0])
@@ -1046,3 +1046,117 @@ def test_fastdiff_scheduler_dpmpp_sde(models, monkeypatch, tmp_path):
     fdd.FastdiffScheduler(DPMSolverSDESampler(s_noise=0.5, use_karras_sigmas=True)).save_pretrained(tmp_path)
     again = fdd.FastdiffScheduler.from_pretrained(tmp_path).sampler
     assert type(again) is DPMSolverSDESampler and again.config["s_noise"] == 0.5 and again.config["use_karras_sigmas"]
+
+
+# -- FastdiffScheduler as pipelines use it (found by a helper session acting as a diffusers user) -------------------
+
+def test_scheduler_step_returns_what_the_replaced_scheduler_returns():
+    # step returned prev_sample alone: the LCM pipelines (`latents, denoised = scheduler.step(..., return_dict=False)`,
+    # then decoding denoised) crashed; DDIM's, DDPM's, Euler's pred_original_sample were missing
+    for base, second in [(diffusers.LCMScheduler(), "denoised"), (DDIMScheduler(), "pred_original_sample"),
+                         (diffusers.EulerDiscreteScheduler(), "pred_original_sample"),
+                         (diffusers.DDPMScheduler(clip_sample=True), "pred_original_sample"),
+                         (DDIMScheduler(thresholding=True), "pred_original_sample"),
+                         (diffusers.DPMSolverMultistepScheduler(), None), (diffusers.TCDScheduler(), None)]:
+        fs = fdd.FastdiffScheduler.from_scheduler(base)
+        fs.set_timesteps(4)
+        base.set_timesteps(4)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * fs.init_noise_sigma
+        t = fs.timesteps[0]
+        m = torch.tanh(fs.scale_model_input(x, t))
+        got = fs.step(m, t, x, return_dict=False)
+        want = base.step(torch.tanh(base.scale_model_input(x, t)), t, x, return_dict=False,
+                         generator=torch.Generator().manual_seed(1))
+        assert len(got) == (1 if second is None else 2), type(base).__name__
+        if second is not None:
+            assert len(want) == 2
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=type(base).__name__)
+            fs.set_timesteps(4)
+            assert getattr(fs.step(m, t, x), second).shape == x.shape
+
+
+def test_scheduler_step_options_hold_for_one_run_and_config_follows_the_sampler(tmp_path):
+    # eta passed to step, and LCM's original_inference_steps passed to set_timesteps, stayed on for every later run
+    # (diffusers takes them per call); overrides given to from_scheduler (and sampler.config edits) were missing from
+    # config and from save_pretrained, so a reloaded scheduler ran another trajectory
+    import pickle
+
+    fs = fdd.FastdiffScheduler.from_scheduler(diffusers.LCMScheduler())
+    fs.set_timesteps(4, original_inference_steps=30)
+    assert fs.timesteps.tolist() == [989, 758, 494, 263]
+    fs.set_timesteps(4)
+    ref = diffusers.LCMScheduler()
+    ref.set_timesteps(4)
+    assert fs.timesteps.tolist() == ref.timesteps.tolist() and fs.config.original_inference_steps == 50
+
+    fs = fdd.FastdiffScheduler.from_scheduler(DDIMScheduler())
+
+    def run(eta=None):
+        fs.set_timesteps(5)
+        x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        for t in fs.timesteps:
+            kw = {} if eta is None else dict(eta=eta, generator=torch.Generator().manual_seed(2))
+            x = fs.step(torch.tanh(x), t, x, **kw).prev_sample
+        return x
+
+    a = run()
+    assert not torch.equal(run(0.7), a)
+    assert torch.equal(run(), a) and fs.sampler.config["eta"] == 0.0
+
+    fs = fdd.FastdiffScheduler.from_scheduler(diffusers.DPMSolverMultistepScheduler(), solver_order=3,
+                                              use_karras_sigmas=True)
+    fs.sampler.config["timestep_spacing"] = "trailing"
+    assert fs.config.solver_order == 3 and fs.config.use_karras_sigmas and fs.config.timestep_spacing == "trailing"
+    fs.save_pretrained(str(tmp_path))
+    back = fdd.FastdiffScheduler.from_pretrained(str(tmp_path))
+    for fsched in (fs, back):
+        fsched.set_timesteps(6)
+    assert torch.equal(back.timesteps, fs.timesteps) and back.sampler.config["solver_order"] == 3
+    assert diffusers.DPMSolverMultistepScheduler.from_pretrained(str(tmp_path)).config.solver_order == 3
+
+    # a used scheduler (and its sampler) pickles: the fast path's cache held a torch.ops handle
+    x = torch.randn(1, 3, 4, 4)
+    for t in fs.timesteps[:2]:
+        x = fs.step(torch.tanh(x), t, x).prev_sample
+    again = pickle.loads(pickle.dumps(fs))
+    t = fs.timesteps[2]
+    assert torch.equal(again.step(torch.tanh(x), t, x).prev_sample, fs.step(torch.tanh(x), t, x).prev_sample)
+
+
+def test_a_list_of_generators_gives_each_sample_its_own_noise():
+    # generator=[g0, g1, g2] (as pipelines pass it) seeded the whole batch from g0: a sample changed with the batch
+    # around it (diffusers draws each sample's noise from its own generator). sampler.step(generator=[...]) raised
+    # torch's "randn() received an invalid combination of arguments"
+    from fastdiff.diffusion import DDPMSampler
+
+    fs = fdd.FastdiffScheduler.from_scheduler(diffusers.DDPMScheduler())
+
+    def run(idx):
+        fs.set_timesteps(6)
+        x = torch.stack([torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(100 + j)) for j in idx])
+        gens = [torch.Generator().manual_seed(j) for j in idx]
+        for t in fs.timesteps:
+            x = fs.step(torch.tanh(x), t, x, generator=gens).prev_sample
+        return x
+
+    assert torch.equal(run([0, 1, 2])[2], run([2])[0])
+    s = DDPMSampler()
+    s.set_timesteps(3)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="^generator: a list of 1 generators for a batch of 2"):
+        s.step(x, 0, x, generator=[torch.Generator()])
+    with pytest.raises(TypeError, match="^generator: expected a torch.Generator or a list"):
+        s.step(x, 0, x, generator=5)
+
+
+def test_seed_and_model_arguments_are_named():
+    # set_timesteps(seed=2**64) wrapped to seed 0; unpatch(None) / is_patched(None) raised "cannot create weak
+    # reference to 'NoneType' object"
+    s = DDIMSampler()
+    for bad in (2 ** 64, -(2 ** 63) - 1):
+        with pytest.raises(ValueError, match="^seed: expected a 64-bit int"):
+            s.set_timesteps(4, seed=bad)
+    s.set_timesteps(4, seed=2 ** 64 - 1)
+    for fn in (fdd.unpatch, fdd.is_patched):
+        with pytest.raises(TypeError, match="^model: expected a torch.nn.Module, got NoneType"):
+            fn(None)

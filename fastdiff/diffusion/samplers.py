@@ -245,6 +245,13 @@ class Sampler:
         self._begin_index = 0  # the step a run starts at (set_timesteps' begin_index)
         self.mu = None  # the resolution-dependent shift of the samplers with dynamic shifting (set_timesteps(mu=))
 
+    def __getstate__(self):
+        # the fast path's cache holds a torch.ops handle, which cannot be pickled (a sampler, or a pipeline holding
+        # a FastdiffScheduler, could not be pickled after its first step); the next step rebuilds it
+        state = dict(self.__dict__)
+        state["_fast"] = None
+        return state
+
     # -- configuration ---------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config, **overrides):
@@ -444,6 +451,8 @@ class Sampler:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU generator: no device sync
         if not _is_int(seed):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        if not -(1 << 63) <= seed < 1 << 64:  # (2**64 wrapped to seed 0, as fastdiff.sample refuses)
+            raise ValueError(f"seed: expected a 64-bit int (-2**63 to 2**64 - 1), got {seed!r}")
         self._seed = int(seed) & ((1 << 64) - 1)
         self._fast = None
         return self
@@ -544,6 +553,25 @@ class Sampler:
         """The model's timestep at step i, a 0-d tensor on the device (gathered on the device for a tensor i)."""
         st = self.step_index(i)
         return self.timesteps.index_select(0, st.reshape(1)).reshape(())
+
+    def predict_x0(self, model_output: torch.Tensor, i, x: torch.Tensor) -> torch.Tensor:
+        """x0 as step i forms it from the model output: the prediction-type conversion, then clip_sample or dynamic
+        thresholding where configured (diffusers' ``pred_original_sample``, e.g. for previews). One elementwise
+        pass in float32, returned in x's dtype; the step itself computes it inside its kernel."""
+        self._require()
+        st = self.step_index(i)
+        clip, _, _, split_channels, clip_range = self._mode
+        C = x.shape[1]
+        if split_channels and model_output.dim() == x.dim() and model_output.shape[1] == 2 * C:
+            model_output = model_output[:, :C]
+        row = self._table.index_select(0, st.reshape(1))[0]
+        x0 = row[_PX] * x.float() + row[_PM] * model_output.float()
+        if clip == "clip":
+            x0 = x0.clamp(-clip_range, clip_range)
+        elif clip == "threshold":
+            t = self._threshold(x, model_output, None, 1.0, st).reshape((-1,) + (1,) * (x.dim() - 1))
+            x0 = torch.maximum(torch.minimum(x0, t), -t) / t
+        return x0.to(x.dtype)
 
     def scale_model_input(self, x: torch.Tensor, i) -> torch.Tensor:
         """The model's input at step i (diffusers' meaning): x itself except for Euler, x / sqrt(sigma^2 + 1)."""
@@ -713,7 +741,7 @@ class Sampler:
             else:
                 raise ValueError(f"classifier_guidance: expected 'score' or 'mean', got {self.classifier_guidance!r}")
         if noise is None and generator is not None and stochastic:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_from(generator, x)
         thresh = self._threshold(x, model_output, uncond, guidance_scale, st) if clip == "threshold" else None
         x0_buf, x0_buf2, x0_buf3 = self._x0_buffer(x) if self._multistep else (None, None, None)
         out = ops.sampler_step(
@@ -770,6 +798,22 @@ def _shares_storage(a: torch.Tensor, b) -> bool:
 
 
 _INF = float("inf")
+
+
+def randn_from(generator, x: torch.Tensor) -> torch.Tensor:
+    """Standard normals shaped like x from `generator`: one torch.Generator for the batch, or a list of one per
+    sample (each sample's noise from its own, so a sample does not depend on the batch around it), drawn on the
+    generator's device and moved to x's, as diffusers' randn_tensor draws them."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {x.shape[0]}")
+        shape = (1,) + tuple(x.shape[1:])
+        return torch.cat([torch.randn(shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+                          for g in generator])
+    raise TypeError(f"generator: expected a torch.Generator or a list of one per sample, got "
+                    f"{type(generator).__name__}")
 
 
 def _records_grad(x, model_output, u, x0_buf) -> bool:
@@ -1168,6 +1212,14 @@ class LCMSampler(Sampler):
         finally:
             self._strength = 1.0
 
+    def denoised(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The consistency function's output at step i, c_skip x + c_out x0: what diffusers' LCMScheduler.step
+        returns as ``denoised`` (the LCM pipelines decode it after the last step)."""
+        x0 = self.predict_x0(model_output, i, x)
+        c_skip, c_out = self._consistency
+        k = int(i) % len(c_skip)
+        return (float(c_skip[k]) * x.float() + float(c_out[k]) * x0.float()).to(x.dtype)
+
     def _lcm_run_timesteps(self, n):
         """The run's timesteps: the custom ones, or n evenly skipped ones of the distillation schedule (its first
         int(original_inference_steps * strength) timesteps, with set_timesteps' strength)."""
@@ -1192,6 +1244,7 @@ class LCMSampler(Sampler):
         scaled = ts * float(cfg["timestep_scaling"])
         c_skip = 0.25 / (scaled**2 + 0.25)
         c_out = scaled / np.sqrt(scaled**2 + 0.25)
+        self._consistency = (c_skip, c_out)  # for denoised()
         alpha, sigma = np.sqrt(a_t), np.sqrt(1 - a_t)
         rows = np.zeros((n, 9))
         rows[:, _PX], rows[:, _PM] = _x0_from_vp(cfg["prediction_type"], alpha, sigma)
@@ -1234,6 +1287,10 @@ class TCDSampler(LCMSampler):
 
     def _clip(self):
         return "none"  # (diffusers' TCD step applies neither clip_sample nor thresholding)
+
+    def denoised(self, model_output, i, x):
+        raise NotImplementedError("denoised: a TCD step has no consistency-function output (diffusers' TCDScheduler "
+                                  "returns pred_noised_sample); predict_x0 gives its x0")
 
     def _plan(self, n):
         cfg = self.config

@@ -118,7 +118,8 @@ def sample(model, sampler: Sampler, shape, *, y=None, context=None, uncond_conte
     for the batched call.
     x_init, strength: image-to-image (SDEdit): x_init (`shape`) noised to the noise level a fraction `strength` of
     the way up the schedule, then denoised from there: the last int(num_inference_steps * strength) steps run, as
-    diffusers' img2img pipelines do (strength 1 starts from pure noise and ignores x_init's content).
+    diffusers' img2img pipelines do (strength 1 runs every step from x_init noised to the first timestep: pure
+    noise where that is T - 1; with "leading" spacing, as SD's DDIM config, it is 901 and x_init still shows).
     mask: inpainting with any model (diffusers' recipe for a U-Net without mask channels): where mask is 1 the
     sample is generated, where 0 it is x_init, noised to each step's level after the step (x_init itself after the
     last); values between blend. Broadcastable to `shape` (e.g. (N, 1, H, W)); needs x_init. At strength 1 the run

@@ -36,6 +36,7 @@ import functools
 import inspect
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,6 +59,9 @@ __all__ = ["patch", "unpatch", "is_patched", "FastdiffAttnProcessor", "sampling_
 # model -> list of undo callables, in the order they were applied. Weak keys: no attribute is added to the model
 # (so its pickling, deepcopy and state_dict are untouched) and a dropped model is not kept alive.
 _UNDO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_INIT_ARGS: dict = {}  # diffusers scheduler class -> the names its __init__ takes
+_OUTPUT_TYPES: dict = {}  # diffusers scheduler class -> (its step output class, that class's fields)
+_COUNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers patch replaced, per model (unpatch's answer)
 
 _OUT_NORM_OWNERS = (UNet2DModel, UNet2DConditionModel, Encoder, Decoder)
 
@@ -313,19 +317,25 @@ def patch(model: torch.nn.Module) -> int:
 
     if undo:
         _UNDO.setdefault(model, []).extend(undo)
+        _COUNT[model] = _COUNT.get(model, 0) + count
     return count
 
 
 def unpatch(model: torch.nn.Module) -> int:
     """Restore what :func:`patch` (called on this same `model`) replaced: the original forwards, GroupNorm and
-    SiLU modules and attention processors. Returns how many replacements were undone."""
+    SiLU modules and attention processors. Returns how many layers were restored: the count patch returned
+    (it returned the number of undo steps, 22 where patch said 29)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     undo = _UNDO.pop(model, [])
     for fn in reversed(undo):
         fn()
-    return len(undo)
+    return _COUNT.pop(model, 0)
 
 
 def is_patched(model: torch.nn.Module) -> bool:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     return bool(_UNDO.get(model))
 
 
@@ -393,6 +403,21 @@ def _same(a, b) -> bool:
         return False
 
 
+def _same_value(a, b) -> bool:
+    """Config values compared as JSON would hold them (tuples as lists, arrays and tensors as lists)."""
+    def plain(v):
+        if isinstance(v, (np.ndarray, torch.Tensor)):
+            return v.tolist()
+        if isinstance(v, (list, tuple)):
+            return [plain(u) for u in v]
+        return v
+
+    try:
+        return bool(plain(a) == plain(b))
+    except (TypeError, ValueError):
+        return False
+
+
 class FastdiffScheduler(SchedulerMixin):
     """A diffusers scheduler that steps with a fastdiff sampler: ``pipe.scheduler = FastdiffScheduler.from_scheduler(
     pipe.scheduler)`` and the pipeline's own loop runs the fused sampler step (guidance combination aside, which the
@@ -447,6 +472,7 @@ class FastdiffScheduler(SchedulerMixin):
         self._timesteps = None  # likewise its custom timesteps
         self._run_kw = {}  # and the set_timesteps arguments it passed (LCM's strength)
         self._n = None  # the num_inference_steps of the run, likewise
+        self._run_edits = {}  # sampler options this run changed, with their values before it (restored after it)
 
     @classmethod
     def from_scheduler(cls, scheduler, **overrides) -> "FastdiffScheduler":
@@ -458,7 +484,39 @@ class FastdiffScheduler(SchedulerMixin):
     # -- what pipelines read ---------------------------------------------------------------------------------------
     @property
     def config(self):
-        return self._base.config
+        return self._synced_base().config
+
+    def _synced_base(self):
+        """The replaced scheduler with this sampler's options as they are now (overrides given to from_scheduler,
+        edits of sampler.config), rebuilt where they differ: what ``config`` shows and ``save_pretrained`` writes.
+        They showed and saved the replaced scheduler's, so a saved and reloaded scheduler followed another
+        trajectory. Options the diffusers class has no argument for go under "fastdiff_options" (as __init__ puts
+        them); options changed for one run only (set_timesteps' options, step's eta) are left out."""
+        base, s = self._base, self.sampler
+        cfg = base.config
+        takes = _INIT_ARGS.get(type(base))
+        if takes is None:
+            takes = _INIT_ARGS[type(base)] = frozenset(inspect.signature(type(base).__init__).parameters)
+        own = set(cfg.get(FASTDIFF_OPTIONS) or ())
+        update = {}
+        for k, v in s.config.items():
+            if k in self._run_edits or (k == "trained_betas" and v is None):
+                continue
+            if k in cfg and _same_value(cfg[k], v):
+                continue
+            if k in takes:
+                update[k] = v
+            elif not _same_value(v, s._options.get(k)):
+                update[k] = v
+                own.add(k)
+        if update:
+            new = {**cfg, **update}
+            if "_use_default_values" in new:  # from_config resets the keys listed there to the class's defaults
+                new["_use_default_values"] = [k for k in new["_use_default_values"] if k not in update]
+            if own:
+                new[FASTDIFF_OPTIONS] = sorted(own)
+            self._base = type(base).from_config(new)
+        return self._base
 
     @property
     def order(self) -> int:
@@ -496,7 +554,7 @@ class FastdiffScheduler(SchedulerMixin):
         return f"FastdiffScheduler({self.sampler!r})"
 
     def save_pretrained(self, *args, **kwargs):
-        return self._base.save_pretrained(*args, **kwargs)
+        return self._synced_base().save_pretrained(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, **kwargs) -> "FastdiffScheduler":
@@ -519,6 +577,9 @@ class FastdiffScheduler(SchedulerMixin):
         shifting, as the Flux pipeline passes them). `options`: scheduler options some pipelines pass here (LCM's
         original_inference_steps), applied to the sampler's config when not None."""
         s = self.sampler
+        if self._run_edits:  # options of the last run (its set_timesteps options, step's eta): diffusers' are per call
+            s.config.update(self._run_edits)
+            self._run_edits = {}
         if sigmas is not None and "sigmas" not in s._custom_schedules:
             raise ValueError(f"sigmas: custom sigmas are not supported by {type(s).__name__} (Euler and flow "
                              f"matching take them)")
@@ -549,6 +610,8 @@ class FastdiffScheduler(SchedulerMixin):
             s.config.clear()
             s.config.update(before)
             raise
+        # for this run only (LCM's original_inference_steps stayed for every later run)
+        self._run_edits = {k: before[k] for k, v in options.items() if v is not None and not _same(v, before[k])}
         self._sigmas = sigmas  # given again at every re-plan of this run
         self._timesteps = timesteps
         self._run_kw = run_kw
@@ -618,9 +681,41 @@ class FastdiffScheduler(SchedulerMixin):
         if not self._started:
             self._first_step_options(eta, use_clipped_model_output, generator)
             self._started = True
-        out = self.sampler.step(model_output, i, sample)
+        per_sample = isinstance(generator, (list, tuple)) and self.sampler._stochastic
+        # a list of generators (one per sample, as pipelines pass generator=[...]): each sample's noise from its
+        # own, drawn at every step (the in-kernel noise of one seed depends on a sample's place in the batch)
+        out = self.sampler.step(model_output, i, sample, generator=list(generator) if per_sample else None)
         self._step = i + 1
-        return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+        # what the replaced scheduler's step returns besides prev_sample: pred_original_sample (DDPM, DDIM, Euler,
+        # ...), LCM's denoised (the LCM pipelines unpack `latents, denoised` and decode denoised); fields this
+        # sampler has no value for (TCD's pred_noised_sample) are left out, as diffusers leaves out None fields
+        cls, fields = self._output_type()
+        values = {"prev_sample": out}
+        if "pred_original_sample" in fields:
+            values["pred_original_sample"] = self.sampler.predict_x0(model_output, i, sample)
+        if "denoised" in fields and hasattr(self.sampler, "_consistency"):
+            values["denoised"] = self.sampler.denoised(model_output, i, sample)
+        result = cls(**values) if cls is not SchedulerOutput else SchedulerOutput(prev_sample=out)
+        return result if return_dict else result.to_tuple()
+
+    def _output_type(self):
+        """The replaced scheduler's step output class (the BaseOutput its module defines, else SchedulerOutput) and
+        its fields; looked up once per class."""
+        import dataclasses
+        import sys
+
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+        from diffusers.utils import BaseOutput
+
+        base = type(self._base)
+        got = _OUTPUT_TYPES.get(base)
+        if got is None:
+            mod = sys.modules.get(base.__module__)
+            found = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, BaseOutput)
+                     and v.__module__ == base.__module__ and "Output" in v.__name__] if mod else []
+            cls = found[0] if len(found) == 1 else SchedulerOutput
+            got = _OUTPUT_TYPES[base] = (cls, tuple(f.name for f in dataclasses.fields(cls)))
+        return got
 
     def _first_step_options(self, eta, use_clipped, generator):
         s = self.sampler
@@ -631,11 +726,12 @@ class FastdiffScheduler(SchedulerMixin):
                 bool(use_clipped) != s.config["use_clipped_model_output"]:
             edits["use_clipped_model_output"] = bool(use_clipped)
         if edits:
+            for k in edits:  # for this run only, as diffusers' step arguments are (eta stayed on for later runs)
+                self._run_edits.setdefault(k, s.config[k])
             s.config.update(edits)  # first: eta > 0 is what makes DDIM stochastic
         seed = None
-        if generator is not None and s._stochastic:
-            g = generator[0] if isinstance(generator, (list, tuple)) else generator
-            seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
+        if isinstance(generator, torch.Generator) and s._stochastic:  # (a list draws its noise at every step)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         if edits or seed is not None:
             self._replan(seed=seed)
 
