@@ -293,3 +293,31 @@ def test_models_and_train_config_take_numpy_ints_and_save_them_as_json():
             UNet(8, 1, 8, 1, 1, channel_mult=(1, 2), **{"num_groups": 4, **bad})
     with pytest.raises(ValueError, match="^batch_size: expected a positive int"):
         TrainConfig(batch_size=np.float64(4)).validate()
+
+
+def test_model_constructor_arguments_are_named():
+    # channel_mult=2 / attention_resolutions=8 raised "'int' object is not iterable", channel_mult=(1, inf) an
+    # OverflowError; use_scale_shift_norm="no" built the scale-shift model (truthy string); AutoencoderKL took
+    # dropout=1.0; null_context(-1) raised torch's error (found by a helper session acting as a model user)
+    import math
+
+    from fastdiff.models import NoisyClassifier
+
+    kw = dict(channel_mult=(1, 2), num_groups=4)
+    cases = [(lambda: UNet(8, 1, 8, 1, 1, **{**kw, "channel_mult": 2}), TypeError, "channel_mult: expected a sequence"),
+             (lambda: UNet(8, 1, 8, 1, 1, attention_resolutions=8, **kw), TypeError,
+              "attention_resolutions: expected a sequence"),
+             (lambda: UNet(8, 1, 8, 1, 1, **{**kw, "channel_mult": (1, math.inf)}), ValueError, "channel_mult: "),
+             (lambda: UNet(8, 1, 8, 1, 1, use_scale_shift_norm="no", **kw), TypeError,
+              "use_scale_shift_norm: expected a bool"),
+             (lambda: NoisyClassifier(8, 1, 8, 3, 1, resblock_updown="yes", **kw), TypeError,
+              "resblock_updown: expected a bool"),
+             (lambda: AutoencoderKL(in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                    latent_channels=2, num_groups=4, dropout=1.0), ValueError, "dropout: "),
+             (lambda: AutoencoderKL(in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                    latent_channels=2, num_groups=4, mid_attention="no"), TypeError, "mid_attention: "),
+             (lambda: UNet(8, 1, 8, 1, 1, context_dim=4, **kw).null_context(-1), ValueError, "batch_size: ")]
+    for build, err, needle in cases:
+        with pytest.raises(err, match="^" + re.escape(needle)):
+            build()
+    assert UNet(8, 1, 8, 1, 1, context_dim=4, **kw).null_context(np.int64(3)).shape == (3, 1, 4)

@@ -203,6 +203,25 @@ def test_unet_torch_compile_fullgraph():
     torch._dynamo.reset()
 
 
+def test_unet_compiled_training_step_with_dynamic_shapes():
+    # torch.compile(dynamic=True) of a training step failed in Inductor's CPU SDPA backward ("cannot determine truth
+    # value of Relational: 16*((s53//2))**2 < 4") for a U-Net with attention, context and resblock_updown; a
+    # compiled step with gradients now takes the reference attention on the CPU (Inductor, ~30 s of compiling)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = UNet(16, 3, 8, 6, 1, (8,), channel_mult=(1, 2), num_groups=4, num_head_channels=4, resblock_updown=True,
+             context_dim=12)
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([1, 500]), torch.randn(2, 7, 12)
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    compiled(x, t, context=ctx).square().sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m(x, t, context=ctx).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
+    torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 def test_unet_cuda_compile_and_backends():
     m = randomise(tiny_unet(num_classes=3, context_dim=6), std=0.1).cuda().eval()

@@ -8,9 +8,11 @@ embedding is passed down. Nothing here branches on tensor values (CUDA graphs, `
 """
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,13 +249,32 @@ def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, chann
     positive_ints(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                   num_res_blocks=num_res_blocks)
     if len(channel_mult) == 0 or any(isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0
-                                     for m in channel_mult):
+                                     or not math.isfinite(m) for m in channel_mult):
         raise ValueError(f"channel_mult: expected a non-empty sequence of positive numbers, got {channel_mult!r}")
     if image_size % 2 ** (len(channel_mult) - 1):
         raise ValueError(f"image_size: {image_size} must be divisible by 2**{len(channel_mult) - 1} "
                          f"({len(channel_mult)} levels in channel_mult)")
+    check_dropout(dropout)
+
+
+def check_dropout(dropout):
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+
+
+def as_sequence(v, name: str) -> tuple:
+    """A sequence argument (channel_mult, attention_resolutions) as a tuple; a TypeError naming it for a number,
+    None or a string (tuple(2) raised "'int' object is not iterable")."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, collections.abc.Iterable):
+        raise TypeError(f"{name}: expected a sequence (a tuple or list), got {type(v).__name__} {v!r}")
+    return tuple(v)
+
+
+def check_flags(**flags):
+    """Boolean options: a string or a number was taken as truthy ("no" built the scale-shift model)."""
+    for name, v in flags.items():
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
 
 
 def check_image(x, in_channels: int, multiple: int, name: str = "x", channels_name: str = "in_channels"):

@@ -12,8 +12,8 @@ import numbers
 import torch
 from torch import nn
 
-from fastdiff.models._blocks import (ConfigMixin, Downsample, ResBlock, Upsample, check_groups, check_image, jsonable,
-                                     positive_ints)
+from fastdiff.models._blocks import (ConfigMixin, Downsample, ResBlock, Upsample, as_sequence, check_dropout,
+                                     check_flags, check_groups, check_image, jsonable, positive_ints)
 from fastdiff.nn import GroupNorm, SpatialSelfAttention
 
 
@@ -135,7 +135,9 @@ class AutoencoderKL(ConfigMixin, nn.Module):
                  channel_mult=(1, 2, 4), num_res_blocks: int = 1, out_channels: int | None = None,
                  num_groups: int = 32, mid_attention: bool = True, dropout: float = 0.0, scale_factor: float = 1.0):
         super().__init__()
-        channel_mult = tuple(channel_mult)
+        channel_mult = as_sequence(channel_mult, "channel_mult")
+        check_flags(mid_attention=mid_attention)
+        check_dropout(dropout)
         if not channel_mult or any(isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m)
                                    or m <= 0 or m != int(m) for m in channel_mult):
             # int(1.5) would silently build another model than asked for

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models._blocks import (ConfigMixin, attention_downsample_rates, build_down_path, check_arch,
+from fastdiff.models._blocks import (ConfigMixin, as_sequence, attention_downsample_rates, build_down_path, check_arch,
+                                     check_flags,
                                      check_class_ids, check_groups, check_image, jsonable, positive_int,
                                      positive_ints, prepare_timesteps, timestep_embedding, zero_)
 from fastdiff.nn import Attention, GroupNorm
@@ -18,7 +19,8 @@ class NoisyClassifier(ConfigMixin, nn.Module):
     """The ADM half-U-Net classifier on noisy inputs: ``forward(x_t, timesteps) -> logits (N, out_channels)``.
 
     Arguments as in :class:`fastdiff.models.UNet` (out_channels is the number of classes), plus ``pool``:
-    ``"attention"`` (ADM's default for its classifiers: attention pooling with a learned position embedding, so
+    ``"attention"`` (ADM's default for its classifiers, in structure though not in layers, so ADM checkpoints do not
+    load: attention pooling with a learned position embedding, so
     inputs must be image_size x image_size) or ``"adaptive"`` (global average pooling, any size).
     """
 
@@ -28,8 +30,10 @@ class NoisyClassifier(ConfigMixin, nn.Module):
                  resblock_updown: bool = False, pool: str = "attention", *, conv_resample: bool = True,
                  num_groups: int = 32):
         super().__init__()
-        channel_mult = tuple(channel_mult)
-        attention_resolutions = tuple(attention_resolutions)
+        channel_mult = as_sequence(channel_mult, "channel_mult")
+        attention_resolutions = as_sequence(attention_resolutions, "attention_resolutions")
+        check_flags(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+                    conv_resample=conv_resample)
         check_arch(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                    num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
         image_size, in_channels, model_channels, num_res_blocks = positive_ints(
@@ -63,7 +67,9 @@ class NoisyClassifier(ConfigMixin, nn.Module):
         check_groups(ch, num_groups, "the output norm")
         self.out_norm = GroupNorm(num_groups, ch, activation="silu")
         if pool == "attention":
-            # ADM's AttentionPool2d: the mean token, with a learned position embedding, attends to all tokens.
+            # As ADM's AttentionPool2d: the mean token, with a learned position embedding, attends to all tokens.
+            # Not its layers: bias-free q/k/v and an output projection before the head (ADM: a biased qkv_proj and
+            # one c_proj), so ADM classifier checkpoints do not load into it; pool="adaptive" matches ADM's.
             head_ch = num_head_channels if num_head_channels != -1 else ch // num_heads
             if ch % head_ch:
                 raise ValueError(f"num_head_channels: {head_ch} does not divide the pooled width {ch}")

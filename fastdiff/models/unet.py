@@ -2,11 +2,14 @@
 with LDM-style cross-attention to a context sequence as an option."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models._blocks import (AttentionBlock, ConfigMixin, EmbedSequential, ResBlock, Upsample,
+from fastdiff.models._blocks import (AttentionBlock, ConfigMixin, EmbedSequential, ResBlock, Upsample, as_sequence,
+                                     check_flags,
                                      attention_downsample_rates, build_down_path, check_arch, check_class_ids,
                                      check_context, check_groups, check_image, jsonable, optional_positive_int,
                                      positive_int, positive_ints, prepare_timesteps, timestep_embedding, zero_)
@@ -49,8 +52,10 @@ class UNet(ConfigMixin, nn.Module):
                  *, conv_resample: bool = True, num_heads_upsample: int = -1, num_groups: int = 32,
                  learn_null_class: bool = False):
         super().__init__()
-        channel_mult = tuple(channel_mult)
-        attention_resolutions = tuple(attention_resolutions)
+        channel_mult = as_sequence(channel_mult, "channel_mult")
+        attention_resolutions = as_sequence(attention_resolutions, "attention_resolutions")
+        check_flags(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+                    conv_resample=conv_resample, learn_null_class=learn_null_class)
         check_arch(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                    num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
         image_size, in_channels, model_channels, out_channels, num_res_blocks = positive_ints(
@@ -115,7 +120,9 @@ class UNet(ConfigMixin, nn.Module):
         """The "empty" context of classifier-free guidance: zeros of shape (batch_size, 1, context_dim)."""
         if self.context_dim is None:
             raise ValueError("context: this model has no cross-attention (context_dim=None)")
-        return torch.zeros(batch_size, 1, self.context_dim, device=device or self.device, dtype=dtype or self.dtype)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+            raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
+        return torch.zeros(int(batch_size), 1, self.context_dim, device=device or self.device, dtype=dtype or self.dtype)
 
     def forward(self, x, timesteps, y=None, context=None):
         check_image(x, self.in_channels, self._multiple)

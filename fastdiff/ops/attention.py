@@ -199,6 +199,10 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
     return name
 
 
+def _records_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
@@ -224,6 +228,13 @@ def attention(q, k, v, *, scale=None, backend="auto"):
     else:
         scale = float(scale)
     if name == "torch":
+        return reference.attention(q, k, v, scale)
+    if name == "cpu" and torch.compiler.is_compiling() and _records_grad(q, k, v):
+        # a compiled training step on the CPU: Inductor's SDPA backward fails on symbolic sequence lengths
+        # (torch.compile(dynamic=True): "cannot determine truth value of Relational: 16*((s53//2))**2 < 4", torch
+        # 2.14), and Dynamo cannot tell a symbolic shape from a static one here (isinstance(d, SymInt) traces as
+        # False), so every compiled step with gradients takes the reference, which Inductor fuses; compiled
+        # inference keeps SDPA
         return reference.attention(q, k, v, scale)
     if name == "cpu":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
