@@ -321,3 +321,16 @@ def test_model_constructor_arguments_are_named():
         with pytest.raises(err, match="^" + re.escape(needle)):
             build()
     assert UNet(8, 1, 8, 1, 1, context_dim=4, **kw).null_context(np.int64(3)).shape == (3, 1, 4)
+
+
+def test_diagonal_gaussian_refuses_shapes_that_broadcast():
+    # nll(z) broadcast a (1, ...) z against a batch of 3 (sample() refused the same noise); an odd channel count
+    # failed with a size mismatch deep inside
+    from fastdiff.models import DiagonalGaussian
+
+    g = DiagonalGaussian(torch.randn(3, 8, 4, 4))
+    assert g.nll(g.sample()).shape == (3,)
+    with pytest.raises(ValueError, match=r"^z: expected a tensor of the latent's shape \(3, 4, 4, 4\)"):
+        g.nll(torch.randn(1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"^parameters: expected \(N, 2 \* latent_channels, h, w\)"):
+        DiagonalGaussian(torch.randn(1, 7, 2, 2))

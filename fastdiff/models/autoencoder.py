@@ -28,6 +28,10 @@ class DiagonalGaussian:
     """N(mean, exp(logvar)) per latent element, from the encoder's (N, 2 * latent_channels, h, w) output."""
 
     def __init__(self, parameters: torch.Tensor):
+        if not isinstance(parameters, torch.Tensor) or parameters.dim() != 4 or parameters.shape[1] % 2:
+            # an odd channel count split into unequal halves: a size-mismatch error deep inside
+            got = tuple(parameters.shape) if isinstance(parameters, torch.Tensor) else type(parameters).__name__
+            raise ValueError(f"parameters: expected (N, 2 * latent_channels, h, w), got {got}")
         self.parameters = parameters
         self.mean, logvar = parameters.chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
@@ -56,6 +60,10 @@ class DiagonalGaussian:
 
     def nll(self, z: torch.Tensor) -> torch.Tensor:
         """-log q(z) per sample (N,), in nats."""
+        if not isinstance(z, torch.Tensor) or z.shape != self.mean.shape:
+            # a (1, ...) z broadcast against the batch: every sample scored against the same latent, silently
+            raise ValueError(f"z: expected a tensor of the latent's shape {tuple(self.mean.shape)}, got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
         m, lv = self.mean.float(), self.logvar.float()
         return 0.5 * (torch.log(torch.tensor(2 * torch.pi)) + lv + (z.float() - m).pow(2) / lv.exp()).sum(dim=(1, 2, 3))
 
