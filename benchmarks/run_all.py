@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from fastdiff import _bench  # noqa: E402
-from fastdiff._io import atomic_write  # noqa: E402
+from fastdiff._io import atomic_write_file  # noqa: E402
 from fastdiff.benchmarks import report  # noqa: E402
 
 # (label, module, file (None: one file per op, <op>.json), extra run() kwargs)
@@ -144,12 +144,7 @@ def _run(a, argv):
             f"FLOP/s (TFLOP/s rows; for unet_step and sampling that is the MFU from counted FLOPs); `% of copy` "
             f"(GroupNorm forward) is a same-size `x.clone()` timed in the same rounds, over the provider's "
             f"median.\n\n" + md)
-
-    def write(p):
-        with open(p, "w") as f:
-            f.write(text)
-
-    atomic_write(os.path.join(out_dir, "REPORT.md"), write)
+    atomic_write_file(os.path.join(out_dir, "REPORT.md"), lambda f: f.write(text), mode="w")
     try:
         pngs = report.plots(rows, out_dir)
     except ImportError:

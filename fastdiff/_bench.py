@@ -333,7 +333,7 @@ def read_results_file(path: str):
 def write_rows(rows: list, path: str, merge: bool = True):
     """Write rows as a JSON list, atomically (fastdiff._io.atomic_write). merge: an existing file keeps its rows but
     those these rows measure again (merge_rows); merge=False replaces the file."""
-    from fastdiff._io import atomic_write
+    from fastdiff._io import atomic_write_file
 
     data = rows
     old = read_results_file(path) if merge else None
@@ -341,12 +341,7 @@ def write_rows(rows: list, path: str, merge: bool = True):
         data = dict(old, rows=merge_rows(old["rows"], rows))
     elif old is not None:
         data = merge_rows(old, rows)
-
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-
-    atomic_write(path, dump)
+    atomic_write_file(path, lambda f: json.dump(data, f, indent=1), mode="w")
 
 
 def write_rows_by_op(rows: list, folder: str) -> list:

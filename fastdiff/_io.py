@@ -47,3 +47,12 @@ def atomic_write(path: str, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_file(path: str, write, mode: str = "wb"):
+    """write(file) on the temporary file opened with `mode`, then renamed over path (atomic_write)."""
+    def to_file(tmp):
+        with open(tmp, mode) as f:
+            write(f)
+
+    atomic_write(path, to_file)

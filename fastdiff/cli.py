@@ -10,6 +10,8 @@ import math
 import os
 import sys
 
+from fastdiff._io import atomic_write_file
+
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
@@ -135,18 +137,6 @@ def _check_bench_out(path):
         raise CLIError(f"--out: {e}") from None
 
 
-def _write_atomically(path, write, mode="wb"):
-    """write(file) into a temporary file beside `path`, renamed over it (fastdiff._io.atomic_write): an existing
-    output is replaced whole or kept (an interrupted or failed write used to leave it truncated)."""
-    from fastdiff._io import atomic_write
-
-    def to_file(tmp):
-        with open(tmp, mode) as f:
-            write(f)
-
-    atomic_write(path, to_file)
-
-
 def _positive_int(s):
     try:
         v = int(s)
@@ -261,12 +251,12 @@ def _cmd_sample(args):
                                     batch_size=args.batch_size, progress=not args.quiet,
                                     checkpoint=args.checkpoint, autoencoder=autoencoder)
     if ext == ".npz":  # a file object: numpy would add ".npz" to a name ending in ".NPZ"
-        _write_atomically(out, lambda f: np.savez_compressed(
+        atomic_write_file(out, lambda f: np.savez_compressed(
             f, samples=x.numpy(), labels=y.numpy(),
             images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(),
             **({"class_names": np.array(names)} if names is not None else {})))
     else:
-        _write_atomically(out, lambda f: pretrained.save_grid(x, rows=len(classes), path=f, scale=args.scale))
+        atomic_write_file(out, lambda f: pretrained.save_grid(x, rows=len(classes), path=f, scale=args.scale))
     name = "the bundled digits model" if args.checkpoint is None else args.checkpoint
     print(f"{_count(n_total, 'sample')} ({_count(len(classes), 'class', 'classes')} x {args.n}) of {name} with {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance:g}, {str(dtype).replace('torch.', '')} on {device}: {sec:.2f} s, "
@@ -340,7 +330,7 @@ def _cmd_eval(args):
         print(f"{sampler:<{w}} {steps:>5} {guidance:>8g} {r['n']:>7} {r['accuracy']:>8.1%} {r['fd']:>8.2f} "
               f"{r['n'] / r['sampling_s']:>7.1f}", flush=True)
     if args.json:
-        _write_atomically(args.json, lambda f: json.dump(
+        atomic_write_file(args.json, lambda f: json.dump(
             {"floor": fl, "device": str(device), "dtype": str(dtype), "rows": rows}, f, indent=1), mode="w")
         print(f"wrote {args.json}")
     return 0

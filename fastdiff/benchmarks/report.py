@@ -17,7 +17,7 @@ import re
 import sys
 from collections import OrderedDict
 
-from fastdiff._io import atomic_write
+from fastdiff._io import atomic_write, atomic_write_file
 
 KEY = ("op", "case", "dtype", "layout", "provider", "device")
 
@@ -258,11 +258,7 @@ def main(argv=None):
         return 1 if regs else 0
     md = markdown(rows)
     if a.out:
-        def write(p):
-            with open(p, "w") as f:
-                f.write(md)
-
-        atomic_write(a.out, write)
+        atomic_write_file(a.out, lambda f: f.write(md), mode="w")
     else:
         print(md)
     if a.plots:

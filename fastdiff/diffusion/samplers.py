@@ -33,6 +33,7 @@ import torch
 
 from fastdiff import _backend, ops
 from fastdiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+from fastdiff.ops._common import needs_grad
 from fastdiff.ops.sampler_step import (CLIP_MODES, TABLE_WIDTH, VAR_MODES, _dense_rows, _signed64, choose_backend,
                                        step_tensor)
 
@@ -674,7 +675,7 @@ class Sampler:
             u = None if g1 else uncond
             key = _call_key(x, model_output, u, uncond is not None, g1, backend)
             if (key == fast[0] and (u is None or type(u) is torch.Tensor) and self._x0_buf is fast[2]
-                    and not _records_grad(x, model_output, u, fast[2])):
+                    and not needs_grad(x, model_output, u, fast[2])):  # (the fused op has no backward)
                 op, rest = fast[1], fast[4]
                 return op(x, model_output, u, float(guidance_scale), self._table, self._step_list[i], None,
                           fast[2], *rest)  # rest ends with x0_buf2, x0_buf3
@@ -814,14 +815,6 @@ def randn_from(generator, x: torch.Tensor) -> torch.Tensor:
                           for g in generator])
     raise TypeError(f"generator: expected a torch.Generator or a list of one per sample, got "
                     f"{type(generator).__name__}")
-
-
-def _records_grad(x, model_output, u, x0_buf) -> bool:
-    """Sampler.step's fast path calls the fused op, which has no backward: not taken where autograd would record
-    the step (ops.sampler_step then runs the differentiable reference)."""
-    return torch.is_grad_enabled() and (x.requires_grad or model_output.requires_grad
-                                        or (u is not None and u.requires_grad)
-                                        or (x0_buf is not None and x0_buf.requires_grad))
 
 
 def _call_key(x, model_output, u, uncond_given: bool, g1: bool, backend: str) -> tuple:

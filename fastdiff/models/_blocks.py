@@ -245,9 +245,11 @@ def optional_positive_int(v, name: str, unset=None, says: str = "None"):
         raise ValueError(f"{name}: expected {says} or a positive int, got {v!r}") from None
 
 
-def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, channel_mult, dropout):
-    positive_ints(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-                  num_res_blocks=num_res_blocks)
+def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, channel_mult, dropout) -> tuple:
+    """The U-Net-shaped models' shared arguments checked; returns (image_size, in_channels, model_channels,
+    num_res_blocks) as ints (numpy's integers too)."""
+    sizes = positive_ints(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+                          num_res_blocks=num_res_blocks)
     if len(channel_mult) == 0 or any(isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0
                                      or not math.isfinite(m) for m in channel_mult):
         raise ValueError(f"channel_mult: expected a non-empty sequence of positive numbers, got {channel_mult!r}")
@@ -255,6 +257,7 @@ def check_arch(*, image_size, in_channels, model_channels, num_res_blocks, chann
         raise ValueError(f"image_size: {image_size} must be divisible by 2**{len(channel_mult) - 1} "
                          f"({len(channel_mult)} levels in channel_mult)")
     check_dropout(dropout)
+    return sizes
 
 
 def check_dropout(dropout):

@@ -9,7 +9,7 @@ from torch import nn
 from fastdiff.models._blocks import (ConfigMixin, as_sequence, attention_downsample_rates, build_down_path, check_arch,
                                      check_flags,
                                      check_class_ids, check_groups, check_image, jsonable, positive_int,
-                                     positive_ints, prepare_timesteps, timestep_embedding, zero_)
+                                     prepare_timesteps, timestep_embedding, zero_)
 from fastdiff.nn import Attention, GroupNorm
 
 _POOLS = ("attention", "adaptive")
@@ -34,11 +34,9 @@ class NoisyClassifier(ConfigMixin, nn.Module):
         attention_resolutions = as_sequence(attention_resolutions, "attention_resolutions")
         check_flags(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
                     conv_resample=conv_resample)
-        check_arch(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-                   num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
-        image_size, in_channels, model_channels, num_res_blocks = positive_ints(
+        image_size, in_channels, model_channels, num_res_blocks = check_arch(
             image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-            num_res_blocks=num_res_blocks)
+            num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
         try:
             out_channels = positive_int(out_channels, "out_channels")
         except ValueError:

@@ -12,7 +12,7 @@ from fastdiff.models._blocks import (AttentionBlock, ConfigMixin, EmbedSequentia
                                      check_flags,
                                      attention_downsample_rates, build_down_path, check_arch, check_class_ids,
                                      check_context, check_groups, check_image, jsonable, optional_positive_int,
-                                     positive_int, positive_ints, prepare_timesteps, timestep_embedding, zero_)
+                                     positive_int, prepare_timesteps, timestep_embedding, zero_)
 from fastdiff.nn import GroupNorm
 
 
@@ -56,11 +56,10 @@ class UNet(ConfigMixin, nn.Module):
         attention_resolutions = as_sequence(attention_resolutions, "attention_resolutions")
         check_flags(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
                     conv_resample=conv_resample, learn_null_class=learn_null_class)
-        check_arch(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-                   num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
-        image_size, in_channels, model_channels, out_channels, num_res_blocks = positive_ints(
+        image_size, in_channels, model_channels, num_res_blocks = check_arch(
             image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-            out_channels=out_channels, num_res_blocks=num_res_blocks)
+            num_res_blocks=num_res_blocks, channel_mult=channel_mult, dropout=dropout)
+        out_channels = positive_int(out_channels, "out_channels")
         num_classes = optional_positive_int(num_classes, "num_classes")
         if learn_null_class and num_classes is None:
             raise ValueError("learn_null_class: needs num_classes (the null class is one more class)")

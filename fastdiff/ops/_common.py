@@ -67,6 +67,18 @@ def autodiff_transform_active() -> bool:
     return any(i.key() in _AUTODIFF_TRANSFORMS for i in _all_functorch_interpreters())
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None allowed): grad mode on and one of them requires grad.
+    The fused kernels that have no backward (sampler_step; SDPA under a compiled training step) run the reference
+    then. A plain loop: Sampler.step's fast path calls it every step."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """(N, C, *spatial) with C innermost, then the spatial dims in order: what the kernels read in place."""
     if x.dim() < 3 or x.is_contiguous():
@@ -126,16 +138,18 @@ def choose_elementwise(op: str, backend: str, x: torch.Tensor, has_triton_ops: b
     if torch.compiler.is_compiling():
         # not through the cache: Dynamo would guard on its contents, which this call's own entry changes (one
         # needless recompile at the second call)
-        return pick(name, x.device, x.dtype, available=elementwise_availability(x, has_triton_ops),
-                    order_cuda=("cuda", "triton"), order_cpu=("cpu",), op=op)
+        return _pick_elementwise(op, name, x, has_triton_ops)
     interp = _backend.triton_interpret() if name == "triton" or x.device.type != "cpu" else None
     key = (op, name, x.device, x.dtype, interp)
     got = _CHOICES.get(key)
     if got is None:
-        got = pick(name, x.device, x.dtype, available=elementwise_availability(x, has_triton_ops),
-                   order_cuda=("cuda", "triton"), order_cpu=("cpu",), op=op)
-        _CHOICES[key] = got
+        got = _CHOICES[key] = _pick_elementwise(op, name, x, has_triton_ops)
     return got
+
+
+def _pick_elementwise(op: str, name: str, x: torch.Tensor, has_triton_ops: bool) -> str:
+    return pick(name, x.device, x.dtype, available=elementwise_availability(x, has_triton_ops),
+                order_cuda=("cuda", "triton"), order_cpu=("cpu",), op=op)
 
 
 def elementwise_availability(x: torch.Tensor, has_triton_ops: bool) -> dict:

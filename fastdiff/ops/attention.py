@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import _backend, reference
-from fastdiff.ops._common import autodiff_transform_active, check_tensor, warn_once
+from fastdiff.ops._common import autodiff_transform_active, check_tensor, needs_grad, warn_once
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -199,10 +199,6 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
     return name
 
 
-def _records_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
@@ -229,7 +225,7 @@ def attention(q, k, v, *, scale=None, backend="auto"):
         scale = float(scale)
     if name == "torch":
         return reference.attention(q, k, v, scale)
-    if name == "cpu" and torch.compiler.is_compiling() and _records_grad(q, k, v):
+    if name == "cpu" and torch.compiler.is_compiling() and needs_grad(q, k, v):
         # a compiled training step on the CPU: Inductor's SDPA backward fails on symbolic sequence lengths
         # (torch.compile(dynamic=True): "cannot determine truth value of Relational: 16*((s53//2))**2 < 4", torch
         # 2.14), and Dynamo cannot tell a symbolic shape from a static one here (isinstance(d, SymInt) traces as

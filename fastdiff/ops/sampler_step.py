@@ -25,7 +25,7 @@ import torch
 
 from fastdiff import _backend, reference
 from fastdiff.ops._common import (KERNEL_DTYPES, autodiff_transform_active, check_tensor, choose_elementwise,
-                                  elementwise_availability)
+                                  elementwise_availability, needs_grad)
 
 TABLE_WIDTH = reference.SAMPLER_TABLE_WIDTH
 CLIP_MODES = {"none": 0, "clip": 1, "threshold": 2}
@@ -117,11 +117,6 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     (a0, a1), (b0, b1) = extent(a), extent(b)
     return a0 < b1 and b0 < a1
-
-
-def needs_grad(*tensors) -> bool:
-    """Whether autograd records an op on these tensors (grad mode on and one of them requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def step_tensor(step, device: torch.device) -> torch.Tensor:

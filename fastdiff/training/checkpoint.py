@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from fastdiff._io import atomic_write
+from fastdiff._io import atomic_write, atomic_write_file
 
 
 def _safetensors():
@@ -43,13 +43,8 @@ def save(directory: str, tensors: dict, meta: dict) -> str:
 
     meta = dict(meta, format=FORMAT, version=VERSION, tensors=name, fastdiff=fastdiff.__version__,
                 torch=torch.__version__)
-
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-
     path = os.path.join(directory, JSON_NAME)
-    atomic_write(path, write_json)
+    atomic_write_file(path, lambda f: json.dump(meta, f, indent=1, sort_keys=True), mode="w")
     for f in os.listdir(directory):  # older tensor files, now unreferenced
         if f.startswith("ckpt-") and f.endswith(".safetensors") and f != name:
             try:

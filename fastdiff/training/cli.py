@@ -178,7 +178,13 @@ def _flag_given(args, dest: str) -> bool:
     typed = getattr(args, "given_flags", None)
     if typed is not None:
         return dest in typed
-    return getattr(args, dest, None) != add_train_arguments(argparse.ArgumentParser()).get_default(dest)
+    return getattr(args, dest, None) != _defaults().get_default(dest)
+
+
+@functools.lru_cache(None)
+def _defaults() -> argparse.ArgumentParser:
+    """The training flags' parser, built once: _flag_given reads its defaults for every flag of a resume."""
+    return add_train_arguments(argparse.ArgumentParser())
 
 
 def _check_resume(args, trainer, dataset):
@@ -188,12 +194,11 @@ def _check_resume(args, trainer, dataset):
     import dataclasses
 
     from fastdiff.training.data import fetch
+    from fastdiff.training.trainer import RESUME_MAY_CHANGE
 
     given = functools.partial(_flag_given, args)
     want = _config_from_args(args)
     differ = []
-    from fastdiff.training.trainer import RESUME_MAY_CHANGE
-
     for f in dataclasses.fields(want):
         if f.name in RESUME_MAY_CHANGE:  # applied by run_train
             continue
